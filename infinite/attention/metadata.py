@@ -1,0 +1,68 @@
+"""Metadata of one MicroAttention call: which blocks of one pool a batch of queries reads.
+
+A request's KV may be split across instances; each instance sees only the blocks
+it holds, described by their *logical* index in the request (``block_idx``), so
+that the causal rule `key_pos <= q_pos` is the same on every part and the
+AggregationAttention merge of the parts is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MAMetadata:
+    cu_q: torch.Tensor  # [R+1] int32: query offsets of each request in q
+    q_pos: torch.Tensor  # [T] int64: absolute position of each query token
+    block_tables: torch.Tensor  # [R, M] int32: physical block ids in this pool (padding 0)
+    block_idx: torch.Tensor  # [R, M] int32: logical index of each block in its request
+    num_blocks: torch.Tensor  # [R] int32: real entries per row
+    max_q_len: int  # 1 => pure decode batch
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.num_blocks.shape[0])
+
+    @staticmethod
+    def build(
+        q_lens: list[int],
+        q_starts: list[int],
+        blocks: list[list[int]],
+        logical: list[list[int]] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> "MAMetadata":
+        """Build from Python lists.
+
+        ``q_starts[r]`` is the position of request r's first query token; its
+        queries sit at ``q_starts[r] .. q_starts[r] + q_lens[r] - 1``.
+        ``blocks[r]`` are the physical ids in this pool, ``logical[r]`` their
+        logical index in the request (default ``0..len-1``: the whole request
+        is here).
+        """
+        r = len(q_lens)
+        if not (len(q_starts) == len(blocks) == r):
+            raise ValueError("q_lens, q_starts and blocks must have one entry per request")
+        m = max((len(b) for b in blocks), default=0) or 1
+        bt = torch.zeros(r, m, dtype=torch.int32)
+        bi = torch.zeros(r, m, dtype=torch.int32)
+        for i, b in enumerate(blocks):
+            if b:
+                bt[i, : len(b)] = torch.tensor(b, dtype=torch.int32)
+                li = logical[i] if logical is not None else range(len(b))
+                bi[i, : len(b)] = torch.tensor(list(li), dtype=torch.int32)
+        cu = [0]
+        pos: list[int] = []
+        for n, s in zip(q_lens, q_starts):
+            cu.append(cu[-1] + n)
+            pos.extend(range(s, s + n))
+        return MAMetadata(
+            cu_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            q_pos=torch.tensor(pos, dtype=torch.int64, device=device),
+            block_tables=bt.to(device),
+            block_idx=bi.to(device),
+            num_blocks=torch.tensor([len(b) for b in blocks], dtype=torch.int32, device=device),
+            max_q_len=max(q_lens, default=0),
+        )
