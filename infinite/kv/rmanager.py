@@ -1,0 +1,123 @@
+"""rManager: the block accounting of one instance.
+
+Every block of the local pool is in exactly one state: free, used by a local
+request, or lent to a remote debtor's request. A local request's block table
+is an ordered list of (instance, block): its rBlocks, oldest first, which may
+point into other instances' pools (borrowed blocks).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from infinite.kv.block_pool import BlockPool
+
+
+class RBlock(NamedTuple):
+    instance: int
+    block: int
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class RManager:
+    def __init__(self, rank: int, num_blocks: int, block_size: int) -> None:
+        self.rank = rank
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.tables: dict[str, list[RBlock]] = {}  # local requests -> rBlocks, oldest first
+        self.lent: dict[tuple[int, str], list[int]] = {}  # (debtor rank, request) -> local blocks
+        self._num_lent = 0
+        self._num_borrowed = 0
+
+    # ---- local requests -------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return self.pool.num_free
+
+    def table(self, request_id: str) -> list[RBlock]:
+        return self.tables.get(request_id, [])
+
+    def num_needed(self, request_id: str, num_tokens: int) -> int:
+        """More local blocks the request needs to hold num_tokens tokens."""
+        return max(0, blocks_for(num_tokens, self.block_size) - len(self.tables.get(request_id, ())))
+
+    def allocate(self, request_id: str, n: int) -> list[RBlock]:
+        new = [RBlock(self.rank, b) for b in self.pool.allocate(n)]
+        self.tables.setdefault(request_id, []).extend(new)
+        return new
+
+    def append_remote(self, request_id: str, refs: list[RBlock]) -> None:
+        """Record blocks a creditor reserved for this request (they are appended in order)."""
+        self.tables.setdefault(request_id, []).extend(refs)
+        self._num_borrowed += len(refs)
+
+    def replace_blocks(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> None:
+        """After a migration: swap old refs for new ones at the same logical positions."""
+        table = self.tables[request_id]
+        where = {ref: i for i, ref in enumerate(table)}
+        for o, n in zip(old, new, strict=True):
+            table[where[o]] = n
+            self._num_borrowed += (n.instance != self.rank) - (o.instance != self.rank)
+
+    def free_request(self, request_id: str) -> list[RBlock]:
+        """Free the request's local blocks; return its remote refs for the caller to release."""
+        table = self.tables.pop(request_id, [])
+        local = [r.block for r in table if r.instance == self.rank]
+        remote = [r for r in table if r.instance != self.rank]
+        self.pool.free(local)
+        self._num_borrowed -= len(remote)
+        return remote
+
+    # ---- blocks lent to remote debtors -----------------------------------
+    def lend(self, debtor: int, request_id: str, n: int) -> list[int]:
+        blocks = self.pool.allocate(n)
+        self.lent.setdefault((debtor, request_id), []).extend(blocks)
+        self._num_lent += n
+        return blocks
+
+    def release_lent(self, debtor: int, request_id: str, blocks: list[int] | None = None) -> int:
+        """Return lent blocks (all of them for the request when blocks is None) to the pool."""
+        held = self.lent.get((debtor, request_id), [])
+        drop = list(held) if blocks is None else blocks
+        missing = set(drop) - set(held)
+        if missing:
+            raise RuntimeError(f"blocks {sorted(missing)} are not lent to {debtor}/{request_id}")
+        keep = [b for b in held if b not in set(drop)]
+        if keep:
+            self.lent[(debtor, request_id)] = keep
+        else:
+            self.lent.pop((debtor, request_id), None)
+        self.pool.free(drop)
+        self._num_lent -= len(drop)
+        return len(drop)
+
+    # ---- accounting ------------------------------------------------------
+    @property
+    def num_lent(self) -> int:
+        return self._num_lent
+
+    @property
+    def num_borrowed(self) -> int:
+        return self._num_borrowed
+
+    @property
+    def num_used(self) -> int:
+        """Local pool blocks used by local requests."""
+        return self.pool.num_blocks - self.pool.num_free - self._num_lent
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "rank": self.rank,
+            "total_blocks": self.num_blocks,
+            "free_blocks": self.num_free,
+            "used_blocks": self.num_used,
+            "lent_blocks": self.num_lent,
+            "borrowed_blocks": self.num_borrowed,
+        }

@@ -1,0 +1,67 @@
+"""Engine configuration, validated once where it enters (LLM(...), the CLI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # checkpoint folder; None = the embedded default model
+    dtype: str = "auto"  # auto = the checkpoint's torch_dtype (float32 on CPU for half types)
+    device: str | None = None  # None: cuda when available, else cpu
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # per instance; None = sized from free memory
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
+    seed: int = 0
+    num_instances: int = 1
+    enable_lending: bool = True
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_instances"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and (
+            isinstance(self.num_kv_blocks, bool) or not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1
+        ):
+            raise ValueError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: expected 'cpu' or 'cuda[:N]'")
+
+    def torch_dtype(self, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+        chosen = _DTYPES[self.dtype]
+        if chosen is not None:
+            return chosen
+        ck = _DTYPES.get(str(checkpoint_dtype or "float32"), torch.float32) or torch.float32
+        if device.type == "cpu" and ck == torch.float16:
+            return torch.float32  # CPU half matmuls are slow and inexact
+        return ck
+
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")

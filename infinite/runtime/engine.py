@@ -1,0 +1,261 @@
+"""LLMEngine: one instance's model, KV pool, scheduler and sampler, stepped synchronously.
+
+The offline `LLM` and the async server engine both drive this class; the
+distributed runtime reuses its request handling and swaps the attention.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from infinite.kv.cache import KVCache, auto_num_blocks, bytes_per_block
+from infinite.kv.rmanager import RManager, blocks_for
+from infinite.outputs import CompletionOutput, RequestOutput
+from infinite.runtime.config import EngineConfig
+from infinite.runtime.model_runner import LocalAttention, StepInputs, forward, prepare_inputs
+from infinite.runtime.request import Request
+from infinite.runtime.scheduler import ScheduledBatch, Scheduler
+from infinite.runtime.stop import check_stop, visible_text
+from infinite.sampling.params import SamplingParams
+from infinite.sampling.sampler import Sampler, SampleRow, make_generator
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_dir(model: str | None) -> str:
+    if model is not None:
+        return model
+    from infinite.tiny import default_model_dir
+
+    return str(default_model_dir())
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+        from infinite.model.loader import load_model
+        from infinite.tokenizer import load_tokenizer
+
+        self.config = config
+        self.rank = rank
+        self.device = config.torch_device()
+        self.model_dir = resolve_model_dir(config.model)
+        from infinite.model.config import ModelConfig
+
+        mcfg = ModelConfig.from_pretrained(self.model_dir)
+        self.dtype = config.torch_dtype(mcfg.torch_dtype, self.device)
+        self.model = load_model(self.model_dir, dtype=self.dtype, device=self.device)
+        self.model_config = self.model.config
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.model_name = config.served_model_name or config.model or "infinite-tiny-llama"
+        self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings) \
+            if mcfg.max_position_embeddings else (config.max_model_len or 4096)
+        if config.max_model_len and config.max_model_len > self.max_model_len:
+            log.warning("max_model_len %d is over the model's %d; using the latter", config.max_model_len, self.max_model_len)
+        self.eos_token_ids = tuple(mcfg.eos_token_ids)
+        c = self.model_config
+        self.block_size = config.block_size
+        num_blocks = config.num_kv_blocks or auto_num_blocks(
+            bytes_per_block(c.num_layers, self.block_size, c.num_kv_heads, c.head_dim, self.dtype),
+            self.device, config.gpu_memory_utilization,
+        )
+        self.kv = KVCache(c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+        self.rm = RManager(rank, num_blocks, self.block_size)
+        self.scheduler = Scheduler(self.rm, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(seed=config.seed)
+        self.scale = c.head_dim**-0.5
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_aborted": 0}
+        self.last_step_time = 0.0
+
+    # ---- capacity --------------------------------------------------------------
+    @property
+    def capacity_blocks(self) -> int:
+        """The most blocks one request can ever hold (this instance's whole pool)."""
+        return self.rm.num_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return min(self.max_model_len, self.capacity_blocks * self.block_size)
+
+    # ---- requests --------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer: give prompts as lists of token ids")
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            raise TypeError("a prompt is a string or a list of token ids (ints)")
+        return None, list(prompt)
+
+    def make_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        """Validate a prompt against the model and the pool; raises ValueError with the numbers."""
+        text, ids = self.tokenize(prompt)
+        n = len(ids)
+        if n == 0:
+            raise ValueError("the prompt is empty (0 tokens)")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of the vocabulary (size {vocab})")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens, but the model's context length is {self.max_model_len} "
+                f"(prompt plus at least one generated token must fit)"
+            )
+        cap = self.capacity_tokens
+        if n + 1 > cap:
+            raise ValueError(
+                f"the prompt has {n} tokens, but the KV cache can hold at most {cap} tokens for one request "
+                f"({self.capacity_blocks} blocks of {self.block_size})"
+            )
+        limit = min(self.max_model_len, cap) - n
+        if params.max_tokens is None:
+            max_tokens = limit
+        elif n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} is over "
+                f"the model's context length {self.max_model_len}"
+            )
+        elif n + params.max_tokens > cap:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs "
+                f"{blocks_for(n + params.max_tokens, self.block_size)} KV blocks, but at most "
+                f"{self.capacity_blocks} blocks ({cap} tokens) can hold one request"
+            )
+        else:
+            max_tokens = params.max_tokens
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        req = Request(rid, ids, params, max_tokens=max_tokens, prompt=text)
+        if params.seed is not None:
+            req.generator = make_generator(params.seed, self.device)
+        if self.tokenizer is not None:
+            from infinite.tokenizer import IncrementalDetokenizer
+
+            req.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
+            )
+        if params.logprobs is not None:
+            req.logprobs = []
+        return req
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        return self.submit(self.make_request(prompt, params or SamplingParams(), request_id))
+
+    def submit(self, req: Request) -> str:
+        """Queue a request made (and validated) by make_request."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+        self.counters["prompt_tokens"] += req.num_prompt_tokens
+        return req.request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req)
+        req.finish_reason = "abort"
+        self.counters["requests_aborted"] += 1
+        return self.make_output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ----------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        inputs = self.prepare(batch)
+        logits = forward(self.model, inputs, LocalAttention(self.kv, inputs, self.scale))
+        outs = self.postprocess(batch, inputs, logits)
+        self.last_step_time = time.perf_counter() - t0
+        return outs
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        now = time.time()
+        for req in batch.requests:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        tables = [self.rm.table(r.request_id) for r in batch.requests]
+        return prepare_inputs(batch.requests, batch.num_new_tokens, tables, self.rank, self.block_size, self.device)
+
+    def postprocess(self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor) -> list[RequestOutput]:
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            req.num_computed_tokens += n
+        reqs = inputs.sample_requests
+        if not reqs:
+            return []
+        rows = [
+            SampleRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self.eos_token_ids[0] if self.eos_token_ids else None)
+            for r in reqs
+        ]
+        res = self.sampler.sample(logits, rows)
+        now = time.time()
+        outs = []
+        for i, (req, tok) in enumerate(zip(reqs, res.token_ids)):
+            req.output_token_ids.append(tok)
+            self.counters["generation_tokens"] += 1
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.metrics.last_token_time = now
+            if res.logprobs is not None and res.logprobs[i] is not None and req.logprobs is not None:
+                req.logprobs.append(res.logprobs[i])
+                req.cumulative_logprob += res.logprobs[i][tok]
+            delta = req.detokenizer.add(tok) if req.detokenizer is not None else ""
+            req.text += delta
+            if check_stop(req, len(delta), self.eos_token_ids, self.max_model_len):
+                req.metrics.finished_time = now
+                self.scheduler.finish(req)
+                self.requests.pop(req.request_id, None)
+                self.counters["requests_finished"] += 1
+            outs.append(self.make_output(req))
+        return outs
+
+    def make_output(self, req: Request) -> RequestOutput:
+        comp = CompletionOutput(
+            index=0,
+            text=visible_text(req),
+            token_ids=list(req.output_token_ids),
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+        )
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[comp],
+            finished=req.finish_reason is not None,
+            metrics=req.metrics,
+        )
+
+    # ---- observability -------------------------------------------------------------
+    def stats(self) -> list[dict]:
+        s = self.rm.stats()
+        s.update(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            step_time_ms=self.last_step_time * 1e3,
+            num_preemptions=self.scheduler.num_preemptions,
+            tokens_held=sum(r.num_computed_tokens for r in self.scheduler.running),
+        )
+        return [s]
