@@ -66,6 +66,24 @@ class RManager:
             table[where[o]] = n
             self._num_borrowed += (n.instance != self.rank) - (o.instance != self.rank)
 
+    def swap_out(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> None:
+        """Migration done: the request's local blocks `old` now live at `new`; free the local ones."""
+        for o in old:
+            if o.instance != self.rank:
+                raise RuntimeError(f"swap_out moves local blocks only, got {o}")
+        self.replace_blocks(request_id, old, new)
+        self.pool.free([o.block for o in old])
+
+    def placement(self) -> dict[str, dict[int, int]]:
+        """Per local request: how many of its blocks sit on each instance."""
+        out: dict[str, dict[int, int]] = {}
+        for rid, table in self.tables.items():
+            counts: dict[int, int] = {}
+            for ref in table:
+                counts[ref.instance] = counts.get(ref.instance, 0) + 1
+            out[rid] = counts
+        return out
+
     def free_request(self, request_id: str) -> list[RBlock]:
         """Free the request's local blocks; return its remote refs for the caller to release."""
         table = self.tables.pop(request_id, [])

@@ -29,7 +29,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
     seed: int = 0
     num_instances: int = 1
-    enable_lending: bool = True
+    enable_lending: bool = True  # let requests borrow KV blocks from other instances
+    max_lend_fraction: float = 0.75  # a creditor lends at most this share of its pool
+    placement_interval_s: float = 0.5  # how often the gManager reruns the placement
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -47,6 +49,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if not 0.0 <= self.max_lend_fraction <= 1.0:
+            raise ValueError(f"max_lend_fraction must be in [0, 1], got {self.max_lend_fraction}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):

@@ -71,12 +71,13 @@ class LLMEngine:
         self._ids = itertools.count()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_aborted": 0}
         self.last_step_time = 0.0
+        self.cluster_capacity_blocks: int | None = None  # set by the distributed runtime
 
     # ---- capacity --------------------------------------------------------------
     @property
     def capacity_blocks(self) -> int:
-        """The most blocks one request can ever hold (this instance's whole pool)."""
-        return self.rm.num_blocks
+        """The most blocks one request can ever hold: this pool, or what the cluster can lend it."""
+        return self.cluster_capacity_blocks or self.rm.num_blocks
 
     @property
     def capacity_tokens(self) -> int:
@@ -138,6 +139,12 @@ class LLMEngine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
+        return self.build_request(rid, ids, params, max_tokens, text)
+
+    def build_request(
+        self, rid: str, ids: list[int], params: SamplingParams, max_tokens: int, text: str | None
+    ) -> Request:
+        """A request already validated (here or on the cluster's front door)."""
         req = Request(rid, ids, params, max_tokens=max_tokens, prompt=text)
         if params.seed is not None:
             req.generator = make_generator(params.seed, self.device)
@@ -219,9 +226,11 @@ class LLMEngine:
             if res.logprobs is not None and res.logprobs[i] is not None and req.logprobs is not None:
                 req.logprobs.append(res.logprobs[i])
                 req.cumulative_logprob += res.logprobs[i][tok]
-            delta = req.detokenizer.add(tok) if req.detokenizer is not None else ""
+            delta = req.detokenizer.add_token(tok) if req.detokenizer is not None else ""
             req.text += delta
             if check_stop(req, len(delta), self.eos_token_ids, self.max_model_len):
+                if req.detokenizer is not None and not isinstance(req.stop_reason, str):
+                    req.text += req.detokenizer.finish()  # flush a held-back partial character
                 req.metrics.finished_time = now
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)

@@ -1,0 +1,172 @@
+"""Load a Hugging Face Llama-family checkpoint folder into LlamaForCausalLM.
+
+Tensors are read through ``safetensors.safe_open`` (memory-mapped), one at a
+time, straight into the fused layout of the model, so peak memory stays near
+the size of the model in its target dtype. Sharded checkpoints are found via
+``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import ModelConfig
+from .llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# Buffers older checkpoints saved that the model recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, cfg: ModelConfig) -> torch.dtype:
+    """None -> the checkpoint's torch_dtype; strings like 'bfloat16' accepted."""
+    if dtype is None:
+        dtype = cfg.torch_dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}: supported are {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype}: supported are {', '.join(DTYPES)}")
+    return dtype
+
+
+def weight_map(cfg: ModelConfig) -> dict[str, list[str]]:
+    """Model parameter name -> the HF tensor names concatenated (dim 0) to form it."""
+    m: dict[str, list[str]] = {"embed_tokens.weight": ["model.embed_tokens.weight"],
+                               "norm.weight": ["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        m["lm_head.weight"] = ["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        o = f"layers.{i}."
+        m[o + "input_layernorm.weight"] = [p + "input_layernorm.weight"]
+        m[o + "post_attention_layernorm.weight"] = [p + "post_attention_layernorm.weight"]
+        m[o + "qkv_proj.weight"] = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+        if cfg.attention_bias:
+            m[o + "qkv_proj.bias"] = [p + f"self_attn.{n}_proj.bias" for n in "qkv"]
+        m[o + "o_proj.weight"] = [p + "self_attn.o_proj.weight"]
+        if cfg.o_proj_bias:
+            m[o + "o_proj.bias"] = [p + "self_attn.o_proj.bias"]
+        m[o + "gate_up_proj.weight"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        m[o + "down_proj.weight"] = [p + "mlp.down_proj.weight"]
+        if cfg.mlp_bias:
+            m[o + "gate_up_proj.bias"] = [p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"]
+            m[o + "down_proj.bias"] = [p + "mlp.down_proj.bias"]
+    return m
+
+
+def safetensors_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the file holding it (single file or sharded index)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            wm = json.load(f).get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise ValueError(f"{index} has no weight_map")
+        out = {name: path / fname for name, fname in wm.items()}
+        for f_ in set(out.values()):
+            if not f_.is_file():
+                raise ValueError(f"shard {f_.name} listed in {index.name} is missing from {path}")
+        return out
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {path}")
+    out = {}
+    for f_ in files:
+        with safe_open(str(f_), framework="pt") as sf:
+            for name in sf.keys():
+                out[name] = f_
+    return out
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
+               device: torch.device | str = "cpu") -> LlamaForCausalLM:
+    """Build the model of ``path/config.json`` and fill it from ``path/*.safetensors``.
+
+    dtype None means the checkpoint's ``torch_dtype`` (float32 if absent).
+    Raises ValueError naming the tensor on a missing tensor or a shape mismatch.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint folder {path} does not exist")
+    cfg = ModelConfig.from_pretrained(path)
+    dtype = resolve_dtype(dtype, cfg)
+    device = torch.device(device)
+    model = LlamaForCausalLM(cfg, dtype=dtype, device="meta")
+    where = safetensors_files(path)
+    wmap = weight_map(cfg)
+
+    needed = {hf for names in wmap.values() for hf in names}
+    missing = sorted(n for n in needed if n not in where)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise ValueError(f"checkpoint {path} is missing tensors: {shown}")
+    extra = sorted(n for n in where if n not in needed and not n.endswith(_IGNORED_SUFFIXES)
+                   and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if extra:
+        log.warning("ignoring %d unexpected tensors in %s, e.g. %s", len(extra), path, extra[:3])
+
+    expected = dict(model.named_parameters())
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+
+        def get(name: str) -> torch.Tensor:
+            f_ = where[name]
+            if f_ not in handles:
+                handles[f_] = stack.enter_context(safe_open(str(f_), framework="pt", device="cpu"))
+            return handles[f_].get_tensor(name)  # type: ignore[attr-defined]
+
+        for pname, hf_names in wmap.items():
+            target = expected[pname]
+            parts = list(_checked_parts(pname, hf_names, get, target, cfg))
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            _set_param(model, pname, t.to(device=device, dtype=dtype))
+    model.rope.to(device)
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:  # a bug in weight_map, not in the checkpoint
+        raise RuntimeError(f"parameters left uninitialised: {left}")
+    return model.eval()
+
+
+def _checked_parts(pname: str, hf_names: list[str], get, target: torch.Tensor,
+                   cfg: ModelConfig) -> Iterator[torch.Tensor]:
+    shapes = _expected_part_shapes(pname, hf_names, target, cfg)
+    for hf, shape in zip(hf_names, shapes):
+        t = get(hf)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"tensor {hf} has shape {tuple(t.shape)}, expected {shape} from config.json")
+        yield t
+
+
+def _expected_part_shapes(pname: str, hf_names: list[str], target: torch.Tensor,
+                          cfg: ModelConfig) -> list[tuple[int, ...]]:
+    rest = tuple(target.shape[1:])
+    if pname.endswith("qkv_proj.weight") or pname.endswith("qkv_proj.bias"):
+        rows = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+    elif len(hf_names) == 2:  # gate/up
+        rows = [cfg.intermediate_size, cfg.intermediate_size]
+    else:
+        rows = [target.shape[0]]
+    return [(r, *rest) for r in rows]
+
+
+def _set_param(model: nn.Module, pname: str, t: torch.Tensor) -> None:
+    mod_name, _, attr = pname.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    setattr(mod, attr, nn.Parameter(t.contiguous(), requires_grad=False))
