@@ -1,0 +1,534 @@
+"""Debtor/creditor placement of KV blocks: a pure function of a cluster snapshot.
+
+The gManager, the cluster simulator and the tests all call ``plan`` on a
+``ClusterSnapshot`` and get back ``Move``s; nothing here does I/O, so the
+algorithm can be driven with made-up states. See docs/placement.md.
+
+A move ``Move(r, src, dst, n)`` migrates ``n`` of request ``r``'s blocks from
+``src`` to ``dst``. When ``src`` is ``r``'s home those are its *oldest* local
+blocks (local-first: the newest blocks, where decoding appends, stay home).
+The only other legal source is an instance that leaves the cluster
+(``alive=False``); it sends all the blocks it holds for ``r``. A creditor
+never passes lent blocks on (no borrowing chains).
+
+Objective, in order:
+1. *blocked demand*: blocks that requests queued (or stalled) at an instance
+   need but cannot get there, ``Σ_i max(0, waiting_i − free_i)``. The KV
+   cache of the cluster is one pool, so demand that fits somewhere must not
+   wait for the home's memory.
+2. *estimated decode throughput* ``Σ_i β_i / step_i`` from the cost model,
+   where β_i counts the waiting requests that the free memory admits.
+
+Each greedy step takes the first debtor (ascending batch), its longest
+movable request, and creditors in preference order (already holding the
+request, then most free), evaluates several block counts ``k`` and keeps the
+best that lowers blocked demand or raises throughput by ``min_gain``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from infinite.cluster.cost_model import CostModel
+
+__all__ = [
+    "RequestState",
+    "InstanceState",
+    "ClusterSnapshot",
+    "PlacementConfig",
+    "Move",
+    "plan",
+    "apply_moves",
+    "route",
+    "fits_cluster",
+    "lost_requests",
+    "cluster_throughput",
+    "blocked_demand",
+]
+
+
+@dataclass(frozen=True)
+class RequestState:
+    """Where one running request's KV blocks are: ``blocks[instance] = count``."""
+
+    request_id: str
+    home: int
+    context_len: int  # tokens
+    blocks: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise TypeError(f"RequestState.request_id must be a non-empty str, got {self.request_id!r}")
+        if self.context_len < 0:
+            raise ValueError(f"RequestState {self.request_id}: context_len must be >= 0, got {self.context_len}")
+        for inst, n in self.blocks.items():
+            if n < 0:
+                raise ValueError(f"RequestState {self.request_id}: negative block count {n} on instance {inst}")
+
+    @property
+    def total_blocks(self) -> int:
+        return sum(self.blocks.values())
+
+    @property
+    def local_blocks(self) -> int:
+        return self.blocks.get(self.home, 0)
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    """One instance as the last heartbeat saw it.
+
+    ``waiting_blocks`` counts the blocks that requests queued at this
+    instance (or running ones stalled for memory) need to proceed;
+    ``waiting_requests`` says how many requests that demand belongs to (0
+    with a positive demand counts as one) so that the throughput estimate
+    knows how much batch the demand is worth.
+    """
+
+    rank: int
+    total_blocks: int
+    free_blocks: int
+    lent_blocks: int
+    batch_size: int
+    waiting_blocks: int
+    alive: bool = True
+    waiting_requests: int = 0
+
+    def __post_init__(self) -> None:
+        if self.total_blocks < 0:
+            raise ValueError(f"instance {self.rank}: total_blocks must be >= 0, got {self.total_blocks}")
+        if not 0 <= self.free_blocks <= self.total_blocks:
+            raise ValueError(
+                f"instance {self.rank}: free_blocks {self.free_blocks} outside [0, total_blocks={self.total_blocks}]"
+            )
+        if not 0 <= self.lent_blocks <= self.total_blocks - self.free_blocks:
+            raise ValueError(
+                f"instance {self.rank}: lent_blocks {self.lent_blocks} outside [0, used={self.total_blocks - self.free_blocks}]"
+            )
+        if self.batch_size < 0 or self.waiting_blocks < 0 or self.waiting_requests < 0:
+            raise ValueError(f"instance {self.rank}: batch_size, waiting_blocks, waiting_requests must be >= 0")
+
+    @property
+    def used_blocks(self) -> int:
+        return self.total_blocks - self.free_blocks
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    instances: tuple[InstanceState, ...]
+    requests: tuple[RequestState, ...]
+    block_size: int
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"ClusterSnapshot.block_size must be >= 1, got {self.block_size}")
+        ranks = [i.rank for i in self.instances]
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"ClusterSnapshot: duplicate instance ranks {sorted(ranks)}")
+        known = set(ranks)
+        held = {r: 0 for r in ranks}
+        ids = set()
+        for req in self.requests:
+            if req.request_id in ids:
+                raise ValueError(f"ClusterSnapshot: duplicate request id {req.request_id!r}")
+            ids.add(req.request_id)
+            if req.home not in known:
+                raise ValueError(f"request {req.request_id}: home {req.home} is not an instance")
+            for inst, n in req.blocks.items():
+                if inst not in known:
+                    raise ValueError(f"request {req.request_id}: blocks on unknown instance {inst}")
+                held[inst] += n
+        for inst in self.instances:
+            if held[inst.rank] > inst.used_blocks:
+                raise ValueError(
+                    f"instance {inst.rank}: requests hold {held[inst.rank]} blocks there but only "
+                    f"{inst.used_blocks} are in use"
+                )
+
+    def instance(self, rank: int) -> InstanceState:
+        for inst in self.instances:
+            if inst.rank == rank:
+                return inst
+        raise KeyError(f"no instance with rank {rank}")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Knobs of the greedy placement.
+
+    ``creditor_usage_threshold`` both selects creditors (memory use below it)
+    and bounds how far lending may fill them. ``max_lend_fraction`` caps the
+    blocks an instance holds for others (existing loans count).
+    ``max_remote_fraction`` caps the share of one request's blocks that live
+    off its home, so remote MicroAttention stays hidden under local compute.
+    ``candidate_ks`` is how many block counts are evaluated per
+    (request, creditor) pair.
+    """
+
+    debtor_batch_threshold: int = 8
+    creditor_usage_threshold: float = 0.9
+    max_lend_fraction: float = 0.5
+    max_remote_fraction: float = 0.875
+    candidate_ks: int = 6
+    min_gain: float = 1.0  # tokens/s a move must add when it unblocks nothing
+    max_moves: int = 10_000  # safety bound on greedy iterations
+
+    def __post_init__(self) -> None:
+        if self.debtor_batch_threshold < 0:
+            raise ValueError(f"debtor_batch_threshold must be >= 0, got {self.debtor_batch_threshold}")
+        for name in ("creditor_usage_threshold", "max_lend_fraction", "max_remote_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"PlacementConfig.{name} must be in [0, 1], got {v}")
+        if self.candidate_ks < 1:
+            raise ValueError(f"candidate_ks must be >= 1, got {self.candidate_ks}")
+        if self.min_gain < 0:
+            raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
+        if self.max_moves < 1:
+            raise ValueError(f"max_moves must be >= 1, got {self.max_moves}")
+
+    def lend_cap(self, total_blocks: int) -> int:
+        return math.floor(self.max_lend_fraction * total_blocks)
+
+
+@dataclass(frozen=True)
+class Move:
+    """Migrate ``num_blocks`` of a request's blocks from ``src`` to ``dst``."""
+
+    request_id: str
+    src: int
+    dst: int
+    num_blocks: int
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 1:
+            raise ValueError(f"Move {self.request_id}: num_blocks must be >= 1, got {self.num_blocks}")
+        if self.src == self.dst:
+            raise ValueError(f"Move {self.request_id}: src and dst are both {self.src}")
+
+
+# --------------------------------------------------------------------------- working state
+
+
+@dataclass
+class _Inst:
+    rank: int
+    total: int
+    free: int
+    lent: int
+    batch: int
+    waiting: int
+    waiting_reqs: int
+    alive: bool
+    remote_calls: int = 0  # (request homed here, other instance) pairs: remote MA calls per layer
+
+    @property
+    def used(self) -> int:
+        return self.total - self.free
+
+
+@dataclass
+class _Req:
+    rid: str
+    home: int
+    blocks: dict[int, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.blocks.values())
+
+
+class _Work:
+    """Mutable copy of a snapshot that moves are applied to while planning."""
+
+    def __init__(self, snap: ClusterSnapshot) -> None:
+        self.block_size = snap.block_size
+        self.inst = {
+            i.rank: _Inst(
+                i.rank, i.total_blocks, i.free_blocks, i.lent_blocks, i.batch_size,
+                i.waiting_blocks, i.waiting_requests, i.alive,
+            )
+            for i in snap.instances
+        }
+        self.reqs = {r.request_id: _Req(r.request_id, r.home, {k: v for k, v in r.blocks.items() if v > 0})
+                     for r in snap.requests}
+        for r in self.reqs.values():
+            self.inst[r.home].remote_calls += sum(1 for k in r.blocks if k != r.home)
+
+    def apply(self, mv: Move) -> None:
+        r = self.reqs.get(mv.request_id)
+        if r is None:
+            raise ValueError(f"move {mv}: unknown request")
+        src, dst = self.inst.get(mv.src), self.inst.get(mv.dst)
+        if src is None or dst is None:
+            raise ValueError(f"move {mv}: unknown instance")
+        if not dst.alive:
+            raise ValueError(f"move {mv}: destination {mv.dst} is not alive")
+        if mv.src != r.home and src.alive:
+            raise ValueError(f"move {mv}: a live creditor may not pass lent blocks on (no borrowing chains)")
+        have = r.blocks.get(mv.src, 0)
+        if have < mv.num_blocks:
+            raise ValueError(f"move {mv}: instance {mv.src} holds only {have} blocks of the request")
+        if dst.free < mv.num_blocks:
+            raise ValueError(f"move {mv}: destination {mv.dst} has only {dst.free} free blocks")
+        home = self.inst[r.home]
+        r.blocks[mv.src] = have - mv.num_blocks
+        if r.blocks[mv.src] == 0:
+            del r.blocks[mv.src]
+            if mv.src != r.home:
+                home.remote_calls -= 1
+        if mv.dst != r.home and mv.dst not in r.blocks:
+            home.remote_calls += 1
+        r.blocks[mv.dst] = r.blocks.get(mv.dst, 0) + mv.num_blocks
+        src.free += mv.num_blocks
+        dst.free -= mv.num_blocks
+        if mv.src != r.home:
+            src.lent -= mv.num_blocks
+        if mv.dst != r.home:
+            dst.lent += mv.num_blocks
+
+    def lendable(self, c: _Inst, cfg: PlacementConfig, *, evacuating: bool = False) -> int:
+        """Blocks ``c`` may still lend: its free memory its own queue does not
+        need, its lend cap, and (unless evacuating a leaver) its usage bound."""
+        room = min(c.free - c.waiting, cfg.lend_cap(c.total) - c.lent)
+        if not evacuating:
+            room = min(room, math.floor(cfg.creditor_usage_threshold * c.total) - c.used)
+        return max(0, room)
+
+
+def _value(i: _Inst, cost: CostModel, block_size: int, d_free: int = 0, d_calls: int = 0) -> float:
+    """Estimated decode tokens/s of an instance whose free memory changes by ``d_free``.
+
+    Free memory admits waiting demand; a fraction of the demand admitted
+    counts as that fraction of its requests (chunked prefill makes progress
+    on a partly admitted request).
+    """
+    if not i.alive:
+        return 0.0
+    free = i.free + d_free
+    admitted = min(i.waiting, free)
+    wreq = i.waiting_reqs if i.waiting_reqs > 0 else (1 if i.waiting > 0 else 0)
+    beta = i.batch + (wreq * admitted / i.waiting if i.waiting > 0 else 0.0)
+    if beta <= 0:
+        return 0.0
+    ctx = (i.total - free + admitted) * block_size
+    return cost.throughput(beta, ctx, i.remote_calls + d_calls)
+
+
+def _blocked(i: _Inst, d_free: int = 0) -> int:
+    return max(0, i.waiting - (i.free + d_free)) if i.alive else 0
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan(snapshot: ClusterSnapshot, cost: CostModel, cfg: PlacementConfig) -> list[Move]:
+    """Moves that lower blocked demand and raise estimated throughput; [] when balanced.
+
+    Blocks that leaving instances (``alive=False``) hold for live requests
+    are moved off first. Requests homed on a leaving instance are not
+    planned for; ``lost_requests`` names them.
+    """
+    _check_types(snapshot, cost, cfg)
+    work = _Work(snapshot)
+    moves: list[Move] = []
+    while len(moves) < cfg.max_moves:
+        step = _evacuate(work, cfg)
+        mv = _best_move(work, cost, cfg)
+        if mv is not None:
+            work.apply(mv)
+            step.append(mv)
+        moves.extend(step)
+        if not step:
+            break
+    return _merge(moves)
+
+
+def _check_types(snapshot: object, cost: object, cfg: object) -> None:
+    if not isinstance(snapshot, ClusterSnapshot):
+        raise TypeError(f"snapshot must be a ClusterSnapshot, got {type(snapshot).__name__}")
+    if not isinstance(cost, CostModel):
+        raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
+    if not isinstance(cfg, PlacementConfig):
+        raise TypeError(f"cfg must be a PlacementConfig, got {type(cfg).__name__}")
+
+
+def _evacuate(work: _Work, cfg: PlacementConfig) -> list[Move]:
+    """Move blocks off leaving instances: home first, then a creditor already
+    holding the request, then the most free live instances."""
+    out: list[Move] = []
+    for x in sorted(r for r, i in work.inst.items() if not i.alive):
+        for r in sorted(work.reqs.values(), key=lambda q: (-q.blocks.get(x, 0), q.rid)):
+            left = r.blocks.get(x, 0)
+            if left == 0 or x == r.home or not work.inst[r.home].alive:
+                continue
+            home = work.inst[r.home]
+            targets: list[tuple[int, int]] = [(home.rank, max(0, home.free - home.waiting))]
+            others = [i for i in work.inst.values() if i.alive and i.rank != r.home]
+            others.sort(key=lambda i: (r.blocks.get(i.rank, 0) == 0, -i.free, i.rank))
+            targets += [(i.rank, work.lendable(i, cfg, evacuating=True)) for i in others]
+            targets.append((home.rank, home.free))  # last resort: eat into the home's queue
+            for dst, room in targets:
+                n = min(left, room, work.inst[dst].free)
+                if n <= 0:
+                    continue
+                mv = Move(r.rid, x, dst, n)
+                work.apply(mv)
+                out.append(mv)
+                left -= n
+                if left == 0:
+                    break
+    return out
+
+
+def _best_move(work: _Work, cost: CostModel, cfg: PlacementConfig) -> Move | None:
+    live = [i for i in work.inst.values() if i.alive]
+    debtors = [i for i in live if i.batch < cfg.debtor_batch_threshold or i.waiting > i.free]
+    debtors.sort(key=lambda i: (i.batch, i.rank))
+    creditors = [i for i in live if i.used < cfg.creditor_usage_threshold * i.total and work.lendable(i, cfg) > 0]
+    if not creditors:
+        return None
+    for d in debtors:
+        reqs = [r for r in work.reqs.values() if r.home == d.rank and _movable(r, cfg) > 0]
+        reqs.sort(key=lambda r: (-r.blocks.get(r.home, 0), r.rid))
+        for r in reqs:
+            cands = [c for c in creditors if c.rank != d.rank]
+            # fewest creditors per request: one that already holds it first, then most free
+            cands.sort(key=lambda c: (r.blocks.get(c.rank, 0) == 0, -c.free, c.rank))
+            for c in cands:
+                mv = _best_k(work, cost, cfg, d, c, r)
+                if mv is not None:
+                    return mv
+    return None
+
+
+def _movable(r: _Req, cfg: PlacementConfig) -> int:
+    """Blocks of ``r`` that may still leave home: the newest stays home and
+    the remote share stays under ``max_remote_fraction``."""
+    local = r.blocks.get(r.home, 0)
+    remote = r.total - local
+    cap = math.floor(cfg.max_remote_fraction * r.total) - remote
+    return max(0, min(local - 1, cap))
+
+
+def _candidate_ks(k_max: int, deficit: int, n: int) -> list[int]:
+    """``n`` block counts spread geometrically over [1, k_max], plus the
+    exact deficit, which is where blocked-demand gains stop growing."""
+    ks = {k_max}
+    if 0 < deficit <= k_max:
+        ks.add(deficit)
+    if n > 1 and k_max > 1:
+        for j in range(n):
+            ks.add(max(1, min(k_max, round(k_max ** (j / (n - 1))))))
+    return sorted(ks)
+
+
+def _best_k(
+    work: _Work, cost: CostModel, cfg: PlacementConfig, d: _Inst, c: _Inst, r: _Req
+) -> Move | None:
+    k_max = min(_movable(r, cfg), work.lendable(c, cfg))
+    if k_max <= 0:
+        return None
+    bs = work.block_size
+    new_call = 0 if r.blocks.get(c.rank, 0) > 0 else 1
+    base_v = _value(d, cost, bs) + _value(c, cost, bs)
+    base_b = _blocked(d) + _blocked(c)
+    best: tuple[int, float, int] | None = None
+    for k in _candidate_ks(k_max, d.waiting - d.free, cfg.candidate_ks):
+        unblocked = base_b - (_blocked(d, k) + _blocked(c, -k))
+        # creditor: k more blocks of attention work; debtor: k fewer, maybe one more remote call
+        gain = _value(d, cost, bs, k, new_call) + _value(c, cost, bs, -k) - base_v
+        if unblocked <= 0 and gain <= cfg.min_gain:
+            continue
+        key = (unblocked, gain, -k)
+        if best is None or key > best:
+            best = key
+    if best is None:
+        return None
+    return Move(r.rid, d.rank, c.rank, -best[2])
+
+
+def _merge(moves: list[Move]) -> list[Move]:
+    """Fold repeated (request, src, dst) moves into one, keeping first-seen order."""
+    order: dict[tuple[str, int, int], int] = {}
+    for mv in moves:
+        key = (mv.request_id, mv.src, mv.dst)
+        order[key] = order.get(key, 0) + mv.num_blocks
+    return [Move(rid, s, d, n) for (rid, s, d), n in order.items()]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def apply_moves(snapshot: ClusterSnapshot, moves: list[Move]) -> ClusterSnapshot:
+    """The snapshot after ``moves``, in order; ValueError if one does not fit."""
+    if not isinstance(snapshot, ClusterSnapshot):
+        raise TypeError(f"snapshot must be a ClusterSnapshot, got {type(snapshot).__name__}")
+    work = _Work(snapshot)
+    for mv in moves:
+        if not isinstance(mv, Move):
+            raise TypeError(f"moves must be Move objects, got {type(mv).__name__}")
+        work.apply(mv)
+    insts = tuple(
+        replace(i, free_blocks=work.inst[i.rank].free, lent_blocks=work.inst[i.rank].lent) for i in snapshot.instances
+    )
+    reqs = tuple(replace(r, blocks=dict(work.reqs[r.request_id].blocks)) for r in snapshot.requests)
+    return ClusterSnapshot(insts, reqs, snapshot.block_size)
+
+
+def lost_requests(snapshot: ClusterSnapshot, moves: list[Move] = ()) -> list[str]:
+    """Requests that do not survive the leaving instances once ``moves`` ran:
+    those homed on one, and those that still have blocks on one."""
+    after = apply_moves(snapshot, list(moves))
+    dead = {i.rank for i in after.instances if not i.alive}
+    return sorted(
+        r.request_id for r in after.requests if r.home in dead or any(r.blocks.get(x, 0) > 0 for x in dead)
+    )
+
+
+def blocked_demand(snapshot: ClusterSnapshot) -> int:
+    """Σ over live instances of waiting blocks their free memory cannot admit."""
+    return sum(max(0, i.waiting_blocks - i.free_blocks) for i in snapshot.instances if i.alive)
+
+
+def cluster_throughput(snapshot: ClusterSnapshot, cost: CostModel) -> float:
+    """The planner's estimate of the cluster's decode tokens/s (its objective)."""
+    work = _Work(snapshot)
+    return sum(_value(i, cost, snapshot.block_size) for i in work.inst.values())
+
+
+def _capacity_for(snapshot: ClusterSnapshot, cfg: PlacementConfig, home: InstanceState, blocks: int) -> bool:
+    """Can ``home`` serve a request of ``blocks`` with empty pools: its own
+    pool plus what the others may lend, within the remote-share cap?"""
+    if not home.alive:
+        return False
+    lendable = sum(cfg.lend_cap(i.total_blocks) for i in snapshot.instances if i.alive and i.rank != home.rank)
+    if blocks == 0:
+        return True
+    remote = min(lendable, math.floor(cfg.max_remote_fraction * blocks), blocks - 1)  # the newest block stays home
+    return home.total_blocks + remote >= blocks
+
+
+def fits_cluster(snapshot: ClusterSnapshot, cfg: PlacementConfig, blocks: int) -> bool:
+    """Whether some live instance can ever hold a request of ``blocks`` blocks.
+
+    Judged on pool sizes, not current occupancy: a request that fits waits
+    in a queue until memory frees up rather than being rejected.
+    """
+    if blocks < 0:
+        raise ValueError(f"blocks must be >= 0, got {blocks}")
+    return any(_capacity_for(snapshot, cfg, i, blocks) for i in snapshot.instances)
+
+
+def route(snapshot: ClusterSnapshot, cfg: PlacementConfig, prompt_blocks: int) -> int | None:
+    """Home for a new request: among instances that can hold it, the most
+    free memory after queued demand, then the fewest running requests;
+    None when no instance can, even borrowing."""
+    if prompt_blocks < 0:
+        raise ValueError(f"prompt_blocks must be >= 0, got {prompt_blocks}")
+    fit = [i for i in snapshot.instances if _capacity_for(snapshot, cfg, i, prompt_blocks)]
+    if not fit:
+        return None
+    best = min(fit, key=lambda i: (-(i.free_blocks - i.waiting_blocks), i.batch_size, i.rank))
+    return best.rank
