@@ -96,11 +96,13 @@ class LlamaForCausalLM(nn.Module):
         return out
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Inference tensors have no version counter; the engine never edits positions in place.
+        version = None if positions.is_inference() else positions._version
         key = self._rope_key
-        if key is not None and key[0] is positions and key[1] == positions._version and key[2] == dtype:
+        if key is not None and key[0] is positions and key[1] == version and key[2] == dtype:
             return self._rope_val  # type: ignore[return-value]
         val = self.rope.cos_sin(positions, dtype)
-        self._rope_key, self._rope_val = (positions, positions._version, dtype), val
+        self._rope_key, self._rope_val = (positions, version, dtype), val
         return val
 
     # --- the contract of docs/architecture.md -------------------------------------

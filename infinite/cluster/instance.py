@@ -1,0 +1,465 @@
+"""One instance of the cluster (one process per GPU or CPU rank).
+
+It runs the non-attention layers for its own batch, keeps its KV pool through
+the rManager, borrows blocks from creditors when its pool runs short, and
+serves MicroAttention calls for the blocks it lent. Threads: the event loop
+(control, heartbeats, awaiting remote attention), one compute thread (all
+model math of the own batch, scheduling, migrations), and TensorPipe's
+workers (handlers called by other ranks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+from infinite.attention import micro_attention, write_kv
+from infinite.cluster import rpc
+from infinite.cluster.remote_attention import RemotePart, merge_parts, remote_parts, unpack_payload
+from infinite.kv.rmanager import RBlock, RManager, blocks_for
+from infinite.outputs import RequestOutput
+from infinite.runtime.config import EngineConfig
+from infinite.runtime.engine import LLMEngine
+from infinite.runtime.model_runner import LocalAttention, StepInputs, forward, prepare_inputs
+from infinite.runtime.request import Request
+from infinite.runtime.scheduler import ScheduledBatch, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class SharedRManager(RManager):
+    """The rManager of a cluster instance: the compute thread and RPC handlers both touch it."""
+
+    def __init__(self, rank: int, num_blocks: int, block_size: int) -> None:
+        super().__init__(rank, num_blocks, block_size)
+        self._lock = threading.RLock()
+
+    def _locked(name: str):  # noqa: N805 - builds the wrappers below
+        def method(self, *args, **kwargs):
+            with self._lock:
+                return getattr(RManager, name)(self, *args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    allocate = _locked("allocate")
+    append_remote = _locked("append_remote")
+    replace_blocks = _locked("replace_blocks")
+    swap_out = _locked("swap_out")
+    free_request = _locked("free_request")
+    lend = _locked("lend")
+    release_lent = _locked("release_lent")
+    stats = _locked("stats")
+    placement = _locked("placement")
+    del _locked
+
+
+@dataclass
+class MicroBatch:
+    inputs: StepInputs
+    parts: list[RemotePart]
+    local_rows: torch.Tensor  # [Tl] rows whose new K/V go to the local pool
+    local_slots: torch.Tensor  # [Tl]
+
+
+@dataclass
+class StepCounters:
+    steps: int = 0
+    remote_steps: int = 0
+    remote_calls: int = 0
+    remote_wait_s: float = 0.0  # time a micro-batch waited on creditors after its own local work
+    migrations: int = 0
+    migrated_blocks: int = 0
+    step_times: deque = field(default_factory=lambda: deque(maxlen=32))
+
+
+class Instance:
+    def __init__(self, config: EngineConfig, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.config = config
+        self.engine = LLMEngine(config, rank=rank)
+        e = self.engine
+        self.rm = SharedRManager(rank, e.rm.num_blocks, e.block_size)
+        e.rm = self.rm
+        e.scheduler = Scheduler(
+            self.rm, config.max_num_seqs, config.max_num_batched_tokens,
+            release=self._release, free_blocks=self._free_estimate, grow=self._grow,
+        )
+        self.lending = config.enable_lending and world_size > 1
+        self.lend_cap = int(config.max_lend_fraction * self.rm.num_blocks) if self.lending else 0
+        self.borrowable = 0  # blocks the rest of the cluster can still lend us (gManager's last word)
+        self._inbox: deque[tuple] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-compute")
+        self.counters = StepCounters()
+        self.stopping = False
+        self._sent_placement: dict[str, tuple[int, tuple]] = {}
+
+    # ---- capacity -------------------------------------------------------------------
+    def _free_estimate(self) -> int:
+        return self.rm.num_free + (self.borrowable if self.lending else 0)
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Local blocks first; what the pool lacks is borrowed from creditors via the gManager."""
+        rid = req.request_id
+        need = self.rm.num_needed(rid, num_tokens)
+        if need == 0:
+            return True
+        local = min(need, self.rm.num_free)
+        if local:
+            try:
+                self.rm.allocate(rid, local)
+            except MemoryError:  # a concurrent lend took them
+                return False
+        rest = need - local
+        if rest == 0:
+            return True
+        if not self.lending:
+            return False
+        try:
+            refs = rpc.call_sync(0, rpc.h_borrow, self.rank, rid, rest)
+        except Exception:  # noqa: BLE001 - rank 0 unreachable: behave as a lone instance
+            log.exception("rank %d: borrowing %d blocks for %s failed", self.rank, rest, rid)
+            return False
+        if not refs:
+            self.borrowable = 0
+            return False
+        self.rm.append_remote(rid, [RBlock(c, b) for c, b in refs])
+        self.borrowable = max(0, self.borrowable - len(refs))
+        return True
+
+    def _release(self, req: Request) -> None:
+        remote = self.rm.free_request(req.request_id)
+        by_creditor: dict[int, list[int]] = {}
+        for ref in remote:
+            by_creditor.setdefault(ref.instance, []).append(ref.block)
+        for c, blocks in by_creditor.items():
+            fut = rpc.call_async(c, rpc.h_release, self.rank, req.request_id, blocks)
+            fut.add_done_callback(_log_failure(f"release of {len(blocks)} blocks on rank {c}"))
+
+    # ---- handlers (TensorPipe threads) --------------------------------------------------
+    def reserve_for(self, debtor: int, request_id: str, n: int) -> list[int]:
+        """try_move_kvcache: first come, first served; [] means refused (wait for the next plan)."""
+        if not self.lending or n <= 0:
+            return []
+        with self.rm._lock:
+            if self.rm.num_lent + n > self.lend_cap or n > self.rm.num_free:
+                return []
+            return self.rm.lend(debtor, request_id, n)
+
+    def release_for(self, debtor: int, request_id: str, blocks: list[int] | None) -> int:
+        try:
+            return self.rm.release_lent(debtor, request_id, blocks)
+        except RuntimeError:
+            log.warning("rank %d: release of unknown blocks for %d/%s", self.rank, debtor, request_id)
+            return 0
+
+    def write_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Receive migrated blocks: k/v [L, n, B, nkv, d]."""
+        idx = torch.tensor(blocks, dtype=torch.int64, device=self.engine.kv.k.device)
+        self.engine.kv.k.index_copy_(1, idx, k.to(self.engine.kv.k.device))
+        self.engine.kv.v.index_copy_(1, idx, v.to(self.engine.kv.v.device))
+
+    @torch.inference_mode()
+    def serve_micro_attention(self, debtor: int, layer: int, payload: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, slots, meta = unpack_payload(payload)
+        kv = self.engine.kv
+        dev = kv.k.device
+        kc, vc = kv.k[layer], kv.v[layer]
+        if slots.numel():
+            write_kv(kc, vc, k.to(dev), v.to(dev), slots.to(dev))
+        if dev.type != "cpu":
+            meta = _meta_to(meta, dev)
+            q = q.to(dev)
+        out, lse = micro_attention(q, kc, vc, meta, self.engine.scale)
+        return out.cpu(), lse.cpu()
+
+    def enqueue_add(self, spec: tuple) -> None:
+        self._enqueue(("add", spec))
+
+    def enqueue_abort(self, request_id: str) -> None:
+        self._enqueue(("abort", request_id))
+
+    def enqueue_move(self, request_id: str, num_blocks: int, dst: int) -> None:
+        self._enqueue(("move", request_id, num_blocks, dst))
+
+    def request_stop(self) -> None:
+        self.stopping = True
+        self._enqueue(("noop",))
+
+    def _enqueue(self, item: tuple) -> None:
+        self._inbox.append(item)
+        if self._loop is not None and self._wakeup is not None:
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    # ---- compute thread --------------------------------------------------------------------
+    def _apply_inbox(self) -> None:
+        e = self.engine
+        while self._inbox:
+            item = self._inbox.popleft()
+            if item[0] == "add":
+                rid, ids, params, max_tokens, prompt = item[1]
+                try:
+                    e.submit(e.build_request(rid, ids, params, max_tokens, prompt))
+                except Exception as err:  # noqa: BLE001 - surfaced to the client as a failed request
+                    log.exception("rank %d: cannot add %s", self.rank, rid)
+                    self._send_outputs([_failed_output(rid, ids, prompt, str(err))])
+            elif item[0] == "abort":
+                e.abort_request(item[1])
+            elif item[0] == "move":
+                self._migrate(*item[1:])
+
+    def _migrate(self, request_id: str, num_blocks: int, dst: int) -> None:
+        """move_kvcache: the request's oldest local blocks go to dst, between two steps."""
+        table = self.rm.table(request_id)
+        old = [ref for ref in table if ref.instance == self.rank][:num_blocks]
+        if not old or dst == self.rank:
+            return
+        try:
+            got = rpc.call_sync(dst, rpc.h_reserve, self.rank, request_id, len(old))
+            if not got:
+                return  # refused: the gManager's view was stale; wait for the next plan
+            idx = torch.tensor([r.block for r in old], dtype=torch.int64, device=self.engine.kv.k.device)
+            k = self.engine.kv.k.index_select(1, idx).cpu()  # [L, n, B, nkv, d]
+            v = self.engine.kv.v.index_select(1, idx).cpu()
+            rpc.call_sync(dst, rpc.h_write_blocks, got, k, v)
+        except Exception:  # noqa: BLE001
+            log.exception("rank %d: migration of %s to %d failed", self.rank, request_id, dst)
+            return
+        self.rm.swap_out(request_id, old, [RBlock(dst, b) for b in got])
+        self.counters.migrations += 1
+        self.counters.migrated_blocks += len(old)
+
+    @torch.inference_mode()
+    def _begin_step(self):
+        """Schedule and prepare; a step with no remote blocks runs to the end right here."""
+        self._apply_inbox()
+        e = self.engine
+        t0 = time.perf_counter()
+        batch = e.scheduler.schedule()
+        if not batch.requests:
+            return None
+        tables = [self.rm.table(r.request_id) for r in batch.requests]
+        if all(ref.instance == self.rank for t in tables for ref in t):
+            inputs = e.prepare(batch)
+            logits = forward(e.model, inputs, LocalAttention(e.kv, inputs, e.scale))
+            outs = e.postprocess(batch, inputs, logits)
+            self._finish_step(t0)
+            return ("done", outs)
+        now = time.time()
+        for req in batch.requests:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        return ("remote", (batch, self._micro_batches(batch, tables), t0))
+
+    def _micro_batches(self, batch: ScheduledBatch, tables: list[list[RBlock]]) -> list[MicroBatch]:
+        """Two micro-batches when possible, so one's FFN overlaps the other's remote attention."""
+        n = len(batch.requests)
+        cuts = [0, n] if n < 2 else [0, (n + 1) // 2, n]
+        out = []
+        for a, b in zip(cuts, cuts[1:]):
+            reqs, nums, tabs = batch.requests[a:b], batch.num_new_tokens[a:b], tables[a:b]
+            inputs = prepare_inputs(reqs, nums, tabs, self.rank, self.engine.block_size, self.engine.device)
+            parts = remote_parts(inputs.q_lens, inputs.q_starts, tabs, self.rank, self.engine.block_size)
+            local = (inputs.slot_mapping >= 0).nonzero().flatten()
+            out.append(MicroBatch(inputs, parts, local, inputs.slot_mapping.index_select(0, local)))
+        return out
+
+    def _finish_step(self, t0: float) -> None:
+        dt = time.perf_counter() - t0
+        self.engine.last_step_time = dt
+        self.counters.steps += 1
+        self.counters.step_times.append(dt)
+
+    @torch.inference_mode()
+    def _pre(self, layer: int, h: torch.Tensor, mb: MicroBatch):
+        e = self.engine
+        q, k, v = e.model.pre_attention(layer, h, mb.inputs.positions)
+        if mb.local_rows.numel():
+            write_kv(e.kv.k[layer], e.kv.v[layer], k.index_select(0, mb.local_rows),
+                     v.index_select(0, mb.local_rows), mb.local_slots)
+        payloads = [p.payload(q.cpu(), k.cpu(), v.cpu()) for p in mb.parts]
+        return q, payloads
+
+    @torch.inference_mode()
+    def _local_ma(self, layer: int, q: torch.Tensor, mb: MicroBatch):
+        e = self.engine
+        return micro_attention(q, e.kv.k[layer], e.kv.v[layer], mb.inputs.meta, e.scale)
+
+    @torch.inference_mode()
+    def _post(self, layer: int, h: torch.Tensor, local, results, mb: MicroBatch) -> torch.Tensor:
+        dev = h.device
+        results = [(o.to(dev), l.to(dev)) for o, l in results]
+        parts = mb.parts if dev.type == "cpu" else [_part_to(p, dev) for p in mb.parts]
+        o = merge_parts(local, parts, results)
+        return self.engine.model.post_attention(layer, h, o)
+
+    @torch.inference_mode()
+    def _embed(self, mb: MicroBatch) -> torch.Tensor:
+        return self.engine.model.embed(mb.inputs.input_ids)
+
+    @torch.inference_mode()
+    def _logits(self, h: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+        idx = mb.inputs.logits_indices
+        if idx.numel() == 0:
+            return torch.empty(0, self.engine.model_config.vocab_size, device=h.device)
+        return self.engine.model.compute_logits(h.index_select(0, idx))
+
+    # ---- the event loop side ----------------------------------------------------------------
+    async def _forward_micro_batch(self, mb: MicroBatch) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        ex = self.executor
+
+        def run(fn, *args):
+            return loop.run_in_executor(ex, fn, *args)
+
+        h = await run(self._embed, mb)
+        for layer in range(self.engine.model_config.num_layers):
+            q, payloads = await run(self._pre, layer, h, mb)
+            futs = [
+                rpc.to_asyncio(rpc.call_async(p.creditor, rpc.h_remote_attention, self.rank, layer, pl), loop)
+                for p, pl in zip(mb.parts, payloads)
+            ]
+            self.counters.remote_calls += len(futs)
+            local = await run(self._local_ma, layer, q, mb)
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*futs)
+            self.counters.remote_wait_s += time.perf_counter() - t0
+            h = await run(self._post, layer, h, local, results, mb)
+        return await run(self._logits, h, mb)
+
+    async def _remote_step(self, batch: ScheduledBatch, mbs: list[MicroBatch], t0: float) -> list[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        logits = await asyncio.gather(*(self._forward_micro_batch(mb) for mb in mbs))
+        merged = SimpleNamespace(sample_requests=[r for mb in mbs for r in mb.inputs.sample_requests])
+        outs = await loop.run_in_executor(
+            self.executor, self.engine.postprocess, batch, merged, torch.cat(list(logits))
+        )
+        self.counters.remote_steps += 1
+        self._finish_step(t0)
+        return outs
+
+    async def run(self) -> None:
+        """The instance's step loop; returns when stopped."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._wakeup = asyncio.Event()
+        while not self.stopping:
+            try:
+                res = await loop.run_in_executor(self.executor, self._begin_step)
+                if res is None:
+                    self._wakeup.clear()
+                    if self._inbox:
+                        continue
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), timeout=0.05)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                kind, payload = res
+                outs = payload if kind == "done" else await self._remote_step(*payload)
+                if outs:
+                    self._send_outputs(outs)
+            except Exception:  # noqa: BLE001 - keep serving; the failed step's requests are failed
+                log.exception("rank %d: step failed", self.rank)
+                await loop.run_in_executor(self.executor, self._fail_running)
+
+    def _fail_running(self) -> None:
+        e = self.engine
+        failed = []
+        for req in list(e.scheduler.running) + list(e.scheduler.waiting):
+            out = e.abort_request(req.request_id)
+            if out is not None:
+                out.outputs[0].finish_reason = "abort"
+                failed.append(out)
+        if failed:
+            self._send_outputs(failed)
+
+    def _send_outputs(self, outs: list[RequestOutput]) -> None:
+        for o in outs:
+            o.extra["rank"] = self.rank
+        fut = rpc.call_async(0, rpc.h_outputs, self.rank, outs)
+        fut.add_done_callback(_log_failure("sending outputs to rank 0"))
+
+    # ---- heartbeats --------------------------------------------------------------------------
+    def heartbeat(self) -> dict:
+        """Free memory, batch, step time, and the placement entries that changed since the last beat."""
+        s = self.stats()
+        placement = self.rm.placement()
+        ctx = {r.request_id: r.num_tokens for r in list(self.engine.scheduler.running)}
+        changed = []
+        for rid, counts in placement.items():
+            key = (ctx.get(rid, 0), tuple(sorted(counts.items())))
+            if self._sent_placement.get(rid) != key:
+                changed.append((rid, key[0], dict(counts)))
+                self._sent_placement[rid] = key
+        gone = [rid for rid in self._sent_placement if rid not in placement]
+        for rid in gone:
+            del self._sent_placement[rid]
+        s["placement_changed"] = changed
+        s["placement_removed"] = gone
+        return s
+
+    def forget_sent_placement(self) -> None:
+        self._sent_placement.clear()
+
+    def stats(self) -> dict:
+        e = self.engine
+        s = self.rm.stats()
+        running = list(e.scheduler.running)
+        waiting = list(e.scheduler.waiting)
+        times = list(self.counters.step_times)
+        s.update(
+            num_running=len(running),
+            num_waiting=len(waiting),
+            waiting_blocks=sum(blocks_for(r.num_tokens + 1, e.block_size) for r in waiting),
+            tokens_held=sum(r.num_computed_tokens for r in running),
+            step_time_ms=1e3 * (sum(times) / len(times)) if times else 0.0,
+            num_preemptions=e.scheduler.num_preemptions,
+            steps=self.counters.steps,
+            remote_steps=self.counters.remote_steps,
+            remote_calls=self.counters.remote_calls,
+            remote_wait_ms=1e3 * self.counters.remote_wait_s,
+            migrations=self.counters.migrations,
+            migrated_blocks=self.counters.migrated_blocks,
+            lend_cap=self.lend_cap,
+        )
+        return s
+
+
+def _log_failure(what: str):
+    def cb(fut) -> None:
+        try:
+            fut.value()
+        except Exception:  # noqa: BLE001
+            log.warning("%s failed", what, exc_info=True)
+
+    return cb
+
+
+def _failed_output(rid: str, ids: list[int], prompt: str | None, message: str) -> RequestOutput:
+    from infinite.outputs import CompletionOutput
+
+    return RequestOutput(rid, prompt, ids, [CompletionOutput(0, "", [], finish_reason="abort")], True,
+                         extra={"error": message})
+
+
+def _meta_to(meta, dev):
+    from infinite.attention import MAMetadata
+
+    return MAMetadata(meta.cu_q.to(dev), meta.q_pos.to(dev), meta.block_tables.to(dev), meta.block_idx.to(dev),
+                      meta.num_blocks.to(dev), meta.max_q_len)
+
+
+def _part_to(p: RemotePart, dev) -> RemotePart:
+    return RemotePart(p.creditor, p.rows.to(dev), p.meta, p.write_rows.to(dev), p.write_slots.to(dev))

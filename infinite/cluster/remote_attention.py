@@ -1,0 +1,107 @@
+"""Which parts of a step's attention run where: the per-creditor MicroAttention calls.
+
+Pure functions over block tables: for every creditor holding blocks of some
+requests in a (micro-)batch, one RemotePart names the query rows it needs,
+its own block ids with their logical positions, and the new tokens whose K/V
+land in its blocks (a remote tail block). Only queries and partial outputs
+cross the wire, never KV blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infinite.attention import MAMetadata, aggregate
+from infinite.kv.rmanager import RBlock, blocks_for
+
+
+@dataclass
+class RemotePart:
+    creditor: int
+    rows: torch.Tensor  # [Tc] int64: query rows (in the step's q) of requests with blocks there
+    meta: MAMetadata  # the creditor's blocks of those requests
+    write_rows: torch.Tensor  # [Wc] int64: new tokens whose K/V go into the creditor's blocks
+    write_slots: torch.Tensor  # [Wc] int64: their slots in the creditor's pool
+
+    def payload(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """What one layer sends: contiguous copies only (a view would ship its whole storage)."""
+        m = self.meta
+        return (
+            q.index_select(0, self.rows),
+            k.index_select(0, self.write_rows),
+            v.index_select(0, self.write_rows),
+            self.write_slots,
+            m.cu_q, m.q_pos, m.block_tables, m.block_idx, m.num_blocks, m.max_q_len,
+        )
+
+
+def unpack_payload(payload: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, MAMetadata]:
+    q, k, v, slots, cu_q, q_pos, bt, bi, nb, max_q = payload
+    return q, k, v, slots, MAMetadata(cu_q, q_pos, bt, bi, nb, int(max_q))
+
+
+def remote_parts(
+    q_lens: list[int],
+    q_starts: list[int],
+    tables: list[list[RBlock]],
+    rank: int,
+    block_size: int,
+) -> list[RemotePart]:
+    """Split a batch's attention by creditor. q_starts[r] is request r's first new position."""
+    per: dict[int, dict] = {}
+    off = 0
+    for n, start, table in zip(q_lens, q_starts, tables):
+        end = start + n
+        nb = blocks_for(end, block_size)
+        here: dict[int, tuple[list[int], list[int]]] = {}
+        for i, ref in enumerate(table[:nb]):
+            if ref.instance != rank:
+                ids, logical = here.setdefault(ref.instance, ([], []))
+                ids.append(ref.block)
+                logical.append(i)
+        for c, (ids, logical) in here.items():
+            d = per.setdefault(c, {"rows": [], "q_lens": [], "q_starts": [], "blocks": [], "logical": [],
+                                   "wrows": [], "wslots": []})
+            d["rows"].extend(range(off, off + n))
+            d["q_lens"].append(n)
+            d["q_starts"].append(start)
+            d["blocks"].append(ids)
+            d["logical"].append(logical)
+        for j, p in enumerate(range(start, end)):
+            ref = table[p // block_size]
+            if ref.instance != rank:
+                d = per[ref.instance]
+                d["wrows"].append(off + j)
+                d["wslots"].append(ref.block * block_size + p % block_size)
+        off += n
+    parts = []
+    for c in sorted(per):
+        d = per[c]
+        parts.append(RemotePart(
+            creditor=c,
+            rows=torch.tensor(d["rows"], dtype=torch.int64),
+            meta=MAMetadata.build(d["q_lens"], d["q_starts"], d["blocks"], d["logical"]),
+            write_rows=torch.tensor(d["wrows"], dtype=torch.int64),
+            write_slots=torch.tensor(d["wslots"], dtype=torch.int64),
+        ))
+    return parts
+
+
+def merge_parts(
+    local: tuple[torch.Tensor, torch.Tensor],  # (out [T,nh,d], lse [T,nh])
+    parts: list[RemotePart],
+    results: list[tuple[torch.Tensor, torch.Tensor]],  # per part: (out [Tc,nh,d], lse [Tc,nh])
+) -> torch.Tensor:
+    """AggregationAttention over the local part and every creditor's part -> out [T,nh,d]."""
+    out0, lse0 = local
+    partials = [local]
+    for part, (o, l) in zip(parts, results):
+        fo = torch.zeros_like(out0)
+        fl = torch.full_like(lse0, float("-inf"))
+        fo.index_copy_(0, part.rows, o.to(out0.dtype))
+        fl.index_copy_(0, part.rows, l)
+        partials.append((fo, fl))
+    out, _ = aggregate(partials)
+    return out
