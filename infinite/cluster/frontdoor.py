@@ -102,7 +102,7 @@ class ClusterEngine:
 
     def cluster_status(self) -> dict:
         return {"instances": self.stats(), "debts": self.gmanager.debts(),
-                "moves_issued": self.gmanager.moves_issued}
+                "moves_issued": self.gmanager.moves_issued, "requests": self.gmanager.placement_map()}
 
     # ---- requests ------------------------------------------------------------------------
     def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Request:
@@ -149,6 +149,17 @@ class ClusterEngine:
         home = self._homes.get(request_id)
         if home is not None:
             rpc.call_async(home, rpc.h_abort, request_id)
+
+    def migrate(self, request_id: str, num_blocks: int, dst: int) -> bool:
+        """move_kvcache on demand (the placement loop issues the same call)."""
+        home = self._homes.get(request_id)
+        if home is None or home == dst:
+            return False
+        rpc.call_async(home, rpc.h_move, request_id, num_blocks, dst)
+        return True
+
+    def home_of(self, request_id: str) -> int | None:
+        return self._homes.get(request_id)
 
     def on_outputs(self, rank: int, outs: list[RequestOutput]) -> None:
         """RPC thread: hand the outputs to the loop."""

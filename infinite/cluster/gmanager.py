@@ -164,6 +164,10 @@ class GManager:
                         e[1] += 1
         return [{"debtor": d, "creditor": c, "blocks": n, "requests": k} for (d, c), (n, k) in sorted(ledger.items())]
 
+    def placement_map(self) -> dict[str, dict]:
+        with self.lock:
+            return {rid: {"home": h, "context": c, "blocks": dict(b)} for rid, (h, c, b) in self.requests.items()}
+
     def plan_once(self) -> list:
         """Run the greedy placement on the current view and send move_kvcache to the homes."""
         if not self.lending or len(self.instances) < self.world_size:

@@ -52,6 +52,7 @@ class SharedRManager(RManager):
 
     allocate = _locked("allocate")
     append_remote = _locked("append_remote")
+    free_tail = _locked("free_tail")
     replace_blocks = _locked("replace_blocks")
     swap_out = _locked("swap_out")
     free_request = _locked("free_request")
@@ -130,8 +131,10 @@ class Instance:
             refs = rpc.call_sync(0, rpc.h_borrow, self.rank, rid, rest)
         except Exception:  # noqa: BLE001 - rank 0 unreachable: behave as a lone instance
             log.exception("rank %d: borrowing %d blocks for %s failed", self.rank, rest, rid)
-            return False
+            refs = []
         if not refs:
+            # All or nothing: a request left waiting must not sit on blocks it cannot use.
+            self.rm.free_tail(rid, local)
             self.borrowable = 0
             return False
         self.rm.append_remote(rid, [RBlock(c, b) for c, b in refs])

@@ -175,6 +175,10 @@ class LocalCluster:
         self._send(("status", seq))
         return self._wait_reply(seq)
 
+    def migrate(self, request_id: str, num_blocks: int, dst: int) -> None:
+        """Ask the request's home to move its oldest num_blocks local blocks to dst (move_kvcache)."""
+        self._send(("move", request_id, num_blocks, dst))
+
     def shutdown(self) -> None:
         self._finalizer()
 
@@ -240,6 +244,8 @@ class DriverBridge:
                 return {**self.front.cluster_status(), "instances": await self.front.fresh_stats()}
 
             asyncio.ensure_future(self._reply(msg[1], status()))
+        elif kind == "move":
+            self.front.migrate(*msg[1:])
         elif kind == "stop":
             self.front.request_stop()
 

@@ -53,6 +53,19 @@ class RManager:
         self.tables.setdefault(request_id, []).extend(new)
         return new
 
+    def free_tail(self, request_id: str, n: int) -> None:
+        """Give back the request's n newest blocks (local ones), undoing a growth that failed."""
+        if n <= 0:
+            return
+        table = self.tables[request_id]
+        tail = table[-n:]
+        if any(r.instance != self.rank for r in tail):
+            raise RuntimeError("free_tail only undoes local allocations")
+        del table[-n:]
+        if not table:
+            del self.tables[request_id]
+        self.pool.free([r.block for r in tail])
+
     def append_remote(self, request_id: str, refs: list[RBlock]) -> None:
         """Record blocks a creditor reserved for this request (they are appended in order)."""
         self.tables.setdefault(request_id, []).extend(refs)

@@ -117,8 +117,8 @@ class LLMEngine:
         cap = self.capacity_tokens
         if n + 1 > cap:
             raise ValueError(
-                f"the prompt has {n} tokens, but the KV cache can hold at most {cap} tokens for one request "
-                f"({self.capacity_blocks} blocks of {self.block_size})"
+                f"the prompt has {n} tokens, but at most {self.capacity_blocks} blocks ({cap} tokens, "
+                f"{self.block_size} per block) of KV cache can hold one request"
             )
         limit = min(self.max_model_len, cap) - n
         if params.max_tokens is None:
@@ -228,15 +228,27 @@ class LLMEngine:
                 req.cumulative_logprob += res.logprobs[i][tok]
             delta = req.detokenizer.add_token(tok) if req.detokenizer is not None else ""
             req.text += delta
+            placement = None
             if check_stop(req, len(delta), self.eos_token_ids, self.max_model_len):
                 if req.detokenizer is not None and not isinstance(req.stop_reason, str):
                     req.text += req.detokenizer.finish()  # flush a held-back partial character
                 req.metrics.finished_time = now
+                placement = self.kv_placement(req.request_id)
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
                 self.counters["requests_finished"] += 1
-            outs.append(self.make_output(req))
+            out = self.make_output(req)
+            if placement is not None:
+                out.extra["kv_blocks"] = placement
+            outs.append(out)
         return outs
+
+    def kv_placement(self, request_id: str) -> dict[int, int]:
+        """How many of the request's KV blocks sit on each instance (rank -> blocks)."""
+        counts: dict[int, int] = {}
+        for ref in self.rm.table(request_id):
+            counts[ref.instance] = counts.get(ref.instance, 0) + 1
+        return counts
 
     def make_output(self, req: Request) -> RequestOutput:
         comp = CompletionOutput(

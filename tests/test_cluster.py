@@ -1,0 +1,88 @@
+"""The distributed KV cache end to end: several CPU ranks (spawned processes) vs one instance."""
+
+import random
+import time
+
+import pytest
+
+from helpers_hf import make_hf_checkpoint
+from infinite import LLM, SamplingParams
+
+LONG = 300  # tokens: 19 blocks of 16, 20 with its outputs
+PARAMS = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(make_hf_checkpoint(tmp_path_factory.mktemp("cluster"), "llama_gqa", max_position_embeddings=1024))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = random.Random(5)
+    shorts = [[rng.randrange(3, 300) for _ in range(n)] for n in (3, 17, 40, 9)]
+    return [[rng.randrange(3, 300) for _ in range(LONG)]] + shorts
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, prompts):
+    llm = LLM(model=ckpt, dtype="float32", num_kv_blocks=256)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("ranks,pool", [(2, 12), (3, 9)])
+def test_long_request_spans_every_rank_and_matches_single(ckpt, prompts, reference, ranks, pool):
+    # One pool (12 or 9 blocks) is far below the long request's 20 blocks, and with 3 ranks
+    # even the home plus one creditor (9 + 6) is not enough: its KV must span all of them.
+    with LLM(model=ckpt, dtype="float32", num_instances=ranks, num_kv_blocks=pool) as llm:
+        outs = llm.generate(prompts, PARAMS, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == reference
+        held = outs[0].outputs and outs[0].extra["kv_blocks"]
+        assert set(held) == set(range(ranks)), f"long request's blocks by rank: {held}"
+        assert sum(held.values()) == 20
+        stats = llm.stats()
+        assert [s["rank"] for s in stats] == list(range(ranks))
+        for s in stats:
+            assert s["used_blocks"] == s["lent_blocks"] == s["borrowed_blocks"] == 0, s
+            assert s["free_blocks"] == pool
+        assert sum(s["remote_calls"] for s in stats) > 0
+
+
+def test_too_long_for_one_pool_is_rejected_alone_but_served_by_the_cluster(ckpt, prompts):
+    single = LLM(model=ckpt, dtype="float32", num_kv_blocks=12)
+    with pytest.raises(ValueError, match=r"at most 12 blocks"):
+        single.generate([prompts[0]], PARAMS, use_tqdm=False)
+    with LLM(model=ckpt, dtype="float32", num_instances=2, num_kv_blocks=12) as llm:
+        # 12 own + 9 lendable: 21 blocks; 400 tokens need 26 and are rejected with the numbers
+        with pytest.raises(ValueError, match=r"at most 21 blocks"):
+            llm.generate([[5 + i % 290 for i in range(400)]], PARAMS, use_tqdm=False)
+        out = llm.generate([prompts[0]], PARAMS, use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == 16 and out.outputs[0].finish_reason == "length"
+        assert all(s["used_blocks"] == 0 and s["lent_blocks"] == 0 for s in llm.stats())
+
+
+def test_migration_keeps_tokens_exact(ckpt, prompts):
+    long_params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    ref = LLM(model=ckpt, dtype="float32", num_kv_blocks=256).generate([prompts[0]], long_params, use_tqdm=False)
+    with LLM(model=ckpt, dtype="float32", num_instances=2, num_kv_blocks=64) as llm:
+        eng = llm.engine
+        req = eng.make_request(prompts[0], long_params, "moving")
+        eng.submit(req)
+        deadline = time.monotonic() + 60
+        home = None
+        while home is None and time.monotonic() < deadline:
+            placed = eng.cluster_status()["requests"].get("moving")
+            if placed and sum(placed["blocks"].values()) >= 10:
+                home = placed["home"]
+            time.sleep(0.05)
+        assert home is not None, "the request never showed up in the gManager's placement map"
+        eng.migrate("moving", 6, 1 - home)
+        done = []
+        while eng.has_unfinished_requests():
+            done += eng.step()
+        assert done[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+        assert done[0].extra["kv_blocks"].get(1 - home, 0) >= 6
+        stats = llm.stats()
+        # the placement loop may add moves of its own; ours is among them
+        assert stats[home]["migrations"] >= 1 and stats[home]["migrated_blocks"] >= 6
+        assert all(s["used_blocks"] == 0 and s["lent_blocks"] == 0 for s in stats)
