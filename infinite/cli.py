@@ -1,0 +1,124 @@
+"""The ``infinite`` console script.
+
+``infinite serve`` runs the OpenAI-compatible server of one rank (the whole
+cluster of ``--num-instances`` instances sits behind it). With no ``--model``
+it serves the embedded default checkpoint. It binds loopback unless told
+otherwise, and prints ``infinite: listening on http://HOST:PORT`` once the
+socket is open (``--port 0`` picks a free port), then loads the model while
+``/health`` answers 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from infinite.server.app import DEFAULT_MAX_BODY_BYTES, ServerSettings, serve
+
+log = logging.getLogger("infinite.server")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded default model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 = any free port; default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("INFINITE_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default: $INFINITE_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model name clients send (default: the checkpoint's)")
+    p.add_argument("--num-instances", type=int, default=1, help="instances in the cluster (default 1)")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per instance (default: sized from memory)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 (default auto)")
+    p.add_argument("--device", default=None, help="cpu|cuda[:N] (default: cuda when available)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt+output (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="largest batch per instance (default 256)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="engine seed (default 0)")
+    p.add_argument("--max-pending", type=int, default=1024, help="engine requests in flight before 503 (default 1024)")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body; larger gets 413")
+    p.add_argument("--log-level", default="info", help="debug|info|warning|error (default info)")
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    from infinite.runtime.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+        num_instances=args.num_instances,
+        served_model_name=args.served_model_name,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Validate the arguments, then serve until SIGINT/SIGTERM."""
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = engine_config(args)
+        settings = ServerSettings(
+            served_model_name=args.served_model_name,
+            api_key=args.api_key or None,
+            max_pending=args.max_pending,
+            max_body_bytes=args.max_request_bytes,
+        )
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    except (ValueError, TypeError) as e:
+        print(f"infinite serve: error: {e}", file=sys.stderr)
+        return 2
+
+    async def start_engine() -> Any:
+        from infinite.runtime.async_engine import AsyncLLMEngine
+
+        return await AsyncLLMEngine.start(config)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def listening(host: str, port: int) -> None:
+            print(f"infinite: listening on http://{host}:{port}", flush=True)
+
+        return await serve(start_engine, settings, args.host, args.port, stop, listening)
+
+    try:
+        import uvloop
+
+        return uvloop.run(main())
+    except ImportError:  # uvloop is a dependency; plain asyncio keeps working without it
+        return asyncio.run(main())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infinite", description="Infinite: long-context LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    add_serve_args(serve_p)
+    serve_p.set_defaults(func=run_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

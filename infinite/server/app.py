@@ -1,0 +1,286 @@
+"""The aiohttp application: routes, API key, admission, engine lifecycle.
+
+The HTTP socket opens at once and the engine loads behind it, so load
+balancers and tests can poll ``GET /health`` (503 while starting, 200 when
+ready). Routes under ``/v1`` need the API key when one is set; ``/health``,
+``/metrics``, ``/status`` and ``/dashboard`` do not, as with vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from infinite.server import protocol as P
+from infinite.server import dashboard, serving
+from infinite.server.errors import APIError, json_error
+from infinite.server.metrics import CONTENT_TYPE, ServerMetrics
+
+log = logging.getLogger("infinite.server")
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # a 1M-token prompt as JSON token ids fits
+
+EngineStarter = Callable[[], Awaitable[Any]]
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str | None = None  # defaults to engine.model_name
+    api_key: str | None = None
+    max_pending: int = 1024  # engine requests in flight before new ones get 503
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {self.max_pending}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+
+
+class ServerState:
+    """What the handlers share: the engine (once started), settings, metrics, admission."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.engine: Any = None
+        self.start_error: BaseException | None = None
+        self.stopping = False
+        self.in_flight = 0
+        self.started_at = int(time.time())
+        self.metrics = ServerMetrics(lambda: self.engine, lambda: self.model_name)
+
+    @property
+    def model_name(self) -> str:
+        if self.settings.served_model_name:
+            return self.settings.served_model_name
+        return self.engine.model_name if self.engine is not None else ""
+
+    def ready_engine(self) -> Any:
+        """The engine, or 503 while it starts, after it failed, or while the server stops."""
+        if self.engine is None or self.stopping:
+            why = "is shutting down" if self.stopping else "is still starting (loading the model)"
+            if self.start_error is not None:
+                why = f"failed to start: {self.start_error}"
+            raise APIError(f"the server {why}; retry later", status=503)
+        if not getattr(self.engine, "is_running", True):
+            raise APIError("the engine has stopped after an error; see the server log", status=503)
+        return self.engine
+
+    def check_model(self, model: str | None) -> str:
+        name = self.model_name
+        if model is not None and model != name:
+            raise APIError(f"The model `{model}` does not exist. This server serves `{name}`.", status=404, param="model")
+        return name
+
+    def admit(self, k: int) -> None:
+        limit = self.settings.max_pending
+        if self.in_flight + k > limit:
+            raise APIError(
+                f"the server is overloaded: {self.in_flight} requests in flight, the limit is {limit}; retry later",
+                status=503,
+            )
+        self.in_flight += k
+        self.metrics.labels(self.metrics.in_flight).inc(k)
+
+    def release(self, k: int) -> None:
+        self.in_flight -= k
+        self.metrics.labels(self.metrics.in_flight).dec(k)
+
+
+STATE_KEY = web.AppKey("infinite_state", ServerState)
+
+
+def _state(request: web.Request) -> ServerState:
+    return request.app[STATE_KEY]
+
+
+# --------------------------------------------------------------------------- middlewares
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every failure leaves as the OpenAI error body, whatever raised it."""
+    try:
+        return await handler(request)
+    except APIError as e:
+        _count_error(request, e.status)
+        return e.response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        _count_error(request, e.status)
+        message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
+        if e.status == 413:
+            message = f"request body too large: the limit is {request.app[STATE_KEY].settings.max_body_bytes} bytes"
+        resp = json_error(e.status, message)
+        if e.status == 405 and "Allow" in e.headers:
+            resp.headers["Allow"] = e.headers["Allow"]
+        return resp
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as e:
+        log.exception("internal error on %s %s", request.method, request.path)
+        engine = request.app[STATE_KEY].engine
+        status = 503 if engine is not None and not getattr(engine, "is_running", True) else 500
+        _count_error(request, status)
+        return json_error(status, f"{'the engine has stopped' if status == 503 else 'internal server error'}: {type(e).__name__}: {e}")
+
+
+def _count_error(request: web.Request, status: int) -> None:
+    st = request.app[STATE_KEY]
+    st.metrics.labels(st.metrics.request_errors, str(status)).inc()
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    key = request.app[STATE_KEY].settings.api_key
+    if key and request.path.startswith("/v1") and request.method != "OPTIONS":
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError("invalid or missing API key (send 'Authorization: Bearer <key>')", status=401)
+    return await handler(request)
+
+
+# --------------------------------------------------------------------------- routes
+
+
+async def handle_completions(request: web.Request) -> web.StreamResponse:
+    return await serving.create_completion(request, _state(request))
+
+
+async def handle_chat(request: web.Request) -> web.StreamResponse:
+    return await serving.create_chat_completion(request, _state(request))
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    st = _state(request)
+    engine = st.ready_engine()
+    card = P.ModelCard(
+        id=st.model_name,
+        created=st.started_at,
+        root=str(getattr(engine, "model_path", None) or st.model_name),
+        max_model_len=engine.max_model_len,
+    )
+    return web.Response(body=P.encode(P.ModelList([card])), content_type="application/json")
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    st = _state(request)
+    st.ready_engine()  # 503 while starting or stopping
+    return web.Response(status=200)
+
+
+async def handle_version(request: web.Request) -> web.Response:
+    from infinite import __version__
+
+    return web.json_response({"version": __version__})
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    body = _state(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+# --------------------------------------------------------------------------- app
+
+
+def create_app(start_engine: EngineStarter, settings: ServerSettings | None = None) -> web.Application:
+    """An app whose engine is built by ``start_engine()`` in the background at startup."""
+    settings = settings or ServerSettings()
+    state = ServerState(settings)
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=settings.max_body_bytes
+    )
+    app[STATE_KEY] = state
+    app.router.add_post("/v1/completions", handle_completions)
+    app.router.add_post("/v1/chat/completions", handle_chat)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/version", handle_version)
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/status", dashboard.handle_status)
+    app.router.add_get("/dashboard", dashboard.handle_dashboard)
+
+    async def lifecycle(app: web.Application) -> Any:
+        task = asyncio.ensure_future(_start(state, start_engine))
+        app[_START_TASK] = task
+        yield
+        state.stopping = True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if state.engine is not None:
+            await state.engine.shutdown()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+_START_TASK = web.AppKey("infinite_start_task", asyncio.Task)
+
+
+async def _start(state: ServerState, start_engine: EngineStarter) -> None:
+    t0 = time.monotonic()
+    try:
+        engine = await start_engine()
+    except asyncio.CancelledError:
+        raise
+    except BaseException as e:
+        state.start_error = e
+        log.exception("the engine failed to start")
+        raise
+    state.engine = engine
+    log.info("engine ready in %.1f s: model %s, max_model_len %d", time.monotonic() - t0, state.model_name, engine.max_model_len)
+
+
+def engine_start_task(app: web.Application) -> asyncio.Task:
+    """The background start of the engine (done once it is ready or has failed)."""
+    return app[_START_TASK]
+
+
+def app_state(app: web.Application) -> ServerState:
+    return app[STATE_KEY]
+
+
+async def serve(
+    start_engine: EngineStarter,
+    settings: ServerSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    stop: asyncio.Event | None = None,
+    on_listening: Callable[[str, int], None] | None = None,
+    shutdown_timeout: float = 5.0,
+) -> int:
+    """Run until ``stop`` is set (or the engine fails to start); returns an exit code.
+
+    Handler cancellation is on: a client that goes away cancels its handler,
+    which closes the engine streams and so aborts the requests. On stop, open
+    streams get ``shutdown_timeout`` seconds to finish before they are cut.
+    """
+    app = create_app(start_engine, settings)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0]
+    if on_listening is not None:
+        on_listening(bound[0], bound[1])
+    stop = stop or asyncio.Event()
+    stopper = asyncio.ensure_future(stop.wait())
+    start = engine_start_task(app)
+    try:
+        await asyncio.wait([stopper, start], return_when=asyncio.FIRST_COMPLETED)
+        code = 1 if start.done() and not start.cancelled() and start.exception() else 0
+        if code == 0 and not stop.is_set():
+            await stopper
+    finally:
+        stopper.cancel()
+        await runner.cleanup()
+    return code
