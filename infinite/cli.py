@@ -62,6 +62,15 @@ def engine_config(args: argparse.Namespace) -> Any:
     )
 
 
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        served_model_name=args.served_model_name,
+        api_key=args.api_key or None,
+        max_pending=args.max_pending,
+        max_body_bytes=args.max_request_bytes,
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Validate the arguments, then serve until SIGINT/SIGTERM."""
     logging.basicConfig(
@@ -70,17 +79,18 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     try:
         config = engine_config(args)
-        settings = ServerSettings(
-            served_model_name=args.served_model_name,
-            api_key=args.api_key or None,
-            max_pending=args.max_pending,
-            max_body_bytes=args.max_request_bytes,
-        )
+        settings = server_settings(args)
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     except (ValueError, TypeError) as e:
         print(f"infinite serve: error: {e}", file=sys.stderr)
         return 2
+
+    def listening(host: str, port: int) -> None:
+        print(f"infinite: listening on http://{host}:{port}", flush=True)
+
+    if config.num_instances > 1:
+        return serve_cluster(config, settings, args.host, args.port, listening)
 
     async def start_engine() -> Any:
         from infinite.runtime.async_engine import AsyncLLMEngine
@@ -93,9 +103,6 @@ def run_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
-        def listening(host: str, port: int) -> None:
-            print(f"infinite: listening on http://{host}:{port}", flush=True)
-
         return await serve(start_engine, settings, args.host, args.port, stop, listening)
 
     try:
@@ -104,6 +111,26 @@ def run_serve(args: argparse.Namespace) -> int:
         return uvloop.run(main())
     except ImportError:  # uvloop is a dependency; plain asyncio keeps working without it
         return asyncio.run(main())
+
+
+def serve_cluster(config: Any, settings: ServerSettings, host: str, port: int, listening: Any) -> int:
+    """N ranks without torchrun: ranks 1..N-1 are spawned here, this process is rank 0 and serves."""
+    from infinite.cluster.local import spawn_ranks, stop_ranks
+    from infinite.cluster.rank import ServeArgs, run_rank
+    from infinite.cluster.rpc import free_port
+    from infinite.runtime.engine import resolve_model_dir
+    from infinite.runtime.config import EngineConfig
+
+    config = EngineConfig(**{**config.__dict__, "model": resolve_model_dir(config.model)})
+    n = config.num_instances
+    rpc_port = free_port()
+    workers = spawn_ranks(config, range(1, n), n, rpc_port)
+    try:
+        return run_rank(0, n, config, master_port=rpc_port, role="serve",
+                        serve=ServeArgs(host, port, settings, listening),
+                        num_threads=max(1, (os.cpu_count() or 1) // n))
+    finally:
+        stop_ranks(workers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,35 @@ def _terminate(procs: list, conn: Any) -> None:
         conn.send(("stop",))
     except Exception:  # noqa: BLE001 - rank 0 already gone
         pass
-    deadline = time.monotonic() + 15
+    stop_ranks(procs)
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def spawn_ranks(config: EngineConfig, ranks: range, world_size: int, port: int, **rank0_kwargs: Any) -> list:
+    """Start rank processes on this machine (spawn, daemonic, watching this process)."""
+    from infinite.cluster.rank import run_rank
+
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # tensorpipe's EOF chatter at shutdown
+    ctx = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    procs = []
+    for r in ranks:
+        kwargs = dict(master_addr="127.0.0.1", master_port=port, role="worker", num_threads=threads,
+                      watch_parent=True)
+        if r == 0:
+            kwargs.update(rank0_kwargs)
+        procs.append(ctx.Process(target=run_rank, name=f"infinite-rank{r}", daemon=True,
+                                 args=(r, world_size, config), kwargs=kwargs))
+    for p in procs:
+        p.start()
+    return procs
+
+
+def stop_ranks(procs: list, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
     for p in procs:
         p.join(timeout=max(0.1, deadline - time.monotonic()))
     for p in procs:
@@ -44,15 +72,10 @@ def _terminate(procs: list, conn: Any) -> None:
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
-    try:
-        conn.close()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 class LocalCluster:
     def __init__(self, config: EngineConfig, start_timeout_s: float = 600.0) -> None:
-        from infinite.cluster.rank import run_rank
         from infinite.cluster.rpc import free_port
         from infinite.runtime.engine import resolve_model_dir
         from infinite.tokenizer import load_tokenizer
@@ -61,23 +84,9 @@ class LocalCluster:
         n = config.num_instances
         self.model_dir = resolve_model_dir(config.model)  # the default model is generated once, here
         config = EngineConfig(**{**config.__dict__, "model": self.model_dir})
-        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # tensorpipe's EOF chatter at shutdown
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        port = free_port()
-        threads = max(1, (os.cpu_count() or 1) // n)
-        self.procs = [
-            ctx.Process(
-                target=run_rank, name=f"infinite-rank{r}", daemon=True,
-                args=(r, n, config),
-                kwargs=dict(master_addr="127.0.0.1", master_port=port, role="driver" if r == 0 else "worker",
-                            driver_conn=child if r == 0 else None, num_threads=threads, watch_parent=True),
-            )
-            for r in range(n)
-        ]
+        self._conn, child = mp.get_context("spawn").Pipe()
+        self.procs = spawn_ranks(config, range(n), n, free_port(), role="driver", driver_conn=child)
         self._finalizer = weakref.finalize(self, _terminate, self.procs, self._conn)
-        for p in self.procs:
-            p.start()
         child.close()
         self._seq = itertools.count()
         self._ids = itertools.count()

@@ -31,7 +31,7 @@ class ServeArgs:
     host: str = "127.0.0.1"
     port: int = 8000
     settings: Any = None  # infinite.server.app.ServerSettings
-    ready_file: str | None = None
+    on_listening: Any = None  # callable(host, port), called once the socket is open
 
 
 def run_rank(
@@ -106,15 +106,8 @@ async def _main(rank, world_size, config, master_addr, master_port, role, serve,
             async def start_engine():
                 return front
 
-            def listening(host: str, port: int) -> None:
-                print(f"Infinite serving {front.model_name} on http://{host}:{port} "
-                      f"({world_size} instances)", flush=True)
-                if serve.ready_file:
-                    with open(serve.ready_file, "w") as f:
-                        f.write(f"{host} {port}\n")
-
             code = await serve_http(start_engine, serve.settings, serve.host, serve.port,
-                                    stop=front.stop_event, on_listening=listening)
+                                    stop=front.stop_event, on_listening=serve.on_listening)
         elif role == "driver":
             from infinite.cluster.local import DriverBridge
 

@@ -6,7 +6,12 @@ runtime can place attention wherever the KV blocks live. Tokens are a flat
 [T] batch (all requests concatenated); nothing here knows about requests.
 
 q/k/v and gate/up are fused into one matmul each (concatenated at load
-time); the numbers match transformers in float32.
+time); the numbers match transformers in float32 (up to float rounding).
+
+On CPU in float32 the projection weights are stored column-major (the same
+[out, in] parameter, laid out as a transposed view of an [in, out] tensor):
+MKL's sgemm runs about 1.5x faster at decode batch sizes on that layout. The
+relayout happens once, on the first forward after the weights were (re)set.
 """
 
 from __future__ import annotations
@@ -41,6 +46,22 @@ def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch
     return lin
 
 
+def _column_major(lin: nn.Linear | None) -> None:
+    """Relayout a CPU float32 weight [out, in] as a transposed view of a contiguous [in, out] tensor.
+
+    Same shape, values and state_dict; ``F.linear`` then calls sgemm on the
+    contiguous [in, out] buffer, which is the fast orientation for small M.
+    bfloat16/float16 (oneDNN kernels) are faster row-major, so they are left alone.
+    """
+    if lin is None:
+        return
+    w = lin.weight
+    if (w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
+            and w.shape[0] > 1 and w.shape[1] > 1 and w.stride(1) == 1):
+        with torch.inference_mode(False):  # a normal tensor: load_state_dict may copy_ into it later
+            lin.weight = nn.Parameter(w.t().contiguous().t(), requires_grad=False)
+
+
 class DecoderLayer(nn.Module):
     """Weights of one layer; the computation lives in LlamaForCausalLM so the two halves read together."""
 
@@ -53,6 +74,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
         self.gate_up_proj = _linear(H, 2 * cfg.intermediate_size, cfg.mlp_bias, dtype, device)
         self.down_proj = _linear(cfg.intermediate_size, H, cfg.mlp_bias, dtype, device)
+
+    def fast_layout(self) -> None:
+        """Column-major CPU float32 weights (see _column_major); cheap to call again."""
+        for lin in (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj):
+            _column_major(lin)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -116,6 +142,8 @@ class LlamaForCausalLM(nn.Module):
         """Layer i up to attention: h [T,H], positions [T] -> q [T,nh,d], k [T,nkv,d], v [T,nkv,d] (RoPE on q, k)."""
         cfg = self.config
         layer = self.layers[i]
+        if layer.qkv_proj.weight.stride(-1) == 1:  # weights (re)set since the last relayout
+            layer.fast_layout()
         T = h.shape[0]
         x = layer.input_layernorm(h)
         qkv = layer.qkv_proj(x)  # [T, (nh + 2 nkv) d]
@@ -137,4 +165,6 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head: h [N,H] -> logits [N,V] float32."""
+        if self.lm_head is not None and self.lm_head.weight.stride(-1) == 1:
+            _column_major(self.lm_head)  # a tied head stays row-major: the embedding gathers its rows
         return F.linear(self.norm(h), self.lm_head_weight).float()

@@ -22,11 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def make_backend(config: EngineConfig):
-    """The synchronous engine: one instance, or the cluster of num_instances ranks."""
+    """The synchronous single-instance engine (a cluster is served by rank 0's ClusterEngine)."""
     if config.num_instances > 1:
-        from infinite.cluster.local import LocalCluster
-
-        return LocalCluster(config)
+        raise ValueError("AsyncLLMEngine runs one instance; a cluster's rank 0 serves with ClusterEngine "
+                         "(infinite serve --num-instances N, or torchrun -m infinite.launch.serve)")
     from infinite.runtime.engine import LLMEngine
 
     return LLMEngine(config)

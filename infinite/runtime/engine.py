@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,12 +27,26 @@ from infinite.sampling.sampler import Sampler, SampleRow, make_generator
 log = logging.getLogger(__name__)
 
 
+DEFAULT_MODEL_NAME = "infinite-tiny-llama"
+
+
 def resolve_model_dir(model: str | None) -> str:
     if model is not None:
         return model
     from infinite.tiny import default_model_dir
 
     return str(default_model_dir())
+
+
+def model_name_for(config: EngineConfig, model_dir: str) -> str:
+    """What clients call the model: --served-model-name, the folder given, or the default's name."""
+    if config.served_model_name:
+        return config.served_model_name
+    from infinite.tiny import cache_root
+
+    if config.model is None or Path(model_dir).parent == cache_root():
+        return DEFAULT_MODEL_NAME
+    return config.model
 
 
 class LLMEngine:
@@ -50,7 +65,7 @@ class LLMEngine:
         self.model = load_model(self.model_dir, dtype=self.dtype, device=self.device)
         self.model_config = self.model.config
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.model_name = config.served_model_name or config.model or "infinite-tiny-llama"
+        self.model_name = model_name_for(config, self.model_dir)
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings) \
             if mcfg.max_position_embeddings else (config.max_model_len or 4096)
         if config.max_model_len and config.max_model_len > self.max_model_len:

@@ -1,0 +1,1 @@
+"""Entry points for torchrun (one process per GPU or CPU rank)."""
