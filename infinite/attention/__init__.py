@@ -8,6 +8,7 @@ CUDA tensors run the Triton kernels, CPU tensors the torch path.
 from __future__ import annotations
 
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -29,6 +30,9 @@ def backend_for(t: torch.Tensor) -> str:
 
 def _impl(t: torch.Tensor) -> ModuleType:
     if backend_for(t) == "triton":
+        if not t.is_cuda and "triton" not in sys.modules:
+            # Kernels on CPU tensors run in Triton's interpreter, which must be chosen before import.
+            os.environ.setdefault("TRITON_INTERPRET", "1")
         from infinite.attention import triton as triton_ops
 
         return triton_ops
