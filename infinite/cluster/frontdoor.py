@@ -18,6 +18,7 @@ from infinite.cluster.instance import Instance
 from infinite.kv.rmanager import blocks_for
 from infinite.outputs import RequestOutput
 from infinite.runtime.request import Request
+from infinite.runtime.surface import EngineFacts
 from infinite.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,10 @@ class RequestFailed(RuntimeError):
     pass
 
 
-class ClusterEngine:
+class ClusterEngine(EngineFacts):
     def __init__(self, instance: Instance, world_size: int) -> None:
         self.instance = instance
-        self.engine = instance.engine  # rank 0's engine: tokenizer and validation
+        self.engine = self.core = instance.engine  # rank 0's engine: tokenizer and validation
         self.world_size = world_size
         cfg = instance.config
         e = self.engine
@@ -57,30 +58,10 @@ class ClusterEngine:
         self._loop = loop
         self.stop_event = asyncio.Event()
 
-    # ---- what the front-end reads ------------------------------------------------------
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.engine.model_name
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def capacity_tokens(self) -> int:
-        return self.engine.capacity_tokens
-
+    # ---- what the front-end reads (tokenizer, model_name, ... from EngineFacts) ----------
     @property
     def is_running(self) -> bool:
         return not self._stopping
-
-    @property
-    def num_preemptions(self) -> int:
-        return sum(s.get("num_preemptions", 0) for s in self.stats())
 
     def stats(self) -> list[dict]:
         """One record per instance, as its last heartbeat carried it."""

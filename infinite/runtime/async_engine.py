@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.request import Request
+from infinite.runtime.surface import EngineFacts
 from infinite.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,9 @@ class EngineDeadError(RuntimeError):
     pass
 
 
-class AsyncLLMEngine:
+class AsyncLLMEngine(EngineFacts):
     def __init__(self, backend, executor: ThreadPoolExecutor) -> None:
-        self.backend = backend
+        self.backend = self.core = backend
         self._executor = executor
         self._queues: dict[str, asyncio.Queue] = {}
         self._pending_add: list[Request] = []
@@ -53,30 +54,10 @@ class AsyncLLMEngine:
         backend = await asyncio.get_running_loop().run_in_executor(executor, make_backend, config)
         return cls(backend, executor)
 
-    # ---- what the front-end reads -------------------------------------------------
-    @property
-    def tokenizer(self):
-        return self.backend.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.backend.model_name
-
-    @property
-    def max_model_len(self) -> int:
-        return self.backend.max_model_len
-
-    @property
-    def capacity_tokens(self) -> int:
-        return self.backend.capacity_tokens
-
+    # ---- what the front-end reads (tokenizer, model_name, ... from EngineFacts) -----
     @property
     def counters(self) -> dict[str, int]:
         return self.backend.counters
-
-    @property
-    def num_preemptions(self) -> int:
-        return sum(s.get("num_preemptions", 0) for s in self.backend.stats())
 
     @property
     def is_running(self) -> bool:
