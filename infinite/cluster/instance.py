@@ -146,9 +146,15 @@ class Instance:
         by_creditor: dict[int, list[int]] = {}
         for ref in remote:
             by_creditor.setdefault(ref.instance, []).append(ref.block)
-        for c, blocks in by_creditor.items():
-            fut = rpc.call_async(c, rpc.h_release, self.rank, req.request_id, blocks)
-            fut.add_done_callback(_log_failure(f"release of {len(blocks)} blocks on rank {c}"))
+        # Wait for the creditors (one round trip, in parallel) so that the request's end is
+        # reported only once its blocks are free everywhere.
+        futs = [(c, len(b), rpc.call_async(c, rpc.h_release, self.rank, req.request_id, b))
+                for c, b in by_creditor.items()]
+        for c, n, fut in futs:
+            try:
+                fut.wait()
+            except Exception:  # noqa: BLE001 - that creditor is gone; its blocks went with it
+                log.warning("release of %d blocks on rank %d failed", n, c, exc_info=True)
 
     # ---- handlers (TensorPipe threads) --------------------------------------------------
     def reserve_for(self, debtor: int, request_id: str, n: int) -> list[int]:

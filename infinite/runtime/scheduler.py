@@ -5,7 +5,9 @@ Pure bookkeeping over an RManager: no tensors, no I/O. Running requests are
 served oldest first; when blocks run out the newest running request is
 preempted (its blocks freed, pushed to the front of the queue). A waiting
 request is admitted only when its whole prompt fits in the free blocks and no
-preemption happened in the same step, so the scheduler does not thrash.
+preemption happened in the same step, and it takes all of its prompt's blocks
+at once, so the scheduler does not thrash and two long requests never hold
+half each.
 """
 
 from __future__ import annotations
@@ -117,7 +119,9 @@ class Scheduler:
             if blocks_for(req.num_tokens + 1, self.rm.block_size) > self._free_blocks():
                 break
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._grow(req, req.num_computed_tokens + n):
+            # All of the prompt's blocks at once (all or nothing): two long requests can then
+            # never each hold half of what they need and wait on each other.
+            if not self._grow(req, req.num_tokens):
                 break
             self.waiting.popleft()
             req.status = Status.RUNNING
