@@ -31,7 +31,9 @@ class GManager:
         self.block_size = block_size
         self.lending = lending and world_size > 1
         self.interval_s = interval_s
-        self.pcfg = PlacementConfig(max_lend_fraction=max_lend_fraction)
+        # At most half of a request's blocks remote: its remote MicroAttention then stays
+        # about as long as the local one, which runs meanwhile.
+        self.pcfg = PlacementConfig(max_lend_fraction=max_lend_fraction, max_remote_fraction=0.5)
         self.cost = CostModel(num_layers=num_layers)
         self.lock = threading.Lock()
         self.instances: dict[int, dict] = {}  # rank -> last heartbeat
@@ -71,7 +73,16 @@ class GManager:
         return sum(self._lendable(s) for r, s in self.instances.items() if r != rank)
 
     # ---- routing and on-demand borrowing ---------------------------------------------------
-    def snapshot(self) -> ClusterSnapshot:
+    def snapshot(self, with_requests: bool = True) -> ClusterSnapshot:
+        """The gManager's view as placement input. Heartbeats of different ranks are taken at
+        different moments; when they disagree (a request's blocks counted on a creditor before
+        its own beat shows the loan), the view drops the requests rather than fail."""
+        try:
+            return self._snapshot(with_requests)
+        except ValueError:
+            return self._snapshot(False)
+
+    def _snapshot(self, with_requests: bool) -> ClusterSnapshot:
         with self.lock:
             insts = tuple(
                 InstanceState(
@@ -88,7 +99,7 @@ class GManager:
             reqs = tuple(
                 RequestState(rid, home, ctx, dict(counts))
                 for rid, (home, ctx, counts) in self.requests.items()
-                if counts and home in self.instances
+                if with_requests and counts and home in self.instances
             )
         return ClusterSnapshot(insts, reqs, self.block_size)
 
@@ -176,9 +187,13 @@ class GManager:
             samples = list(self.samples)
         if len(samples) >= 8:
             self.cost = fit(samples, prior=self.cost)
+        try:
+            snap = self._snapshot(True)
+        except ValueError:
+            return []  # heartbeats disagree for a moment: plan on the next round
         now = time.monotonic()
         moves = []
-        for mv in plan(self.snapshot(), self.cost, self.pcfg):
+        for mv in plan(snap, self.cost, self.pcfg):
             home = self.requests.get(mv.request_id, (None,))[0]
             if mv.src != home or now - self._moves_in_flight.get(mv.request_id, -1e9) < 5.0:
                 continue  # only homes migrate here, and one move per request until a heartbeat shows it

@@ -272,16 +272,26 @@ class Instance:
         return ("remote", (batch, self._micro_batches(batch, tables), t0))
 
     def _micro_batches(self, batch: ScheduledBatch, tables: list[list[RBlock]]) -> list[MicroBatch]:
-        """Two micro-batches when possible, so one's FFN overlaps the other's remote attention."""
+        """Requests with remote blocks apart from local-only ones (those never wait on a creditor);
+        a batch that is all remote is cut in two, so one half's FFN overlaps the other's remote MA."""
         n = len(batch.requests)
-        cuts = [0, n] if n < 2 else [0, (n + 1) // 2, n]
+        remote = [i for i, t in enumerate(tables) if any(ref.instance != self.rank for ref in t)]
+        local = [i for i in range(n) if i not in set(remote)]
+        if remote and local:
+            groups = [remote, local]
+        elif n >= 2:
+            groups = [list(range(0, (n + 1) // 2)), list(range((n + 1) // 2, n))]
+        else:
+            groups = [list(range(n))]
         out = []
-        for a, b in zip(cuts, cuts[1:]):
-            reqs, nums, tabs = batch.requests[a:b], batch.num_new_tokens[a:b], tables[a:b]
+        for g in groups:
+            reqs = [batch.requests[i] for i in g]
+            nums = [batch.num_new_tokens[i] for i in g]
+            tabs = [tables[i] for i in g]
             inputs = prepare_inputs(reqs, nums, tabs, self.rank, self.engine.block_size, self.engine.device)
             parts = remote_parts(inputs.q_lens, inputs.q_starts, tabs, self.rank, self.engine.block_size)
-            local = (inputs.slot_mapping >= 0).nonzero().flatten()
-            out.append(MicroBatch(inputs, parts, local, inputs.slot_mapping.index_select(0, local)))
+            rows = (inputs.slot_mapping >= 0).nonzero().flatten()
+            out.append(MicroBatch(inputs, parts, rows, inputs.slot_mapping.index_select(0, rows)))
         return out
 
     def _finish_step(self, t0: float) -> None:
@@ -291,61 +301,52 @@ class Instance:
         self.counters.step_times.append(dt)
 
     @torch.inference_mode()
-    def _pre(self, layer: int, h: torch.Tensor, mb: MicroBatch):
+    def _layer(self, layer: int, h: torch.Tensor | None, mb: MicroBatch, prev):
+        """One hop on the compute thread: finish layer-1 (AA + post_attention) with the creditors'
+        results, then start `layer` (pre_attention, K/V write, send the creditors their queries,
+        local MicroAttention). Returns (h, futures, local part), or (logits, None, None) at the end."""
         e = self.engine
-        q, k, v = e.model.pre_attention(layer, h, mb.inputs.positions)
+        model = e.model
+        if h is None:
+            h = model.embed(mb.inputs.input_ids)  # [T, H]
+        if prev is not None:
+            local, results = prev
+            dev = h.device
+            results = [(o.to(dev), l.to(dev)) for o, l in results]
+            parts = mb.parts if dev.type == "cpu" else [_part_to(p, dev) for p in mb.parts]
+            h = model.post_attention(layer - 1, h, merge_parts(local, parts, results))
+        if layer == e.model_config.num_layers:
+            idx = mb.inputs.logits_indices
+            if idx.numel() == 0:
+                return torch.empty(0, e.model_config.vocab_size, device=h.device), None, None
+            return model.compute_logits(h.index_select(0, idx)), None, None
+        q, k, v = model.pre_attention(layer, h, mb.inputs.positions)  # [T,nh,d], [T,nkv,d], [T,nkv,d]
         if mb.local_rows.numel():
             write_kv(e.kv.k[layer], e.kv.v[layer], k.index_select(0, mb.local_rows),
                      v.index_select(0, mb.local_rows), mb.local_slots)
-        payloads = [p.payload(q.cpu(), k.cpu(), v.cpu()) for p in mb.parts]
-        return q, payloads
-
-    @torch.inference_mode()
-    def _local_ma(self, layer: int, q: torch.Tensor, mb: MicroBatch):
-        e = self.engine
-        return micro_attention(q, e.kv.k[layer], e.kv.v[layer], mb.inputs.meta, e.scale)
-
-    @torch.inference_mode()
-    def _post(self, layer: int, h: torch.Tensor, local, results, mb: MicroBatch) -> torch.Tensor:
-        dev = h.device
-        results = [(o.to(dev), l.to(dev)) for o, l in results]
-        parts = mb.parts if dev.type == "cpu" else [_part_to(p, dev) for p in mb.parts]
-        o = merge_parts(local, parts, results)
-        return self.engine.model.post_attention(layer, h, o)
-
-    @torch.inference_mode()
-    def _embed(self, mb: MicroBatch) -> torch.Tensor:
-        return self.engine.model.embed(mb.inputs.input_ids)
-
-    @torch.inference_mode()
-    def _logits(self, h: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-        idx = mb.inputs.logits_indices
-        if idx.numel() == 0:
-            return torch.empty(0, self.engine.model_config.vocab_size, device=h.device)
-        return self.engine.model.compute_logits(h.index_select(0, idx))
+        futs = []
+        if mb.parts:
+            qc, kc, vc = q.cpu(), k.cpu(), v.cpu()
+            futs = [rpc.call_async(p.creditor, rpc.h_remote_attention, self.rank, layer, p.payload(qc, kc, vc))
+                    for p in mb.parts]
+        local = micro_attention(q, e.kv.k[layer], e.kv.v[layer], mb.inputs.meta, e.scale)
+        return h, futs, local
 
     # ---- the event loop side ----------------------------------------------------------------
     async def _forward_micro_batch(self, mb: MicroBatch) -> torch.Tensor:
+        """Layer by layer; while this micro-batch awaits its creditors, the other one computes."""
         loop = asyncio.get_running_loop()
-        ex = self.executor
-
-        def run(fn, *args):
-            return loop.run_in_executor(ex, fn, *args)
-
-        h = await run(self._embed, mb)
-        for layer in range(self.engine.model_config.num_layers):
-            q, payloads = await run(self._pre, layer, h, mb)
-            futs = [
-                rpc.to_asyncio(rpc.call_async(p.creditor, rpc.h_remote_attention, self.rank, layer, pl), loop)
-                for p, pl in zip(mb.parts, payloads)
-            ]
+        h, prev = None, None
+        for layer in range(self.engine.model_config.num_layers + 1):
+            h, futs, local = await loop.run_in_executor(self.executor, self._layer, layer, h, mb, prev)
+            if futs is None:
+                return h  # logits
             self.counters.remote_calls += len(futs)
-            local = await run(self._local_ma, layer, q, mb)
             t0 = time.perf_counter()
-            results = await asyncio.gather(*futs)
+            results = await asyncio.gather(*(rpc.to_asyncio(f, loop) for f in futs))
             self.counters.remote_wait_s += time.perf_counter() - t0
-            h = await run(self._post, layer, h, local, results, mb)
-        return await run(self._logits, h, mb)
+            prev = (local, list(results))
+        raise AssertionError("unreachable: the last layer returns logits")
 
     async def _remote_step(self, batch: ScheduledBatch, mbs: list[MicroBatch], t0: float) -> list[RequestOutput]:
         loop = asyncio.get_running_loop()

@@ -271,9 +271,11 @@ class DriverBridge:
             async for out in self.front.generate(req):
                 if out.finished:
                     self.send(("out", out))
-        except RequestFailed as err:
-            self.send(("failed", req.request_id, str(err)))
         except asyncio.CancelledError:
             pass
+        except Exception as err:  # noqa: BLE001 - the driver must hear of every request's end
+            if not isinstance(err, RequestFailed):
+                log.exception("request %s failed", req.request_id)
+            self.send(("failed", req.request_id, str(err)))
         finally:
             self.tasks.pop(req.request_id, None)

@@ -1,0 +1,105 @@
+"""The cluster bench: its pure helpers, and main() end to end at a tiny size on 2 CPU ranks."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from infinite.bench import cluster
+from infinite.bench.cluster import Record, decode_ms_per_token, make_workload, percentile, summarize
+
+
+def test_workload_is_seeded_poisson_with_long_requests_spread():
+    kw = dict(long_prompt=(50, 60), long_output=(5, 5), short_prompt=(3, 8), short_output=(2, 4), rate=20.0,
+              vocab=(10, 100))
+    w = make_workload(2, 8, seed=3, **kw)
+    assert w == make_workload(2, 8, seed=3, **kw)
+    assert w != make_workload(2, 8, seed=4, **kw)
+    assert [x.kind for x in w].count("long") == 2 and w[0].kind == "long" and w[5].kind == "long"
+    assert w[0].arrival_s == 0.0 and all(a.arrival_s < b.arrival_s for a, b in zip(w, w[1:]))
+    assert len({x.request_id for x in w}) == 10
+    for x in w:
+        lo, hi = kw["long_prompt"] if x.kind == "long" else kw["short_prompt"]
+        assert lo <= len(x.prompt) <= hi and all(10 <= t < 100 for t in x.prompt)
+    big = make_workload(0, 4000, (1, 1), (1, 1), (1, 1), (1, 1), rate=50.0, vocab=(10, 11), seed=0)
+    assert big[-1].arrival_s / 3999 == pytest.approx(1 / 50, rel=0.1)  # mean gap 1/rate
+    with pytest.raises(ValueError, match="rate"):
+        make_workload(1, 1, seed=0, **{**kw, "rate": 0.0})
+    with pytest.raises(ValueError, match="need some requests"):
+        make_workload(0, 0, seed=0, **kw)
+
+
+def test_percentile_and_summary():
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+    recs = [
+        Record("a", "short", 5, 4, submitted=100.0, first_token=100.5, finished=102.0, output_tokens=4),
+        Record("b", "long", 50, 8, submitted=101.0, first_token=103.0, finished=110.0, output_tokens=8),
+        Record("c", "long", 500, 8, rejected=True, error="too long"),
+        Record("d", "short", 5, 4, submitted=101.5, error="lost"),
+    ]
+    s = summarize(recs)
+    assert (s["served"], s["rejected"], s["failed"], s["unfinished"]) == (2, 1, 1, 0)
+    assert s["generated_tokens"] == 12 and s["makespan_s"] == 10.0 and s["tokens_per_s"] == 1.2
+    assert s["ttft_s"]["mean"] == pytest.approx(1.25) and s["e2e_s"]["p50"] == pytest.approx(5.5)
+    assert s["by_kind"]["long"] == {"total": 2, "served": 1, "rejected": 1,
+                                    "ttft_s": {"mean": 2.0, "p50": 2.0, "p99": 2.0},
+                                    "e2e_s": {"mean": 9.0, "p50": 9.0, "p99": 9.0}}
+
+
+def test_decode_latency_and_bad_flags():
+    out = SimpleNamespace(request_id="r", outputs=[SimpleNamespace(token_ids=[1, 2, 3, 4, 5])],
+                          metrics=SimpleNamespace(first_token_time=10.0, finished_time=10.2))
+    assert decode_ms_per_token(out) == pytest.approx(50.0)
+    out.outputs[0].token_ids = [1]
+    with pytest.raises(ValueError, match=">= 2 tokens"):
+        decode_ms_per_token(out)
+    for bad in (["--decode-tokens", "1"], ["--modes", "on,sideways"], ["--short-prompt", "9-3"], ["--rate", "0"]):
+        with pytest.raises(SystemExit):
+            cluster.parse_args(bad)
+    assert cluster.parse_args(["--short-prompt", "4-9", "--modes", "on"]).short_prompt == (4, 9)
+
+
+def test_cluster_bench_main_tiny(tmp_path, capsys):
+    out = tmp_path / "cluster.json"
+    rc = cluster.main([
+        "--context", "200", "--decode-tokens", "6", "--repeats", "1",
+        "--modes", "off,on", "--pool-blocks", "16", "--num-long", "1", "--num-short", "5",
+        "--long-prompt", "300", "--long-output", "8", "--short-prompt", "8-16", "--short-output", "4-6",
+        "--rate", "40", "--timeout", "60", "--out", str(out),
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "(a) decode latency" in printed and "(b) mixed workload" in printed
+    res = json.loads(out.read_text())
+    assert res["bench"] == "cluster" and {"torch", "cpu_count", "git_commit"} <= set(res["env"])
+
+    a = res["split"]
+    assert a["config"]["request_blocks"] == 13  # 206 tokens in blocks of 16
+    assert a["one"]["kv_blocks"] == [{next(iter(a["one"]["kv_blocks"][0])): 13}]  # all on one rank
+    split_kv = a["split"]["kv_blocks"][0]
+    assert set(split_kv) == {"0", "1"} and sum(split_kv.values()) == 13 and min(split_kv.values()) >= 6
+    assert a["same_tokens"] is True  # float32 greedy: splitting the KV must not change a token
+    assert a["one"]["remote_calls"] == 0 and a["split"]["remote_calls"] >= 4 * 5  # 4 layers x 5 decode steps
+    for cfg in ("one", "split"):
+        assert all(0 < t < 5000 for t in a[cfg]["ms_per_token"])
+    assert a["ratio"] == pytest.approx(a["split"]["median_ms_per_token"] / a["one"]["median_ms_per_token"])
+    assert a["meets_target"] == (a["ratio"] <= 1.3)
+
+    b = res["mixed"]
+    off, on = b["modes"]["off"], b["modes"]["on"]
+    # The long request (19 blocks) is larger than one 16-block pool: only lending can serve it.
+    assert (off["served"], off["rejected"]) == (5, 1) and (on["served"], on["rejected"]) == (6, 0)
+    assert off["by_kind"]["long"]["rejected"] == 1 and on["by_kind"]["long"]["served"] == 1
+    assert set(on["long_kv_blocks"]["long-0"]) == {"0", "1"}  # its KV really spans both instances
+    for s in (off, on):
+        assert s["failed"] == 0 and s["unfinished"] == 0
+        assert s["makespan_s"] > 0 and s["tokens_per_s"] == pytest.approx(s["generated_tokens"] / s["makespan_s"])
+        assert 0 <= s["ttft_s"]["p50"] <= s["ttft_s"]["p99"] <= s["e2e_s"]["p99"] < 60
+    assert on["generated_tokens"] == off["generated_tokens"] + 8
+    assert b["ratio"] == pytest.approx(on["tokens_per_s"] / off["tokens_per_s"])
