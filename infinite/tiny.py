@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-NAME = "tiny-llama-v1"
+NAME = "tiny-llama-v2"
 SEED = 1234
 BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>"]
 TARGET_VOCAB = 2000
 ARCH = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, rope_theta=10000.0)
+            num_key_value_heads=2, head_dim=64, max_position_embeddings=32768, rope_theta=10000.0)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

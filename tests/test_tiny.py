@@ -38,7 +38,7 @@ def test_config_and_tokenizer(ckpt):
     cfg = ModelConfig.from_pretrained(ckpt)
     tok = load_tokenizer(ckpt)
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (512, 4, 8, 2, 64)
-    assert cfg.intermediate_size == 1024 and cfg.max_position_embeddings == 4096
+    assert cfg.intermediate_size == 1024 and cfg.max_position_embeddings == 32768
     assert cfg.vocab_size == tok.vocab_size
     assert cfg.eos_token_ids == (tok.eos_token_id,) and cfg.bos_token_id == tok.bos_token_id
     assert tok.id_to_token(tok.eos_token_id) == tiny.EOS

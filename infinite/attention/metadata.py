@@ -45,14 +45,21 @@ class MAMetadata:
         r = len(q_lens)
         if not (len(q_starts) == len(blocks) == r):
             raise ValueError("q_lens, q_starts and blocks must have one entry per request")
+        if logical is not None and len(logical) != r:
+            raise ValueError("logical must have one entry per request")
         m = max((len(b) for b in blocks), default=0) or 1
-        bt = torch.zeros(r, m, dtype=torch.int32)
-        bi = torch.zeros(r, m, dtype=torch.int32)
+        # Flat padded Python lists and one tensor per field: this runs every step, and two
+        # small tensor writes per row cost more than building the lists.
+        bt: list[int] = []
+        bi: list[int] = []
         for i, b in enumerate(blocks):
-            if b:
-                bt[i, : len(b)] = torch.tensor(b, dtype=torch.int32)
-                li = logical[i] if logical is not None else range(len(b))
-                bi[i, : len(b)] = torch.tensor(list(li), dtype=torch.int32)
+            pad = [0] * (m - len(b))
+            bt.extend(b)
+            bt.extend(pad)
+            bi.extend(logical[i] if logical is not None else range(len(b)))
+            bi.extend(pad)
+        if len(bi) != r * m:
+            raise ValueError("each logical[r] must have as many entries as blocks[r]")
         cu = [0]
         pos: list[int] = []
         for n, s in zip(q_lens, q_starts):
@@ -61,8 +68,8 @@ class MAMetadata:
         return MAMetadata(
             cu_q=torch.tensor(cu, dtype=torch.int32, device=device),
             q_pos=torch.tensor(pos, dtype=torch.int64, device=device),
-            block_tables=bt.to(device),
-            block_idx=bi.to(device),
+            block_tables=torch.tensor(bt, dtype=torch.int32, device=device).view(r, m),
+            block_idx=torch.tensor(bi, dtype=torch.int32, device=device).view(r, m),
             num_blocks=torch.tensor([len(b) for b in blocks], dtype=torch.int32, device=device),
             max_q_len=max(q_lens, default=0),
         )

@@ -2,13 +2,34 @@
 
 This is the path CPU ranks run, and the reference the Triton kernels are tested
 against. Softmax math is done in float32 whatever the storage dtype.
+
+Speed notes (CPU, where this path is the engine's hot loop):
+
+* K/V blocks are gathered with one ``index_select`` per call into
+  [R, S, nkv, d] (a buffer reused by every layer of the step) and never
+  permuted: ``_scaled_dot_product_flash_attention_for_cpu`` (which returns
+  the LSE) reads the [nkv, S, d] views in place, so no second copy is made.
+* Everything derived from the metadata alone (flat block ids, the additive
+  visibility mask, per-request offsets) is computed once per step and reused
+  by every layer (``_plan``), keyed by the metadata tensors' versions.
+* Prefill rows run the same flash kernel on query tiles, so the mask and the
+  working set stay bounded (``_MASK_ELEMS``) however long the prompt, and
+  a tile reads only the keys up to its last query's position.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from infinite.attention.metadata import MAMetadata
+
+# Largest additive-mask tile of a prefill call, in elements (float32: 16 MiB; a 16K-token
+# prefill then peaks at about 150 MB of working memory besides its inputs).
+_MASK_ELEMS = 1 << 22
+_NEG_INF = float("-inf")
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def write_kv(
@@ -23,65 +44,183 @@ def write_kv(
     v_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def _softmax_lse(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores [..., n, S] (masked with -inf), v [..., S, d] -> (out [..., n, d], lse [..., n])."""
-    lse = torch.logsumexp(scores, dim=-1)  # [..., n]
-    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    p = torch.exp(scores - finite.unsqueeze(-1))  # masked keys and empty rows -> 0
-    return torch.matmul(p, v), lse
+# ---- per-step plan: what every layer would otherwise recompute from the metadata ----------------
 
 
-def _decode_rows(
-    q: torch.Tensor,  # [Rd, nh, d], one query per row
+@dataclass
+class _DecodePlan:
+    rows: torch.Tensor | None  # [Rd] int64 rows of meta with one query (None: all rows, in order)
+    tok: torch.Tensor | None  # [Rd] int64 their query index in q (None: 0..Rd-1)
+    flat: torch.Tensor  # [Rd * M] int64 physical block ids, row-major
+    bias: torch.Tensor  # [Rd, 1, M * B] float32: 0 where visible, -inf elsewhere (padding too)
+    empty: torch.Tensor  # [Rd] bool: the row sees no key in this pool
+    any_empty: bool
+    # Gather targets reused by every layer of the step: a fresh multi-MB tensor per layer
+    # costs page faults on top of the copy (about 1.6x the copy's time on CPU).
+    bufs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [Rd * M, B, nkv, d] of the rows' blocks, in the cache dtype."""
+        kv = self.bufs.get(k_cache.dtype)
+        if kv is None:
+            shape = (self.flat.shape[0], *k_cache.shape[1:])
+            kv = (torch.empty(shape, dtype=k_cache.dtype, device=k_cache.device),
+                  torch.empty(shape, dtype=v_cache.dtype, device=v_cache.device))
+            self.bufs[k_cache.dtype] = kv
+        return (torch.index_select(k_cache, 0, self.flat, out=kv[0]),
+                torch.index_select(v_cache, 0, self.flat, out=kv[1]))
+
+
+@dataclass
+class _PrefillRow:
+    start: int  # first query index in q
+    end: int
+    blocks: torch.Tensor  # [nb] int64 physical ids
+    kpos: torch.Tensor  # [nb * B] int64 position of each gathered key
+    ascending: bool  # kpos sorted: a query tile then reads only the keys up to its last position
+
+
+@dataclass
+class _Plan:
+    key: tuple
+    decode: _DecodePlan | None
+    prefill: list[_PrefillRow]
+
+
+def _versions(meta: MAMetadata) -> tuple:
+    ts = (meta.cu_q, meta.q_pos, meta.block_tables, meta.block_idx, meta.num_blocks)
+    return tuple((id(t), None if t.is_inference() else t._version) for t in ts)
+
+
+def _decode_plan(
     q_pos: torch.Tensor,  # [Rd]
     block_tables: torch.Tensor,  # [Rd, M]
     block_idx: torch.Tensor,  # [Rd, M]
     num_blocks: torch.Tensor,  # [Rd]
-    k_cache: torch.Tensor,
+    bsz: int,
+    rows: torch.Tensor | None,
+    tok: torch.Tensor | None,
+) -> _DecodePlan:
+    r, m = block_tables.shape
+    dev = block_tables.device
+    kpos = block_idx.long().unsqueeze(-1) * bsz + torch.arange(bsz, device=dev)  # [Rd, M, B]
+    real = torch.arange(m, device=dev).unsqueeze(0) < num_blocks.unsqueeze(1)  # [Rd, M]
+    visible = (kpos <= q_pos.view(r, 1, 1)) & real.unsqueeze(-1)  # [Rd, M, B]
+    bias = torch.zeros(r, 1, m * bsz, dtype=torch.float32, device=dev)
+    bias.masked_fill_(~visible.view(r, 1, m * bsz), _NEG_INF)
+    empty = ~visible.view(r, -1).any(-1)  # [Rd]
+    return _DecodePlan(rows, tok, block_tables.reshape(-1).long(), bias, empty, bool(empty.any()))
+
+
+def _plan(meta: MAMetadata, bsz: int) -> _Plan:
+    """Derived tensors of ``meta`` for block size ``bsz``, built once and cached on the metadata object."""
+    key = (bsz, _versions(meta))
+    cached = meta.__dict__.get("_torch_ops_plan")
+    if cached is not None and cached.key == key:
+        return cached
+    if meta.max_q_len <= 1:
+        plan = _Plan(key, _decode_plan(meta.q_pos, meta.block_tables, meta.block_idx, meta.num_blocks,
+                                       bsz, None, None), [])
+    else:
+        cu = meta.cu_q.tolist()
+        q_lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
+        single = [i for i, n in enumerate(q_lens) if n == 1]
+        decode = None
+        if single:  # decode requests in a mixed batch go through the batched path
+            rows = torch.tensor(single, device=meta.q_pos.device)
+            tok = meta.cu_q.long()[rows]
+            decode = _decode_plan(meta.q_pos[tok], meta.block_tables[rows], meta.block_idx[rows],
+                                  meta.num_blocks[rows], bsz, rows, tok)
+        nbs = meta.num_blocks.tolist()
+        offs = torch.arange(bsz, device=meta.q_pos.device)
+        prefill = []
+        for i, n in enumerate(q_lens):
+            if n <= 1:
+                continue
+            nb = nbs[i]
+            kpos = (meta.block_idx[i, :nb].long().unsqueeze(-1) * bsz + offs).reshape(-1)  # [nb * B]
+            asc = nb <= 1 or bool((kpos[1:] > kpos[:-1]).all())
+            prefill.append(_PrefillRow(cu[i], cu[i + 1], meta.block_tables[i, :nb].long(), kpos, asc))
+        plan = _Plan(key, decode, prefill)
+    meta.__dict__["_torch_ops_plan"] = plan
+    return plan
+
+
+# ---- the two kernels --------------------------------------------------------------------------------
+
+
+def _decode_rows(
+    q: torch.Tensor,  # [Rd, nh, d], one query per row
+    plan: _DecodePlan,
+    k_cache: torch.Tensor,  # [N, B, nkv, d]
     v_cache: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [Rd, nh, d] float32, lse [Rd, nh] float32); -inf / 0 for a row that sees no key.
+
+    The g query heads of a KV group are the g "queries" of one flash-attention
+    row, so GQA needs no K/V repeat; K/V are read through strided views of
+    the gathered blocks.
+    """
     r, nh, d = q.shape
-    _, bsz, nkv, _ = k_cache.shape
-    g = nh // nkv
-    m = block_tables.shape[1]
-    bt = block_tables.long()
-    k = k_cache[bt].reshape(r, m * bsz, nkv, d).permute(0, 2, 3, 1).float()  # [R, nkv, d, S]
-    v = v_cache[bt].reshape(r, m * bsz, nkv, d).permute(0, 2, 1, 3).float()  # [R, nkv, S, d]
-    offs = torch.arange(bsz, device=q.device)
-    kpos = (block_idx.long().unsqueeze(-1) * bsz + offs).reshape(r, m * bsz)  # [R, S]
-    real = (torch.arange(m, device=q.device).unsqueeze(0) < num_blocks.unsqueeze(1))  # [R, M]
-    visible = real.repeat_interleave(bsz, dim=1) & (kpos <= q_pos.unsqueeze(1))  # [R, S]
-    qg = q.float().view(r, nkv, g, d)
-    scores = torch.matmul(qg, k) * scale  # [R, nkv, g, S]
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    out, lse = _softmax_lse(scores, v)  # [R, nkv, g, d], [R, nkv, g]
-    return out.reshape(r, nh, d), lse.reshape(r, nh)
+    nkv = k_cache.shape[2]
+    s = plan.bias.shape[-1]
+    kb, vb = plan.gather(k_cache, v_cache)
+    k = kb.view(r, s, nkv, d).float().transpose(1, 2)  # [Rd, nkv, S, d]
+    v = vb.view(r, s, nkv, d).float().transpose(1, 2)
+    qg = q.float().reshape(r, nkv, nh // nkv, d)  # [Rd, nkv, g, d]
+    o, l = _flash_cpu(qg, k, v, attn_mask=plan.bias.view(r, 1, 1, s), scale=scale)
+    out, lse = o.reshape(r, nh, d), l.reshape(r, nh)
+    if plan.any_empty:  # flash reports lse 0 for a row that sees no key
+        lse = lse.masked_fill(plan.empty.unsqueeze(1), _NEG_INF)
+        out = out.masked_fill(plan.empty.view(r, 1, 1), 0.0)
+    return out, lse
 
 
 def _prefill_row(
     q: torch.Tensor,  # [n, nh, d]
     q_pos: torch.Tensor,  # [n]
-    blocks: torch.Tensor,  # [nb] physical ids
-    logical: torch.Tensor,  # [nb]
-    k_cache: torch.Tensor,
+    row: _PrefillRow,
+    k_cache: torch.Tensor,  # [N, B, nkv, d]
     v_cache: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention over the request's gathered blocks, tiled over queries to bound the mask."""
     n, nh, d = q.shape
-    _, bsz, nkv, _ = k_cache.shape
+    nkv = k_cache.shape[2]
     g = nh // nkv
-    nb = blocks.shape[0]
-    bl = blocks.long()
-    k = k_cache[bl].reshape(nb * bsz, nkv, d).permute(1, 2, 0).float()  # [nkv, d, S]
-    v = v_cache[bl].reshape(nb * bsz, nkv, d).permute(1, 0, 2).float()  # [nkv, S, d]
-    kpos = (logical.long().unsqueeze(-1) * bsz + torch.arange(bsz, device=q.device)).reshape(-1)  # [S]
-    visible = kpos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [n, S]
-    qg = q.float().view(n, nkv, g, d).permute(1, 2, 0, 3)  # [nkv, g, n, d]
-    scores = torch.matmul(qg, k.unsqueeze(1)) * scale  # [nkv, g, n, S]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    out, lse = _softmax_lse(scores, v.unsqueeze(1))  # [nkv, g, n, d], [nkv, g, n]
-    return out.permute(2, 0, 1, 3).reshape(n, nh, d), lse.permute(2, 0, 1).reshape(n, nh)
+    s = row.kpos.shape[0]
+    if s == 0:  # none of this request's blocks are in this pool
+        return (torch.zeros(n, nh, d, dtype=torch.float32, device=q.device),
+                torch.full((n, nh), _NEG_INF, dtype=torch.float32, device=q.device))
+    k = k_cache.index_select(0, row.blocks).view(1, s, nkv, d).float().permute(0, 2, 1, 3)  # [1, nkv, S, d]
+    v = v_cache.index_select(0, row.blocks).view(1, s, nkv, d).float().permute(0, 2, 1, 3)
+    k, v = k.expand(g, nkv, s, d), v.expand(g, nkv, s, d)  # the g query heads of a group share K/V
+    qg = q.float().view(n, nkv, g, d).permute(2, 1, 0, 3)  # [g, nkv, n, d]
+    out = torch.empty(n, nkv, g, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(n, nkv, g, dtype=torch.float32, device=q.device)
+    tile = max(1, min(n, _MASK_ELEMS // max(s, 1)))
+    for a in range(0, n, tile):
+        b = min(n, a + tile)
+        qp = q_pos[a:b]
+        ks = s
+        if row.ascending:  # causal prefill: keys past the tile's last query are masked anyway, skip them
+            ks = int(torch.searchsorted(row.kpos, qp.max(), right=True))
+        if ks == 0:
+            out[a:b] = 0.0
+            lse[a:b] = _NEG_INF
+            continue
+        visible = row.kpos[:ks].unsqueeze(0) <= qp.unsqueeze(1)  # [c, ks]
+        bias = torch.zeros(b - a, ks, dtype=torch.float32, device=q.device).masked_fill_(~visible, _NEG_INF)
+        o, l = _flash_cpu(qg[:, :, a:b], k[:, :, :ks], v[:, :, :ks], attn_mask=bias.view(1, 1, b - a, ks),
+                          scale=scale)
+        out[a:b] = o.permute(2, 1, 0, 3)  # [c, nkv, g, d]
+        lse[a:b] = l.permute(2, 1, 0)
+        empty = ~visible.any(-1)  # flash reports lse 0 for a query that sees no key
+        if bool(empty.any()):
+            out[a:b][empty] = 0.0
+            lse[a:b][empty] = _NEG_INF
+    return out.view(n, nh, d), lse.view(n, nh)
 
 
 def micro_attention(
@@ -93,35 +232,20 @@ def micro_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the queries over the blocks in ``meta``: (out [T,nh,d] in q.dtype, lse [T,nh] f32)."""
     t, nh, d = q.shape
-    if meta.max_q_len <= 1:
-        out, lse = _decode_rows(
-            q, meta.q_pos, meta.block_tables, meta.block_idx, meta.num_blocks, k_cache, v_cache, scale
-        )
+    plan = _plan(meta, k_cache.shape[1])
+    dec = plan.decode
+    if dec is not None and dec.rows is None:  # pure decode batch
+        out, lse = _decode_rows(q, dec, k_cache, v_cache, scale)
         return out.to(q.dtype), lse
     out = torch.empty(t, nh, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(t, nh, dtype=torch.float32, device=q.device)
-    cu = meta.cu_q.tolist()
-    q_lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
-    # Rows with one query (decode requests in a mixed batch) go through the batched path.
-    single = [i for i, n in enumerate(q_lens) if n == 1]
-    if single:
-        rows = torch.tensor(single, device=q.device)
-        tok = meta.cu_q.long()[rows]
-        o, l = _decode_rows(
-            q[tok], meta.q_pos[tok], meta.block_tables[rows], meta.block_idx[rows],
-            meta.num_blocks[rows], k_cache, v_cache, scale,
-        )
-        out[tok] = o
-        lse[tok] = l
-    nbs = meta.num_blocks.tolist()
-    for i, n in enumerate(q_lens):
-        if n <= 1:
-            continue
-        s, e, nb = cu[i], cu[i + 1], nbs[i]
-        o, l = _prefill_row(
-            q[s:e], meta.q_pos[s:e], meta.block_tables[i, :nb], meta.block_idx[i, :nb],
-            k_cache, v_cache, scale,
-        )
+    if dec is not None:
+        o, l = _decode_rows(q[dec.tok], dec, k_cache, v_cache, scale)
+        out[dec.tok] = o
+        lse[dec.tok] = l
+    for row in plan.prefill:
+        s, e = row.start, row.end
+        o, l = _prefill_row(q[s:e], meta.q_pos[s:e], row, k_cache, v_cache, scale)
         out[s:e] = o
         lse[s:e] = l
     return out.to(q.dtype), lse

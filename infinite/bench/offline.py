@@ -51,11 +51,25 @@ def _positive_int(text: str) -> int:
     return vals[0]
 
 
+def _length_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    try:
+        lo_i, hi_i = int(lo), int(hi)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI prompt lengths, got {text!r}") from None
+    if not sep or lo_i < 1 or hi_i < lo_i:
+        raise argparse.ArgumentTypeError(f"expected LO:HI with 1 <= LO <= HI, got {text!r}")
+    return lo_i, hi_i
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infinite.bench offline", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny Llama)")
     p.add_argument("--batch-sizes", type=_positive_ints, default=[1, 16], help="comma-separated (default 1,16)")
     p.add_argument("--prompt-len", type=_positive_int, default=128, help="tokens per prompt (default 128)")
+    p.add_argument("--prompt-lens", type=_length_range, default=None, metavar="LO:HI",
+                   help="mixed workload: each prompt's length uniform in [LO, HI] (overrides --prompt-len); "
+                        "transformers pads the batch to the longest prompt")
     p.add_argument("--max-tokens", type=_positive_int, default=128, help="generated tokens per prompt (default 128)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per system and batch size; median")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -94,6 +108,17 @@ def make_prompts(num: int, length: int, vocab_size: int, exclude: Sequence[int],
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, allowed.numel(), (num, length), generator=gen)  # [num, length]
     return allowed[idx].tolist()
+
+
+def make_mixed_prompts(num: int, lo: int, hi: int, vocab_size: int, exclude: Sequence[int],
+                       seed: int) -> list[list[int]]:
+    """``num`` prompts whose lengths are uniform in [lo, hi], token ids as in :func:`make_prompts`."""
+    if not 1 <= lo <= hi:
+        raise ValueError(f"need 1 <= lo <= hi, got {lo}, {hi}")
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (num,), generator=gen).tolist()
+    full = make_prompts(num, hi, vocab_size, exclude, seed + 1)
+    return [p[:n] for p, n in zip(full, lengths)]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,9 +246,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     model_dir = resolve_model_dir(args.model)
     info = read_model_info(model_dir)
-    need = args.prompt_len + args.max_tokens
+    longest = args.prompt_lens[1] if args.prompt_lens else args.prompt_len
+    need = longest + args.max_tokens
     if info["max_position_embeddings"] and need > info["max_position_embeddings"]:
-        raise ValueError(f"--prompt-len + --max-tokens = {need} is over the model's context "
+        raise ValueError(f"longest prompt + --max-tokens = {need} is over the model's context "
                          f"length {info['max_position_embeddings']}")
     biggest = max(args.batch_sizes)
     blocks = biggest * (-(-need // args.block_size) + 1)  # every request's whole sequence fits: no preemption
@@ -232,17 +258,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hf = transformers_runner(model_dir, _DTYPES[args.dtype], info["pad_token_id"])
     try:
         rows = []
+        prompt_tokens: list[int] = []
         for b in args.batch_sizes:
-            prompts = make_prompts(b, args.prompt_len, info["vocab_size"], info["special_ids"], args.seed + b)
+            if args.prompt_lens:
+                lo, hi = args.prompt_lens
+                prompts = make_mixed_prompts(b, lo, hi, info["vocab_size"], info["special_ids"], args.seed + b)
+            else:
+                prompts = make_prompts(b, args.prompt_len, info["vocab_size"], info["special_ids"], args.seed + b)
+            prompt_tokens.append(sum(len(p) for p in prompts))
             rows.append(bench_batch(inf, hf, prompts, args.max_tokens, args.repeats))
     finally:
         llm.shutdown()
     return {
         "bench": "offline",
         "config": {"model": model_dir, "batch_sizes": args.batch_sizes, "prompt_len": args.prompt_len,
+                   "prompt_lens": list(args.prompt_lens) if args.prompt_lens else None,
                    "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
                    "dtype": args.dtype, "block_size": args.block_size, "num_kv_blocks": blocks, "seed": args.seed},
-        "results": [asdict(r) for r in rows],
+        "results": [{**asdict(r), "prompt_tokens": n} for r, n in zip(rows, prompt_tokens)],
         "load_avg_before": list(load_before),
         "load_avg_after": list(os.getloadavg()),
     }
@@ -250,8 +283,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     c = result["config"]
+    lens = c.get("prompt_lens")
+    prompt = f"prompts uniform {lens[0]}..{lens[1]}" if lens else f"prompt {c['prompt_len']}"
     title = (f"offline throughput, generated tokens/s | {Path(c['model']).name} {c['dtype']} | "
-             f"prompt {c['prompt_len']} + {c['max_tokens']} new tokens, greedy, EOS ignored | "
+             f"{prompt} + {c['max_tokens']} new tokens, greedy, EOS ignored | "
              f"{c['threads']} thread(s), median of {c['repeats']} | load {result['load_avg_before'][0]:.2f}"
              f"->{result['load_avg_after'][0]:.2f}")
     cols = ["batch", "Infinite tok/s", "transformers tok/s", "ratio", "target", "met", "greedy agree"]

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 STAT_KEYS = ("rank", "total_blocks", "free_blocks", "used_blocks", "lent_blocks", "borrowed_blocks",
              "num_running", "num_waiting", "step_time_ms", "num_preemptions", "tokens_held",
-             "remote_calls", "remote_wait_ms", "migrations", "migrated_blocks")
+             "remote_calls", "remote_wait_ms", "remote_step_ms", "remote_compute_ms", "served_calls", "served_ms",
+             "migrations", "migrated_blocks")
 
 
 class RequestFailed(RuntimeError):

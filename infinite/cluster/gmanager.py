@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 
 from infinite.cluster import rpc
 from infinite.cluster.cost_model import CostModel, StepSample, fit
@@ -44,6 +45,20 @@ class GManager:
         self._moves_in_flight: dict[str, float] = {}
         self.moves_issued = 0
         self._rr = 0
+
+    def calibrate_transport(self, rounds: int = 5) -> float:
+        """Measure the RPC round trip to every other rank; it is the cost model's remote-MA latency
+        (per call, per layer), which differs by orders of magnitude between NVLink and loopback TCP."""
+        rtts = []
+        for r in range(1, self.world_size):
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                rpc.call_sync(r, rpc.h_ping)
+                rtts.append(time.perf_counter() - t0)
+        if rtts:
+            rtts.sort()
+            self.cost = replace(self.cost, remote_latency_s=rtts[len(rtts) // 2])
+        return self.cost.remote_latency_s
 
     # ---- heartbeats ------------------------------------------------------------------
     def on_heartbeat(self, beat: dict) -> dict:

@@ -11,6 +11,7 @@ workers (handlers called by other ranks).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -23,7 +24,7 @@ import torch
 
 from infinite.attention import micro_attention, write_kv
 from infinite.cluster import rpc
-from infinite.cluster.remote_attention import RemotePart, merge_parts, remote_parts, unpack_payload
+from infinite.cluster.remote_attention import RemotePart, merge_parts, meta_from_payload, remote_parts
 from infinite.kv.rmanager import RBlock, RManager, blocks_for
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
@@ -69,6 +70,7 @@ class MicroBatch:
     parts: list[RemotePart]
     local_rows: torch.Tensor  # [Tl] rows whose new K/V go to the local pool
     local_slots: torch.Tensor  # [Tl]
+    key: tuple = ()  # (debtor rank, step, index): names this micro-batch's metadata on creditors
 
 
 @dataclass
@@ -77,6 +79,10 @@ class StepCounters:
     remote_steps: int = 0
     remote_calls: int = 0
     remote_wait_s: float = 0.0  # time a micro-batch waited on creditors after its own local work
+    remote_compute_s: float = 0.0  # compute-thread time of steps that had remote parts
+    remote_step_s: float = 0.0  # wall time of those steps
+    served_calls: int = 0  # MicroAttention calls served for debtors
+    served_s: float = 0.0  # time spent serving them
     migrations: int = 0
     migrated_blocks: int = 0
     step_times: deque = field(default_factory=lambda: deque(maxlen=32))
@@ -105,6 +111,8 @@ class Instance:
         self.counters = StepCounters()
         self.stopping = False
         self._sent_placement: dict[str, tuple[int, tuple]] = {}
+        self._step_meta: dict[tuple, object] = {}  # (debtor, step, micro-batch) -> MAMetadata, as creditor
+        self._step_ids = itertools.count()
 
     # ---- capacity -------------------------------------------------------------------
     def _free_estimate(self) -> int:
@@ -181,16 +189,28 @@ class Instance:
 
     @torch.inference_mode()
     def serve_micro_attention(self, debtor: int, layer: int, payload: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v, slots, meta = unpack_payload(payload)
+        t0 = time.perf_counter()
+        try:
+            return self._serve_micro_attention(layer, payload)
+        finally:
+            self.counters.served_calls += 1
+            self.counters.served_s += time.perf_counter() - t0
+
+    def _serve_micro_attention(self, layer: int, payload: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        key, q, new_kv, meta_t = payload
         kv = self.engine.kv
         dev = kv.k.device
+        if meta_t is not None:  # layer 0 of a step: keep the metadata for its other layers
+            meta = meta_from_payload(meta_t)
+            self._step_meta[key] = _meta_to(meta, dev) if dev.type != "cpu" else meta
+        meta = self._step_meta[key]
+        if layer == self.engine.model_config.num_layers - 1:
+            del self._step_meta[key]
         kc, vc = kv.k[layer], kv.v[layer]
-        if slots.numel():
+        if new_kv is not None:
+            k, v, slots = new_kv
             write_kv(kc, vc, k.to(dev), v.to(dev), slots.to(dev))
-        if dev.type != "cpu":
-            meta = _meta_to(meta, dev)
-            q = q.to(dev)
-        out, lse = micro_attention(q, kc, vc, meta, self.engine.scale)
+        out, lse = micro_attention(q.to(dev), kc, vc, meta, self.engine.scale)
         return out.cpu(), lse.cpu()
 
     def enqueue_add(self, spec: tuple) -> None:
@@ -284,14 +304,16 @@ class Instance:
         else:
             groups = [list(range(n))]
         out = []
-        for g in groups:
+        step = next(self._step_ids)
+        for gi, g in enumerate(groups):
             reqs = [batch.requests[i] for i in g]
             nums = [batch.num_new_tokens[i] for i in g]
             tabs = [tables[i] for i in g]
             inputs = prepare_inputs(reqs, nums, tabs, self.rank, self.engine.block_size, self.engine.device)
             parts = remote_parts(inputs.q_lens, inputs.q_starts, tabs, self.rank, self.engine.block_size)
             rows = (inputs.slot_mapping >= 0).nonzero().flatten()
-            out.append(MicroBatch(inputs, parts, rows, inputs.slot_mapping.index_select(0, rows)))
+            out.append(MicroBatch(inputs, parts, rows, inputs.slot_mapping.index_select(0, rows),
+                                  (self.rank, step, gi)))
         return out
 
     def _finish_step(self, t0: float) -> None:
@@ -305,6 +327,13 @@ class Instance:
         """One hop on the compute thread: finish layer-1 (AA + post_attention) with the creditors'
         results, then start `layer` (pre_attention, K/V write, send the creditors their queries,
         local MicroAttention). Returns (h, futures, local part), or (logits, None, None) at the end."""
+        t0 = time.perf_counter()
+        try:
+            return self._layer_work(layer, h, mb, prev)
+        finally:
+            self.counters.remote_compute_s += time.perf_counter() - t0
+
+    def _layer_work(self, layer: int, h: torch.Tensor | None, mb: MicroBatch, prev):
         e = self.engine
         model = e.model
         if h is None:
@@ -327,7 +356,8 @@ class Instance:
         futs = []
         if mb.parts:
             qc, kc, vc = q.cpu(), k.cpu(), v.cpu()
-            futs = [rpc.call_async(p.creditor, rpc.h_remote_attention, self.rank, layer, p.payload(qc, kc, vc))
+            futs = [rpc.call_async(p.creditor, rpc.h_remote_attention, self.rank, layer,
+                                   p.payload(mb.key, layer, qc, kc, vc))
                     for p in mb.parts]
         local = micro_attention(q, e.kv.k[layer], e.kv.v[layer], mb.inputs.meta, e.scale)
         return h, futs, local
@@ -356,6 +386,7 @@ class Instance:
             self.executor, self.engine.postprocess, batch, merged, torch.cat(list(logits))
         )
         self.counters.remote_steps += 1
+        self.counters.remote_step_s += time.perf_counter() - t0
         self._finish_step(t0)
         return outs
 
@@ -440,6 +471,10 @@ class Instance:
             remote_steps=self.counters.remote_steps,
             remote_calls=self.counters.remote_calls,
             remote_wait_ms=1e3 * self.counters.remote_wait_s,
+            remote_step_ms=1e3 * self.counters.remote_step_s,
+            remote_compute_ms=1e3 * self.counters.remote_compute_s,
+            served_calls=self.counters.served_calls,
+            served_ms=1e3 * self.counters.served_s,
             migrations=self.counters.migrations,
             migrated_blocks=self.counters.migrated_blocks,
             lend_cap=self.lend_cap,

@@ -79,6 +79,10 @@ async def _main(rank, world_size, config, master_addr, master_port, role, serve,
     else:
         await loop.run_in_executor(None, rpc.init, rank, world_size, master_addr, master_port)
 
+    if front is not None and world_size > 1:
+        rtt = await loop.run_in_executor(None, front.gmanager.calibrate_transport)
+        log.info("RPC round trip %.0f us", rtt * 1e6)
+
     def on_signal() -> None:
         if front is not None:
             front.request_stop()

@@ -25,21 +25,21 @@ class RemotePart:
     write_rows: torch.Tensor  # [Wc] int64: new tokens whose K/V go into the creditor's blocks
     write_slots: torch.Tensor  # [Wc] int64: their slots in the creditor's pool
 
-    def payload(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
-        """What one layer sends: contiguous copies only (a view would ship its whole storage)."""
+    def payload(self, key: tuple, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """What one layer sends. The block metadata goes with layer 0 only (the creditor keeps it
+        under `key` for the step's later layers); the new tokens' K/V only when they land there.
+        Contiguous copies only: a view would ship its whole storage."""
         m = self.meta
-        return (
-            q.index_select(0, self.rows),
-            k.index_select(0, self.write_rows),
-            v.index_select(0, self.write_rows),
-            self.write_slots,
-            m.cu_q, m.q_pos, m.block_tables, m.block_idx, m.num_blocks, m.max_q_len,
-        )
+        meta = (m.cu_q, m.q_pos, m.block_tables, m.block_idx, m.num_blocks, m.max_q_len) if layer == 0 else None
+        kv = None
+        if self.write_rows.numel():
+            kv = (k.index_select(0, self.write_rows), v.index_select(0, self.write_rows), self.write_slots)
+        return (key, q.index_select(0, self.rows), kv, meta)
 
 
-def unpack_payload(payload: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, MAMetadata]:
-    q, k, v, slots, cu_q, q_pos, bt, bi, nb, max_q = payload
-    return q, k, v, slots, MAMetadata(cu_q, q_pos, bt, bi, nb, int(max_q))
+def meta_from_payload(meta: tuple) -> MAMetadata:
+    cu_q, q_pos, bt, bi, nb, max_q = meta
+    return MAMetadata(cu_q, q_pos, bt, bi, nb, int(max_q))
 
 
 def remote_parts(

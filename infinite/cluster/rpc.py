@@ -118,6 +118,10 @@ def h_move(request_id: str, num_blocks: int, dst: int) -> None:
     _instance.enqueue_move(request_id, num_blocks, dst)
 
 
+def h_ping() -> None:
+    return None
+
+
 def h_stats() -> dict:
     return _instance.stats()
 

@@ -71,13 +71,26 @@ def prepare_inputs(
         end = start + n
         ids.extend(req.token_slice(start, end))
         pos.extend(range(start, end))
-        for p in range(start, end):
-            ref = table[p // block_size]
-            slots.append(ref.block * block_size + p % block_size if ref.instance == rank else -1)
+        p = start
+        while p < end:  # one range per block, not one Python step per token (long prefills)
+            bi = p // block_size
+            hi = min(end, (bi + 1) * block_size)
+            ref = table[bi]
+            if ref.instance == rank:
+                shift = (ref.block - bi) * block_size  # slot = block * B + p % B
+                slots.extend(range(p + shift, hi + shift))
+            else:
+                slots.extend([-1] * (hi - p))
+            p = hi
         nb = blocks_for(end, block_size)
-        mine = [(i, r.block) for i, r in enumerate(table[:nb]) if r.instance == rank]
-        logical.append([i for i, _ in mine])
-        blocks.append([b for _, b in mine])
+        li: list[int] = []
+        bl: list[int] = []
+        for i, ref in enumerate(table[:nb]):
+            if ref.instance == rank:
+                li.append(i)
+                bl.append(ref.block)
+        logical.append(li)
+        blocks.append(bl)
         q_starts.append(start)
         if end == req.num_tokens:
             logits_idx.append(len(ids) - 1)
