@@ -48,9 +48,15 @@ def test_offline_bad_flags():
 
 
 def test_offline_too_long_for_model(tmp_path):
-    args = offline.parse_args(["--prompt-len", "4000", "--max-tokens", "200", "--out", ""])
-    with pytest.raises(ValueError, match="context length"):
-        offline.run(args)
+    from infinite.runtime.engine import resolve_model_dir
+
+    # From the model's own config: a hard-coded length silently turns into a full bench run
+    # when the embedded model's context grows.
+    ctx = offline.read_model_info(resolve_model_dir(None))["max_position_embeddings"]
+    for flags in (["--prompt-len", str(ctx)], ["--prompt-lens", f"1:{ctx}"]):
+        args = offline.parse_args([*flags, "--max-tokens", "1", "--out", ""])
+        with pytest.raises(ValueError, match="context length"):
+            offline.run(args)
 
 
 def test_workload_helpers():
@@ -94,3 +100,28 @@ def test_dispatcher(capsys, monkeypatch):
     monkeypatch.setattr(offline, "main", lambda argv: calls.append(list(argv)) or 0)
     assert dispatcher.main(["offline", "--repeats", "1"]) == 0
     assert calls == [["--repeats", "1"]]
+
+
+def test_mixed_prompt_lengths(tmp_path, capsys):
+    p = offline.make_mixed_prompts(50, 3, 9, vocab_size=20, exclude=[0, 1], seed=5)
+    lengths = [len(x) for x in p]
+    assert min(lengths) >= 3 and max(lengths) <= 9 and len(set(lengths)) > 3  # really mixed
+    assert all(2 <= t < 20 for x in p for t in x)
+    assert p == offline.make_mixed_prompts(50, 3, 9, vocab_size=20, exclude=[0, 1], seed=5)
+    with pytest.raises(ValueError):
+        offline.make_mixed_prompts(2, 5, 4, vocab_size=20, exclude=[], seed=0)
+    assert offline.parse_args(["--prompt-lens", "16:256"]).prompt_lens == (16, 256)
+    for bad in (["--prompt-lens", "8"], ["--prompt-lens", "0:4"], ["--prompt-lens", "9:3"], ["--prompt-lens", "a:b"]):
+        with pytest.raises(SystemExit):
+            offline.parse_args(bad)
+    out = tmp_path / "mixed.json"
+    rc = offline.main(["--batch-sizes", "4", "--prompt-lens", "2:12", "--max-tokens", "3", "--repeats", "1",
+                       "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    assert "prompts uniform 2..12" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["config"]["prompt_lens"] == [2, 12]
+    r = res["results"][0]
+    assert 4 * 2 <= r["prompt_tokens"] <= 4 * 12
+    assert r["infinite"]["generated_tokens"] == 4 * 3
+    assert r["greedy_agreement"] == 1.0  # left padding must not change transformers' greedy tokens

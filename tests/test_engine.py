@@ -99,7 +99,7 @@ def test_bad_prompts_are_rejected_with_reasons(llm):
     with pytest.raises(ValueError, match="out of the vocabulary"):
         llm.generate([[1, 10**7]], SamplingParams(), use_tqdm=False)
     with pytest.raises(ValueError, match="context length"):
-        llm.generate([[5] * 5000], SamplingParams(), use_tqdm=False)
+        llm.generate([[5] * 40000], SamplingParams(), use_tqdm=False)
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
     with pytest.raises(TypeError, match="unknown engine argument"):

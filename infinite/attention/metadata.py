@@ -22,6 +22,11 @@ class MAMetadata:
     num_blocks: torch.Tensor  # [R] int32: real entries per row
     max_q_len: int  # 1 => pure decode batch
 
+    def __getstate__(self) -> dict:
+        # Attention backends cache per-step derived tensors on the object under "_" keys
+        # (torch_ops: gather buffers of several MB); they are not part of the value.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
     @property
     def num_requests(self) -> int:
         return int(self.num_blocks.shape[0])

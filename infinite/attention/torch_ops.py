@@ -19,6 +19,7 @@ Speed notes (CPU, where this path is the engine's hot loop):
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -56,17 +57,19 @@ class _DecodePlan:
     empty: torch.Tensor  # [Rd] bool: the row sees no key in this pool
     any_empty: bool
     # Gather targets reused by every layer of the step: a fresh multi-MB tensor per layer
-    # costs page faults on top of the copy (about 1.6x the copy's time on CPU).
-    bufs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # costs page faults on top of the copy (about 1.6x the copy's time on CPU). One pair per
+    # thread, so concurrent calls on the same metadata (cluster executors) never share one.
+    bufs: dict[tuple[torch.dtype, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [Rd * M, B, nkv, d] of the rows' blocks, in the cache dtype."""
-        kv = self.bufs.get(k_cache.dtype)
+        key = (k_cache.dtype, threading.get_ident())
+        kv = self.bufs.get(key)
         if kv is None:
             shape = (self.flat.shape[0], *k_cache.shape[1:])
             kv = (torch.empty(shape, dtype=k_cache.dtype, device=k_cache.device),
                   torch.empty(shape, dtype=v_cache.dtype, device=v_cache.device))
-            self.bufs[k_cache.dtype] = kv
+            self.bufs[key] = kv
         return (torch.index_select(k_cache, 0, self.flat, out=kv[0]),
                 torch.index_select(v_cache, 0, self.flat, out=kv[1]))
 
