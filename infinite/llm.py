@@ -54,32 +54,55 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         eng = self.engine
-        reqs = [eng.make_request(p, sp) for p, sp in zip(prompts, params)]  # validate all first
-        order = {}
-        for i, r in enumerate(reqs):
+        # n > 1: n engine requests per prompt (seed + i when seeded), merged into one output.
+        jobs = []
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            for j in range(sp.n):
+                sub = sp if sp.n == 1 else sp.clone(n=1, seed=None if sp.seed is None else sp.seed + j)
+                jobs.append((i, j, eng.make_request(p, sub)))  # validate everything before any work
+        where = {}
+        for i, j, r in jobs:
             eng.submit(r)
-            order[r.request_id] = i
-        results: list[RequestOutput | None] = [None] * len(reqs)
+            where[r.request_id] = (i, j)
+        parts: list[list[RequestOutput | None]] = [[None] * sp.n for sp in params]
         bar = None
-        if use_tqdm and len(reqs) > 1:
+        if use_tqdm and len(prompts) > 1:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(reqs), desc="Processed prompts", dynamic_ncols=True)
+            bar = tqdm(total=len(jobs), desc="Processed prompts", dynamic_ncols=True)
         try:
             while eng.has_unfinished_requests():
                 for out in eng.step():
-                    if out.finished and out.request_id in order:
-                        results[order[out.request_id]] = out
+                    if out.finished and out.request_id in where:
+                        i, j = where[out.request_id]
+                        parts[i][j] = out
                         if bar is not None:
                             bar.update(1)
         except BaseException:
-            for r in reqs:
+            for _, _, r in jobs:
                 eng.abort_request(r.request_id)
             raise
         finally:
             if bar is not None:
                 bar.close()
-        return results  # type: ignore[return-value]
+        return [_merge(outs) for outs in parts]
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or several, through the chat template."""
+        tok = self.get_tokenizer()
+        if tok is None:
+            raise ValueError("this checkpoint has no tokenizer, so it has no chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        # The template writes any BOS itself, so its text is encoded without adding special tokens.
+        prompts = [tok.encode(tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt),
+                              add_special_tokens=False) for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def stats(self) -> list[dict]:
         """One record per instance: rank, free/used/lent/borrowed blocks, running, waiting, step time."""
@@ -95,3 +118,14 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _merge(outs: list[RequestOutput]) -> RequestOutput:
+    """The n samples of one prompt as one RequestOutput with outputs[0..n-1]."""
+    first = outs[0]
+    if len(outs) == 1:
+        return first
+    for j, o in enumerate(outs):
+        o.outputs[0].index = j
+    return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids,
+                         [o.outputs[0] for o in outs], True, first.metrics, extra=first.extra)

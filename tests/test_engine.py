@@ -135,3 +135,23 @@ def test_random_mixes_with_aborts_free_every_block(ckpt):
             assert s["free_blocks"] + s["used_blocks"] == total
             assert steps < 2000
         assert eng.rm.num_free == total and not eng.requests
+
+
+def test_n_samples_per_prompt_and_chat(llm):
+    p = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7, ignore_eos=True)
+    outs = llm.generate(["Once", "Twice"], p, use_tqdm=False)
+    assert len(outs) == 2
+    for out in outs:
+        assert [c.index for c in out.outputs] == [0, 1, 2]
+        assert all(len(c.token_ids) == 8 for c in out.outputs)
+        assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # different seeds, different samples
+    again = llm.generate(["Once"], p, use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in outs[0].outputs]
+    single = llm.generate(["Once"], SamplingParams(temperature=1.0, max_tokens=8, seed=8, ignore_eos=True),
+                          use_tqdm=False)[0]
+    assert single.outputs[0].token_ids == outs[0].outputs[1].token_ids  # sample j uses seed + j
+    tok = llm.get_tokenizer()
+    conv = [{"role": "user", "content": "Hello there"}]
+    chat = llm.chat(conv, SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)[0]
+    expected = tok.encode(tok.apply_chat_template(conv), add_special_tokens=False)
+    assert chat.prompt_token_ids == expected and len(chat.outputs[0].token_ids) == 4
