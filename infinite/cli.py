@@ -39,6 +39,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="largest batch per instance (default 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="engine seed (default 0)")
+    p.add_argument("--no-lending", dest="enable_lending", action="store_false",
+                   help="instances never lend KV blocks to each other (a static deployment)")
+    p.add_argument("--max-lend-fraction", type=float, default=0.75,
+                   help="share of its pool an instance may lend (default 0.75)")
     p.add_argument("--max-pending", type=int, default=1024, help="engine requests in flight before 503 (default 1024)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body; larger gets 413")
     p.add_argument("--log-level", default="info", help="debug|info|warning|error (default info)")
@@ -59,6 +63,8 @@ def engine_config(args: argparse.Namespace) -> Any:
         seed=args.seed,
         num_instances=args.num_instances,
         served_model_name=args.served_model_name,
+        enable_lending=args.enable_lending,
+        max_lend_fraction=args.max_lend_fraction,
     )
 
 
