@@ -55,9 +55,9 @@ class ClusterEngine(EngineFacts):
         self.stop_event: asyncio.Event | None = None
         self._stopping = False
 
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+    def bind(self, loop: asyncio.AbstractEventLoop, stop_event: asyncio.Event | None = None) -> None:
         self._loop = loop
-        self.stop_event = asyncio.Event()
+        self.stop_event = stop_event or asyncio.Event()
 
     # ---- what the front-end reads (tokenizer, model_name, ... from EngineFacts) ----------
     @property

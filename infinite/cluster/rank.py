@@ -67,21 +67,40 @@ async def _main(rank, world_size, config, master_addr, master_port, role, serve,
     from infinite.cluster.instance import Instance
 
     loop = asyncio.get_running_loop()
-    instance = Instance(config, rank, world_size)  # loads the model before any peer can call us
-    front = ClusterEngine(instance, world_size) if rank == 0 else None
-    if front is not None:
-        front.bind(loop)
-    rpc.register(instance, front)
-    if master_port is None:  # torchrun: env:// rendezvous
-        master_addr = os.environ["MASTER_ADDR"]
-        master_port = int(os.environ["MASTER_PORT"])
-        rpc.init_env(rank, world_size)
-    else:
-        await loop.run_in_executor(None, rpc.init, rank, world_size, master_addr, master_port)
+    stop = asyncio.Event()
+    http = None
+    if role == "serve":
+        # The socket opens at once; /health answers 503 until the cluster is up, as with one instance.
+        from infinite.server.app import serve as serve_http
 
-    if front is not None and world_size > 1:
-        rtt = await loop.run_in_executor(None, front.gmanager.calibrate_transport)
-        log.info("RPC round trip %.0f us", rtt * 1e6)
+        ready: asyncio.Future = loop.create_future()
+
+        async def start_engine():
+            return await ready
+
+        http = asyncio.ensure_future(serve_http(start_engine, serve.settings, serve.host, serve.port,
+                                                stop=stop, on_listening=serve.on_listening))
+    try:
+        # Load the model (off the loop) before any peer can call us.
+        instance = await loop.run_in_executor(None, Instance, config, rank, world_size)
+        front = ClusterEngine(instance, world_size) if rank == 0 else None
+        if front is not None:
+            front.bind(loop, stop)
+        rpc.register(instance, front)
+        if master_port is None:  # torchrun: env:// rendezvous
+            rpc.init_env(rank, world_size)
+        else:
+            await loop.run_in_executor(None, rpc.init, rank, world_size, master_addr, master_port)
+        if front is not None and world_size > 1:
+            rtt = await loop.run_in_executor(None, front.gmanager.calibrate_transport)
+            log.info("RPC round trip %.0f us", rtt * 1e6)
+    except BaseException as e:
+        if http is not None:
+            ready.set_exception(e)
+            await asyncio.gather(http, return_exceptions=True)
+        raise
+    if http is not None:
+        ready.set_result(front)
 
     def on_signal() -> None:
         if front is not None:
@@ -104,14 +123,8 @@ async def _main(rank, world_size, config, master_addr, master_port, role, serve,
         tasks.append(asyncio.ensure_future(_watch_parent(on_signal)))
     code = 0
     try:
-        if role == "serve":
-            from infinite.server.app import serve as serve_http
-
-            async def start_engine():
-                return front
-
-            code = await serve_http(start_engine, serve.settings, serve.host, serve.port,
-                                    stop=front.stop_event, on_listening=serve.on_listening)
+        if http is not None:
+            code = await http
         elif role == "driver":
             from infinite.cluster.local import DriverBridge
 
