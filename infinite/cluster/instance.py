@@ -108,6 +108,7 @@ class Instance:
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-compute")
+        self.serve_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-serve")
         self.counters = StepCounters()
         self.stopping = False
         self._sent_placement: dict[str, tuple[int, tuple]] = {}
@@ -186,6 +187,21 @@ class Instance:
         idx = torch.tensor(blocks, dtype=torch.int64, device=self.engine.kv.k.device)
         self.engine.kv.k.index_copy_(1, idx, k.to(self.engine.kv.k.device))
         self.engine.kv.v.index_copy_(1, idx, v.to(self.engine.kv.v.device))
+
+    def serve_micro_attention_async(self, debtor: int, layer: int, payload: tuple) -> torch.futures.Future:
+        """Debtors' MicroAttention calls run on one serving thread: its gather buffers are reused
+        from layer to layer (a fresh multi-MB buffer per call costs page faults on CPU), and no
+        TensorPipe worker is held while it computes."""
+        fut: torch.futures.Future = torch.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(self.serve_micro_attention(debtor, layer, payload))
+            except BaseException as e:  # noqa: BLE001 - travels back to the debtor
+                fut.set_exception(e)
+
+        self.serve_executor.submit(run)
+        return fut
 
     @torch.inference_mode()
     def serve_micro_attention(self, debtor: int, layer: int, payload: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,9 +394,28 @@ class Instance:
             prev = (local, list(results))
         raise AssertionError("unreachable: the last layer returns logits")
 
+    def _forward_on_thread(self, mb: MicroBatch) -> torch.Tensor:
+        """A lone micro-batch has no other work to overlap with its creditors' attention, so its
+        layers run on the compute thread, waiting on the creditors there: two thread hand-offs
+        per layer fewer than the asyncio path, and the event loop stays free all the same."""
+        h, prev = None, None
+        for layer in range(self.engine.model_config.num_layers + 1):
+            h, futs, local = self._layer(layer, h, mb, prev)
+            if futs is None:
+                return h  # logits
+            self.counters.remote_calls += len(futs)
+            t0 = time.perf_counter()
+            results = [f.wait() for f in futs]
+            self.counters.remote_wait_s += time.perf_counter() - t0
+            prev = (local, results)
+        raise AssertionError("unreachable: the last layer returns logits")
+
     async def _remote_step(self, batch: ScheduledBatch, mbs: list[MicroBatch], t0: float) -> list[RequestOutput]:
         loop = asyncio.get_running_loop()
-        logits = await asyncio.gather(*(self._forward_micro_batch(mb) for mb in mbs))
+        if len(mbs) == 1:
+            logits = [await loop.run_in_executor(self.executor, self._forward_on_thread, mbs[0])]
+        else:
+            logits = await asyncio.gather(*(self._forward_micro_batch(mb) for mb in mbs))
         merged = SimpleNamespace(sample_requests=[r for mb in mbs for r in mb.inputs.sample_requests])
         outs = await loop.run_in_executor(
             self.executor, self.engine.postprocess, batch, merged, torch.cat(list(logits))

@@ -90,8 +90,9 @@ def to_asyncio(fut: torch.futures.Future, loop: asyncio.AbstractEventLoop) -> as
 
 
 # ---- handlers on any instance --------------------------------------------------------
-def h_remote_attention(debtor: int, layer: int, payload: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    return _instance.serve_micro_attention(debtor, layer, payload)
+@rpc.functions.async_execution
+def h_remote_attention(debtor: int, layer: int, payload: tuple) -> torch.futures.Future:
+    return _instance.serve_micro_attention_async(debtor, layer, payload)
 
 
 def h_reserve(debtor: int, request_id: str, n: int) -> list[int]:
