@@ -217,6 +217,10 @@ class Instance:
         kv = self.engine.kv
         dev = kv.k.device
         if meta_t is not None:  # layer 0 of a step: keep the metadata for its other layers
+            debtor, step = key[0], key[1]
+            # A debtor's step that failed midway never sends its last layer: drop what it left.
+            for old in [k for k in self._step_meta if k[0] == debtor and k[1] < step - 1]:
+                del self._step_meta[old]
             meta = meta_from_payload(meta_t)
             self._step_meta[key] = _meta_to(meta, dev) if dev.type != "cpu" else meta
         meta = self._step_meta[key]
