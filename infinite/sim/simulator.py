@@ -31,6 +31,7 @@ from infinite.cluster.placement import (
     ClusterSnapshot,
     InstanceState,
     Move,
+    apply_moves,
     PlacementConfig,
     RequestState,
     plan,
@@ -167,24 +168,16 @@ class _Cluster:
             self._apply(moves)
 
     def _apply(self, moves: list[Move]) -> None:
+        """Carry out the moves with the planner's own bookkeeping (apply_moves also validates them)."""
+        after = apply_moves(self.snapshot(), moves)
         by_id = {r.spec.request_id: r for i in self.insts for r in i.running}
-        for mv in moves:
-            r = by_id[mv.request_id]
-            src, dst = self.insts[mv.src], self.insts[mv.dst]
-            if r.blocks.get(mv.src, 0) < mv.num_blocks or dst.free < mv.num_blocks:
-                raise RuntimeError(f"planner produced an infeasible move {mv}")
-            r.blocks[mv.src] -= mv.num_blocks
-            if r.blocks[mv.src] == 0:
-                del r.blocks[mv.src]
-            r.blocks[mv.dst] = r.blocks.get(mv.dst, 0) + mv.num_blocks
-            src.free += mv.num_blocks
-            dst.free -= mv.num_blocks
-            if mv.src != r.home:
-                src.lent -= mv.num_blocks
-            if mv.dst != r.home:
-                dst.lent += mv.num_blocks
-            self.moves += 1
-            self.blocks_moved += mv.num_blocks
+        for st in after.requests:
+            by_id[st.request_id].blocks = {k: v for k, v in st.blocks.items() if v > 0}
+        for st in after.instances:
+            self.insts[st.rank].free = st.free_blocks
+            self.insts[st.rank].lent = st.lent_blocks
+        self.moves += len(moves)
+        self.blocks_moved += sum(mv.num_blocks for mv in moves)
 
     def release(self, r: _Req) -> None:
         for inst, n in r.blocks.items():
