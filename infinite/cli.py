@@ -19,7 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from infinite.server.app import DEFAULT_MAX_BODY_BYTES, ServerSettings, serve
+from infinite.server.app import serve
+from infinite.server.state import DEFAULT_MAX_BODY_BYTES, ServerSettings
 
 log = logging.getLogger("infinite.server")
 

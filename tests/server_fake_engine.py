@@ -12,7 +12,10 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 
+from infinite.errors import RequestError
 from infinite.outputs import CompletionOutput, RequestOutput
+from infinite.runtime.request import Request
+from infinite.runtime.surface import EngineFacts
 
 
 class CharTokenizer:
@@ -31,18 +34,39 @@ class CharTokenizer:
         return text + ("<assistant>" if add_generation_prompt else "")
 
 
-class FakeEngine:
+class _FakeCore:
+    """The model facts EngineFacts reads from an engine's core."""
+
     model_name = "fake-model"
+    model_dir = "/fake/model"
     max_model_len = 256
     capacity_tokens = 200
 
-    def __init__(self, num_blocks: int = 64, block_size: int = 16, step_s: float = 0.002) -> None:
+    def __init__(self) -> None:
         self.tokenizer = CharTokenizer()
+
+
+class FakeEngine(EngineFacts):
+    def __init__(self, num_blocks: int = 64, block_size: int = 16, step_s: float = 0.002) -> None:
+        self.core = _FakeCore()
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.step_s = step_s
         self.used: dict[str, int] = {}
         self.aborted: list[str] = []
+        self.closed = False
+        self.fail_after: int | None = None  # tokens after which every stream fails (RequestError)
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_aborted": 0}
+
+    @property
+    def is_running(self) -> bool:
+        return not self.closed
+
+    def make_request(self, prompt, params, request_id=None) -> Request:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty (0 tokens)")
+        return Request(request_id or "fake", ids, params, max_tokens=params.max_tokens or 16)
 
     @classmethod
     async def start(cls) -> FakeEngine:
@@ -51,7 +75,8 @@ class FakeEngine:
     def _blocks(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
-    async def generate(self, prompt_token_ids: list[int], params, request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, req: Request) -> AsyncIterator[RequestOutput]:
+        prompt_token_ids, params, request_id = req.prompt_token_ids, req.params, req.request_id
         rng = random.Random(params.seed if params.seed is not None else random.random())
         ids: list[int] = []
         finished = False
@@ -59,6 +84,8 @@ class FakeEngine:
         try:
             while not finished:
                 await asyncio.sleep(self.step_s)
+                if self.fail_after is not None and len(ids) >= self.fail_after:
+                    raise RequestError("rank 1 died and no survivor can hold the request", "rank_lost")
                 ids.append(ord("a") + rng.randrange(26))
                 self.used[request_id] = self._blocks(len(prompt_token_ids) + len(ids))
                 text = self.tokenizer.decode(ids)
@@ -95,5 +122,9 @@ class FakeEngine:
             }
         ]
 
+    def cluster_status(self) -> dict:
+        return {"instances": self.stats(), "debts": []}
+
     async def shutdown(self) -> None:
+        self.closed = True
         self.used.clear()

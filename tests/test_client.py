@@ -357,3 +357,30 @@ async def test_non_streaming_client_that_goes_away_aborts_its_request(server):
             break
         await asyncio.sleep(0.02)
     assert engine.used == {} and len(engine.aborted) == 1
+
+
+async def test_a_stream_cut_short_ends_with_finish_reason_error_and_an_error_event(server):
+    """A request that fails mid-stream (a rank died, no survivor can take it) must not look like
+    a normal end: its choice finishes with "error", an error event follows, then [DONE]."""
+    srv, engine = server
+    engine.fail_after = 3
+    body = {"model": "fake-model", "prompt": "hello", "max_tokens": 10, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url(srv) + "/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status == 200
+            raw = (await r.read()).decode()
+        events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        import json
+
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")) and len(chunks) >= 3
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
+        assert finishes[-1] == "error" and "length" not in finishes and "abort" not in finishes
+        assert chunks[-1]["error"]["code"] == 503 and "rank 1 died" in chunks[-1]["error"]["message"]
+        # Before the stream starts the same failure is a plain HTTP status.
+        async with s.post(url(srv) + "/v1/completions", json={**body, "stream": False},
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status == 503 and "rank 1 died" in (await r.json())["error"]["message"]
+    assert not engine.used

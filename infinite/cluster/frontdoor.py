@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from infinite.cluster import rpc
+from infinite.errors import RequestError
 from infinite.cluster.gmanager import GManager
 from infinite.cluster.instance import Instance
 from infinite.kv.rmanager import blocks_for
@@ -27,10 +28,6 @@ STAT_KEYS = ("rank", "total_blocks", "free_blocks", "used_blocks", "lent_blocks"
              "num_running", "num_waiting", "step_time_ms", "num_preemptions", "tokens_held",
              "remote_calls", "remote_wait_ms", "remote_step_ms", "remote_compute_ms", "served_calls", "served_ms",
              "migrations", "migrated_blocks")
-
-
-class RequestFailed(RuntimeError):
-    pass
 
 
 class ClusterEngine(EngineFacts):
@@ -96,7 +93,7 @@ class ClusterEngine(EngineFacts):
         self, prompt: str | list[int] | Request, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         if self._stopping:
-            raise RequestFailed("the cluster is shutting down")
+            raise RequestError("the cluster is shutting down", "shutdown")
         req = prompt if isinstance(prompt, Request) else self.make_request(prompt, params or SamplingParams(), request_id)
         rid = req.request_id
         loop = asyncio.get_running_loop()
@@ -114,7 +111,7 @@ class ClusterEngine(EngineFacts):
                 out = await q.get()
                 if "error" in out.extra:
                     finished = True
-                    raise RequestFailed(out.extra["error"])
+                    raise RequestError(out.extra["error"], out.extra.get("error_reason", "internal"))
                 finished = out.finished
                 yield out
                 if finished:

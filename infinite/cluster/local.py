@@ -20,6 +20,7 @@ import weakref
 from collections import deque
 from typing import Any
 
+from infinite.errors import RequestError
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.request import Request
@@ -265,8 +266,6 @@ class DriverBridge:
             self.send(("error", seq, "RuntimeError", str(err)))
 
     async def _drive(self, req: Request) -> None:
-        from infinite.cluster.frontdoor import RequestFailed
-
         try:
             async for out in self.front.generate(req):
                 if out.finished:
@@ -274,7 +273,7 @@ class DriverBridge:
         except asyncio.CancelledError:
             pass
         except Exception as err:  # noqa: BLE001 - the driver must hear of every request's end
-            if not isinstance(err, RequestFailed):
+            if not isinstance(err, RequestError):
                 log.exception("request %s failed", req.request_id)
             self.send(("failed", req.request_id, str(err)))
         finally:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+from infinite.errors import RequestError
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.request import Request
@@ -30,10 +31,6 @@ def make_backend(config: EngineConfig):
     from infinite.runtime.engine import LLMEngine
 
     return LLMEngine(config)
-
-
-class EngineDeadError(RuntimeError):
-    pass
 
 
 class AsyncLLMEngine(EngineFacts):
@@ -67,27 +64,21 @@ class AsyncLLMEngine(EngineFacts):
         return self.backend.stats()
 
     def cluster_status(self) -> dict:
-        """Per-instance stats plus the debt ledger (who lent how many blocks to whom)."""
-        status = getattr(self.backend, "cluster_status", None)
-        if status is not None:
-            return status()
+        """One instance: its stats, and no debts."""
         return {"instances": self.stats(), "debts": []}
 
     # ---- requests --------------------------------------------------------------------
-    def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> Request:
+    def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Request:
         """Validate now (ValueError/TypeError with a message) so errors come before streaming."""
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         return self.backend.make_request(prompt, params, request_id)
 
-    async def generate(
-        self, prompt: str | list[int] | Request, params: SamplingParams | None = None, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, req: Request) -> AsyncIterator[RequestOutput]:
         if self._error is not None:
-            raise EngineDeadError(f"the engine stopped: {self._error}")
+            raise RequestError(f"the engine stopped: {self._error}", "engine_stopped")
         if self._closed:
-            raise EngineDeadError("the engine is shut down")
-        req = prompt if isinstance(prompt, Request) else self.make_request(prompt, params or SamplingParams(), request_id)
+            raise RequestError("the engine is shut down", "shutdown")
         rid = req.request_id
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
@@ -97,8 +88,10 @@ class AsyncLLMEngine(EngineFacts):
         try:
             while True:
                 out = await q.get()
+                if isinstance(out, RequestError):
+                    raise out
                 if isinstance(out, BaseException):
-                    raise EngineDeadError(f"the engine failed: {out}") from out
+                    raise RequestError(f"the engine failed: {out}", "engine_stopped") from out
                 finished = out.finished
                 yield out
                 if finished:
@@ -125,7 +118,7 @@ class AsyncLLMEngine(EngineFacts):
             except Exception as e:  # noqa: BLE001 - reported to that request's stream
                 q = self._queues.get(req.request_id)
                 if q is not None:
-                    q.put_nowait(e)
+                    q.put_nowait(RequestError(f"cannot add the request: {e}", "invalid"))
         aborts, self._pending_abort = self._pending_abort, set()
         for rid in aborts:
             self.backend.abort_request(rid)
@@ -161,8 +154,4 @@ class AsyncLLMEngine(EngineFacts):
         try:
             await self._task
         finally:
-            close = getattr(self.backend, "shutdown", None)
-            loop = asyncio.get_running_loop()
-            if close is not None:
-                await loop.run_in_executor(self._executor, close)
             self._executor.shutdown(wait=False)

@@ -12,93 +12,25 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from infinite.errors import RequestError
 from infinite.server import protocol as P
 from infinite.server import dashboard, serving
 from infinite.server.errors import APIError, json_error
-from infinite.server.metrics import CONTENT_TYPE, ServerMetrics
+from infinite.server.metrics import CONTENT_TYPE
+from infinite.server.state import DEFAULT_MAX_BODY_BYTES, STATE_KEY, EngineStarter, ServerSettings, ServerState, app_state
 
 log = logging.getLogger("infinite.server")
 
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # a 1M-token prompt as JSON token ids fits
-
-EngineStarter = Callable[[], Awaitable[Any]]
-
-
-@dataclass
-class ServerSettings:
-    served_model_name: str | None = None  # defaults to engine.model_name
-    api_key: str | None = None
-    max_pending: int = 1024  # engine requests in flight before new ones get 503
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-
-    def __post_init__(self) -> None:
-        if self.max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, got {self.max_pending}")
-        if self.max_body_bytes < 1024:
-            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
-
-
-class ServerState:
-    """What the handlers share: the engine (once started), settings, metrics, admission."""
-
-    def __init__(self, settings: ServerSettings) -> None:
-        self.settings = settings
-        self.engine: Any = None
-        self.start_error: BaseException | None = None
-        self.stopping = False
-        self.in_flight = 0
-        self.started_at = int(time.time())
-        self.metrics = ServerMetrics(lambda: self.engine, lambda: self.model_name)
-
-    @property
-    def model_name(self) -> str:
-        if self.settings.served_model_name:
-            return self.settings.served_model_name
-        return self.engine.model_name if self.engine is not None else ""
-
-    def ready_engine(self) -> Any:
-        """The engine, or 503 while it starts, after it failed, or while the server stops."""
-        if self.engine is None or self.stopping:
-            why = "is shutting down" if self.stopping else "is still starting (loading the model)"
-            if self.start_error is not None:
-                why = f"failed to start: {self.start_error}"
-            raise APIError(f"the server {why}; retry later", status=503)
-        if not getattr(self.engine, "is_running", True):
-            raise APIError("the engine has stopped after an error; see the server log", status=503)
-        return self.engine
-
-    def check_model(self, model: str | None) -> str:
-        name = self.model_name
-        if model is not None and model != name:
-            raise APIError(f"The model `{model}` does not exist. This server serves `{name}`.", status=404, param="model")
-        return name
-
-    def admit(self, k: int) -> None:
-        limit = self.settings.max_pending
-        if self.in_flight + k > limit:
-            raise APIError(
-                f"the server is overloaded: {self.in_flight} requests in flight, the limit is {limit}; retry later",
-                status=503,
-            )
-        self.in_flight += k
-        self.metrics.labels(self.metrics.in_flight).inc(k)
-
-    def release(self, k: int) -> None:
-        self.in_flight -= k
-        self.metrics.labels(self.metrics.in_flight).dec(k)
-
-
-STATE_KEY = web.AppKey("infinite_state", ServerState)
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerSettings", "ServerState", "app_state", "create_app", "engine_start_task", "serve"]
 
 
 def _state(request: web.Request) -> ServerState:
-    return request.app[STATE_KEY]
+    return app_state(request.app)
 
 
 # --------------------------------------------------------------------------- middlewares
@@ -112,13 +44,16 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except APIError as e:
         _count_error(request, e.status)
         return e.response()
+    except RequestError as e:  # a request that failed before anything was sent
+        _count_error(request, e.http_status)
+        return json_error(e.http_status, str(e))
     except web.HTTPException as e:
         if e.status < 400:
             raise
         _count_error(request, e.status)
         message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
         if e.status == 413:
-            message = f"request body too large: the limit is {request.app[STATE_KEY].settings.max_body_bytes} bytes"
+            message = f"request body too large: the limit is {app_state(request.app).settings.max_body_bytes} bytes"
         resp = json_error(e.status, message)
         if e.status == 405 and "Allow" in e.headers:
             resp.headers["Allow"] = e.headers["Allow"]
@@ -127,20 +62,20 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         raise
     except Exception as e:
         log.exception("internal error on %s %s", request.method, request.path)
-        engine = request.app[STATE_KEY].engine
-        status = 503 if engine is not None and not getattr(engine, "is_running", True) else 500
+        engine = app_state(request.app).engine
+        status = 503 if engine is not None and not engine.is_running else 500
         _count_error(request, status)
         return json_error(status, f"{'the engine has stopped' if status == 503 else 'internal server error'}: {type(e).__name__}: {e}")
 
 
 def _count_error(request: web.Request, status: int) -> None:
-    st = request.app[STATE_KEY]
+    st = app_state(request.app)
     st.metrics.labels(st.metrics.request_errors, str(status)).inc()
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    key = request.app[STATE_KEY].settings.api_key
+    key = app_state(request.app).settings.api_key
     if key and request.path.startswith("/v1") and request.method != "OPTIONS":
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
@@ -166,7 +101,7 @@ async def handle_models(request: web.Request) -> web.Response:
     card = P.ModelCard(
         id=st.model_name,
         created=st.started_at,
-        root=str(getattr(engine, "model_path", None) or st.model_name),
+        root=engine.model_path,
         max_model_len=engine.max_model_len,
     )
     return web.Response(body=P.encode(P.ModelList([card])), content_type="application/json")
@@ -243,10 +178,6 @@ async def _start(state: ServerState, start_engine: EngineStarter) -> None:
 def engine_start_task(app: web.Application) -> asyncio.Task:
     """The background start of the engine (done once it is ready or has failed)."""
     return app[_START_TASK]
-
-
-def app_state(app: web.Application) -> ServerState:
-    return app[STATE_KEY]
 
 
 async def serve(

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from infinite.server.app import ServerState
+from infinite.server.state import ServerState, app_state
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -33,21 +32,15 @@ def status_snapshot(st: ServerState) -> dict[str, Any]:
         "debts": [],
     }
     if engine is not None:
-        cluster = getattr(engine, "cluster_status", None)
-        if callable(cluster):
-            view = cluster()
-            snap["instances"] = list(view.get("instances", []))
-            snap["debts"] = list(view.get("debts", []))
-        else:
-            snap["instances"] = list(engine.stats())
+        view = engine.cluster_status()
+        snap["instances"] = list(view.get("instances", []))
+        snap["debts"] = list(view.get("debts", []))
         snap["max_model_len"] = engine.max_model_len
         snap["capacity_tokens"] = engine.capacity_tokens
     return snap
 
 
 async def handle_status(request: web.Request) -> web.Response:
-    from infinite.server.app import app_state
-
     snap = status_snapshot(app_state(request.app))
     return web.Response(body=msgspec.json.encode(snap), content_type="application/json")
 

@@ -256,7 +256,7 @@ def sampling_kwargs(
 # --------------------------------------------------------------------------- responses
 
 
-FinishReason = Literal["stop", "length", "abort"] | None
+FinishReason = Literal["stop", "length", "abort", "error"] | None
 
 
 class UsageInfo(msgspec.Struct):

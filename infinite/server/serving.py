@@ -17,18 +17,17 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from jinja2.exceptions import TemplateError
 
+from infinite.errors import RequestError
 from infinite.server import protocol as P
 from infinite.server.errors import APIError, bad_request
 from infinite.server.metrics import RequestTimer
+from infinite.server.state import ServerState
 from infinite.server.streaming import SSEWriter, merge_streams
-
-if TYPE_CHECKING:
-    from infinite.server.app import ServerState
 
 log = logging.getLogger("infinite.server")
 
@@ -51,7 +50,7 @@ class Job:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     final: Any = None  # last CompletionOutput
-    request: Any = None  # the engine's validated request, when it validates ahead of generate()
+    request: Any = None  # the engine's validated request (make_request), handed to generate()
     logprob_entries: list[Any] = field(default_factory=list)
 
 
@@ -134,7 +133,6 @@ def build_jobs(
 ) -> list[Job]:
     """One job per choice, each validated by the engine now so that errors come before streaming."""
     engine = state.ready_engine()
-    validate = getattr(engine, "make_request", None)
     jobs = []
     for p, ids in enumerate(prompts):
         for i in range(n):
@@ -143,11 +141,10 @@ def build_jobs(
                 kw["seed"] = kw["seed"] + i
             index = p * n + i
             job = Job(index, f"{request_id}-{index}", ids, make_sampling_params(kw), RequestTimer(state.metrics, arrival))
-            if validate is not None:
-                try:
-                    job.request = validate(ids, job.params, job.request_id)
-                except (ValueError, TypeError) as e:
-                    raise bad_request(str(e), "prompt") from None
+            try:
+                job.request = engine.make_request(ids, job.params, job.request_id)
+            except (ValueError, TypeError) as e:
+                raise bad_request(str(e), "prompt") from None
             jobs.append(job)
     return jobs
 
@@ -178,7 +175,7 @@ async def running(state: ServerState, jobs: list[Job]):
     state.admit(len(jobs))
     for job in jobs:
         state.metrics.labels(state.metrics.prompt_tokens).inc(len(job.prompt_ids))
-    streams = [engine.generate(j.request if j.request is not None else j.prompt_ids, j.params, j.request_id) for j in jobs]
+    streams = [engine.generate(j.request) for j in jobs]
     merged = merge_streams(streams)
     try:
         yield merged
@@ -295,11 +292,18 @@ async def create_completion(request: web.Request, state: ServerState) -> web.Str
         if include_usage:
             yield P.CompletionResponse(rid, created, model, [], usage_of(jobs, prompts))
 
-    return await stream_response(request, state, jobs, chunks)
+    def error_chunk(cut: list[Job]) -> P.CompletionResponse:
+        return P.CompletionResponse(rid, created, model, [P.CompletionChoice(j.index, "", None, "error") for j in cut])
+
+    return await stream_response(request, state, jobs, chunks, error_chunk)
 
 
-async def stream_response(request: web.Request, state: ServerState, jobs: list[Job], chunks: Any) -> web.StreamResponse:
-    """Send ``chunks(merged engine stream)`` as SSE; failures after the start become an error event."""
+async def stream_response(
+    request: web.Request, state: ServerState, jobs: list[Job], chunks: Any, error_chunk: Any
+) -> web.StreamResponse:
+    """Send ``chunks(merged engine stream)`` as SSE. A failure after the start ends every
+    unfinished choice with ``error_chunk(jobs)`` (finish_reason "error"), then an error event:
+    a cut-short answer never looks like a normal end."""
     writer = SSEWriter(request)
     async with running(state, jobs) as stream:
         await writer.start()
@@ -308,11 +312,21 @@ async def stream_response(request: web.Request, state: ServerState, jobs: list[J
                 await writer.send(chunk)
         except ConnectionResetError:
             return writer.response  # the client went away: leaving the block aborts its requests
-        except APIError as e:
-            await _send_quietly(writer, e.body())
         except Exception as e:
-            log.exception("stream of %s failed", jobs[0].request_id)
-            await _send_quietly(writer, APIError(f"internal server error: {type(e).__name__}: {e}", status=500).body())
+            if isinstance(e, RequestError):
+                err = APIError(str(e), status=e.http_status)
+            elif isinstance(e, APIError):
+                err = e
+            else:
+                log.exception("stream of %s failed", jobs[0].request_id)
+                err = APIError(f"internal server error: {type(e).__name__}: {e}", status=500)
+            cut = [j for j in jobs if not j.finished]
+            for j in cut:
+                j.finished, j.finish_reason = True, "error"
+                j.timer.on_finish(time.monotonic(), "error")
+            if cut:
+                await _send_quietly(writer, error_chunk(cut))
+            await _send_quietly(writer, err.body())
     with contextlib.suppress(ConnectionResetError):
         await writer.done()
     return writer.response
@@ -376,4 +390,8 @@ async def create_chat_completion(request: web.Request, state: ServerState) -> we
         if include_usage:
             yield P.ChatCompletionChunk(rid, created, model, [], usage_of(jobs, [ids]))
 
-    return await stream_response(request, state, jobs, chunks)
+    def error_chunk(cut: list[Job]) -> P.ChatCompletionChunk:
+        choices = [P.ChatStreamChoice(j.index, P.DeltaMessage(content=""), None, "error") for j in cut]
+        return P.ChatCompletionChunk(rid, created, model, choices)
+
+    return await stream_response(request, state, jobs, chunks, error_chunk)

@@ -47,9 +47,6 @@ class SSEWriter:
     async def send(self, obj: Any) -> None:
         await self.response.write(sse_event(msgspec.json.encode(obj)))
 
-    async def send_raw(self, payload: bytes) -> None:
-        await self.response.write(sse_event(payload))
-
     async def done(self) -> None:
         await self.response.write(DONE)
         await self.response.write_eof()
