@@ -1,5 +1,9 @@
-"""Cluster simulator driving the real placement with the cost model."""
+"""Cluster simulator: the project's scheduler, lending policy and placement over roofline costs.
 
-from infinite.sim.simulator import SimConfig, SimResult, TraceRequest, compare_lending, mixed_trace, simulate
+``python -m infinite.sim --help``; docs/sim.md.
+"""
 
-__all__ = ["SimConfig", "SimResult", "TraceRequest", "compare_lending", "mixed_trace", "simulate"]
+from infinite.sim.engine import SimConfig, SimResult, simulate
+from infinite.sim.traces import TraceRequest
+
+__all__ = ["SimConfig", "SimResult", "TraceRequest", "simulate"]

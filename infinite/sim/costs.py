@@ -1,0 +1,154 @@
+"""Roofline step costs of a tensor-parallel instance, remote MicroAttention and migration.
+
+Pure arithmetic on a ``GpuSpec`` and a ``ModelSpec``; the engine feeds it
+what a step does (tokens, context read, attention work per location) and
+gets seconds back. Why a roofline: decode is bound by bytes read (weights
+once per step, the KV cache of every request), prefill by FLOPs; each part
+costs ``max(bytes / bandwidth, FLOPs / peak)`` at the device's achieved
+rates. A tensor-parallel group of ``tp`` devices splits weights, heads and
+FLOPs ``tp`` ways and pays two ring all-reduces of the hidden state per
+layer. Attention a request runs on a creditor costs the debtor one message
+per layer and creditor (latency + query/partial bytes + KV written there,
+over NVLink inside a node, InfiniBand across nodes) plus the creditor's own
+attention time, and it overlaps with the debtor's local attention (both are
+awaited together). See docs/sim.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from infinite.sim.gpus import GpuSpec
+from infinite.sim.models import ModelSpec
+
+__all__ = ["InstanceHW", "RemotePart", "StepCost", "step_cost", "migration_time", "kv_pool_blocks", "weights_fit"]
+
+
+@dataclass(frozen=True)
+class InstanceHW:
+    """One instance: ``tp`` devices of one kind running one model; ``nodes`` its devices' nodes."""
+
+    gpu: GpuSpec
+    model: ModelSpec
+    tp: int
+    nodes: tuple[int, ...]
+    # per-token coefficients, derived once
+    _attn_byte_s: float = field(init=False, repr=False, compare=False)
+    _attn_pair_s: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"InstanceHW.tp must be >= 1, got {self.tp}")
+        if not self.nodes:
+            raise ValueError("InstanceHW.nodes must name at least one node")
+        m = self.model
+        object.__setattr__(self, "_attn_byte_s", m.kv_bytes_per_token_layer / (self.tp * self.gpu.bw))
+        object.__setattr__(self, "_attn_pair_s", 4 * m.num_heads * m.head_dim / (self.tp * self.gpu.flops))
+
+    @property
+    def spans_nodes(self) -> bool:
+        return len(self.nodes) > 1
+
+    def same_node(self, other: InstanceHW) -> bool:
+        """Whether messages between the two instances stay on NVLink (both within one and the same node)."""
+        return not self.spans_nodes and not other.spans_nodes and self.nodes == other.nodes
+
+    # ---- parts of a step ---------------------------------------------------------------------
+    def linear_s(self, tokens: int, sampled: int) -> float:
+        """QKV/O projections, MLP and LM head of a step: weights read once, FLOPs per token."""
+        m, g = self.model, self.gpu
+        read = (m.num_layers * m.layer_params + m.vocab * m.hidden) * m.dtype_bytes / self.tp
+        flops = (2 * m.num_layers * m.layer_params * tokens + 2 * m.vocab * m.hidden * sampled) / self.tp
+        return max(read / g.bw, flops / g.flops)
+
+    def attention_s(self, read_tokens: float, pairs: float) -> float:
+        """One layer of attention over ``read_tokens`` tokens of KV with ``pairs`` (query, key) pairs."""
+        return max(read_tokens * self._attn_byte_s, pairs * self._attn_pair_s)
+
+    def allreduce_s(self, tokens: int) -> float:
+        """One ring all-reduce of ``tokens`` hidden states across the group (0 without TP)."""
+        if self.tp == 1 or tokens == 0:
+            return 0.0
+        g, m = self.gpu, self.model
+        hop = g.ring_hop_inter_s if self.spans_nodes else g.ring_hop_intra_s
+        bw = g.inter_bw if self.spans_nodes else g.intra_bw
+        steps = 2 * (self.tp - 1)
+        return steps * hop + steps / self.tp * tokens * m.hidden * m.dtype_bytes / bw
+
+    def base_s(self, tokens: int, sampled: int) -> float:
+        """Everything in a step but attention: host work, per-layer overheads and all-reduces, linear layers."""
+        g, L = self.gpu, self.model.num_layers
+        return g.step_overhead_s + L * (g.layer_overhead_s + 2 * self.allreduce_s(tokens)) + self.linear_s(tokens,
+                                                                                                           sampled)
+
+    @property
+    def decode_token_s(self) -> float:
+        """One layer of decode attention per context token (read and pairs are equal in decode)."""
+        return max(self._attn_byte_s, self._attn_pair_s)
+
+
+@dataclass(frozen=True)
+class RemotePart:
+    """What one step asks of one creditor: queries sent, KV written there, attention it runs."""
+
+    creditor: InstanceHW
+    same_node: bool
+    query_tokens: int
+    write_tokens: int
+    read_tokens: float
+    pairs: float
+
+
+@dataclass(frozen=True)
+class StepCost:
+    seconds: float
+    remote_layer_s: float  # slowest creditor's part of one layer, as the debtor waits for it
+    served_s: tuple[float, ...]  # GPU seconds each creditor (in the order given) spends on this step
+
+
+def remote_layer_s(debtor: InstanceHW, part: RemotePart) -> tuple[float, float]:
+    """(debtor's wait, creditor's attention) for one layer of one creditor's share of a step."""
+    m = debtor.model
+    lat, bw = debtor.gpu.link(part.same_node)
+    nbytes = (part.query_tokens * (m.query_bytes + m.partial_bytes) + part.write_tokens * m.kv_bytes_per_token_layer)
+    work = part.creditor.attention_s(part.read_tokens, part.pairs)
+    return lat + nbytes / (debtor.tp * bw) + work, work
+
+
+def step_cost(hw: InstanceHW, tokens: int, sampled: int, read_tokens: float, pairs: float,
+              remote: tuple[RemotePart, ...] = (), borrowed: bool = False) -> StepCost:
+    """Seconds of one step and the attention work it hands to each creditor.
+
+    ``read_tokens``/``pairs`` are the local attention's KV tokens read and (query, key) pairs
+    summed over the batch; ``remote`` one entry per creditor holding part of some request.
+    Local and remote attention of a layer run at once, so the layer waits for the slower.
+    """
+    L = hw.model.num_layers
+    slow = 0.0
+    served = []
+    for part in remote:
+        wait, work = remote_layer_s(hw, part)
+        slow = max(slow, wait)
+        served.append(L * work)
+    local = hw.attention_s(read_tokens, pairs)
+    seconds = hw.base_s(tokens, sampled) + L * max(local, slow) + (hw.gpu.control_rtt_s if borrowed else 0.0)
+    return StepCost(seconds, slow, tuple(served))
+
+
+def migration_time(src: InstanceHW, same_node: bool, blocks: int, block_size: int) -> float:
+    """Seconds to copy ``blocks`` KV blocks to another instance: one message per TP rank pair, in parallel."""
+    lat, bw = src.gpu.link(same_node)
+    return lat + blocks * block_size * src.model.kv_bytes_per_token / (src.tp * bw)
+
+
+def weights_fit(gpu: GpuSpec, model: ModelSpec, tp: int, kv_share: float = 0.5) -> bool:
+    """Whether ``tp`` devices hold the model and still keep ``kv_share`` of their usable memory for KV."""
+    usable = gpu.hbm_bytes * gpu.mem_utilization - gpu.workspace_bytes
+    return model.weight_bytes / tp <= (1 - kv_share) * usable
+
+
+def kv_pool_blocks(gpu: GpuSpec, model: ModelSpec, tp: int, block_size: int) -> int:
+    """KV blocks of an instance: what its devices keep after weights and workspace (vLLM's sizing)."""
+    usable = gpu.hbm_bytes * gpu.mem_utilization - gpu.workspace_bytes - model.weight_bytes / tp
+    per_block = block_size * model.kv_bytes_per_token / tp
+    return max(0, int(usable // per_block))

@@ -1,0 +1,424 @@
+"""The cluster simulator: events in time order over simulated instances.
+
+What runs is the project's own code: each instance's ``Scheduler`` (token
+budget, admission, preemption by recompute), borrowing on demand through
+``LendingPolicy.borrow_plan`` (``infinite.sim.memory``), ``placement.route``
+for every arrival and ``placement.plan`` every ``plan_interval_s`` on a
+snapshot of the cluster, with the cost model fitted from the simulated
+steps as the gManager fits it from heartbeats. What is simulated is time
+(``infinite.sim.costs``: roofline steps, remote attention, migrations that
+take link time and hold memory on both ends while they run) and the block
+counts. Runs of steps are fast-forwarded (``infinite.sim.segments``); an
+event that could change what the scheduler does next stops a run at its
+next step boundary.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from infinite.cluster.cost_model import CostModel, StepSample, fit
+from infinite.cluster.placement import (ClusterSnapshot, InstanceState, PlacementConfig, RequestState, plan,
+                                        route)
+from infinite.cluster.policy import LendingPolicy
+from infinite.kv.rmanager import blocks_for
+from infinite.runtime.request import Request
+from infinite.sampling.params import SamplingParams
+from infinite.sim.costs import InstanceHW, kv_pool_blocks, migration_time
+from infinite.sim.gpus import GpuSpec
+from infinite.sim.instance import SimInstance
+from infinite.sim.memory import ClusterMemory
+from infinite.sim.models import ModelSpec
+from infinite.sim.policies import node_groups
+from infinite.sim.traces import TraceRequest
+
+__all__ = ["SimConfig", "Completed", "SimResult", "simulate"]
+
+END, MOVE, ARRIVE, PLAN = 0, 1, 2, 3  # event kinds, in the order simultaneous events are handled
+_PARAMS = SamplingParams(max_tokens=None, ignore_eos=True)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    gpu: GpuSpec
+    model: ModelSpec
+    tps: tuple[int, ...]  # tensor-parallel degree of each instance
+    lending: bool
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048  # the project's EngineConfig defaults
+    max_num_seqs: int = 256
+    policy: LendingPolicy = field(default_factory=LendingPolicy)
+    placement: PlacementConfig | None = None  # None: PlacementConfig(policy=the policy)
+    plan_interval_s: float = 0.5  # EngineConfig.placement_interval_s
+    periodic_placement: bool = True
+    route_by_size: bool = False  # best-static: the smallest instance that holds the request
+    kv_blocks: int | None = None  # pool per instance; None = what the devices hold after weights
+    drain_s: float = 3600.0  # stop this long after the last arrival; what is left is reported unfinished
+    check: bool = False  # schedule every predicted step for real and compare (tests)
+
+    def lending_policy(self) -> LendingPolicy:
+        return replace(self.policy, enabled=self.lending and len(self.tps) > 1)
+
+    def placement_config(self) -> PlacementConfig:
+        base = self.placement if self.placement is not None else PlacementConfig()
+        return replace(base, policy=self.lending_policy())
+
+
+@dataclass(frozen=True)
+class Completed:
+    request_id: str
+    arrival_s: float
+    first_token_s: float
+    finish_s: float
+    prompt_len: int
+    output_len: int
+    preemptions: int
+    home: int
+    remote_blocks: int  # blocks it held on other instances at the end
+
+
+@dataclass
+class SimResult:
+    completed: list[Completed]
+    rejected: dict[str, list[str]]  # reason -> request ids
+    offered: int
+    end_s: float
+    preemptions: int
+    moves: int
+    blocks_moved: int
+    moves_cancelled: int
+    borrows: int
+    blocks_borrowed: int
+    capacity_tokens: int  # the longest request the deployment could ever hold
+    busy_s: float  # instance-seconds spent stepping
+    instances: int
+    steps: int
+    events: int
+
+
+class _Sim:
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        self.policy = cfg.lending_policy()
+        self.pcfg = cfg.placement_config()
+        nodes = node_groups(cfg.tps, cfg.gpu.gpus_per_node)
+        self.hws = [InstanceHW(cfg.gpu, cfg.model, t, n) for t, n in zip(cfg.tps, nodes)]
+        totals = [cfg.kv_blocks or kv_pool_blocks(cfg.gpu, cfg.model, hw.tp, cfg.block_size) for hw in self.hws]
+        if min(totals) < 1:
+            raise ValueError("an instance has no memory left for KV cache")
+        self.mem = ClusterMemory(totals, cfg.block_size, self.policy, on_change=self._lendable_up)
+        caps = [self.policy.request_capacity(t, totals[:r] + totals[r + 1:]) if self.policy.enabled else t
+                for r, t in enumerate(totals)]
+        self.capacity = max(caps)
+        self.inst = [SimInstance(r, hw, self.hws, self.mem, caps[r], cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                                 cfg.check) for r, hw in enumerate(self.hws)]
+        spans = len({n for hw in self.hws for n in hw.nodes}) > 1
+        self.cost = CostModel(num_layers=cfg.model.num_layers,
+                              remote_latency_s=cfg.gpu.inter_latency_s if spans else cfg.gpu.intra_latency_s)
+        self.samples: deque[StepSample] = deque(maxlen=512)
+        self.heap: list[tuple] = []
+        self.seq = itertools.count()
+        self.queued: dict[str, int] = {}  # waiting request -> blocks counted in its home's demand
+        self.homes: dict[str, int] = {}
+        self.requests: dict[str, Request] = {}
+        self.completed: list[Completed] = []
+        self.rejected: dict[str, list[str]] = {}
+        self.in_flight = 0
+        self.moving: dict[str, int] = {}  # request -> move id
+        self.moves = self.blocks_moved = self.moves_cancelled = 0
+        self.blocked: list[tuple[int, int, int]] = []  # (key, token, rank): wait until total lendable >= key
+        self.block_token = [0] * len(self.inst)
+        self.to_wake: set[int] = set()
+        self.lendable_rose = False
+        self.states: list[InstanceState | None] = [None] * len(self.inst)
+        self.events = 0
+        self.now = 0.0
+
+    # ---- events --------------------------------------------------------------------------------------
+    def push(self, t: float, kind: int, *payload) -> None:
+        heapq.heappush(self.heap, (t, kind, next(self.seq), payload))
+
+    def _lendable_up(self, rank: int) -> None:
+        self.lendable_rose = True
+
+    def state(self, r: int) -> InstanceState:
+        p, s = self.mem.pools[r], self.inst[r].sched
+        return InstanceState(rank=r, total_blocks=p.total, free_blocks=p.free, lent_blocks=p.lent,
+                             batch_size=len(s.running), waiting_blocks=p.demand, waiting_requests=len(s.waiting),
+                             borrowed_blocks=p.borrowed)
+
+    # ---- arrivals ------------------------------------------------------------------------------------
+    def arrive(self, tr: TraceRequest) -> None:
+        blocks = blocks_for(tr.prompt_len + tr.output_len, self.cfg.block_size)
+        home = self.route(blocks)
+        if home is None:
+            self.rejected.setdefault(f"longer than any instance can hold ({self.capacity} blocks of "
+                                     f"{self.cfg.block_size} tokens)", []).append(tr.request_id)
+            return
+        req = Request(tr.request_id, range(tr.prompt_len), _PARAMS, max_tokens=tr.output_len)  # type: ignore[arg-type]
+        req.metrics.arrival_time = tr.arrival_s
+        self.requests[tr.request_id] = req
+        self.homes[tr.request_id] = home
+        self.in_flight += 1
+        inst = self.inst[home]
+        inst.sched.add(req)
+        self._enqueue(home, req)
+        self.to_wake.add(home)
+
+    def route(self, blocks: int) -> int | None:
+        states = tuple(self.state(r) for r in range(len(self.inst)))
+        if self.cfg.route_by_size:
+            fit = [s for s in states if self.inst[s.rank].alloc.capacity >= blocks]
+            if not fit:
+                return None
+            smallest = min(s.total_blocks for s in fit)
+            states = tuple(s for s in fit if s.total_blocks == smallest)
+        return route(ClusterSnapshot(states, (), self.cfg.block_size), self.pcfg, blocks)
+
+    def _enqueue(self, rank: int, req: Request) -> None:
+        d = blocks_for(req.num_tokens + 1, self.cfg.block_size)
+        self.queued[req.request_id] = d
+        self.mem.pools[rank].demand += d
+        self.mem.refresh(rank)
+
+    # ---- runs ------------------------------------------------------------------------------------------
+    def start(self, r: int) -> None:
+        """Schedule instance ``r``'s next run, or leave it idle (and watch for the memory it waits on)."""
+        inst = self.inst[r]
+        for _ in range(len(inst.sched.running) + 2):  # a real step that only preempted is retried
+            if not inst.sched.running and not inst.sched.waiting:
+                return
+            t0 = self.now + inst.pending_served
+            inst.pending_served = 0.0
+            run = inst.plan(t0)
+            if run is None:
+                run, batch = inst.real_step(t0)
+                p = self.mem.pools[r]
+                for q in batch.requests:
+                    p.demand -= self.queued.pop(q.request_id, 0)
+                for q in batch.preempted:
+                    self._enqueue(r, q)
+                self.mem.refresh(r)
+                if run is None:
+                    if batch.preempted:
+                        continue
+                    self._watch(r)
+                    return
+            inst.begin(run)
+            held = sum(q.num_computed_tokens for q in inst.sched.running)
+            first = run.end(1) - run.t0
+            if first > 0:
+                self.samples.append(StepSample(len(inst.sched.running), held, first))
+            self._push_end(r)
+            if self.cfg.check:
+                inst.check_step(1)
+            self._watch(r)
+            return
+
+    def _push_end(self, r: int) -> None:
+        inst = self.inst[r]
+        run = inst.run
+        first = inst.tok_done + 1 if self.cfg.check else run.num_steps
+        for s in range(max(first, 1), run.num_steps + 1):
+            self.push(run.end(s), END, r, inst.version, s)
+
+    def end_step(self, r: int, version: int, s: int) -> None:
+        inst = self.inst[r]
+        if inst.version != version or inst.run is None:
+            return
+        if s < inst.run.num_steps:  # check mode: step s ended, the scheduler decides step s + 1
+            inst.apply_tokens(s)
+            inst.check_step(s + 1)
+            return
+        finished, served, _ = inst.finish_run()
+        for c, w in served.items():
+            if self.inst[c].run is not None:  # an idle creditor did the work in its idle time
+                self.inst[c].pending_served += w
+        for q in finished:
+            self.finish(r, q)
+        self.start(r)
+
+    def finish(self, r: int, req: Request) -> None:
+        req.metrics.finished_time = self.now
+        lay = self.mem.layouts.get(req.request_id)
+        remote = sum(n for i, n in lay.held.items() if i != r) if lay is not None else 0
+        self.inst[r].sched.finish(req)
+        self.completed.append(Completed(req.request_id, req.metrics.arrival_time, req.metrics.first_token_time,
+                                        self.now, req.num_prompt_tokens, len(req.output_token_ids),
+                                        req.metrics.num_preemptions, r, remote))
+        del self.requests[req.request_id]
+        self.in_flight -= 1
+
+    # ---- waking instances whose queue head may now be admitted ------------------------------------------
+    def _admission(self, r: int) -> tuple[int | None, int]:
+        """(last step to keep so the scheduler decides the next one, or None; key to watch with)."""
+        inst = self.inst[r]
+        head_need, lend = inst._head()
+        p = self.mem.pools[r]
+        own = self.mem.lendable(r)
+        run = inst.run
+        if run is None:
+            return (0 if head_need <= p.free + lend else None), head_need - p.free + own
+        if len(inst.sched.running) >= inst.sched.max_num_seqs:
+            return None, 1 << 62
+        s = run.steps_done(self.now) + 2
+        while s <= run.num_steps and run.budget_left(s) <= 0:
+            s += 1
+        if s > run.num_steps:
+            return None, 1 << 62  # the run's end decides
+        free_s = p.free + run.reserved - run.blocks_upto(s)
+        return (s - 1 if head_need <= free_s + lend else None), head_need - free_s + own
+
+    def wake(self, r: int) -> None:
+        inst = self.inst[r]
+        if not inst.sched.waiting:
+            return
+        if inst.run is None:
+            self.start(r)
+            return
+        last, _ = self._admission(r)
+        if last is not None and last < inst.run.num_steps:
+            inst.truncate(last)
+            self._push_end(r)
+        else:
+            self._watch(r)
+
+    def _watch(self, r: int) -> None:
+        inst = self.inst[r]
+        self.block_token[r] += 1
+        if not inst.sched.waiting or not self.policy.enabled or not self.policy.may_borrow(self.mem.pools[r].lent):
+            return
+        last, key = self._admission(r)
+        if last is None and key < 1 << 62:
+            heapq.heappush(self.blocked, (key, self.block_token[r], r))
+
+    def settle(self) -> None:
+        """After an event: wake instances that got memory back, then those the cluster can now lend to."""
+        for _ in range(1_000_000):
+            if self.mem.released_to:
+                self.to_wake |= self.mem.released_to
+                self.mem.released_to = set()
+            if self.to_wake:
+                r = min(self.to_wake)
+                self.to_wake.discard(r)
+                self.wake(r)
+                continue
+            if self.lendable_rose:
+                self.lendable_rose = False
+                while self.blocked and self.blocked[0][0] <= self.mem.total_lendable:
+                    _, tok, r = heapq.heappop(self.blocked)
+                    if tok == self.block_token[r]:
+                        self.to_wake.add(r)
+                if self.to_wake:
+                    continue
+            return
+
+    # ---- the periodic placement ----------------------------------------------------------------------------
+    def replan(self) -> None:
+        if len(self.samples) >= 8:
+            self.cost = fit(list(self.samples), prior=self.cost)
+        cands = self._plan_candidates()
+        for r in cands:
+            self.inst[r].sync(self.now)
+        reqs = []
+        for r in cands:
+            for q in self.inst[r].sched.running:
+                lay = self.mem.layouts.get(q.request_id)
+                if lay is not None and lay.total:
+                    reqs.append(RequestState(q.request_id, r, q.num_computed_tokens, dict(lay.held)))
+        states = tuple(self.state(r) for r in range(len(self.inst)))
+        for mv in plan(ClusterSnapshot(states, tuple(reqs), self.cfg.block_size), self.cost, self.pcfg):
+            self._start_move(mv)
+
+    def _plan_candidates(self) -> list[int]:
+        """Instances whose requests the planner may move: debtors by its rule, and homes of requests with
+        blocks elsewhere. The others' requests cannot be a move's source, so they stay out of the snapshot."""
+        thr = self.pcfg.debtor_batch_threshold
+        out = []
+        for r, inst in enumerate(self.inst):
+            p = self.mem.pools[r]
+            if len(inst.sched.running) < thr or p.demand > p.free or p.borrowed > 0:
+                out.append(r)
+        return out
+
+    def _start_move(self, mv) -> None:
+        rid = mv.request_id
+        lay = self.mem.layouts.get(rid)
+        if lay is None or rid in self.moving or mv.src != lay.home or lay.held.get(lay.home, 0) <= mv.num_blocks:
+            return  # only homes migrate, one move per request at a time, the newest block stays home
+        if self.policy.lendable(self.mem.peer(mv.dst)) < mv.num_blocks:
+            return  # the creditor's last word: it no longer has that much to lend
+        mid = self.mem.start_move(mv.dst, mv.num_blocks)
+        self.moving[rid] = mid
+        self.moves += 1
+        src, dst = self.hws[mv.src], self.hws[mv.dst]
+        t = migration_time(src, src.same_node(dst), mv.num_blocks, self.cfg.block_size)
+        self.push(self.now + t, MOVE, rid, mid, lay.epoch, mv.src, mv.num_blocks)
+
+    def end_move(self, rid: str, mid: int, epoch: int, src: int, n: int) -> None:
+        self.moving.pop(rid, None)
+        lay = self.mem.layouts.get(rid)
+        if lay is None or lay.epoch != epoch or lay.home != src:
+            self.mem.cancel_move(mid)
+            self.moves_cancelled += 1
+            return
+        inst = self.inst[src]
+        if inst.run is not None:  # the steps after the one in progress see the new layout
+            inst.truncate(inst.run.steps_done(self.now) + 1)
+            inst.sync(self.now)
+            self._push_end(src)
+        self.mem.finish_move(mid, rid)
+        self.blocks_moved += n
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def run(self, trace: list[TraceRequest]) -> SimResult:
+        for tr in trace:
+            self.push(tr.arrival_s, ARRIVE, tr)
+        last_arrival = max((t.arrival_s for t in trace), default=0.0)
+        pending_arrivals = len(trace)
+        if self.policy.enabled and self.cfg.periodic_placement and trace:
+            self.push(min(t.arrival_s for t in trace) + self.cfg.plan_interval_s, PLAN)
+        deadline = last_arrival + self.cfg.drain_s
+        while self.heap:
+            t, kind, _, payload = heapq.heappop(self.heap)
+            if t > deadline:
+                break
+            self.now = t
+            self.events += 1
+            if kind == END:
+                self.end_step(*payload)
+            elif kind == ARRIVE:
+                pending_arrivals -= 1
+                self.arrive(*payload)
+            elif kind == MOVE:
+                self.end_move(*payload)
+            else:
+                busy = any(i.run is not None for i in self.inst) or self.moving
+                if busy or pending_arrivals:
+                    self.replan()
+                    self.push(t + self.cfg.plan_interval_s, PLAN)
+            self.settle()
+        for rid in self.requests:
+            why = "unfinished when the run stopped (drain limit)" if self.heap else \
+                "stuck: waiting for memory that no instance would free or lend"
+            self.rejected.setdefault(why, []).append(rid)
+        return SimResult(
+            completed=self.completed, rejected=self.rejected, offered=len(trace), end_s=self.now,
+            preemptions=sum(i.sched.num_preemptions for i in self.inst), moves=self.moves,
+            blocks_moved=self.blocks_moved, moves_cancelled=self.moves_cancelled, borrows=self.mem.borrows,
+            blocks_borrowed=self.mem.borrowed_blocks, capacity_tokens=self.capacity * self.cfg.block_size,
+            busy_s=sum(i.busy_s for i in self.inst), instances=len(self.inst), steps=sum(i.steps for i in self.inst),
+            events=self.events)
+
+
+def simulate(trace: list[TraceRequest], cfg: SimConfig) -> SimResult:
+    """Run ``trace`` on the deployment ``cfg``; deterministic for given inputs."""
+    if not isinstance(cfg, SimConfig):
+        raise TypeError(f"cfg must be a SimConfig, got {type(cfg).__name__}")
+    ids = [t.request_id for t in trace]
+    if len(set(ids)) != len(ids):
+        raise ValueError("simulate: request ids in the trace must be unique")
+    return _Sim(cfg).run(trace)

@@ -1,0 +1,352 @@
+"""One simulated instance: the project's ``Scheduler`` over a ``SimAllocator``, with step costs.
+
+Between scheduling decisions an instance runs a predicted *run* of steps
+(``infinite.sim.segments``); a step the prediction cannot know (an
+admission, a borrow, a preemption) is decided by calling
+``Scheduler.schedule`` itself. With ``check=True`` every predicted step is
+also scheduled for real at its time and compared, which is how the tests
+show that fast-forwarding changes nothing.
+
+Where a step's attention runs follows each request's block layout: tokens
+in home blocks are attended locally, tokens in a creditor's blocks by that
+creditor (queries out, partial results back, the chunk's new KV written
+there when its blocks are remote).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infinite.kv.rmanager import blocks_for
+from infinite.runtime.request import Request
+from infinite.runtime.scheduler import ScheduledBatch, Scheduler
+from infinite.sim.costs import InstanceHW, RemotePart, StepCost, step_cost
+from infinite.sim.memory import ClusterMemory, SimAllocator
+from infinite.sim.segments import DecodeRun, Step, StepRun
+
+__all__ = ["SimInstance", "MAX_RUN_STEPS"]
+
+MAX_RUN_STEPS = 1 << 20  # a bound on one predicted run (a decode run ends at a finish long before)
+MAX_CHUNK_STEPS = 4096  # steps kept one by one in a single run
+
+
+@dataclass
+class _Plan:
+    """A running request as the prediction advances it."""
+
+    c: int  # computed tokens
+    N: int  # tokens (prompt + sampled)
+    outs: int
+    maxo: int
+    b: int  # blocks held (incl. predicted)
+
+
+class SimInstance:
+    def __init__(self, rank: int, hw: InstanceHW, hws: list[InstanceHW], mem: ClusterMemory, capacity: int,
+                 budget: int, max_seqs: int, check: bool = False) -> None:
+        self.rank = rank
+        self.hw = hw
+        self.hws = hws
+        self.mem = mem
+        self.alloc = SimAllocator(mem, rank, capacity)
+        self.sched = Scheduler(self.alloc, max_seqs, budget)
+        self.check = check
+        self.run: StepRun | DecodeRun | None = None
+        self.version = 0  # bumped whenever the run's end moves (stale end events are dropped)
+        self.tok_done = 0  # steps of the run whose tokens are applied
+        self.alloc_done = 0  # steps of the run whose blocks are in the layouts (FF mode)
+        self.pending_served = 0.0  # remote attention owed to debtors, done before the next run
+        self.busy_s = 0.0
+        self.steps = 0
+
+    @property
+    def block_size(self) -> int:
+        return self.mem.block_size
+
+    # ---- costs -------------------------------------------------------------------------------------
+    def cost(self, entries: list[tuple[Request, int, int, bool]], borrowed: bool = False) -> tuple[StepCost, dict]:
+        """Cost of a step computing ``n`` tokens from ``c`` for each (request, c, n, samples)."""
+        bs, home = self.block_size, self.rank
+        tokens = sampled = 0
+        read = pairs = 0.0
+        parts: dict[int, list[float]] = {}  # creditor -> [query, write, read, pairs]
+        for req, c, n, samples in entries:
+            tokens += n
+            sampled += samples
+            lay = self.mem.layouts.get(req.request_id)
+            if lay is None or not any(n_ and x != home for x, n_ in lay.held.items()):
+                read += c + n
+                pairs += n * c + n * (n + 1) / 2
+                continue
+            before = lay.tokens_at(0, c, bs)
+            inside = lay.tokens_at(c, c + n, bs)
+            rb = ri = 0
+            for x in set(before) | set(inside):
+                if x == home:
+                    continue
+                b, i = before.get(x, 0), inside.get(x, 0)
+                rb += b
+                ri += i
+                p = parts.setdefault(x, [0, 0, 0.0, 0.0])
+                p[0] += n
+                p[1] += i
+                p[2] += b + i
+                p[3] += n * b + i * (n + 1) / 2
+            hb, hi = c - rb, n - ri
+            read += hb + hi
+            pairs += n * hb + hi * (n + 1) / 2
+        ranks = sorted(parts)
+        remote = tuple(RemotePart(self.hws[x], self.hw.same_node(self.hws[x]), int(parts[x][0]), int(parts[x][1]),
+                                  parts[x][2], parts[x][3]) for x in ranks)
+        sc = step_cost(self.hw, tokens, sampled, read, pairs, remote, borrowed)
+        return sc, dict(zip(ranks, sc.served_s))
+
+    # ---- predicting a run ------------------------------------------------------------------------------
+    def _head(self) -> tuple[int, int]:
+        """(blocks the queue's head needs to be admitted, blocks the cluster may lend us)."""
+        if not self.sched.waiting:
+            return 0, 0
+        head = self.sched.waiting[0]
+        lend = self.mem.borrowable(self.rank) if self.mem.policy.enabled else 0
+        return blocks_for(head.num_tokens + 1, self.block_size), lend
+
+    def _admits(self, head_need: int, borrowable: int, budget_left: int, free: int) -> bool:
+        s = self.sched
+        return bool(s.waiting) and budget_left > 0 and len(s.running) < s.max_num_seqs and \
+            head_need <= free + borrowable
+
+    def plan(self, t0: float) -> StepRun | DecodeRun | None:
+        """Predict the steps from ``t0`` until something only the scheduler can decide; None if the
+        very first step is such a step."""
+        running = self.sched.running
+        if not running:
+            return None
+        states = []
+        for r in running:
+            lay = self.mem.layouts.get(r.request_id)
+            states.append(_Plan(r.num_computed_tokens, r.num_tokens, len(r.output_token_ids), r.max_tokens,
+                                lay.total if lay is not None else 0))
+        head_need, borrowable = self._head()
+        free0 = self.mem.pools[self.rank].free
+        if all(p.N - p.c == 1 for p in states) and len(states) <= self.sched.max_num_batched_tokens:
+            run = self._plan_decode(t0, states, head_need, borrowable, free0)
+            if run is not None or not self._remote_ahead(states):
+                return run
+        return self._plan_steps(t0, states, head_need, borrowable, free0)
+
+    def _remote_ahead(self, states: list[_Plan]) -> bool:
+        """Whether some request will still write into remote blocks (the closed form assumes not)."""
+        bs = self.block_size
+        for r, p in zip(self.sched.running, states):
+            lay = self.mem.layouts.get(r.request_id)
+            if lay is None:
+                continue
+            pos = 0
+            for inst, cnt in lay.runs:
+                pos += cnt * bs
+                if inst != self.rank and pos > p.c:
+                    return True
+        return False
+
+    def _plan_decode(self, t0: float, states: list[_Plan], head_need: int, borrowable: int,
+                     free0: int) -> DecodeRun | None:
+        bs, beta = self.block_size, len(states)
+        if self._remote_ahead(states):
+            return None
+
+        def need(s: int) -> int:
+            return sum(max(0, blocks_for(p.c + s, bs) - p.b) for p in states)
+
+        budget_left = self.sched.max_num_batched_tokens - beta
+        n1 = need(1)
+        if n1 > free0 or self._admits(head_need, borrowable, budget_left, free0 - n1):
+            return None
+        k_fin = min(p.maxo - p.outs for p in states)
+        lo, hi = 1, min(k_fin, MAX_RUN_STEPS)
+        while lo < hi:  # the last step whose growth the home pool still holds
+            mid = (lo + hi + 1) // 2
+            if need(mid) <= free0:
+                lo = mid
+            else:
+                hi = mid - 1
+        k = lo
+        entries = [(r, p.c, 1, True) for r, p in zip(self.sched.running, states)]
+        sc, served = self.cost(entries)
+        x1 = 0
+        for r, p in zip(self.sched.running, states):
+            lay = self.mem.layouts.get(r.request_id)
+            rem = sum(n for i, n in lay.held.items() if i != self.rank) * bs if lay is not None else 0
+            x1 += p.c + 1 - rem
+        run = DecodeRun(t0, list(self.sched.running), k, self.hw.base_s(beta, beta), self.hw.model.num_layers,
+                        self.hw.decode_token_s, x1, sc.remote_layer_s, served, need(k), budget_left, bs,
+                        [p.c for p in states], [p.b for p in states])
+        return run
+
+    def _plan_steps(self, t0: float, states: list[_Plan], head_need: int, borrowable: int,
+                    free0: int) -> StepRun | None:
+        bs, budget = self.block_size, self.sched.max_num_batched_tokens
+        running = self.sched.running
+        steps: list[Step] = []
+        free, t, reserved = free0, t0, 0
+        while len(steps) < MAX_CHUNK_STEPS:
+            left, need = budget, 0
+            work, blocks, entries = [], [], []
+            for i, p in enumerate(states):
+                if left <= 0:
+                    break
+                n = min(p.N - p.c, left)
+                nb = max(0, blocks_for(p.c + n, bs) - p.b)
+                if nb > 0:
+                    need += nb
+                    blocks.append((i, nb))
+                work.append((i, n))
+                entries.append((running[i], p.c, n, p.c + n == p.N))
+                left -= n
+            if need > free or self._admits(head_need, borrowable, left, free - need):
+                break
+            sc, served = self.cost(entries)
+            t += sc.seconds
+            steps.append(Step(t, work, blocks, served, left, sc.seconds))
+            free -= need
+            reserved += need
+            done = False
+            for i, n in work:
+                p = states[i]
+                p.c += n
+                if p.c == p.N:
+                    p.N += 1
+                    p.outs += 1
+                    done |= p.outs >= p.maxo
+                p.b += next((nb for j, nb in blocks if j == i), 0)
+            if done or all(p.N - p.c == 1 for p in states):
+                break
+        if not steps:
+            return None
+        return StepRun(t0, list(running), steps, reserved)
+
+    # ---- a step the scheduler decides ----------------------------------------------------------------
+    def real_step(self, t0: float) -> tuple[StepRun | None, ScheduledBatch]:
+        self.alloc.borrowed_in_step = False
+        batch = self.sched.schedule()
+        if not batch.requests:
+            return None, batch
+        entries = [(r, r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens)
+                   for r, n in zip(batch.requests, batch.num_new_tokens)]
+        sc, served = self.cost(entries, self.alloc.borrowed_in_step)
+        step = Step(t0 + sc.seconds, [(i, n) for i, n in enumerate(batch.num_new_tokens)], [], served, 0, sc.seconds)
+        return StepRun(t0, list(batch.requests), [step], 0, real=True), batch
+
+    # ---- applying a run ------------------------------------------------------------------------------
+    def begin(self, run: StepRun | DecodeRun) -> None:
+        self.run = run
+        self.tok_done = 0
+        self.alloc_done = 0 if not run.real else run.num_steps
+        if run.reserved:
+            self.mem.reserve(self.rank, run.reserved)
+            if self.check:
+                self.alloc.reserve = run.reserved
+        self.version += 1
+
+    def apply_tokens(self, upto: int) -> list[Request]:
+        """Apply the tokens of steps ``tok_done+1..upto``; returns requests that reached max_tokens."""
+        run, a = self.run, self.tok_done
+        if upto <= a:
+            return []
+        finished = []
+        if isinstance(run, DecodeRun):
+            k = upto - a
+            first_end = run.end(a + 1)
+            last_end = run.end(upto)
+            for r in run.reqs:
+                r.num_computed_tokens += k
+                if not r.output_token_ids:
+                    r.metrics.first_token_time = first_end
+                r.output_token_ids.extend([0] * k)
+                r.metrics.last_token_time = last_end
+                if len(r.output_token_ids) >= r.max_tokens:
+                    finished.append(r)
+        else:
+            for s in range(a, upto):
+                st = run.steps[s]
+                for i, n in st.work:
+                    r = run.reqs[i]
+                    r.num_computed_tokens += n
+                    if r.num_computed_tokens == r.num_tokens:
+                        r.output_token_ids.append(0)
+                        if r.metrics.first_token_time is None:
+                            r.metrics.first_token_time = st.end
+                        r.metrics.last_token_time = st.end
+                        if len(r.output_token_ids) >= r.max_tokens:
+                            finished.append(r)
+        self.tok_done = upto
+        self.steps += upto - a
+        return finished
+
+    def apply_blocks(self, upto: int) -> None:
+        """Hand the reserved blocks of steps ``alloc_done+1..upto`` to their requests (FF mode)."""
+        run = self.run
+        if self.check or upto <= self.alloc_done:
+            return
+        now, before = run.req_blocks(upto), run.req_blocks(self.alloc_done)
+        for i, n in now.items():
+            d = n - before.get(i, 0)
+            if d > 0:
+                self.mem.assign_reserved(run.reqs[i].request_id, self.rank, d)
+        self.alloc_done = upto
+
+    def sync(self, now: float) -> None:
+        """Bring requests and layouts to where stepping would have them at ``now`` (FF mode)."""
+        if self.run is None or self.check:
+            return
+        k = self.run.num_steps
+        j = min(self.run.steps_done(now), k - 1)  # the last step's tokens are the end event's to apply
+        done = self.apply_tokens(j)
+        assert not done, "a request finished inside a run"
+        self.apply_blocks(min(j + 1, k))
+
+    def truncate(self, last: int) -> None:
+        """Let the run end after step ``last`` (>= the step in progress)."""
+        run = self.run
+        if last >= run.num_steps:
+            return
+        drop = run.truncate(last)
+        if drop:
+            self.mem.unreserve(self.rank, drop)
+            if self.check:
+                self.alloc.reserve -= drop
+        self.version += 1
+
+    def finish_run(self) -> tuple[list[Request], dict[int, float], float]:
+        """Apply the rest of the run; returns finished requests, remote work per creditor, busy seconds."""
+        run = self.run
+        k = run.num_steps
+        self.apply_blocks(k)
+        finished = self.apply_tokens(k)
+        if self.check and self.alloc.reserve:
+            raise AssertionError(f"instance {self.rank}: {self.alloc.reserve} reserved blocks left unused")
+        served = run.served(0, k)
+        busy = run.end(k) - run.t0
+        self.busy_s += busy
+        self.run = None
+        return finished, served, busy
+
+    # ---- check mode: every predicted step scheduled for real ---------------------------------------------
+    def check_step(self, s: int) -> None:
+        """Schedule step ``s`` with the real scheduler and compare it with the prediction."""
+        run = self.run
+        if run.real:
+            return
+        self.alloc.borrowed_in_step = False
+        batch = self.sched.schedule()
+        want = run.work(s - 1, s)[0]
+        got = [(r.request_id, n) for r, n in zip(batch.requests, batch.num_new_tokens)]
+        exp = [(run.reqs[i].request_id, n) for i, n in want]
+        if got != exp or batch.preempted:
+            raise AssertionError(f"instance {self.rank} step {s}: predicted {exp}, scheduler gave {got} "
+                                 f"(preempted {[r.request_id for r in batch.preempted]})")
+        entries = [(r, r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens)
+                   for r, n in zip(batch.requests, batch.num_new_tokens)]
+        sc, _ = self.cost(entries, self.alloc.borrowed_in_step)
+        pred = run.step_seconds(s) if isinstance(run, DecodeRun) else run.steps[s - 1].seconds
+        if abs(sc.seconds - pred) > 1e-9 * max(1.0, pred):
+            raise AssertionError(f"instance {self.rank} step {s}: predicted {pred} s, stepping costs {sc.seconds} s")

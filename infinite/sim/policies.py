@@ -1,0 +1,105 @@
+"""How N GPUs become instances under each policy the paper compares.
+
+* ``vllm-multi``: N/k instances of the smallest tensor-parallel degree k that
+  holds the model, each on its own (no lending), requests routed by memory.
+* ``vllm-single``: one instance over all N GPUs.
+* ``best-static``: the mix of instance sizes that serves the trace best
+  (``candidates`` lists the mixes; the CLI simulates each and keeps the
+  best), requests routed to the smallest instance that can hold them.
+* ``infinite``: the vllm-multi instances with lending on demand and the
+  periodic debtor/creditor placement.
+
+Pure: no simulation here, only layouts and why one is impossible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infinite.sim.costs import weights_fit
+from infinite.sim.gpus import GpuSpec
+from infinite.sim.models import ModelSpec
+
+__all__ = ["POLICIES", "Deployment", "valid_tp", "min_tp", "deployment", "best_static_candidates", "node_groups"]
+
+POLICIES = ("infinite", "vllm-multi", "vllm-single", "best-static")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    policy: str
+    tps: tuple[int, ...]  # tensor-parallel degree of each instance
+    lending: bool
+    route_by_size: bool = False
+
+    @property
+    def gpus(self) -> int:
+        return sum(self.tps)
+
+    def describe(self) -> str:
+        counts: dict[int, int] = {}
+        for t in self.tps:
+            counts[t] = counts.get(t, 0) + 1
+        return " + ".join(f"{n}xTP{t}" for t, n in sorted(counts.items(), reverse=True))
+
+
+def valid_tp(model: ModelSpec, tp: int) -> bool:
+    """vLLM's rule: the query heads split evenly, and KV heads split evenly or are replicated."""
+    return tp >= 1 and model.num_heads % tp == 0 and (model.num_kv_heads % tp == 0 or tp % model.num_kv_heads == 0)
+
+
+def min_tp(gpu: GpuSpec, model: ModelSpec, gpus: int) -> int:
+    """The smallest power-of-two TP degree that holds the model and keeps half the memory for KV."""
+    tp = 1
+    while tp <= gpus:
+        if valid_tp(model, tp) and weights_fit(gpu, model, tp):
+            return tp
+        tp *= 2
+    raise ValueError(f"{model.name} does not fit {gpus} x {gpu.name} with half of the memory left for KV cache")
+
+
+def deployment(policy: str, gpu: GpuSpec, model: ModelSpec, gpus: int) -> Deployment:
+    """The instances of ``policy`` (best-static: its smallest-instance candidate; see candidates)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}: expected one of {', '.join(POLICIES)}")
+    k = min_tp(gpu, model, gpus)
+    if policy in ("infinite", "vllm-multi"):
+        if gpus % k:
+            raise ValueError(f"{gpus} GPUs do not split into TP{k} instances")
+        return Deployment(policy, (k,) * (gpus // k), lending=policy == "infinite")
+    if policy == "vllm-single":
+        if not valid_tp(model, gpus):
+            raise ValueError(f"vllm-single: {gpus}-way tensor parallelism does not split {model.name}'s "
+                             f"{model.num_heads} heads ({model.num_kv_heads} KV heads)")
+        return Deployment(policy, (gpus,), lending=False)
+    return best_static_candidates(gpu, model, gpus)[0]
+
+
+def best_static_candidates(gpu: GpuSpec, model: ModelSpec, gpus: int) -> list[Deployment]:
+    """Static mixes: every uniform size, and m big instances (m a power of two) beside the smallest.
+
+    The first is the uniform smallest size (vllm-multi's layout, routed by size)."""
+    k = min_tp(gpu, model, gpus)
+    sizes = [t for t in (k * 2**i for i in range(12)) if t <= gpus and valid_tp(model, t) and gpus % t == 0]
+    out = [Deployment("best-static", (t,) * (gpus // t), False, True) for t in sizes]
+    for big in sizes[1:]:
+        m = 1
+        while m * big < gpus:
+            rest = gpus - m * big
+            if rest % k == 0:
+                out.append(Deployment("best-static", (big,) * m + (k,) * (rest // k), False, True))
+            m *= 2
+    return out
+
+
+def node_groups(tps: tuple[int, ...], gpus_per_node: int) -> list[tuple[int, ...]]:
+    """The nodes each instance's GPUs sit on: GPUs handed out in order, largest instances first,
+    so an instance of at most a node's GPUs never straddles two nodes."""
+    order = sorted(range(len(tps)), key=lambda i: -tps[i])
+    nodes: list[tuple[int, ...]] = [()] * len(tps)
+    nxt = 0
+    for i in order:
+        gs = range(nxt, nxt + tps[i])
+        nodes[i] = tuple(sorted({g // gpus_per_node for g in gs}))
+        nxt += tps[i]
+    return nodes
