@@ -240,6 +240,7 @@ class Instance:
             migrations=c.migrations,
             migrated_blocks=c.migrated_blocks,
             lend_cap=self.policy.lend_cap(self.rm.num_blocks),
+            torch_threads=torch.get_num_threads(),
         )
 
 

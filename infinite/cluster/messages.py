@@ -123,6 +123,7 @@ class InstanceStats(Msg):
     migrations: int = 0
     migrated_blocks: int = 0
     lend_cap: int = 0
+    torch_threads: int = 0  # intra-op threads of this rank's torch
 
 
 class Heartbeat(Msg):

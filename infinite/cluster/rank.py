@@ -108,7 +108,7 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
         loop.add_signal_handler(sig, on_signal)
 
     main_task = asyncio.ensure_future(instance.run())
-    tasks = [main_task, asyncio.ensure_future(_heartbeats(instance, transport))]
+    tasks = [main_task, asyncio.ensure_future(heartbeat_loop(instance, transport))]
     if front is not None:
         tasks.append(asyncio.ensure_future(front.gmanager.run(lambda: instance.stopping)))
     if opts.watch_parent:
@@ -137,7 +137,7 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
     return code
 
 
-async def _heartbeats(instance, transport) -> None:
+async def heartbeat_loop(instance, transport) -> None:
     loop = asyncio.get_running_loop()
     lost_since = None
     while not instance.stopping:
