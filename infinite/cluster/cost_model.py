@@ -162,9 +162,14 @@ def fit(
         scales.append(rms)
     lam = prior_weight * n
 
+    # The normal equations in column-scaled units, built once for all 16 active sets (the gManager
+    # refits on every placement run, over up to 512 samples).
+    xs = [[r[j] / scales[j] for j in range(4)] for r in rows]
+    gram = [[sum(x[p] * x[q] for x in xs) for q in range(4)] for p in range(4)]
+    xty = [sum(x[p] * y for x, y in zip(xs, ys)) for p in range(4)]
     best: tuple[float, list[float]] | None = None
     for active in _subsets(4):
-        theta = _solve_ridge(rows, ys, theta0, scales, lam, active)
+        theta = _solve_ridge(gram, xty, theta0, scales, lam, active)
         if theta is None or any(t < 0 for t in theta):
             continue
         obj = sum((y - sum(r[j] * theta[j] for j in range(4))) ** 2 for r, y in zip(rows, ys))
@@ -185,35 +190,30 @@ def _subsets(n: int) -> list[tuple[int, ...]]:
 
 
 def _solve_ridge(
-    rows: list[list[float]],
-    ys: list[float],
+    gram: list[list[float]],
+    xty: list[float],
     theta0: list[float],
     scales: list[float],
     lam: float,
     active: tuple[int, ...],
 ) -> list[float] | None:
-    """Normal equations of the prior-pulled least squares, inactive parameters pinned at 0."""
+    """Normal equations of the prior-pulled least squares, inactive parameters pinned at 0.
+
+    ``gram``/``xty`` are XᵀX and Xᵀy in scaled units u_j = theta_j * scale_j, so the system is
+    well conditioned."""
     theta = [0.0] * len(theta0)
     if not active:
         return theta
-    k = len(active)
-    # Work in scaled units u_j = theta_j * scale_j so the system is well conditioned.
-    A = [[0.0] * k for _ in range(k)]
-    rhs = [0.0] * k
-    for r, y in zip(rows, ys):
-        x = [r[j] / scales[j] for j in active]
-        for p in range(k):
-            rhs[p] += x[p] * y
-            for q in range(k):
-                A[p][q] += x[p] * x[q]
-    for p, j in enumerate(active):
-        A[p][p] += lam
-        rhs[p] += lam * theta0[j] * scales[j]
+    A = [[gram[p][q] for q in active] for p in active]
+    rhs = [xty[p] for p in active]
+    for k, j in enumerate(active):
+        A[k][k] += lam
+        rhs[k] += lam * theta0[j] * scales[j]
     u = _gauss(A, rhs)
     if u is None:
         return None
-    for p, j in enumerate(active):
-        theta[j] = u[p] / scales[j]
+    for k, j in enumerate(active):
+        theta[j] = u[k] / scales[j]
     return theta
 
 

@@ -16,6 +16,7 @@ awaited together). See docs/sim.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from infinite.sim.gpus import GpuSpec
@@ -66,14 +67,24 @@ class InstanceHW:
         return max(read_tokens * self._attn_byte_s, pairs * self._attn_pair_s)
 
     def allreduce_s(self, tokens: int) -> float:
-        """One ring all-reduce of ``tokens`` hidden states across the group (0 without TP)."""
+        """One all-reduce of ``tokens`` hidden states across the group (0 without TP).
+
+        Latency: NCCL's ring (2(tp-1) hops) inside a node; across nodes the cheaper of the ring and
+        a tree (log-depth hops inside and across nodes). Bandwidth: a ring moves 2(tp-1)/tp of the
+        data over the slowest link."""
         if self.tp == 1 or tokens == 0:
             return 0.0
         g, m = self.gpu, self.model
-        hop = g.ring_hop_inter_s if self.spans_nodes else g.ring_hop_intra_s
-        bw = g.inter_bw if self.spans_nodes else g.intra_bw
         steps = 2 * (self.tp - 1)
-        return steps * hop + steps / self.tp * tokens * m.hidden * m.dtype_bytes / bw
+        if self.spans_nodes:
+            ring = steps * g.ring_hop_inter_s
+            per_node = max(1, min(self.tp, g.gpus_per_node))
+            tree = 2 * (math.ceil(math.log2(per_node)) * g.ring_hop_intra_s
+                        + math.ceil(math.log2(len(self.nodes))) * g.ring_hop_inter_s)
+            lat, bw = min(ring, tree), g.inter_bw
+        else:
+            lat, bw = steps * g.ring_hop_intra_s, g.intra_bw
+        return g.allreduce_base_s + lat + steps / self.tp * tokens * m.hidden * m.dtype_bytes / bw
 
     def base_s(self, tokens: int, sampled: int) -> float:
         """Everything in a step but attention: host work, per-layer overheads and all-reduces, linear layers."""

@@ -33,6 +33,7 @@ class GpuSpec:
     inter_latency_s: float  # one message across nodes
     ring_hop_intra_s: float  # latency of one hop of a ring all-reduce inside a node
     ring_hop_inter_s: float  # latency of one hop of a ring all-reduce that crosses nodes
+    allreduce_base_s: float  # fixed latency of one all-reduce call (kernel launch, protocol setup)
     layer_overhead_s: float  # per layer and step: kernel launches, norms, rotary, activation
     step_overhead_s: float  # per step: scheduling, sampling, host work
     control_rtt_s: float  # one control-plane round trip (a borrow's reservation on a creditor)
@@ -47,7 +48,8 @@ class GpuSpec:
         for f in ("bw_eff", "flops_eff", "mem_utilization"):
             if not 0 < getattr(self, f) <= 1:
                 raise ValueError(f"GpuSpec.{f} must be in (0, 1], got {getattr(self, f)!r}")
-        for f in ("intra_latency_s", "inter_latency_s", "ring_hop_intra_s", "ring_hop_inter_s", "layer_overhead_s",
+        for f in ("intra_latency_s", "inter_latency_s", "ring_hop_intra_s", "ring_hop_inter_s", "allreduce_base_s",
+                  "layer_overhead_s",
                   "step_overhead_s", "control_rtt_s", "workspace_bytes"):
             if getattr(self, f) < 0:
                 raise ValueError(f"GpuSpec.{f} must be >= 0, got {getattr(self, f)!r}")
@@ -87,6 +89,7 @@ _ASSUMED = dict(
     inter_latency_s=12e-6,
     ring_hop_intra_s=0.6e-6,
     ring_hop_inter_s=5e-6,
+    allreduce_base_s=8e-6,
     layer_overhead_s=20e-6,
     step_overhead_s=1e-3,
     control_rtt_s=200e-6,
@@ -101,6 +104,8 @@ _SOURCES = {
                                         "~12 us across InfiniBand",
     "ring_hop_intra_s": "NCCL tuning model (src/graph/tuning.cc): ring LL hop over NVLink ~0.5 us",
     "ring_hop_inter_s": "assumption: ring hop across InfiniBand incl. the NCCL proxy, ~5 us",
+    "allreduce_base_s": "NCCL tuning model ring LL base latency (3.6 us) plus a kernel launch (~4 us); with the "
+                        "hops this gives ~16 us for 8 GPUs, the order nccl-tests report for small all-reduces",
     "layer_overhead_s": "assumption: ~10 small kernels per layer (norms, rotary, activation, launches), ~20 us",
     "step_overhead_s": "assumption: host work of one engine step (schedule, sample, detokenize), ~1 ms",
     "control_rtt_s": "assumption: one RPC round trip to rank 0 and a creditor for a borrow, ~200 us",
