@@ -106,12 +106,13 @@ def test_request_longer_than_an_instance_is_served_only_with_lending():
 
 
 def test_deployments_of_the_policies():
-    assert deployment("vllm-multi", A100, L7, 32).tps == (1,) * 32
+    assert deployment("vllm-multi", A100, L7, 32).sizes == (1,) * 32
     assert deployment("infinite", A100, L7, 32).lending
-    assert deployment("vllm-single", A100, L7, 32).tps == (32,)
-    assert deployment("vllm-multi", A100, model_spec("llama2-70b"), 32).tps == (4,) * 8
-    with pytest.raises(ValueError, match="heads"):
-        deployment("vllm-single", A100, L7, 64)
+    assert deployment("vllm-single", A100, L7, 32).sizes == (32,)
+    assert deployment("vllm-single", A100, L7, 32).describe() == "1xTP8xPP4"
+    assert deployment("vllm-multi", A100, model_spec("llama2-70b"), 32).sizes == (4,) * 8
+    with pytest.raises(ValueError, match="nodes of 8"):
+        deployment("vllm-single", A100, L7, 12)  # 12 GPUs are not whole nodes for the pipeline
 
 
 def test_borrow_candidates_give_borrow_plan_the_same_answer():

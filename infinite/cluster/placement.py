@@ -42,6 +42,8 @@ __all__ = [
     "plan",
     "apply_moves",
     "route",
+    "route_key",
+    "capacities",
     "fits_cluster",
     "lost_requests",
     "cluster_throughput",
@@ -250,7 +252,9 @@ class _Work:
         }
         self.reqs = {r.request_id: _Req(r.request_id, r.home, {k: v for k, v in r.blocks.items() if v > 0})
                      for r in snap.requests}
+        self.by_home: dict[int, list[_Req]] = {}
         for r in self.reqs.values():
+            self.by_home.setdefault(r.home, []).append(r)
             home = self.inst[r.home]
             home.remote_calls += sum(1 for k in r.blocks if k != r.home)
             home.borrowed += sum(n for k, n in r.blocks.items() if k != r.home)
@@ -391,13 +395,18 @@ def _best_move(work: _Work, cost: CostModel, cfg: PlacementConfig) -> Move | Non
     debtors = [i for i in live if (i.batch < cfg.debtor_batch_threshold or i.waiting > i.free)
                and cfg.policy.may_borrow(i.lent)]
     debtors.sort(key=lambda i: (i.batch, i.rank))
-    creditors = [i for i in live if i.used < cfg.creditor_usage_threshold * i.total and work.lendable(i, cfg) > 0]
-    if not creditors:
-        return None
+    creditors: list[_Inst] | None = None  # found once a request could gain (a scan of every instance)
     for d in debtors:
-        reqs = [r for r in work.reqs.values() if r.home == d.rank and _movable(r, cfg) > 0]
+        reqs = [r for r in work.by_home.get(d.rank, ()) if _movable(r, cfg) > 0]
         reqs.sort(key=lambda r: (-r.blocks.get(r.home, 0), r.rid))
         for r in reqs:
+            if not _may_gain(work, cost, cfg, d, r):
+                continue
+            if creditors is None:
+                creditors = [i for i in live
+                             if i.used < cfg.creditor_usage_threshold * i.total and work.lendable(i, cfg) > 0]
+            if not creditors:
+                return None
             cands = [c for c in creditors if c.rank != d.rank]
             # fewest creditors per request: one that already holds it first, then most free
             cands.sort(key=lambda c: (r.blocks.get(c.rank, 0) == 0, -c.free, c.rank))
@@ -406,6 +415,21 @@ def _best_move(work: _Work, cost: CostModel, cfg: PlacementConfig) -> Move | Non
                 if mv is not None:
                     return mv
     return None
+
+
+def _may_gain(work: _Work, cost: CostModel, cfg: PlacementConfig, d: _Inst, r: _Req) -> bool:
+    """Whether any creditor could take some of ``r``'s blocks with a gain; False skips the creditor loop.
+
+    Exact, not a heuristic: a move unblocks demand only when the debtor's queue exceeds its free
+    memory; otherwise its gain is the debtor's change (nondecreasing in k: more free memory admits
+    more, less context reads faster; largest without a new remote call) plus the creditor's change,
+    which is never positive (less free memory, more context). So when the debtor's change at the most
+    blocks ``r`` may shed does not beat ``min_gain``, no creditor and no k does.
+    """
+    if d.waiting > d.free:
+        return True
+    bs = work.block_size
+    return _value(d, cost, bs, _movable(r, cfg)) - _value(d, cost, bs) > cfg.min_gain
 
 
 def _movable(r: _Req, cfg: PlacementConfig) -> int:
@@ -498,13 +522,22 @@ def cluster_throughput(snapshot: ClusterSnapshot, cost: CostModel) -> float:
     return sum(_value(i, cost, snapshot.block_size) for i in work.inst.values())
 
 
-def _capacity_for(snapshot: ClusterSnapshot, cfg: PlacementConfig, home: InstanceState, blocks: int) -> bool:
-    """Can ``home`` serve a request of ``blocks`` with empty pools: its own
-    pool plus what the others may lend (the policy's request capacity)?"""
-    if not home.alive:
-        return False
-    others = [i.total_blocks for i in snapshot.instances if i.alive and i.rank != home.rank]
-    return blocks == 0 or cfg.policy.request_capacity(home.total_blocks, others) >= blocks
+def _capacities(snapshot: ClusterSnapshot, cfg: PlacementConfig) -> dict[int, int]:
+    """Per live instance, the most blocks a request homed there can hold with empty pools: its own
+    pool plus what the others may lend (the policy's request capacity). It depends only on the pool
+    sizes, so it is asked once per distinct size (a 1024-instance cluster routes in O(N))."""
+    live = [i.total_blocks for i in snapshot.instances if i.alive]
+    by_total: dict[int, int] = {}
+    out = {}
+    for i in snapshot.instances:
+        if not i.alive:
+            continue
+        if i.total_blocks not in by_total:
+            others = list(live)
+            others.remove(i.total_blocks)
+            by_total[i.total_blocks] = cfg.policy.request_capacity(i.total_blocks, others)
+        out[i.rank] = by_total[i.total_blocks]
+    return out
 
 
 def fits_cluster(snapshot: ClusterSnapshot, cfg: PlacementConfig, blocks: int) -> bool:
@@ -515,7 +548,7 @@ def fits_cluster(snapshot: ClusterSnapshot, cfg: PlacementConfig, blocks: int) -
     """
     if blocks < 0:
         raise ValueError(f"blocks must be >= 0, got {blocks}")
-    return any(_capacity_for(snapshot, cfg, i, blocks) for i in snapshot.instances)
+    return any(blocks == 0 or cap >= blocks for cap in _capacities(snapshot, cfg).values())
 
 
 def route(snapshot: ClusterSnapshot, cfg: PlacementConfig, prompt_blocks: int) -> int | None:
@@ -524,8 +557,20 @@ def route(snapshot: ClusterSnapshot, cfg: PlacementConfig, prompt_blocks: int) -
     None when no instance can, even borrowing."""
     if prompt_blocks < 0:
         raise ValueError(f"prompt_blocks must be >= 0, got {prompt_blocks}")
-    fit = [i for i in snapshot.instances if _capacity_for(snapshot, cfg, i, prompt_blocks)]
+    caps = _capacities(snapshot, cfg)
+    fit = [i for i in snapshot.instances if i.rank in caps and (prompt_blocks == 0 or caps[i.rank] >= prompt_blocks)]
     if not fit:
         return None
-    best = min(fit, key=lambda i: (-(i.free_blocks - i.waiting_blocks), i.batch_size, i.rank))
-    return best.rank
+    return min(fit, key=route_key).rank
+
+
+def route_key(i: InstanceState) -> tuple[int, int, int]:
+    """``route``'s preference among instances that can hold a request, smallest first: the most free
+    memory after queued demand, then the fewest running requests, then the lowest rank. Exported so
+    that a caller routing many requests can keep instances sorted by it (the cluster simulator)."""
+    return (-(i.free_blocks - i.waiting_blocks), i.batch_size, i.rank)
+
+
+def capacities(snapshot: ClusterSnapshot, cfg: PlacementConfig) -> dict[int, int]:
+    """Per live instance, the most blocks one request homed there can ever hold (pool sizes only)."""
+    return _capacities(snapshot, cfg)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from infinite.sim.gpus import GpuSpec
 from infinite.sim.models import ModelSpec
 
-__all__ = ["InstanceHW", "RemotePart", "StepCost", "step_cost", "migration_time", "kv_pool_blocks", "weights_fit"]
+__all__ = ["InstanceHW", "RemotePart", "StepCost", "step_cost", "decode_coeffs", "migration_time", "kv_pool_blocks",
+           "weights_fit"]
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,14 @@ class InstanceHW:
     model: ModelSpec
     tp: int
     nodes: tuple[int, ...]
+    pp: int = 1  # pipeline stages (one per node), each a TP group of ``tp`` devices
     # per-token coefficients, derived once
     _attn_byte_s: float = field(init=False, repr=False, compare=False)
     _attn_pair_s: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.tp < 1:
-            raise ValueError(f"InstanceHW.tp must be >= 1, got {self.tp}")
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"InstanceHW.tp and pp must be >= 1, got {self.tp}, {self.pp}")
         if not self.nodes:
             raise ValueError("InstanceHW.nodes must name at least one node")
         m = self.model
@@ -48,11 +50,28 @@ class InstanceHW:
 
     @property
     def spans_nodes(self) -> bool:
-        return len(self.nodes) > 1
+        """Whether the TP group's all-reduces cross nodes (pipeline stages each sit in one node)."""
+        return len(self.nodes) > 1 and self.pp == 1
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.pp
+
+    def microbatches(self, requests: int) -> int:
+        """Micro-batches a pipeline keeps in flight: one per stage, at most one per request (vLLM
+        schedules a request into one micro-batch at a time, so a lone request gains nothing)."""
+        return max(1, min(self.pp, requests))
+
+    def handoff_s(self, tokens: float) -> float:
+        """Pipeline: a micro-batch's hidden states cross each of the pp-1 stage boundaries (InfiniBand)."""
+        if self.pp == 1:
+            return 0.0
+        g, m = self.gpu, self.model
+        return (self.pp - 1) * (g.inter_latency_s + tokens * m.hidden * m.dtype_bytes / g.inter_bw)
 
     def same_node(self, other: InstanceHW) -> bool:
         """Whether messages between the two instances stay on NVLink (both within one and the same node)."""
-        return not self.spans_nodes and not other.spans_nodes and self.nodes == other.nodes
+        return len(self.nodes) == 1 and self.nodes == other.nodes
 
     # ---- parts of a step ---------------------------------------------------------------------
     def linear_s(self, tokens: int, sampled: int) -> float:
@@ -98,7 +117,7 @@ class InstanceHW:
         return max(self._attn_byte_s, self._attn_pair_s)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemotePart:
     """What one step asks of one creditor: queries sent, KV written there, attention it runs."""
 
@@ -126,15 +145,29 @@ def remote_layer_s(debtor: InstanceHW, part: RemotePart) -> tuple[float, float]:
     return lat + nbytes / (debtor.tp * bw) + work, work
 
 
+def decode_coeffs(hw: InstanceHW, requests: int) -> tuple[float, float]:
+    """(everything but attention, seconds per layer per local context token) of a step in which
+    ``requests`` requests decode one token each: step = base + L·max(g·context, slowest creditor)."""
+    m = hw.microbatches(requests)
+    return hw.base_s(requests / m, requests / m) + hw.handoff_s(requests / m), hw.decode_token_s / m
+
+
 def step_cost(hw: InstanceHW, tokens: int, sampled: int, read_tokens: float, pairs: float,
-              remote: tuple[RemotePart, ...] = (), borrowed: bool = False) -> StepCost:
+              remote: tuple[RemotePart, ...] = (), borrowed: bool = False, requests: int = 1) -> StepCost:
     """Seconds of one step and the attention work it hands to each creditor.
 
     ``read_tokens``/``pairs`` are the local attention's KV tokens read and (query, key) pairs
     summed over the batch; ``remote`` one entry per creditor holding part of some request.
     Local and remote attention of a layer run at once, so the layer waits for the slower.
+    A pipeline (pp > 1) advances every request once per round: a round lasts as long as one
+    micro-batch (1/m of the batch) takes through all stages, the stages working on the others.
     """
     L = hw.model.num_layers
+    if hw.pp > 1:
+        m = hw.microbatches(requests)
+        base = hw.base_s(tokens / m, sampled / m) + hw.handoff_s(tokens / m)
+        local = hw.attention_s(read_tokens / m, pairs / m)
+        return StepCost(base + L * local, 0.0, ())
     slow = 0.0
     served = []
     for part in remote:

@@ -15,14 +15,15 @@ next step boundary.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field, replace
 
 from infinite.cluster.cost_model import CostModel, StepSample, fit
-from infinite.cluster.placement import (ClusterSnapshot, InstanceState, PlacementConfig, RequestState, plan,
-                                        route)
+from infinite.cluster.placement import (ClusterSnapshot, InstanceState, PlacementConfig, RequestState, capacities,
+                                        plan, route_key)
 from infinite.cluster.policy import LendingPolicy
 from infinite.kv.rmanager import blocks_for
 from infinite.runtime.request import Request
@@ -32,7 +33,7 @@ from infinite.sim.gpus import GpuSpec
 from infinite.sim.instance import SimInstance
 from infinite.sim.memory import ClusterMemory
 from infinite.sim.models import ModelSpec
-from infinite.sim.policies import node_groups
+from infinite.sim.policies import node_groups, tp_pp
 from infinite.sim.traces import TraceRequest
 
 __all__ = ["SimConfig", "Completed", "SimResult", "simulate"]
@@ -45,7 +46,7 @@ _PARAMS = SamplingParams(max_tokens=None, ignore_eos=True)
 class SimConfig:
     gpu: GpuSpec
     model: ModelSpec
-    tps: tuple[int, ...]  # tensor-parallel degree of each instance
+    sizes: tuple[int, ...]  # GPUs of each instance (TP inside a node, pipeline stages across nodes)
     lending: bool
     block_size: int = 16
     max_num_batched_tokens: int = 2048  # the project's EngineConfig defaults
@@ -60,7 +61,7 @@ class SimConfig:
     check: bool = False  # schedule every predicted step for real and compare (tests)
 
     def lending_policy(self) -> LendingPolicy:
-        return replace(self.policy, enabled=self.lending and len(self.tps) > 1)
+        return replace(self.policy, enabled=self.lending and len(self.sizes) > 1)
 
     def placement_config(self) -> PlacementConfig:
         base = self.placement if self.placement is not None else PlacementConfig()
@@ -97,6 +98,8 @@ class SimResult:
     instances: int
     steps: int
     events: int
+    window_s: float  # first to last arrival
+    window_tokens: int  # tokens computed for the first time in steps that ended inside the window
 
 
 class _Sim:
@@ -104,9 +107,12 @@ class _Sim:
         self.cfg = cfg
         self.policy = cfg.lending_policy()
         self.pcfg = cfg.placement_config()
-        nodes = node_groups(cfg.tps, cfg.gpu.gpus_per_node)
-        self.hws = [InstanceHW(cfg.gpu, cfg.model, t, n) for t, n in zip(cfg.tps, nodes)]
-        totals = [cfg.kv_blocks or kv_pool_blocks(cfg.gpu, cfg.model, hw.tp, cfg.block_size) for hw in self.hws]
+        nodes = node_groups(cfg.sizes, cfg.gpu.gpus_per_node)
+        self.hws = []
+        for n, g in zip(cfg.sizes, nodes):
+            tp, pp = tp_pp(n, cfg.gpu.gpus_per_node)
+            self.hws.append(InstanceHW(cfg.gpu, cfg.model, tp, g, pp))
+        totals = [cfg.kv_blocks or kv_pool_blocks(cfg.gpu, cfg.model, hw.devices, cfg.block_size) for hw in self.hws]
         if min(totals) < 1:
             raise ValueError("an instance has no memory left for KV cache")
         self.mem = ClusterMemory(totals, cfg.block_size, self.policy, on_change=self._lendable_up)
@@ -119,6 +125,7 @@ class _Sim:
         self.cost = CostModel(num_layers=cfg.model.num_layers,
                               remote_latency_s=cfg.gpu.inter_latency_s if spans else cfg.gpu.intra_latency_s)
         self.samples: deque[StepSample] = deque(maxlen=512)
+        self.new_samples = 0
         self.heap: list[tuple] = []
         self.seq = itertools.count()
         self.queued: dict[str, int] = {}  # waiting request -> blocks counted in its home's demand
@@ -133,9 +140,19 @@ class _Sim:
         self.block_token = [0] * len(self.inst)
         self.to_wake: set[int] = set()
         self.lendable_rose = False
-        self.states: list[InstanceState | None] = [None] * len(self.inst)
         self.events = 0
         self.now = 0.0
+        # Routing: instances kept sorted by placement.route_key, one list per pool size (a request goes
+        # to the best instance of any size that can hold it, or with route_by_size of the smallest).
+        self.states = [self.state(r) for r in range(len(self.inst))]
+        self.caps = capacities(ClusterSnapshot(tuple(self.states), (), cfg.block_size), self.pcfg)
+        self.keys = [route_key(st) for st in self.states]
+        self.index: dict[int, list[tuple[tuple, int]]] = {}
+        for r, st in enumerate(self.states):
+            self.index.setdefault(st.total_blocks, []).append((self.keys[r], r))
+        for lst in self.index.values():
+            lst.sort()
+        self.mem.dirty.clear()
 
     # ---- events --------------------------------------------------------------------------------------
     def push(self, t: float, kind: int, *payload) -> None:
@@ -168,15 +185,32 @@ class _Sim:
         self._enqueue(home, req)
         self.to_wake.add(home)
 
+    def flush(self) -> None:
+        """Bring the instance states (and the routing index) up to date with what changed."""
+        for r in self.mem.dirty:
+            st = self.states[r] = self.state(r)
+            key = route_key(st)
+            if key != self.keys[r]:
+                lst = self.index[st.total_blocks]
+                del lst[bisect.bisect_left(lst, (self.keys[r], r))]
+                bisect.insort(lst, (key, r))
+                self.keys[r] = key
+        self.mem.dirty.clear()
+
     def route(self, blocks: int) -> int | None:
-        states = tuple(self.state(r) for r in range(len(self.inst)))
-        if self.cfg.route_by_size:
-            fit = [s for s in states if self.inst[s.rank].alloc.capacity >= blocks]
-            if not fit:
-                return None
-            smallest = min(s.total_blocks for s in fit)
-            states = tuple(s for s in fit if s.total_blocks == smallest)
-        return route(ClusterSnapshot(states, (), self.cfg.block_size), self.pcfg, blocks)
+        """placement.route's answer (tests/test_sim.py checks it on random clusters), from the index:
+        the best instance by route_key among those whose capacity holds the request."""
+        self.flush()
+        best = None
+        for total in sorted(self.index):
+            lst = self.index[total]
+            if not lst or self.caps[lst[0][1]] < blocks:
+                continue
+            if self.cfg.route_by_size:
+                return lst[0][1]
+            if best is None or lst[0] < best:
+                best = lst[0]
+        return None if best is None else best[1]
 
     def _enqueue(self, rank: int, req: Request) -> None:
         d = blocks_for(req.num_tokens + 1, self.cfg.block_size)
@@ -208,10 +242,12 @@ class _Sim:
                     self._watch(r)
                     return
             inst.begin(run)
+            self.mem.dirty.add(r)
             held = sum(q.num_computed_tokens for q in inst.sched.running)
             first = run.end(1) - run.t0
             if first > 0:
                 self.samples.append(StepSample(len(inst.sched.running), held, first))
+                self.new_samples += 1
             self._push_end(r)
             if self.cfg.check:
                 inst.check_step(1)
@@ -234,6 +270,7 @@ class _Sim:
             inst.check_step(s + 1)
             return
         finished, served, _ = inst.finish_run()
+        self.mem.dirty.add(r)
         for c, w in served.items():
             if self.inst[c].run is not None:  # an idle creditor did the work in its idle time
                 self.inst[c].pending_served += w
@@ -250,6 +287,7 @@ class _Sim:
                                         self.now, req.num_prompt_tokens, len(req.output_token_ids),
                                         req.metrics.num_preemptions, r, remote))
         del self.requests[req.request_id]
+        self.inst[r].high.pop(req.request_id, None)
         self.in_flight -= 1
 
     # ---- waking instances whose queue head may now be admitted ------------------------------------------
@@ -318,9 +356,14 @@ class _Sim:
 
     # ---- the periodic placement ----------------------------------------------------------------------------
     def replan(self) -> None:
-        if len(self.samples) >= 8:
+        # The gManager refits on every run; here, once a quarter of the window is new (the fit is the
+        # costliest part of a tick and moves little between ticks).
+        if len(self.samples) >= 8 and self.new_samples >= max(8, self.samples.maxlen // 4):
             self.cost = fit(list(self.samples), prior=self.cost)
+            self.new_samples = 0
         cands = self._plan_candidates()
+        if not cands:
+            return  # no debtor by the planner's rule and no debt to bring home: plan would return []
         for r in cands:
             self.inst[r].sync(self.now)
         reqs = []
@@ -329,8 +372,8 @@ class _Sim:
                 lay = self.mem.layouts.get(q.request_id)
                 if lay is not None and lay.total:
                     reqs.append(RequestState(q.request_id, r, q.num_computed_tokens, dict(lay.held)))
-        states = tuple(self.state(r) for r in range(len(self.inst)))
-        for mv in plan(ClusterSnapshot(states, tuple(reqs), self.cfg.block_size), self.cost, self.pcfg):
+        self.flush()
+        for mv in plan(ClusterSnapshot(tuple(self.states), tuple(reqs), self.cfg.block_size), self.cost, self.pcfg):
             self._start_move(mv)
 
     def _plan_candidates(self) -> list[int]:
@@ -378,9 +421,13 @@ class _Sim:
         for tr in trace:
             self.push(tr.arrival_s, ARRIVE, tr)
         last_arrival = max((t.arrival_s for t in trace), default=0.0)
+        first_arrival = min((t.arrival_s for t in trace), default=0.0)
+        high: dict[str, int] = {}
+        for inst in self.inst:
+            inst.high, inst.window_end = high, last_arrival
         pending_arrivals = len(trace)
         if self.policy.enabled and self.cfg.periodic_placement and trace:
-            self.push(min(t.arrival_s for t in trace) + self.cfg.plan_interval_s, PLAN)
+            self.push(first_arrival + self.cfg.plan_interval_s, PLAN)
         deadline = last_arrival + self.cfg.drain_s
         while self.heap:
             t, kind, _, payload = heapq.heappop(self.heap)
@@ -411,7 +458,8 @@ class _Sim:
             blocks_moved=self.blocks_moved, moves_cancelled=self.moves_cancelled, borrows=self.mem.borrows,
             blocks_borrowed=self.mem.borrowed_blocks, capacity_tokens=self.capacity * self.cfg.block_size,
             busy_s=sum(i.busy_s for i in self.inst), instances=len(self.inst), steps=sum(i.steps for i in self.inst),
-            events=self.events)
+            events=self.events, window_s=last_arrival - first_arrival,
+            window_tokens=sum(i.window_tokens for i in self.inst))
 
 
 def simulate(trace: list[TraceRequest], cfg: SimConfig) -> SimResult:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from infinite.kv.rmanager import blocks_for
 from infinite.runtime.request import Request
 from infinite.runtime.scheduler import ScheduledBatch, Scheduler
-from infinite.sim.costs import InstanceHW, RemotePart, StepCost, step_cost
+from infinite.sim.costs import InstanceHW, RemotePart, StepCost, decode_coeffs, step_cost
 from infinite.sim.memory import ClusterMemory, SimAllocator
 from infinite.sim.segments import DecodeRun, Step, StepRun
 
@@ -58,10 +58,21 @@ class SimInstance:
         self.pending_served = 0.0  # remote attention owed to debtors, done before the next run
         self.busy_s = 0.0
         self.steps = 0
+        self._near_cache: dict[int, bool] = {}
+        self.high: dict[str, int] = {}  # most tokens each request has computed (shared by the cluster)
+        self.window_end = float("inf")  # work counts until then (the last arrival)
+        self.window_tokens = 0
 
     @property
     def block_size(self) -> int:
         return self.mem.block_size
+
+    def _near(self, other: int) -> bool:
+        """Whether messages to instance ``other`` stay on NVLink (cached: asked every remote step)."""
+        v = self._near_cache.get(other)
+        if v is None:
+            v = self._near_cache[other] = self.hw.same_node(self.hws[other])
+        return v
 
     # ---- costs -------------------------------------------------------------------------------------
     def cost(self, entries: list[tuple[Request, int, int, bool]], borrowed: bool = False) -> tuple[StepCost, dict]:
@@ -74,7 +85,7 @@ class SimInstance:
             tokens += n
             sampled += samples
             lay = self.mem.layouts.get(req.request_id)
-            if lay is None or not any(n_ and x != home for x, n_ in lay.held.items()):
+            if lay is None or not lay.remote_n:
                 read += c + n
                 pairs += n * c + n * (n + 1) / 2
                 continue
@@ -96,9 +107,10 @@ class SimInstance:
             read += hb + hi
             pairs += n * hb + hi * (n + 1) / 2
         ranks = sorted(parts)
-        remote = tuple(RemotePart(self.hws[x], self.hw.same_node(self.hws[x]), int(parts[x][0]), int(parts[x][1]),
-                                  parts[x][2], parts[x][3]) for x in ranks)
-        sc = step_cost(self.hw, tokens, sampled, read, pairs, remote, borrowed)
+        hws, near = self.hws, self._near
+        remote = tuple(RemotePart(hws[x], near(x), int(parts[x][0]), int(parts[x][1]), parts[x][2], parts[x][3])
+                       for x in ranks)
+        sc = step_cost(self.hw, tokens, sampled, read, pairs, remote, borrowed, len(entries))
         return sc, dict(zip(ranks, sc.served_s))
 
     # ---- predicting a run ------------------------------------------------------------------------------
@@ -177,9 +189,9 @@ class SimInstance:
             lay = self.mem.layouts.get(r.request_id)
             rem = sum(n for i, n in lay.held.items() if i != self.rank) * bs if lay is not None else 0
             x1 += p.c + 1 - rem
-        run = DecodeRun(t0, list(self.sched.running), k, self.hw.base_s(beta, beta), self.hw.model.num_layers,
-                        self.hw.decode_token_s, x1, sc.remote_layer_s, served, need(k), budget_left, bs,
-                        [p.c for p in states], [p.b for p in states])
+        base, g = decode_coeffs(self.hw, beta)
+        run = DecodeRun(t0, list(self.sched.running), k, base, self.hw.model.num_layers, g, x1, sc.remote_layer_s,
+                        served, need(k), budget_left, bs, [p.c for p in states], [p.b for p in states])
         return run
 
     def _plan_steps(self, t0: float, states: list[_Plan], head_need: int, borrowable: int,
@@ -248,17 +260,27 @@ class SimInstance:
         self.version += 1
 
     def apply_tokens(self, upto: int) -> list[Request]:
-        """Apply the tokens of steps ``tok_done+1..upto``; returns requests that reached max_tokens."""
+        """Apply the tokens of steps ``tok_done+1..upto``; returns requests that reached max_tokens.
+
+        Tokens a request computes for the first time (not recomputed after a preemption) and in a
+        step that ends inside the measurement window count as work done (``window_tokens``)."""
         run, a = self.run, self.tok_done
         if upto <= a:
             return []
         finished = []
+        high = self.high
         if isinstance(run, DecodeRun):
             k = upto - a
             first_end = run.end(a + 1)
             last_end = run.end(upto)
+            in_window = k if last_end <= self.window_end else max(0, min(upto, run.steps_done(self.window_end)) - a)
             for r in run.reqs:
+                c0 = r.num_computed_tokens
                 r.num_computed_tokens += k
+                new = r.num_computed_tokens - max(high.get(r.request_id, 0), c0)
+                if new > 0:
+                    high[r.request_id] = r.num_computed_tokens
+                    self.window_tokens += max(0, in_window - (k - new))
                 if not r.output_token_ids:
                     r.metrics.first_token_time = first_end
                 r.output_token_ids.extend([0] * k)
@@ -271,6 +293,11 @@ class SimInstance:
                 for i, n in st.work:
                     r = run.reqs[i]
                     r.num_computed_tokens += n
+                    new = r.num_computed_tokens - high.get(r.request_id, 0)
+                    if new > 0:
+                        high[r.request_id] = r.num_computed_tokens
+                        if st.end <= self.window_end:
+                            self.window_tokens += new
                     if r.num_computed_tokens == r.num_tokens:
                         r.output_token_ids.append(0)
                         if r.metrics.first_token_time is None:
@@ -287,11 +314,8 @@ class SimInstance:
         run = self.run
         if self.check or upto <= self.alloc_done:
             return
-        now, before = run.req_blocks(upto), run.req_blocks(self.alloc_done)
-        for i, n in now.items():
-            d = n - before.get(i, 0)
-            if d > 0:
-                self.mem.assign_reserved(run.reqs[i].request_id, self.rank, d)
+        for i, d in run.req_blocks(upto, self.alloc_done).items():
+            self.mem.assign_reserved(run.reqs[i].request_id, self.rank, d)
         self.alloc_done = upto
 
     def sync(self, now: float) -> None:

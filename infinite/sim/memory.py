@@ -34,7 +34,7 @@ class Pool:
     free: int
     lent: int = 0  # blocks of other instances' requests held here
     borrowed: int = 0  # blocks of this instance's requests held elsewhere
-    demand: int = 0  # blocks its queued requests need (its own demand, which lending must leave alone)
+    demand: int = 0  # blocks its queued requests need (the planner's waiting_blocks, routing's key)
 
     @property
     def used(self) -> int:
@@ -54,6 +54,8 @@ class Layout:
     def total(self) -> int:
         return sum(self.held.values())
 
+    remote_n: int = 0  # blocks on other instances
+
     def append(self, inst: int, n: int) -> None:
         if n <= 0:
             return
@@ -62,6 +64,8 @@ class Layout:
         else:
             self.runs.append([inst, n])
         self.held[inst] = self.held.get(inst, 0) + n
+        if inst != self.home:
+            self.remote_n += n
 
     def remote(self) -> dict[int, int]:
         return {i: n for i, n in self.held.items() if i != self.home and n > 0}
@@ -90,6 +94,7 @@ class Layout:
         self.runs = merged
         self.held[self.home] -= n
         self.held[dst] = self.held.get(dst, 0) + n
+        self.remote_n += n
 
     def tokens_at(self, start: int, end: int, block_size: int) -> dict[int, int]:
         """How many of the token positions [start, end) fall in blocks on each instance."""
@@ -118,7 +123,8 @@ class ClusterMemory:
         self._lendable = [0] * len(totals)
         self._order: list[tuple[int, int]] = []  # (-lendable, rank) of instances that may lend now
         self.total_lendable = 0
-        self.on_change = on_change  # called with a rank whose lendable changed (the engine's watchers)
+        self.on_change = on_change  # called with a rank whose lendable rose (the engine's watchers)
+        self.dirty: set[int] = set()  # instances whose pool or demand changed (the engine's routing index)
         self.borrowed_blocks = 0  # on-demand borrows, for the report
         self.borrows = 0
         self.released_to: set[int] = set()  # instances that got blocks back since the engine last looked
@@ -129,11 +135,15 @@ class ClusterMemory:
 
     # ---- the policy's view of one instance --------------------------------------------------------
     def peer(self, rank: int) -> Peer:
+        """The instance as the gManager's on-demand borrowing sees it. Its ``reserved`` is what was
+        routed there since its last heartbeat; the simulator's view is never stale, so that is 0 (the
+        queue's demand is in the planner's snapshot, not in the borrow path, as in the runtime)."""
         p = self.pools[rank]
-        return Peer(rank, p.total, p.free, p.lent, p.borrowed, reserved=p.demand)
+        return Peer(rank, p.total, p.free, p.lent, p.borrowed, reserved=0)
 
     def refresh(self, rank: int) -> None:
         """Recompute what ``rank`` may lend after its pool or its demand changed."""
+        self.dirty.add(rank)
         new = self.policy.lendable(self.peer(rank)) if self.policy.enabled else 0
         old = self._lendable[rank]
         if new == old:

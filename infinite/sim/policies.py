@@ -2,7 +2,8 @@
 
 * ``vllm-multi``: N/k instances of the smallest tensor-parallel degree k that
   holds the model, each on its own (no lending), requests routed by memory.
-* ``vllm-single``: one instance over all N GPUs.
+* ``vllm-single``: one instance over all N GPUs: tensor parallel inside a
+  node and one pipeline stage per node, as vLLM advises for multi-node serving.
 * ``best-static``: the mix of instance sizes that serves the trace best
   (``candidates`` lists the mixes; the CLI simulates each and keeps the
   best), requests routed to the smallest instance that can hold them.
@@ -20,7 +21,8 @@ from infinite.sim.costs import weights_fit
 from infinite.sim.gpus import GpuSpec
 from infinite.sim.models import ModelSpec
 
-__all__ = ["POLICIES", "Deployment", "valid_tp", "min_tp", "deployment", "best_static_candidates", "node_groups"]
+__all__ = ["POLICIES", "Deployment", "valid_tp", "min_tp", "tp_pp", "deployment", "best_static_candidates",
+           "node_groups"]
 
 POLICIES = ("infinite", "vllm-multi", "vllm-single", "best-static")
 
@@ -28,19 +30,34 @@ POLICIES = ("infinite", "vllm-multi", "vllm-single", "best-static")
 @dataclass(frozen=True)
 class Deployment:
     policy: str
-    tps: tuple[int, ...]  # tensor-parallel degree of each instance
+    sizes: tuple[int, ...]  # GPUs of each instance
     lending: bool
     route_by_size: bool = False
+    gpus_per_node: int = 8
 
     @property
     def gpus(self) -> int:
-        return sum(self.tps)
+        return sum(self.sizes)
 
     def describe(self) -> str:
         counts: dict[int, int] = {}
-        for t in self.tps:
+        for t in self.sizes:
             counts[t] = counts.get(t, 0) + 1
-        return " + ".join(f"{n}xTP{t}" for t, n in sorted(counts.items(), reverse=True))
+        def name(size: int) -> str:
+            tp, pp = tp_pp(size, self.gpus_per_node)
+            return f"TP{tp}" + (f"xPP{pp}" if pp > 1 else "")
+
+        return " + ".join(f"{n}x{name(t)}" for t, n in sorted(counts.items(), reverse=True))
+
+
+def tp_pp(size: int, gpus_per_node: int) -> tuple[int, int]:
+    """How an instance of ``size`` GPUs is parallel: tensor parallel inside a node, one pipeline
+    stage per node beyond that (vLLM's advice for multi-node serving)."""
+    if size <= gpus_per_node:
+        return size, 1
+    if size % gpus_per_node:
+        raise ValueError(f"an instance of {size} GPUs does not split into nodes of {gpus_per_node}")
+    return gpus_per_node, size // gpus_per_node
 
 
 def valid_tp(model: ModelSpec, tp: int) -> bool:
@@ -63,15 +80,17 @@ def deployment(policy: str, gpu: GpuSpec, model: ModelSpec, gpus: int) -> Deploy
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}: expected one of {', '.join(POLICIES)}")
     k = min_tp(gpu, model, gpus)
+    gpn = gpu.gpus_per_node
     if policy in ("infinite", "vllm-multi"):
         if gpus % k:
             raise ValueError(f"{gpus} GPUs do not split into TP{k} instances")
-        return Deployment(policy, (k,) * (gpus // k), lending=policy == "infinite")
+        return Deployment(policy, (k,) * (gpus // k), lending=policy == "infinite", gpus_per_node=gpn)
     if policy == "vllm-single":
-        if not valid_tp(model, gpus):
-            raise ValueError(f"vllm-single: {gpus}-way tensor parallelism does not split {model.name}'s "
+        tp, _ = tp_pp(gpus, gpn)
+        if not valid_tp(model, tp):
+            raise ValueError(f"vllm-single: {tp}-way tensor parallelism does not split {model.name}'s "
                              f"{model.num_heads} heads ({model.num_kv_heads} KV heads)")
-        return Deployment(policy, (gpus,), lending=False)
+        return Deployment(policy, (gpus,), lending=False, gpus_per_node=gpn)
     return best_static_candidates(gpu, model, gpus)[0]
 
 
@@ -80,26 +99,34 @@ def best_static_candidates(gpu: GpuSpec, model: ModelSpec, gpus: int) -> list[De
 
     The first is the uniform smallest size (vllm-multi's layout, routed by size)."""
     k = min_tp(gpu, model, gpus)
-    sizes = [t for t in (k * 2**i for i in range(12)) if t <= gpus and valid_tp(model, t) and gpus % t == 0]
-    out = [Deployment("best-static", (t,) * (gpus // t), False, True) for t in sizes]
+    gpn = gpu.gpus_per_node
+
+    def ok(size: int) -> bool:
+        try:
+            return valid_tp(model, tp_pp(size, gpn)[0])
+        except ValueError:
+            return False
+
+    sizes = [t for t in (k * 2**i for i in range(16)) if t <= gpus and ok(t) and gpus % t == 0]
+    out = [Deployment("best-static", (t,) * (gpus // t), False, True, gpn) for t in sizes]
     for big in sizes[1:]:
         m = 1
         while m * big < gpus:
             rest = gpus - m * big
             if rest % k == 0:
-                out.append(Deployment("best-static", (big,) * m + (k,) * (rest // k), False, True))
+                out.append(Deployment("best-static", (big,) * m + (k,) * (rest // k), False, True, gpn))
             m *= 2
     return out
 
 
-def node_groups(tps: tuple[int, ...], gpus_per_node: int) -> list[tuple[int, ...]]:
+def node_groups(sizes: tuple[int, ...], gpus_per_node: int) -> list[tuple[int, ...]]:
     """The nodes each instance's GPUs sit on: GPUs handed out in order, largest instances first,
     so an instance of at most a node's GPUs never straddles two nodes."""
-    order = sorted(range(len(tps)), key=lambda i: -tps[i])
-    nodes: list[tuple[int, ...]] = [()] * len(tps)
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    nodes: list[tuple[int, ...]] = [()] * len(sizes)
     nxt = 0
     for i in order:
-        gs = range(nxt, nxt + tps[i])
+        gs = range(nxt, nxt + sizes[i])
         nodes[i] = tuple(sorted({g // gpus_per_node for g in gs}))
-        nxt += tps[i]
+        nxt += sizes[i]
     return nodes

@@ -30,7 +30,7 @@ class Setup:
     knobs: tuple[tuple[str, Any], ...] = ()  # SimConfig overrides (block_size, plan_interval_s, kv_blocks, ...)
 
     def config(self, dep: Deployment, **extra: Any) -> SimConfig:
-        return SimConfig(self.gpu, self.model, dep.tps, dep.lending, route_by_size=dep.route_by_size,
+        return SimConfig(self.gpu, self.model, dep.sizes, dep.lending, route_by_size=dep.route_by_size,
                          **{**dict(self.knobs), **extra})
 
 

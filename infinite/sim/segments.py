@@ -47,12 +47,14 @@ class StepRun:
     reserved: int  # home blocks taken from the pool for these steps, handed out as they run
     real: bool = False  # its one step came from Scheduler.schedule (blocks already in the layouts)
     _cum_blocks: list[int] = field(default_factory=list)
+    _ends: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         tot = 0
         for st in self.steps:
             tot += sum(n for _, n in st.blocks)
             self._cum_blocks.append(tot)
+            self._ends.append(st.end)
 
     @property
     def num_steps(self) -> int:
@@ -62,7 +64,7 @@ class StepRun:
         return self.t0 if s == 0 else self.steps[s - 1].end
 
     def steps_done(self, now: float) -> int:
-        return bisect.bisect_right([st.end for st in self.steps], now)
+        return bisect.bisect_right(self._ends, now)
 
     def blocks_upto(self, s: int) -> int:
         return self._cum_blocks[s - 1] if s > 0 else 0
@@ -70,10 +72,10 @@ class StepRun:
     def budget_left(self, s: int) -> int:
         return self.steps[s - 1].budget_left
 
-    def req_blocks(self, s: int) -> dict[int, int]:
-        """New home blocks per request index taken by steps ``1..s``."""
+    def req_blocks(self, s: int, a: int = 0) -> dict[int, int]:
+        """New home blocks per request index taken by steps ``a+1..s``."""
         out: dict[int, int] = {}
-        for st in self.steps[:s]:
+        for st in self.steps[a:s]:
             for i, n in st.blocks:
                 out[i] = out.get(i, 0) + n
         return out
@@ -94,6 +96,7 @@ class StepRun:
         drop = self.reserved - self.blocks_upto(s) if not self.real else 0
         self.steps = self.steps[:s]
         self._cum_blocks = self._cum_blocks[:s]
+        self._ends = self._ends[:s]
         self.reserved -= drop
         return drop
 
@@ -168,11 +171,13 @@ class DecodeRun:
                 hi = mid - 1
         return lo
 
-    def req_blocks(self, s: int) -> dict[int, int]:
+    def req_blocks(self, s: int, a: int = 0) -> dict[int, int]:
+        """New home blocks per request index taken by steps ``a+1..s``."""
         bs = self.block_size
         out = {}
         for i in range(self.beta):
-            n = blocks_for(self.c0[i] + s, bs) - self.b0[i]
+            base = max(self.b0[i], blocks_for(self.c0[i] + a, bs)) if a > 0 else self.b0[i]
+            n = blocks_for(self.c0[i] + s, bs) - base
             if n > 0:
                 out[i] = n
         return out

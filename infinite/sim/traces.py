@@ -5,11 +5,13 @@ and six *long* ones (up to 200K ... 2000K tokens), with Poisson arrivals; it
 does not publish the generators, so these are ours, with every parameter
 stated here and in docs/sim.md. A request's *length* is prompt plus output.
 
-* short traces draw every length from one distribution capped at 60K;
-* long traces are mostly chat-like requests with a share ``long_share`` of
-  long documents, log-uniform between 60K and the trace's maximum, so that
-  long requests are rare but carry most of the tokens, as in the paper's
-  motivation.
+* short traces draw every length from one distribution capped at 60K
+  (log-normal, log-uniform, uniform);
+* four long traces draw lengths log-uniformly from 2 tokens to their maximum
+  (200K, 500K, 1M, 2M): as many requests of 1K-10K as of 100K-1M tokens;
+* two "tail" traces are chat-like (the short log-normal) with 5% long
+  documents, log-uniform between 60K and 1M or 2M: long requests are rare
+  but carry most of the tokens.
 
 Output lengths are log-normal (median 256, capped at 4096 and below the
 length). Arrivals are Poisson at ``rate_per_gpu`` requests/s per GPU for
@@ -71,7 +73,7 @@ class TraceSpec:
         base = {"lognormal": f"log-normal length (median {self.median:g}, sigma {self.sigma:g})",
                 "loguniform": "log-uniform length",
                 "uniform": "uniform length"}[self.shape]
-        cap = 60_000 if self.family == "long" else self.max_len
+        cap = 60_000 if self.long_share else self.max_len
         text = f"{base} in [2, {cap}]"
         if self.long_share:
             text += f"; {self.long_share:.0%} long, log-uniform in [{self.long_min}, {self.max_len}]"
@@ -82,22 +84,22 @@ TRACES: dict[str, TraceSpec] = {s.name: s for s in (
     TraceSpec("short-lognormal", "short", 60_000, 1.0, "lognormal", median=2048, sigma=1.5),
     TraceSpec("short-loguniform", "short", 60_000, 0.6, "loguniform"),
     TraceSpec("short-uniform", "short", 60_000, 0.12, "uniform"),
-    TraceSpec("long-200k", "long", 200_000, 0.5, "lognormal", long_share=0.05),
-    TraceSpec("long-500k", "long", 500_000, 0.3, "lognormal", long_share=0.05),
-    TraceSpec("long-1m", "long", 1_000_000, 0.2, "lognormal", long_share=0.05),
-    TraceSpec("long-2m", "long", 2_000_000, 0.12, "lognormal", long_share=0.05),
-    TraceSpec("long-1m-dense", "long", 1_000_000, 0.06, "lognormal", long_share=0.2),
-    TraceSpec("long-2m-dense", "long", 2_000_000, 0.04, "lognormal", long_share=0.2),
+    TraceSpec("long-200k", "long", 200_000, 0.1, "loguniform"),
+    TraceSpec("long-500k", "long", 500_000, 0.04, "loguniform"),
+    TraceSpec("long-1m", "long", 1_000_000, 0.015, "loguniform"),
+    TraceSpec("long-2m", "long", 2_000_000, 0.006, "loguniform"),
+    TraceSpec("long-1m-tail", "long", 1_000_000, 0.4, "lognormal", long_share=0.05),
+    TraceSpec("long-2m-tail", "long", 2_000_000, 0.2, "lognormal", long_share=0.05),
 )}
 
 # ``--trace short`` / ``--trace long`` / ``--trace mixed``
-REPRESENTATIVE = {"short": "short-lognormal", "long": "long-2m", "mixed": "long-200k"}
+REPRESENTATIVE = {"short": "short-loguniform", "long": "long-2m", "mixed": "long-2m-tail"}
 
 
 def _length(spec: TraceSpec, rng: random.Random) -> int:
     if spec.long_share and rng.random() < spec.long_share:
         return int(math.exp(rng.uniform(math.log(spec.long_min), math.log(spec.max_len))))
-    cap = min(spec.max_len, 60_000)
+    cap = 60_000 if spec.long_share else spec.max_len
     if spec.shape == "lognormal":
         n = int(rng.lognormvariate(math.log(spec.median), spec.sigma))
     elif spec.shape == "loguniform":
