@@ -46,7 +46,7 @@ class InstanceHW:
             raise ValueError("InstanceHW.nodes must name at least one node")
         m = self.model
         object.__setattr__(self, "_attn_byte_s", m.kv_bytes_per_token_layer / (self.tp * self.gpu.bw))
-        object.__setattr__(self, "_attn_pair_s", 4 * m.num_heads * m.head_dim / (self.tp * self.gpu.flops))
+        object.__setattr__(self, "_attn_pair_s", 4 * m.num_heads * m.head_dim / (self.tp * self.gpu.attn_flops))
 
     @property
     def spans_nodes(self) -> bool:
@@ -108,8 +108,8 @@ class InstanceHW:
     def base_s(self, tokens: int, sampled: int) -> float:
         """Everything in a step but attention: host work, per-layer overheads and all-reduces, linear layers."""
         g, L = self.gpu, self.model.num_layers
-        return g.step_overhead_s + L * (g.layer_overhead_s + 2 * self.allreduce_s(tokens)) + self.linear_s(tokens,
-                                                                                                           sampled)
+        return (g.step_overhead_s + g.request_overhead_s * sampled + L * (g.layer_overhead_s + 2 * self.allreduce_s(tokens))
+                + self.linear_s(tokens, sampled))
 
     @property
     def decode_token_s(self) -> float:

@@ -25,7 +25,7 @@ class GpuSpec:
     hbm_bw: float  # bytes/s, peak
     peak_flops: float  # dense bf16 FLOP/s (float32 for cpu)
     bw_eff: float  # achieved share of hbm_bw in memory-bound kernels
-    flops_eff: float  # achieved share of peak_flops in compute-bound kernels
+    flops_eff: float  # achieved share of peak_flops in compute-bound GEMMs
     gpus_per_node: int
     intra_bw: float  # bytes/s one way between two devices of a node (NVLink)
     intra_latency_s: float  # one message between two devices of a node
@@ -36,7 +36,9 @@ class GpuSpec:
     allreduce_base_s: float  # fixed latency of one all-reduce call (kernel launch, protocol setup)
     layer_overhead_s: float  # per layer and step: kernel launches, norms, rotary, activation
     step_overhead_s: float  # per step: scheduling, sampling, host work
+    request_overhead_s: float  # per step and request that samples a token: sampling, detokenizing, bookkeeping
     control_rtt_s: float  # one control-plane round trip (a borrow's reservation on a creditor)
+    attn_flops_eff: float | None = None  # achieved share in attention kernels (None: as flops_eff)
     mem_utilization: float = 0.9  # share of hbm the engine may use (vLLM's gpu_memory_utilization default)
     workspace_bytes: float = 2 * GIB  # activations and workspace per device, kept out of the KV pool
     sources: dict[str, str] = field(default_factory=dict, compare=False)
@@ -45,11 +47,13 @@ class GpuSpec:
         for f in ("hbm_bytes", "hbm_bw", "peak_flops", "intra_bw", "inter_bw"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"GpuSpec.{f} must be > 0, got {getattr(self, f)!r}")
+        if self.attn_flops_eff is not None and not 0 < self.attn_flops_eff <= 1:
+            raise ValueError(f"GpuSpec.attn_flops_eff must be in (0, 1], got {self.attn_flops_eff!r}")
         for f in ("bw_eff", "flops_eff", "mem_utilization"):
             if not 0 < getattr(self, f) <= 1:
                 raise ValueError(f"GpuSpec.{f} must be in (0, 1], got {getattr(self, f)!r}")
         for f in ("intra_latency_s", "inter_latency_s", "ring_hop_intra_s", "ring_hop_inter_s", "allreduce_base_s",
-                  "layer_overhead_s",
+                  "layer_overhead_s", "request_overhead_s",
                   "step_overhead_s", "control_rtt_s", "workspace_bytes"):
             if getattr(self, f) < 0:
                 raise ValueError(f"GpuSpec.{f} must be >= 0, got {getattr(self, f)!r}")
@@ -63,8 +67,13 @@ class GpuSpec:
 
     @property
     def flops(self) -> float:
-        """Achieved FLOP/s."""
+        """Achieved FLOP/s in GEMMs."""
         return self.peak_flops * self.flops_eff
+
+    @property
+    def attn_flops(self) -> float:
+        """Achieved FLOP/s in attention."""
+        return self.peak_flops * (self.flops_eff if self.attn_flops_eff is None else self.attn_flops_eff)
 
     def link(self, same_node: bool) -> tuple[float, float]:
         """(latency s, bandwidth bytes/s) of one message between two devices."""
@@ -92,6 +101,7 @@ _ASSUMED = dict(
     allreduce_base_s=8e-6,
     layer_overhead_s=20e-6,
     step_overhead_s=1e-3,
+    request_overhead_s=10e-6,
     control_rtt_s=200e-6,
 )
 _SOURCES = {
@@ -99,7 +109,8 @@ _SOURCES = {
                                                "bandwidth per direction = half the bidirectional figure)",
     "inter_bw": "200 Gb/s InfiniBand HDR per GPU (issue 10; the paper's cluster; DGX A100 has one HCA per GPU)",
     "bw_eff": "assumption: memory-bound decode attention and GEMV kernels reach ~80% of peak HBM bandwidth",
-    "flops_eff": "assumption: large prefill GEMMs and FlashAttention reach ~60% of peak tensor-core FLOP/s",
+    "flops_eff": "assumption: large prefill GEMMs reach ~60% of peak tensor-core FLOP/s; attention_flops_eff "
+                 "unset = the same for FlashAttention",
     "intra_latency_s, inter_latency_s": "assumption: one NCCL send/recv of a small message, ~8 us over NVLink, "
                                         "~12 us across InfiniBand",
     "ring_hop_intra_s": "NCCL tuning model (src/graph/tuning.cc): ring LL hop over NVLink ~0.5 us",
@@ -107,7 +118,8 @@ _SOURCES = {
     "allreduce_base_s": "NCCL tuning model ring LL base latency (3.6 us) plus a kernel launch (~4 us); with the "
                         "hops this gives ~16 us for 8 GPUs, the order nccl-tests report for small all-reduces",
     "layer_overhead_s": "assumption: ~10 small kernels per layer (norms, rotary, activation, launches), ~20 us",
-    "step_overhead_s": "assumption: host work of one engine step (schedule, sample, detokenize), ~1 ms",
+    "step_overhead_s": "assumption: host work of one engine step (schedule, prepare inputs), ~1 ms",
+    "request_overhead_s": "assumption: host work per request per step (sampling, detokenizing, output), ~10 us",
     "control_rtt_s": "assumption: one RPC round trip to rank 0 and a creditor for a borrow, ~200 us",
     "mem_utilization": "vLLM's default gpu_memory_utilization (0.9)",
     "workspace_bytes": "assumption: activations of a 2048-token step plus CUDA/NCCL workspace, ~2 GiB per device",

@@ -36,7 +36,7 @@ class Setup:
 
 def resolve_gpu(name: str) -> GpuSpec:
     if name == "cpu":
-        from infinite.sim.validate import cpu_spec
+        from infinite.sim.cpu import cpu_spec
 
         return cpu_spec()
     return gpu_spec(name)
