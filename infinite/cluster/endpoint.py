@@ -40,6 +40,8 @@ class RankEndpoint:
             case M.WriteBlocks():
                 inst.creditor.write_blocks(msg, tensors)
                 return ACK
+            case M.ReadBlocks():
+                return M.Ack(), inst.creditor.read_blocks(msg)
             case M.AddRequest() | M.AbortRequest() | M.MoveKV():
                 inst.enqueue(msg)
                 return ACK

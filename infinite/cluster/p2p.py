@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 NUM_SLOTS = 2  # micro-batches a debtor interleaves
 HEADER = 8
 HDR, META, DATA, RES = range(4)
+CLOSE_STEP, PROBE_STEP = -1, -2  # header step ids of the close handshake and of a latency probe
 
 
 class AttentionEndpoint(Endpoint, Protocol):
@@ -76,6 +77,7 @@ class P2PTransport(TorchRpcTransport):
         self._groups = [dist.group.WORLD] + [dist.new_group(list(range(self.world_size)))
                                              for _ in range(NUM_SLOTS - 1)]
         super().start(endpoint)
+        self._endpoint = endpoint
         self._servers = []
         for debtor in range(self.world_size):
             if debtor == self.rank:
@@ -97,7 +99,7 @@ class P2PTransport(TorchRpcTransport):
         for w in self._waiters.values():
             w.stop()
         if self._groups:
-            bye = self._dev(torch.full((HEADER,), -1, dtype=torch.int64))
+            bye = self._dev(torch.full((HEADER,), CLOSE_STEP, dtype=torch.int64))
             works = []
             for peer in range(self.world_size):
                 for slot in range(NUM_SLOTS):
@@ -144,6 +146,20 @@ class P2PTransport(TorchRpcTransport):
         self._waiter(dst, slot).put((sends, recv, res, tensors.q.dtype, fut))
         return fut
 
+    def probe(self, dst: int, timeout: float | None = None) -> float:
+        """Seconds of one layer of remote MicroAttention with nothing to attend: the data plane's
+        own round trip (a step of every layer, on slot 0, divided by the layers)."""
+        layers, nh, d, nkv, dtype = self._endpoint.attention_shape()
+        meta = M.AttentionMeta([], [], [], [])
+        q = torch.zeros(1, nh, d, dtype=dtype, device=self.device)
+        t0 = time.perf_counter()
+        futs = [self.attention(dst, M.AttentionCall(M.StepKey(self.rank, PROBE_STEP, 0), layer,
+                                                    meta if layer == 0 else None), M.AttentionTensors(q))
+                for layer in range(layers)]
+        for f in futs:
+            f.wait()
+        return (time.perf_counter() - t0) / layers
+
     def _waiter(self, dst: int, slot: int) -> _Waiter:
         with self._lock:
             w = self._waiters.get((dst, slot))
@@ -162,7 +178,7 @@ class P2PTransport(TorchRpcTransport):
                 hdr = self._dev(torch.empty(HEADER, dtype=torch.int64))
                 dist.irecv(hdr, debtor, group, _tag(slot, HDR)).wait()  # idle here between steps
                 step, nreq, nblocks, rows, writes, nints = hdr[:6].tolist()
-                if step < 0:
+                if step == CLOSE_STEP:
                     return  # the debtor closed
                 ints = self._dev(torch.empty(nints, dtype=torch.int64))
                 self._recv(ints, debtor, group, _tag(slot, META))
@@ -187,20 +203,30 @@ class P2PTransport(TorchRpcTransport):
                 t.k, t.v, t.slots = kv[0], kv[1], slots
             call = M.AttentionCall(key, layer, meta if layer == 0 else None)
             res = torch.empty(rows, nh, d + 1, dtype=torch.float32, device=self.device)
-            try:
-                reply, out = _settled(endpoint.handle(debtor, call, t))
-                if isinstance(reply, M.Failed):
-                    raise PeerError(reply.message, reply.reason)
-                res[..., :d] = out.out
-                res[..., d] = out.lse
-            except Exception:  # noqa: BLE001 - the debtor must get its answer to stay in step
-                log.exception("rank %d: MicroAttention for rank %d failed", self.rank, debtor)
-                res.fill_(float("nan"))
+            self._attend(endpoint, debtor, call, t, res)
             if pending is not None:
                 pending.wait()
             pending = dist.isend(res, debtor, group, _tag(slot, RES))
         if pending is not None:
             pending.wait()
+
+    def _attend(self, endpoint: AttentionEndpoint, debtor: int, call: M.AttentionCall, t: M.AttentionTensors,
+                res: torch.Tensor) -> None:
+        """Fill res [rows, nh, d+1] with (out, LSE); NaN LSE tells the debtor it failed."""
+        d = res.shape[-1] - 1
+        if call.key.step < 0:  # a probe: no request, nothing to attend
+            res[..., :d] = 0.0
+            res[..., d] = float("-inf")
+            return
+        try:
+            reply, out = _settled(endpoint.handle(debtor, call, t))
+            if isinstance(reply, M.Failed):
+                raise PeerError(reply.message, reply.reason)
+            res[..., :d] = out.out
+            res[..., d] = out.lse
+        except Exception:  # noqa: BLE001 - the debtor must get its answer to stay in step
+            log.exception("rank %d: MicroAttention for rank %d failed", self.rank, debtor)
+            res.fill_(float("nan"))
 
     def _recv(self, t: torch.Tensor, src: int, group, tag: int) -> None:
         dist.irecv(t, src, group, tag).wait(self.data_timeout)

@@ -110,10 +110,9 @@ class StepRunner:
                 sent = layer + 1
                 local = micro_attention(q, e.kv.k[layer], e.kv.v[layer], mb.inputs.meta, e.scale)
                 self.counters.remote_compute_s += time.perf_counter() - t0
-                self.counters.remote_calls += len(futs)
                 t1 = time.perf_counter()
                 results = yield futs
-                self.counters.remote_wait_s += time.perf_counter() - t1
+                self.counters.remote_layer(len(futs), time.perf_counter() - t1)
                 t0 = time.perf_counter()
                 dev = h.device
                 parts = [(r.out.to(dev), r.lse.to(dev)) for r in results]

@@ -31,7 +31,7 @@ class EngineConfig:
     seed: int = 0
     num_instances: int = 1
     enable_lending: bool = True  # let requests borrow KV blocks from other instances
-    max_lend_fraction: float = 0.75  # a creditor lends at most this share of its pool
+    max_lend_fraction: float = 0.95  # a creditor lends at most this share of its pool (beyond its own demand)
     max_remote_fraction: float = 0.5  # throughput moves keep a request's remote share under this
     placement_interval_s: float = 0.5  # how often the gManager reruns the placement
     threads_per_rank: int | None = None  # torch CPU threads of each rank; None = cores / ranks on the host

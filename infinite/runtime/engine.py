@@ -141,7 +141,7 @@ class LLMEngine:
         if n + 1 > cap:
             raise ValueError(
                 f"the prompt has {n} tokens, but at most {self.capacity_blocks} blocks ({cap} tokens, "
-                f"{self.block_size} per block) of KV cache can hold one request"
+                f"{self.block_size} per block) of KV cache can hold one request: {self.allocator.capacity_reason()}"
             )
         limit = min(self.max_model_len, cap) - n
         if params.max_tokens is None:
@@ -155,7 +155,7 @@ class LLMEngine:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs "
                 f"{blocks_for(n + params.max_tokens, self.block_size)} KV blocks, but at most "
-                f"{self.capacity_blocks} blocks ({cap} tokens) can hold one request"
+                f"{self.capacity_blocks} blocks ({cap} tokens) can hold one request: {self.allocator.capacity_reason()}"
             )
         else:
             max_tokens = params.max_tokens
