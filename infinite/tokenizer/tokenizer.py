@@ -92,16 +92,18 @@ class Tokenizer:
         return self._tk.id_to_token(token_id)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **extra: Any) -> str:
+                            chat_template: str | None = None, **extra: Any) -> str:
         """Render a conversation as prompt text.
 
-        Uses the checkpoint's jinja2 chat_template like transformers does;
-        otherwise the plain fallback described by FALLBACK_TEMPLATE_DOC.
+        Uses ``chat_template`` (a request's own, as vLLM allows) or the checkpoint's,
+        in jinja2 like transformers does; otherwise the plain fallback described by
+        FALLBACK_TEMPLATE_DOC. ``extra`` (``tools``, template kwargs) are template variables.
         """
         _check_messages(messages)
-        if self.chat_template is None:
+        source = chat_template or self.chat_template
+        if source is None:
             return render_fallback(messages, add_generation_prompt)
-        template = _compile(self.chat_template)
+        template = _compile(source)
         ctx = {**self.special_tokens, **extra}
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **ctx)
 
