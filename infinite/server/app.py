@@ -20,7 +20,7 @@ from aiohttp import web
 from infinite.errors import RequestError
 from infinite.server import protocol as P
 from infinite.server import shapes as S
-from infinite.server import dashboard, serving_chat, serving_completion
+from infinite.server import dashboard, responses_api, serving_chat, serving_completion, tokenization
 from infinite.server.errors import APIError, json_error
 from infinite.server.metrics import CONTENT_TYPE
 from infinite.server.state import DEFAULT_MAX_BODY_BYTES, STATE_KEY, EngineStarter, ServerSettings, ServerState, app_state
@@ -139,6 +139,11 @@ def create_app(start_engine: EngineStarter, settings: ServerSettings | None = No
     app.router.add_post("/v1/completions", handle_completions)
     app.router.add_post("/v1/chat/completions", handle_chat)
     app.router.add_get("/v1/models", handle_models)
+    app.router.add_post("/v1/responses", responses_api.handle_responses)
+    app.router.add_post("/v1/embeddings", responses_api.handle_embeddings)
+    app.router.add_post("/tokenize", tokenization.handle_tokenize)
+    app.router.add_post("/detokenize", tokenization.handle_detokenize)
+    app.router.add_get("/tokenizer_info", tokenization.handle_tokenizer_info)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/version", handle_version)
     app.router.add_get("/metrics", handle_metrics)
