@@ -58,7 +58,12 @@ def grammar_source(spec: StructuredOutputsParams) -> str:
         return llg.LLMatcher.grammar_from_lark(choice_as_lark(spec.choice))  # type: ignore[arg-type]
     grammar = spec.grammar or ""
     if "::=" in grammar:  # GBNF (llama.cpp's notation), as vLLM accepts too
-        grammar = llg.gbnf_to_lark(grammar)
+        from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
+
+        try:
+            grammar = gbnf_to_lark(grammar)
+        except (GbnfToLarkError, ValueError) as e:
+            raise GrammarError(f"cannot read the GBNF grammar: {e}") from None
     return llg.LLMatcher.grammar_from_lark(grammar)
 
 
