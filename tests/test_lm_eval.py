@@ -19,7 +19,6 @@ from test_server_e2e import KEY, MODEL, running_server
 from infinite.tiny import default_model_dir
 from infinite.tokenizer import load_tokenizer
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the [test] extra")
 
 DATA = Path(__file__).parent / "data" / "lm_eval_tasks"
 TASK_YAML = {

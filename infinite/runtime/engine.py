@@ -273,6 +273,8 @@ class LLMEngine:
             placement = None
             grammar_done = req.matcher is not None and advance(req.matcher, tok)
             if check_stop(req, len(delta), self.eos_token_ids, self.max_model_len, grammar_done):
+                if isinstance(req.stop_reason, int) and not req.params.include_stop_str_in_output:
+                    req.text = req.text[: len(req.text) - len(delta)]  # a stop token's text is not output (vLLM)
                 if req.detokenizer is not None and not isinstance(req.stop_reason, str):
                     req.text += req.detokenizer.finish()  # flush a held-back partial character
                 req.metrics.finished_time = now
