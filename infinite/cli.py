@@ -19,34 +19,48 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from infinite.runtime.config import EngineConfig
 from infinite.server.app import serve
 from infinite.server.state import DEFAULT_MAX_BODY_BYTES, ServerSettings
 
 log = logging.getLogger("infinite.server")
 
+_DEFAULTS = EngineConfig()  # the CLI's defaults are the engine's
+
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded default model)")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint folder, as in `vllm serve MODEL` (default: the embedded default model)")
+    p.add_argument("--model", default=None, help="the same as MODEL")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port; default 8000)")
     p.add_argument("--api-key", default=os.environ.get("INFINITE_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default: $INFINITE_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: the checkpoint's)")
     p.add_argument("--num-instances", type=int, default=1, help="instances in the cluster (default 1)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per instance (default: sized from memory)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--block-size", type=int, default=_DEFAULTS.block_size,
+                   help=f"tokens per KV block (default {_DEFAULTS.block_size})")
     p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 (default auto)")
     p.add_argument("--device", default=None, help="cpu|cuda[:N] (default: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt+output (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="largest batch per instance (default 256)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step (default 2048)")
-    p.add_argument("--seed", type=int, default=0, help="engine seed (default 0)")
+    p.add_argument("--max-num-seqs", type=int, default=_DEFAULTS.max_num_seqs,
+                   help=f"largest batch per instance (default {_DEFAULTS.max_num_seqs})")
+    p.add_argument("--max-num-batched-tokens", type=int, default=_DEFAULTS.max_num_batched_tokens,
+                   help=f"token budget per step (default {_DEFAULTS.max_num_batched_tokens})")
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help=f"engine seed (default {_DEFAULTS.seed})")
+    p.add_argument("--threads-per-rank", type=int, default=None,
+                   help="torch CPU threads of each rank (default: the host's cores / its ranks)")
     p.add_argument("--no-lending", dest="enable_lending", action="store_false",
                    help="instances never lend KV blocks to each other (a static deployment)")
-    p.add_argument("--max-lend-fraction", type=float, default=0.75,
-                   help="share of its pool an instance may lend (default 0.75)")
+    p.add_argument("--max-lend-fraction", type=float, default=_DEFAULTS.max_lend_fraction,
+                   help=f"share of its pool an instance may lend (default {_DEFAULTS.max_lend_fraction})")
+    p.add_argument("--max-remote-fraction", type=float, default=_DEFAULTS.max_remote_fraction,
+                   help="share of a request's blocks that throughput moves may place on other instances "
+                        f"(default {_DEFAULTS.max_remote_fraction})")
     p.add_argument("--max-pending", type=int, default=1024, help="engine requests in flight before 503 (default 1024)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body; larger gets 413")
-    p.add_argument("--log-level", default="info", help="debug|info|warning|error (default info)")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"],
+                   help="log level of every rank (default info)")
     p.add_argument("--tool-call-parser", default=None,
                    help="how tool calls are found in the model's text: hermes (Qwen2, Hermes, Mistral "
                         "templates) or llama3_json (Llama 3.1+), as vLLM's flag")
@@ -54,11 +68,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help='let the model decide when to call tools (tool_choice "auto"); needs --tool-call-parser')
 
 
-def engine_config(args: argparse.Namespace) -> Any:
-    from infinite.runtime.config import EngineConfig
-
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    if args.model and args.model_tag and args.model != args.model_tag:
+        raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
     return EngineConfig(
-        model=args.model,
+        model=args.model or args.model_tag,
+        threads_per_rank=args.threads_per_rank,
         dtype=args.dtype,
         device=args.device,
         block_size=args.block_size,
@@ -71,6 +86,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         served_model_name=args.served_model_name,
         enable_lending=args.enable_lending,
         max_lend_fraction=args.max_lend_fraction,
+        max_remote_fraction=args.max_remote_fraction,
     )
 
 
@@ -104,7 +120,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"infinite: listening on http://{host}:{port}", flush=True)
 
     if config.num_instances > 1:
-        return serve_cluster(config, settings, args.host, args.port, listening)
+        return serve_cluster(config, settings, args.host, args.port, listening, args.log_level)
 
     async def start_engine() -> Any:
         from infinite.runtime.async_engine import AsyncLLMEngine
@@ -127,28 +143,28 @@ def run_serve(args: argparse.Namespace) -> int:
         return asyncio.run(main())
 
 
-def serve_cluster(config: Any, settings: ServerSettings, host: str, port: int, listening: Any) -> int:
-    """N ranks without torchrun: ranks 1..N-1 are spawned here, this process is rank 0 and serves."""
-    from infinite.cluster.local import spawn_ranks, stop_ranks
-    from infinite.cluster.rank import ServeArgs, run_rank
-    from infinite.cluster.rpc import free_port
+def serve_cluster(config: EngineConfig, settings: ServerSettings, host: str, port: int, listening: Any,
+                  log_level: str) -> int:
+    """N ranks without torchrun: ranks 1..N-1 are started here, this process is rank 0 and serves."""
+    from infinite.cluster.rank import RankOptions, run_rank
+    from infinite.cluster.rpc_transport import free_port
+    from infinite.cluster.spawn import spawn_ranks, stop_ranks
+    from infinite.launch.http import http_front_end
     from infinite.runtime.engine import resolve_model_dir
-    from infinite.runtime.config import EngineConfig
 
     config = EngineConfig(**{**config.__dict__, "model": resolve_model_dir(config.model)})
     n = config.num_instances
-    rpc_port = free_port()
-    workers = spawn_ranks(config, range(1, n), n, rpc_port)
+    init = f"tcp://127.0.0.1:{free_port()}"
+    workers = spawn_ranks(config, range(1, n), n, init, log_level=log_level)
     try:
-        return run_rank(0, n, config, master_port=rpc_port, role="serve",
-                        serve=ServeArgs(host, port, settings, listening),
-                        num_threads=max(1, (os.cpu_count() or 1) // n))
+        return run_rank(config, RankOptions(0, n, init, local_world_size=n, log_level=log_level),
+                        http_front_end(settings, host, port, listening))
     finally:
         stop_ranks(workers)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infinite", description="Infinite: long-context LLM serving")
+def build_parser(prog: str = "infinite") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Infinite: long-context LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     add_serve_args(serve_p)

@@ -9,7 +9,19 @@ from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
 from infinite.sampling.params import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict  # text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": [...]}
+
+
+def _prompt_input(p: Prompt) -> str | list[int]:
+    """vLLM's prompt forms (TextPrompt / TokensPrompt dicts) as the engine's text or ids."""
+    if not isinstance(p, dict):
+        return p
+    keys = set(p)
+    if keys == {"prompt_token_ids"} or keys == {"prompt_token_ids", "prompt"}:
+        return p["prompt_token_ids"]
+    if keys == {"prompt"}:
+        return p["prompt"]
+    raise ValueError(f"a prompt dict holds 'prompt' (text) or 'prompt_token_ids' (ids); got keys {sorted(keys)}")
 
 
 class LLM:
@@ -39,11 +51,11 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order. A bad prompt raises before any work starts."""
-        if isinstance(prompts, str) or (
+        if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]  # a single prompt
-        prompts = list(prompts)
+        prompts = [_prompt_input(p) for p in prompts]
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = (

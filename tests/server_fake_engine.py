@@ -56,7 +56,6 @@ class FakeEngine(EngineFacts):
         self.aborted: list[str] = []
         self.closed = False
         self.fail_after: int | None = None  # tokens after which every stream fails (RequestError)
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_aborted": 0}
 
     @property
     def is_running(self) -> bool:

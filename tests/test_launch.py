@@ -97,7 +97,7 @@ def test_sigterm_to_a_worker_rank_stops_the_whole_cluster():
     try:
         wait_ready(port, proc)
         assert complete(port)["usage"]["completion_tokens"] == 4
-        ranks = [p for p in descendants(proc.pid) if "spawn_main" in cmdline(p)]
+        ranks = [p for p in descendants(proc.pid) if "infinite.cluster.spawn" in cmdline(p)]
         assert len(ranks) == 1, "one spawned worker rank expected"
         everyone = [proc.pid] + descendants(proc.pid)
         os.kill(ranks[0], signal.SIGTERM)

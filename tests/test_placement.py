@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infinite.cluster.cost_model import CostModel
+from infinite.cluster.policy import LendingPolicy
 from infinite.cluster.placement import (
     ClusterSnapshot,
     InstanceState,
@@ -21,7 +22,12 @@ from infinite.cluster.placement import (
 )
 
 COST = CostModel()
-CFG = PlacementConfig()
+POLICY = LendingPolicy(max_lend_fraction=0.5, max_remote_fraction=0.875)
+CFG = PlacementConfig(policy=POLICY)
+
+
+def with_policy(**kw) -> PlacementConfig:
+    return PlacementConfig(policy=LendingPolicy(**{"max_lend_fraction": 0.5, "max_remote_fraction": 0.875, **kw}))
 
 
 def snap(insts, reqs, block_size=16):
@@ -60,7 +66,7 @@ def check_invariants(s, moves, cfg):
         assert r.total_blocks == before_req[r.request_id].total_blocks  # blocks conserved
     for a, b in zip(s.instances, after.instances):
         assert b.free_blocks >= 0
-        assert b.lent_blocks <= max(a.lent_blocks, cfg.lend_cap(a.total_blocks))  # lend cap
+        assert b.lent_blocks <= max(a.lent_blocks, cfg.policy.lend_cap(a.total_blocks))  # lend cap
     dead = {i.rank for i in s.instances if not i.alive}
     into: dict[int, int] = {}
     for mv in moves:
@@ -68,6 +74,12 @@ def check_invariants(s, moves, cfg):
         assert mv.src == r.home or mv.src in dead  # no borrowing chains
         assert mv.dst not in dead
         into[mv.dst] = into.get(mv.dst, 0) + mv.num_blocks
+    for mv in moves:  # roles: whoever sheds blocks lends nothing, whoever receives them owes nothing
+        if mv.src == before_req[mv.request_id].home:
+            assert after.instance(mv.src).lent_blocks == 0, f"{mv}: the debtor also lends"
+        if mv.dst != before_req[mv.request_id].home:
+            owes = sum(n for r in after.requests if r.home == mv.dst for i, n in r.blocks.items() if i != mv.dst)
+            assert owes == 0, f"{mv}: the creditor also borrows"
     for dst, n in into.items():  # no double lending: what flows in fits what was free (+ what flowed out)
         out_n = sum(m.num_blocks for m in moves if m.src == dst)
         assert n <= s.instance(dst).free_blocks + out_n
@@ -76,7 +88,7 @@ def check_invariants(s, moves, cfg):
         if r.home in dead or not any(m.request_id == r.request_id and m.src == r.home for m in moves):
             continue
         remote = r.total_blocks - r.local_blocks
-        assert remote <= math.floor(cfg.max_remote_fraction * r.total_blocks)  # remote share cap
+        assert remote <= math.floor(cfg.policy.max_remote_fraction * r.total_blocks)  # remote share cap
         assert r.local_blocks >= 1  # local-first: newest block stays home
         assert r.local_blocks < old.local_blocks
     return after
@@ -99,7 +111,7 @@ def test_balanced_cluster_yields_no_moves():
 
 
 def test_lend_cap_counts_existing_loans():
-    cfg = PlacementConfig(max_lend_fraction=0.3)
+    cfg = with_policy(max_lend_fraction=0.3)
     # creditor 1 already lends 20 of its 30-block cap
     s = snap([(0, 100, 1, 60, True, 6), (1, 100, 10, 0)],
              [req("long", 0, {0: 80, 1: 20}), req("a", 1, {1: 10})])
@@ -125,7 +137,7 @@ def test_creditor_with_own_queue_or_high_usage_does_not_lend():
 
 
 def test_remote_fraction_cap_limits_the_move():
-    cfg = PlacementConfig(max_remote_fraction=0.25)
+    cfg = with_policy(max_remote_fraction=0.25)
     s = debtor_cluster()
     moves = plan(s, COST, cfg)
     assert sum(m.num_blocks for m in moves) == 25
@@ -164,11 +176,11 @@ def test_route_and_fits_cluster():
     assert route(s, CFG, 5) == 2  # most free after waiting demand
     s2 = snap([(0, 100, 4, 0), (1, 100, 2, 0)], [req("a", 0, {0: 10}), req("b", 1, {1: 10})])
     assert route(s2, CFG, 5) == 1  # tie on free: fewest running
-    # 100 own + 2 * 50 lendable, remote <= 87.5% of the request
+    # 100 own + 2 * 50 lendable
     assert fits_cluster(s, CFG, 200)
     assert not fits_cluster(s, CFG, 201)
     assert route(s, CFG, 10_000) is None
-    off = PlacementConfig(max_lend_fraction=0.0)
+    off = with_policy(max_lend_fraction=0.0)
     assert fits_cluster(s, off, 100) and not fits_cluster(s, off, 101)
     with pytest.raises(ValueError):
         route(s, CFG, -1)
@@ -222,10 +234,9 @@ def snapshots(draw):
 
 configs = st.builds(
     PlacementConfig,
+    policy=st.builds(LendingPolicy, max_lend_fraction=st.floats(0.0, 1.0), max_remote_fraction=st.floats(0.0, 1.0)),
     debtor_batch_threshold=st.integers(0, 10),
     creditor_usage_threshold=st.floats(0.3, 1.0),
-    max_lend_fraction=st.floats(0.0, 1.0),
-    max_remote_fraction=st.floats(0.0, 1.0),
     candidate_ks=st.integers(1, 8),
     min_gain=st.floats(0.0, 10.0),
 )
@@ -243,3 +254,16 @@ def test_random_snapshots_keep_invariants_and_converge(s, cfg):
     if blocked_demand(after) == blocked_demand(s):
         # moves made only for throughput must raise the estimate
         assert not moves or cluster_throughput(after, COST) > cluster_throughput(s, COST)
+
+
+def test_a_creditor_never_becomes_a_debtor_of_its_debtor():
+    # instance 1 lends 20 blocks to 0's long request; now 1 has a long request of its own and a
+    # queue, and 0 has room: moving 1's blocks to 0 would make them owe each other.
+    s = snap([(0, 100, 1, 0), (1, 100, 1, 50, True, 5), (2, 100, 3, 0)],
+             [req("long0", 0, {0: 40, 1: 20}), req("long1", 1, {1: 70}), req("c", 2, {2: 10})])
+    moves = plan(s, COST, CFG)
+    assert all(m.src != 1 or m.dst == 2 for m in moves) and all(m.dst != 0 for m in moves if m.src == 1)
+    check_invariants(s, moves, CFG)
+    # with no third instance the creditor's demand waits (for its loan to come home)
+    s2 = snap([(0, 100, 1, 0), (1, 100, 1, 50, True, 5)], [req("long0", 0, {0: 40, 1: 20}), req("long1", 1, {1: 70})])
+    assert plan(s2, COST, CFG) == []

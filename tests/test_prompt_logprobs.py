@@ -65,3 +65,15 @@ def test_prompt_logprobs_survive_preemption(ckpt, prompts, reference):
     check(outs[0], prompts[0], reference[0])
     ref_rev = hf_logits(ckpt, torch.tensor(prompts[0][::-1])).log_softmax(dim=-1)
     check(outs[1], prompts[0][::-1], ref_rev)
+
+
+def test_prompt_logprobs_on_two_ranks_with_the_prompt_over_both_pools(ckpt):
+    # 12 blocks per pool (192 tokens); the 300-token prompt needs 19: its KV spans both ranks,
+    # so later chunks of the prefill attend to blocks on the other rank.
+    prompt = [random.Random(3).randrange(3, 300) for _ in range(300)]
+    ref = hf_logits(ckpt, torch.tensor(prompt)).log_softmax(dim=-1)
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=TOP)
+    with LLM(model=ckpt, dtype="float32", num_instances=2, num_kv_blocks=12, max_num_batched_tokens=64) as llm:
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert set(out.extra["kv_blocks"]) == {0, 1}, out.extra["kv_blocks"]
+    check(out, prompt, ref)

@@ -4,6 +4,7 @@ import random
 
 from infinite.kv import RManager
 from infinite.runtime.request import Request, Status
+from infinite.runtime.allocator import LocalAllocator
 from infinite.runtime.scheduler import Scheduler
 from infinite.sampling.params import SamplingParams
 
@@ -27,7 +28,7 @@ def run_step(sched: Scheduler, rng: random.Random | None = None):
 
 def test_chunked_prefill_respects_token_budget():
     rm = RManager(0, 100, 16)
-    s = Scheduler(rm, max_num_seqs=8, max_num_batched_tokens=32)
+    s = Scheduler(LocalAllocator(rm), max_num_seqs=8, max_num_batched_tokens=32)
     s.add(req("a", 70))
     s.add(req("b", 10))
     b1 = run_step(s)
@@ -41,7 +42,7 @@ def test_chunked_prefill_respects_token_budget():
 
 
 def test_max_num_seqs_limits_running():
-    s = Scheduler(RManager(0, 100, 16), max_num_seqs=2, max_num_batched_tokens=1000)
+    s = Scheduler(LocalAllocator(RManager(0, 100, 16)), max_num_seqs=2, max_num_batched_tokens=1000)
     for i in range(4):
         s.add(req(f"r{i}", 5))
     b = run_step(s)
@@ -50,7 +51,7 @@ def test_max_num_seqs_limits_running():
 
 def test_admission_waits_for_whole_prompt_to_fit():
     rm = RManager(0, 4, 16)
-    s = Scheduler(rm, max_num_seqs=8, max_num_batched_tokens=16)
+    s = Scheduler(LocalAllocator(rm), max_num_seqs=8, max_num_batched_tokens=16)
     s.add(req("small", 20, max_tokens=40))  # 2 blocks
     s.add(req("big", 40))  # needs 3 blocks + room for its first token
     run_step(s)
@@ -61,7 +62,7 @@ def test_admission_waits_for_whole_prompt_to_fit():
 
 def test_preempts_newest_and_recomputes():
     rm = RManager(0, 6, 4)
-    s = Scheduler(rm, max_num_seqs=8, max_num_batched_tokens=64)
+    s = Scheduler(LocalAllocator(rm), max_num_seqs=8, max_num_batched_tokens=64)
     a, b = req("a", 8, max_tokens=12), req("b", 8, max_tokens=12)
     s.add(a)
     s.add(b)
@@ -84,7 +85,7 @@ def test_random_workloads_finish_and_free_everything():
     for trial in range(30):
         blocks = rng.randint(6, 30)
         rm = RManager(0, blocks, 4)
-        s = Scheduler(rm, max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(4, 40))
+        s = Scheduler(LocalAllocator(rm), max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(4, 40))
         reqs = []
         for i in range(rng.randint(1, 10)):
             # every request must fit the pool alone (the engine rejects the others)

@@ -29,19 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import statistics
 import threading
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from infinite.bench.common import print_table, write_json
+from infinite.runtime.config import EngineConfig
 from infinite.kv.rmanager import blocks_for
 from infinite.sampling.params import SamplingParams
 
@@ -270,21 +269,13 @@ def _greedy(max_tokens: int) -> SamplingParams:
 
 
 def _cluster(model: str | None, ranks: int, pool: int, lending: bool, threads: int | None = None, **kw: Any):
-    """A LocalCluster of ``ranks`` instances; ``threads`` overrides torch threads per rank.
-
-    LocalCluster pins each rank to cpu_count // num_instances threads and has no argument for
-    it, so a single-instance cluster that is one of several in a static deployment would take
-    every core; the override narrows os.cpu_count while the ranks are spawned.
-    """
+    """A LocalCluster of ``ranks`` instances; ``threads`` torch threads per rank (default: cores / ranks)."""
     from infinite.cluster.local import LocalCluster
     from infinite.runtime.config import EngineConfig
 
     cfg = EngineConfig(model=model, dtype="float32", num_instances=ranks, num_kv_blocks=pool,
-                       enable_lending=lending, **kw)
-    with ExitStack() as stack:
-        if threads is not None:
-            stack.enter_context(mock.patch.object(os, "cpu_count", lambda: threads * ranks))
-        return LocalCluster(cfg)
+                       enable_lending=lending, threads_per_rank=threads, **kw)
+    return LocalCluster(cfg)
 
 
 def _run_alone(eng, prompt: Sequence[int], max_tokens: int, rid: str, timeout: float):
@@ -362,7 +353,7 @@ def run_split(args: argparse.Namespace) -> dict[str, Any]:
         r.pop("token_ids")
     return {
         "config": {"context": args.context, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
-                   "request_blocks": total, "ranks": 2, "threads_per_rank": max(1, (os.cpu_count() or 1) // 2)},
+                   "request_blocks": total, "ranks": 2, "threads_per_rank": EngineConfig().rank_threads(2)},
         "one": one, "split": split, "ratio": ratio, "target_ratio": SPLIT_TARGET,
         "meets_target": ratio <= SPLIT_TARGET, "same_tokens": same,
     }
@@ -510,7 +501,7 @@ def serve_workload(engines: Sequence, route: str, work: Sequence[WorkItem], time
 def run_mixed_mode(args: argparse.Namespace, mode: str, work: Sequence[WorkItem]) -> dict[str, Any]:
     n = args.ranks
     kw = dict(max_num_seqs=args.max_num_seqs)
-    threads = max(1, (os.cpu_count() or 1) // n)
+    threads = EngineConfig().rank_threads(n)
     if mode == "off":
         engines = [_cluster(args.model, 1, args.pool_blocks, False, threads=threads, **kw) for _ in range(n)]
         route = "rr"

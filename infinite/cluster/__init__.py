@@ -6,6 +6,7 @@ gManager modules directly.
 """
 
 from infinite.cluster.cost_model import CostModel, StepSample, fit
+from infinite.cluster.policy import LendingPolicy, Peer
 from infinite.cluster.placement import (
     ClusterSnapshot,
     InstanceState,
@@ -25,6 +26,8 @@ __all__ = [
     "CostModel",
     "StepSample",
     "fit",
+    "LendingPolicy",
+    "Peer",
     "ClusterSnapshot",
     "InstanceState",
     "Move",

@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from infinite.cluster.cost_model import CostModel
+from infinite.cluster.policy import LendingPolicy, Peer
 
 __all__ = [
     "RequestState",
@@ -94,6 +95,7 @@ class InstanceState:
     waiting_blocks: int
     alive: bool = True
     waiting_requests: int = 0
+    borrowed_blocks: int = 0  # blocks its requests hold on others (it is a debtor: it lends nothing)
 
     def __post_init__(self) -> None:
         if self.total_blocks < 0:
@@ -106,8 +108,10 @@ class InstanceState:
             raise ValueError(
                 f"instance {self.rank}: lent_blocks {self.lent_blocks} outside [0, used={self.total_blocks - self.free_blocks}]"
             )
-        if self.batch_size < 0 or self.waiting_blocks < 0 or self.waiting_requests < 0:
-            raise ValueError(f"instance {self.rank}: batch_size, waiting_blocks, waiting_requests must be >= 0")
+        if min(self.batch_size, self.waiting_blocks, self.waiting_requests, self.borrowed_blocks) < 0:
+            raise ValueError(
+                f"instance {self.rank}: batch_size, waiting_blocks, waiting_requests, borrowed_blocks must be >= 0"
+            )
 
     @property
     def used_blocks(self) -> int:
@@ -155,41 +159,33 @@ class ClusterSnapshot:
 
 @dataclass(frozen=True)
 class PlacementConfig:
-    """Knobs of the greedy placement.
+    """Knobs of the greedy placement; who may lend how much is the ``policy``'s.
 
     ``creditor_usage_threshold`` both selects creditors (memory use below it)
-    and bounds how far lending may fill them. ``max_lend_fraction`` caps the
-    blocks an instance holds for others (existing loans count).
-    ``max_remote_fraction`` caps the share of one request's blocks that live
-    off its home, so remote MicroAttention stays hidden under local compute.
-    ``candidate_ks`` is how many block counts are evaluated per
-    (request, creditor) pair.
+    and bounds how far lending may fill them. ``candidate_ks`` is how many
+    block counts are evaluated per (request, creditor) pair.
     """
 
+    policy: LendingPolicy = field(default_factory=LendingPolicy)
     debtor_batch_threshold: int = 8
     creditor_usage_threshold: float = 0.9
-    max_lend_fraction: float = 0.5
-    max_remote_fraction: float = 0.875
     candidate_ks: int = 6
     min_gain: float = 1.0  # tokens/s a move must add when it unblocks nothing
     max_moves: int = 10_000  # safety bound on greedy iterations
 
     def __post_init__(self) -> None:
+        if not isinstance(self.policy, LendingPolicy):
+            raise TypeError(f"PlacementConfig.policy must be a LendingPolicy, got {type(self.policy).__name__}")
         if self.debtor_batch_threshold < 0:
             raise ValueError(f"debtor_batch_threshold must be >= 0, got {self.debtor_batch_threshold}")
-        for name in ("creditor_usage_threshold", "max_lend_fraction", "max_remote_fraction"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"PlacementConfig.{name} must be in [0, 1], got {v}")
+        if not 0.0 <= self.creditor_usage_threshold <= 1.0:
+            raise ValueError(f"PlacementConfig.creditor_usage_threshold must be in [0, 1], got {self.creditor_usage_threshold}")
         if self.candidate_ks < 1:
             raise ValueError(f"candidate_ks must be >= 1, got {self.candidate_ks}")
         if self.min_gain < 0:
             raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
         if self.max_moves < 1:
             raise ValueError(f"max_moves must be >= 1, got {self.max_moves}")
-
-    def lend_cap(self, total_blocks: int) -> int:
-        return math.floor(self.max_lend_fraction * total_blocks)
 
 
 @dataclass(frozen=True)
@@ -221,6 +217,7 @@ class _Inst:
     waiting: int
     waiting_reqs: int
     alive: bool
+    borrowed: int = 0  # blocks of requests homed here that sit elsewhere
     remote_calls: int = 0  # (request homed here, other instance) pairs: remote MA calls per layer
 
     @property
@@ -254,7 +251,11 @@ class _Work:
         self.reqs = {r.request_id: _Req(r.request_id, r.home, {k: v for k, v in r.blocks.items() if v > 0})
                      for r in snap.requests}
         for r in self.reqs.values():
-            self.inst[r.home].remote_calls += sum(1 for k in r.blocks if k != r.home)
+            home = self.inst[r.home]
+            home.remote_calls += sum(1 for k in r.blocks if k != r.home)
+            home.borrowed += sum(n for k, n in r.blocks.items() if k != r.home)
+        for i in snap.instances:  # debts of requests the snapshot does not list still count
+            self.inst[i.rank].borrowed = max(self.inst[i.rank].borrowed, i.borrowed_blocks)
 
     def apply(self, mv: Move) -> None:
         r = self.reqs.get(mv.request_id)
@@ -285,13 +286,16 @@ class _Work:
         dst.free -= mv.num_blocks
         if mv.src != r.home:
             src.lent -= mv.num_blocks
+            home.borrowed -= mv.num_blocks
         if mv.dst != r.home:
             dst.lent += mv.num_blocks
+            home.borrowed += mv.num_blocks
 
     def lendable(self, c: _Inst, cfg: PlacementConfig, *, evacuating: bool = False) -> int:
-        """Blocks ``c`` may still lend: its free memory its own queue does not
-        need, its lend cap, and (unless evacuating a leaver) its usage bound."""
-        room = min(c.free - c.waiting, cfg.lend_cap(c.total) - c.lent)
+        """Blocks ``c`` may still lend: the policy's answer (free memory its own queue does not
+        need, its lend cap, never while it is a debtor) and, unless evacuating a leaver, its
+        usage bound."""
+        room = cfg.policy.lendable(Peer(c.rank, c.total, c.free, c.lent, c.borrowed, reserved=c.waiting))
         if not evacuating:
             room = min(room, math.floor(cfg.creditor_usage_threshold * c.total) - c.used)
         return max(0, room)
@@ -384,7 +388,8 @@ def _evacuate(work: _Work, cfg: PlacementConfig) -> list[Move]:
 
 def _best_move(work: _Work, cost: CostModel, cfg: PlacementConfig) -> Move | None:
     live = [i for i in work.inst.values() if i.alive]
-    debtors = [i for i in live if i.batch < cfg.debtor_batch_threshold or i.waiting > i.free]
+    debtors = [i for i in live if (i.batch < cfg.debtor_batch_threshold or i.waiting > i.free)
+               and cfg.policy.may_borrow(i.lent)]
     debtors.sort(key=lambda i: (i.batch, i.rank))
     creditors = [i for i in live if i.used < cfg.creditor_usage_threshold * i.total and work.lendable(i, cfg) > 0]
     if not creditors:
@@ -404,12 +409,7 @@ def _best_move(work: _Work, cost: CostModel, cfg: PlacementConfig) -> Move | Non
 
 
 def _movable(r: _Req, cfg: PlacementConfig) -> int:
-    """Blocks of ``r`` that may still leave home: the newest stays home and
-    the remote share stays under ``max_remote_fraction``."""
-    local = r.blocks.get(r.home, 0)
-    remote = r.total - local
-    cap = math.floor(cfg.max_remote_fraction * r.total) - remote
-    return max(0, min(local - 1, cap))
+    return cfg.policy.movable(r.blocks.get(r.home, 0), r.total)
 
 
 def _candidate_ks(k_max: int, deficit: int, n: int) -> list[int]:
@@ -500,14 +500,11 @@ def cluster_throughput(snapshot: ClusterSnapshot, cost: CostModel) -> float:
 
 def _capacity_for(snapshot: ClusterSnapshot, cfg: PlacementConfig, home: InstanceState, blocks: int) -> bool:
     """Can ``home`` serve a request of ``blocks`` with empty pools: its own
-    pool plus what the others may lend, within the remote-share cap?"""
+    pool plus what the others may lend (the policy's request capacity)?"""
     if not home.alive:
         return False
-    lendable = sum(cfg.lend_cap(i.total_blocks) for i in snapshot.instances if i.alive and i.rank != home.rank)
-    if blocks == 0:
-        return True
-    remote = min(lendable, math.floor(cfg.max_remote_fraction * blocks), blocks - 1)  # the newest block stays home
-    return home.total_blocks + remote >= blocks
+    others = [i.total_blocks for i in snapshot.instances if i.alive and i.rank != home.rank]
+    return blocks == 0 or cfg.policy.request_capacity(home.total_blocks, others) >= blocks
 
 
 def fits_cluster(snapshot: ClusterSnapshot, cfg: PlacementConfig, blocks: int) -> bool:

@@ -1,8 +1,10 @@
-"""The main of one rank process: its instance, RPC, heartbeats, and on rank 0 the
-gManager plus the front-end (HTTP server, or the bridge to an offline LLM).
+"""The main of one rank process: its transport, its instance, heartbeats, and on rank 0 the
+gManager with the front door, plus whatever front-end the launcher hands in (the HTTP
+server, LocalCluster's driver bridge, or none).
 
-The same function runs under torchrun (env:// rendezvous) and in processes
-that LLM(num_instances=N) or `infinite serve --num-instances N` spawn.
+The same function runs under torchrun (``env://`` rendezvous), in the ranks that
+LocalCluster or ``infinite serve --num-instances N`` start, and in-process in tests.
+It imports no front-end: the launch layer composes (infinite/launch, infinite/cli).
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import logging
 import os
 import signal
 import warnings
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from infinite.cluster import rpc
+from infinite.cluster.transport import to_asyncio
 from infinite.runtime.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -25,81 +27,71 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.1
 RANK0_LOST_S = 10.0
 
+# What rank 0 runs beside its instance: given a future of the ClusterEngine (set once the
+# cluster is up) and the stop event, it serves until told to stop and returns an exit code.
+FrontEnd = Callable[["asyncio.Future", asyncio.Event], Awaitable[int]]
+
 
 @dataclass
-class ServeArgs:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    settings: Any = None  # infinite.server.app.ServerSettings
-    on_listening: Any = None  # callable(host, port), called once the socket is open
+class RankOptions:
+    rank: int
+    world_size: int
+    init_method: str = "env://"  # torchrun's rendezvous, or tcp://HOST:PORT
+    local_world_size: int | None = None  # ranks on this host (threads are shared among them)
+    log_level: str = "WARNING"
+    watch_parent: bool = False  # exit when the launching process is gone (no orphans)
 
 
-def run_rank(
-    rank: int,
-    world_size: int,
-    config: EngineConfig,
-    *,
-    master_addr: str = "127.0.0.1",
-    master_port: int | None = None,
-    role: str = "worker",  # worker | serve | driver
-    serve: ServeArgs | None = None,
-    driver_conn: Any = None,
-    num_threads: int | None = None,
-    watch_parent: bool = False,
-) -> int:
+def setup_process(config: EngineConfig, opts: RankOptions) -> None:
+    """Logging, torch threads and uvloop for a rank process."""
     warnings.filterwarnings("ignore", message=".*ProcessGroupGloo.*")
-    logging.basicConfig(level=os.environ.get("INFINITE_LOG_LEVEL", "WARNING"),
-                        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # tensorpipe's EOF chatter at shutdown
+    logging.basicConfig(level=str(opts.log_level).upper(),
+                        format=f"[rank{opts.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.torch_device().type == "cpu":
-        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // world_size))
+        torch.set_num_threads(config.rank_threads(opts.local_world_size or opts.world_size))
+
+
+def run_rank(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | None = None) -> int:
+    setup_process(config, opts)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
         pass
-    return asyncio.run(_main(rank, world_size, config, master_addr, master_port, role, serve, driver_conn,
-                             watch_parent))
+    return asyncio.run(_main(config, opts, front_end))
 
 
-async def _main(rank, world_size, config, master_addr, master_port, role, serve, driver_conn, watch_parent) -> int:
+async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | None) -> int:
+    from infinite.cluster.endpoint import RankEndpoint
     from infinite.cluster.frontdoor import ClusterEngine
     from infinite.cluster.instance import Instance
+    from infinite.cluster.rpc_transport import TorchRpcTransport
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    http = None
-    if role == "serve":
-        # The socket opens at once; /health answers 503 until the cluster is up, as with one instance.
-        from infinite.server.app import serve as serve_http
-
-        ready: asyncio.Future = loop.create_future()
-
-        async def start_engine():
-            return await ready
-
-        http = asyncio.ensure_future(serve_http(start_engine, serve.settings, serve.host, serve.port,
-                                                stop=stop, on_listening=serve.on_listening))
+    rank, world = opts.rank, opts.world_size
+    ready: asyncio.Future = loop.create_future()
+    # The front-end starts at once (an HTTP socket answers 503 until the cluster is up).
+    front_task = asyncio.ensure_future(front_end(ready, stop)) if front_end is not None and rank == 0 else None
+    transport = TorchRpcTransport(rank, world, opts.init_method)
     try:
         # Load the model (off the loop) before any peer can call us.
-        instance = await loop.run_in_executor(None, Instance, config, rank, world_size)
-        front = ClusterEngine(instance, world_size) if rank == 0 else None
+        instance = await loop.run_in_executor(None, Instance, config, rank, world, transport)
+        front = ClusterEngine(instance, transport) if rank == 0 else None
         if front is not None:
             front.bind(loop, stop)
-        rpc.register(instance, front)
-        if master_port is None:  # torchrun: env:// rendezvous
-            rpc.init_env(rank, world_size)
-        else:
-            await loop.run_in_executor(None, rpc.init, rank, world_size, master_addr, master_port)
-        if front is not None and world_size > 1:
+        await loop.run_in_executor(None, transport.start, RankEndpoint(instance, front))
+        if front is not None and world > 1:
             rtt = await loop.run_in_executor(None, front.gmanager.calibrate_transport)
-            log.info("RPC round trip %.0f us", rtt * 1e6)
+            log.info("transport round trip %.0f us", rtt * 1e6)
     except BaseException as e:
-        if http is not None:
+        if front_task is not None:
             ready.set_exception(e)
-            await asyncio.gather(http, return_exceptions=True)
+            await asyncio.gather(front_task, return_exceptions=True)
         raise
-    if http is not None:
+    if not ready.done():
         ready.set_result(front)
 
     def on_signal() -> None:
@@ -107,7 +99,7 @@ async def _main(rank, world_size, config, master_addr, master_port, role, serve,
             front.request_stop()
         else:
             try:
-                rpc.call_async(0, rpc.h_cluster_stop)
+                transport.cluster_stop()
             except Exception:  # noqa: BLE001
                 pass
             instance.request_stop()
@@ -116,21 +108,17 @@ async def _main(rank, world_size, config, master_addr, master_port, role, serve,
         loop.add_signal_handler(sig, on_signal)
 
     main_task = asyncio.ensure_future(instance.run())
-    tasks = [main_task, asyncio.ensure_future(_heartbeats(instance))]
+    tasks = [main_task, asyncio.ensure_future(heartbeat_loop(instance, transport))]
     if front is not None:
         tasks.append(asyncio.ensure_future(front.gmanager.run(lambda: instance.stopping)))
-    if watch_parent:
+    if opts.watch_parent:
         tasks.append(asyncio.ensure_future(_watch_parent(on_signal)))
     code = 0
     try:
-        if http is not None:
-            code = await http
-        elif role == "driver":
-            from infinite.cluster.local import DriverBridge
-
-            await DriverBridge(front, driver_conn).run()
-        elif front is not None:  # torchrun rank 0 without a front-end: run until told to stop
-            await front.stop_event.wait()
+        if front_task is not None:
+            code = await front_task
+        elif front is not None:  # rank 0 without a front-end: run until told to stop
+            await stop.wait()
         else:
             while not instance.stopping:
                 await asyncio.sleep(0.1)
@@ -142,20 +130,20 @@ async def _main(rank, world_size, config, master_addr, master_port, role, serve,
         for t in tasks:
             t.cancel()
         try:
-            rpc.shutdown()
+            transport.close()
         except Exception:  # noqa: BLE001
-            log.debug("rpc shutdown", exc_info=True)
+            log.debug("transport close", exc_info=True)
+        instance.close()
     return code
 
 
-async def _heartbeats(instance) -> None:
+async def heartbeat_loop(instance, transport) -> None:
     loop = asyncio.get_running_loop()
     lost_since = None
     while not instance.stopping:
         try:
-            reply = await asyncio.wait_for(
-                rpc.to_asyncio(rpc.call_async(0, rpc.h_heartbeat, instance.heartbeat()), loop), timeout=5.0)
-            instance.borrowable = reply["borrowable"]
+            reply = await asyncio.wait_for(to_asyncio(transport.heartbeat(instance.heartbeat()), loop), timeout=5.0)
+            instance.on_heartbeat_reply(reply)
             lost_since = None
         except Exception:  # noqa: BLE001 - the next beat resends the whole placement
             instance.forget_sent_placement()
@@ -176,5 +164,4 @@ async def _watch_parent(stop) -> None:
             stop()
             await asyncio.sleep(10)
             os._exit(1)  # peers unreachable: do not linger as an orphan
-
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from infinite.attention import MAMetadata, aggregate
+from infinite.cluster import messages as M
 from infinite.kv.rmanager import RBlock, blocks_for
 
 
@@ -21,25 +22,26 @@ from infinite.kv.rmanager import RBlock, blocks_for
 class RemotePart:
     creditor: int
     rows: torch.Tensor  # [Tc] int64: query rows (in the step's q) of requests with blocks there
-    meta: MAMetadata  # the creditor's blocks of those requests
+    meta: M.AttentionMeta  # the creditor's blocks of those requests
     write_rows: torch.Tensor  # [Wc] int64: new tokens whose K/V go into the creditor's blocks
     write_slots: torch.Tensor  # [Wc] int64: their slots in the creditor's pool
 
-    def payload(self, key: tuple, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    def call(self, key: M.StepKey, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+             ) -> tuple[M.AttentionCall, M.AttentionTensors]:
         """What one layer sends. The block metadata goes with layer 0 only (the creditor keeps it
-        under `key` for the step's later layers); the new tokens' K/V only when they land there.
-        Contiguous copies only: a view would ship its whole storage."""
-        m = self.meta
-        meta = (m.cu_q, m.q_pos, m.block_tables, m.block_idx, m.num_blocks, m.max_q_len) if layer == 0 else None
-        kv = None
+        under ``key`` for the step's later layers); the new tokens' K/V only when they land there."""
+        t = M.AttentionTensors(q.index_select(0, self.rows))
         if self.write_rows.numel():
-            kv = (k.index_select(0, self.write_rows), v.index_select(0, self.write_rows), self.write_slots)
-        return (key, q.index_select(0, self.rows), kv, meta)
+            t.k, t.v, t.slots = k.index_select(0, self.write_rows), v.index_select(0, self.write_rows), self.write_slots
+        return M.AttentionCall(key, layer, self.meta if layer == 0 else None), t
+
+    def to(self, device: torch.device) -> RemotePart:
+        return RemotePart(self.creditor, self.rows.to(device), self.meta, self.write_rows.to(device),
+                          self.write_slots.to(device))
 
 
-def meta_from_payload(meta: tuple) -> MAMetadata:
-    cu_q, q_pos, bt, bi, nb, max_q = meta
-    return MAMetadata(cu_q, q_pos, bt, bi, nb, int(max_q))
+def meta_of(m: M.AttentionMeta, device: torch.device | str = "cpu") -> MAMetadata:
+    return MAMetadata.build(m.q_lens, m.q_starts, m.blocks, m.logical, device=device)
 
 
 def remote_parts(
@@ -82,7 +84,7 @@ def remote_parts(
         parts.append(RemotePart(
             creditor=c,
             rows=torch.tensor(d["rows"], dtype=torch.int64),
-            meta=MAMetadata.build(d["q_lens"], d["q_starts"], d["blocks"], d["logical"]),
+            meta=M.AttentionMeta(d["q_lens"], d["q_starts"], d["blocks"], d["logical"]),
             write_rows=torch.tensor(d["wrows"], dtype=torch.int64),
             write_slots=torch.tensor(d["wslots"], dtype=torch.int64),
         ))

@@ -1,5 +1,8 @@
 """rManager: the block accounting of one instance.
 
+Thread-safe: in a cluster the compute thread (its own requests) and the
+handlers of other ranks' calls (blocks lent to them) change it concurrently.
+
 Every block of the local pool is in exactly one state: free, used by a local
 request, or lent to a remote debtor's request. A local request's block table
 is an ordered list of (instance, block): its rBlocks, oldest first, which may
@@ -8,6 +11,9 @@ point into other instances' pools (borrowed blocks).
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
 from typing import NamedTuple
 
 from infinite.kv.block_pool import BlockPool
@@ -22,8 +28,18 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class RManager:
     def __init__(self, rank: int, num_blocks: int, block_size: int) -> None:
+        self._lock = threading.RLock()
         self.rank = rank
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
@@ -41,18 +57,22 @@ class RManager:
     def num_free(self) -> int:
         return self.pool.num_free
 
+    @_locked
     def table(self, request_id: str) -> list[RBlock]:
-        return self.tables.get(request_id, [])
+        return list(self.tables.get(request_id, ()))
 
+    @_locked
     def num_needed(self, request_id: str, num_tokens: int) -> int:
         """More local blocks the request needs to hold num_tokens tokens."""
         return max(0, blocks_for(num_tokens, self.block_size) - len(self.tables.get(request_id, ())))
 
+    @_locked
     def allocate(self, request_id: str, n: int) -> list[RBlock]:
         new = [RBlock(self.rank, b) for b in self.pool.allocate(n)]
         self.tables.setdefault(request_id, []).extend(new)
         return new
 
+    @_locked
     def free_tail(self, request_id: str, n: int) -> None:
         """Give back the request's n newest blocks (local ones), undoing a growth that failed."""
         if n <= 0:
@@ -66,11 +86,13 @@ class RManager:
             del self.tables[request_id]
         self.pool.free([r.block for r in tail])
 
+    @_locked
     def append_remote(self, request_id: str, refs: list[RBlock]) -> None:
         """Record blocks a creditor reserved for this request (they are appended in order)."""
         self.tables.setdefault(request_id, []).extend(refs)
         self._num_borrowed += len(refs)
 
+    @_locked
     def replace_blocks(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> None:
         """After a migration: swap old refs for new ones at the same logical positions."""
         table = self.tables[request_id]
@@ -79,6 +101,7 @@ class RManager:
             table[where[o]] = n
             self._num_borrowed += (n.instance != self.rank) - (o.instance != self.rank)
 
+    @_locked
     def swap_out(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> None:
         """Migration done: the request's local blocks `old` now live at `new`; free the local ones."""
         for o in old:
@@ -87,6 +110,7 @@ class RManager:
         self.replace_blocks(request_id, old, new)
         self.pool.free([o.block for o in old])
 
+    @_locked
     def placement(self) -> dict[str, dict[int, int]]:
         """Per local request: how many of its blocks sit on each instance."""
         out: dict[str, dict[int, int]] = {}
@@ -97,6 +121,7 @@ class RManager:
             out[rid] = counts
         return out
 
+    @_locked
     def free_request(self, request_id: str) -> list[RBlock]:
         """Free the request's local blocks; return its remote refs for the caller to release."""
         table = self.tables.pop(request_id, [])
@@ -107,12 +132,21 @@ class RManager:
         return remote
 
     # ---- blocks lent to remote debtors -----------------------------------
+    @_locked
     def lend(self, debtor: int, request_id: str, n: int) -> list[int]:
         blocks = self.pool.allocate(n)
         self.lent.setdefault((debtor, request_id), []).extend(blocks)
         self._num_lent += n
         return blocks
 
+    @_locked
+    def try_lend(self, debtor: int, request_id: str, n: int, lendable: Callable[[RManager], int]) -> list[int]:
+        """Lend n blocks if ``lendable(self)`` (read under the same lock) allows it; else []."""
+        if n <= 0 or n > lendable(self):
+            return []
+        return self.lend(debtor, request_id, n)
+
+    @_locked
     def release_lent(self, debtor: int, request_id: str, blocks: list[int] | None = None) -> int:
         """Return lent blocks (all of them for the request when blocks is None) to the pool."""
         held = self.lent.get((debtor, request_id), [])
@@ -143,6 +177,7 @@ class RManager:
         """Local pool blocks used by local requests."""
         return self.pool.num_blocks - self.pool.num_free - self._num_lent
 
+    @_locked
     def stats(self) -> dict[str, int]:
         return {
             "rank": self.rank,

@@ -11,17 +11,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from infinite.cli import add_serve_args, engine_config, server_settings
-from infinite.cluster.rank import ServeArgs, run_rank
+from infinite.cli import build_parser, engine_config, server_settings
+from infinite.cluster.rank import RankOptions, run_rank
+from infinite.launch.http import http_front_end
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m infinite.launch.serve",
-                                     description="one rank of an Infinite cluster (under torchrun)")
-    add_serve_args(parser)
-    args = parser.parse_args(argv)
+    args = build_parser(prog="python -m infinite.launch.serve").parse_args(["serve", *(argv or sys.argv[1:])])
     try:
         rank = int(os.environ["RANK"])
         world = int(os.environ["WORLD_SIZE"])
@@ -36,14 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if torch.cuda.is_available():
             config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    settings = server_settings(args)
 
     def listening(host: str, port: int) -> None:
         print(f"infinite: listening on http://{host}:{port} ({world} instances)", flush=True)
 
-    return run_rank(rank, world, config, master_port=None, role="serve" if rank == 0 else "worker",
-                    serve=ServeArgs(args.host, args.port, settings, listening),
-                    num_threads=max(1, (os.cpu_count() or 1) // local_world))
+    opts = RankOptions(rank, world, "env://", local_world_size=local_world, log_level=args.log_level)
+    return run_rank(config, opts, http_front_end(server_settings(args), args.host, args.port, listening))
 
 
 if __name__ == "__main__":

@@ -53,10 +53,6 @@ class AsyncLLMEngine(EngineFacts):
 
     # ---- what the front-end reads (tokenizer, model_name, ... from EngineFacts) -----
     @property
-    def counters(self) -> dict[str, int]:
-        return self.backend.counters
-
-    @property
     def is_running(self) -> bool:
         return not self._closed and self._error is None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +32,18 @@ class EngineConfig:
     num_instances: int = 1
     enable_lending: bool = True  # let requests borrow KV blocks from other instances
     max_lend_fraction: float = 0.75  # a creditor lends at most this share of its pool
+    max_remote_fraction: float = 0.5  # throughput moves keep a request's remote share under this
     placement_interval_s: float = 0.5  # how often the gManager reruns the placement
+    threads_per_rank: int | None = None  # torch CPU threads of each rank; None = cores / ranks on the host
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
+        if self.threads_per_rank is not None and (
+            isinstance(self.threads_per_rank, bool) or not isinstance(self.threads_per_rank, int) or self.threads_per_rank < 1
+        ):
+            raise ValueError(f"threads_per_rank must be a positive integer, got {self.threads_per_rank!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_instances"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -49,12 +56,20 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
-        if not 0.0 <= self.max_lend_fraction <= 1.0:
-            raise ValueError(f"max_lend_fraction must be in [0, 1], got {self.max_lend_fraction}")
+        for name in ("max_lend_fraction", "max_remote_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: expected 'cpu' or 'cuda[:N]'")
+
+    def rank_threads(self, local_ranks: int) -> int:
+        """Torch threads of one rank when ``local_ranks`` ranks share this host's cores."""
+        if self.threads_per_rank is not None:
+            return self.threads_per_rank
+        return max(1, (os.cpu_count() or 1) // max(1, local_ranks))
 
     def torch_dtype(self, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
         chosen = _DTYPES[self.dtype]

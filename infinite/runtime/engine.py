@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from infinite.kv.cache import KVCache, auto_num_blocks, bytes_per_block
 from infinite.kv.rmanager import RManager, blocks_for
 from infinite.outputs import CompletionOutput, RequestOutput
+from infinite.runtime.allocator import BlockAllocator, LocalAllocator
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.model_runner import LocalAttention, StepInputs, forward, prepare_inputs
 from infinite.runtime.request import Request
@@ -52,7 +54,14 @@ def model_name_for(config: EngineConfig, model_dir: str) -> str:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        rank: int = 0,
+        make_allocator: Callable[[RManager], BlockAllocator] = LocalAllocator,
+    ) -> None:
+        """``make_allocator`` builds where the scheduler's blocks come from, given this
+        instance's rManager (its own pool by default; a cluster instance also borrows)."""
         from infinite.model.loader import load_model
         from infinite.tokenizer import load_tokenizer
 
@@ -81,21 +90,20 @@ class LLMEngine:
         )
         self.kv = KVCache(c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
         self.rm = RManager(rank, num_blocks, self.block_size)
-        self.scheduler = Scheduler(self.rm, config.max_num_seqs, config.max_num_batched_tokens)
+        self.allocator = make_allocator(self.rm)
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.grammars = GrammarCompiler(self.tokenizer, c.vocab_size, self.eos_token_ids)
         self.sampler = Sampler(seed=config.seed, grammar_executor=self.grammars.executor)
         self.scale = c.head_dim**-0.5
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_aborted": 0}
         self.last_step_time = 0.0
-        self.cluster_capacity_blocks: int | None = None  # set by the distributed runtime
 
     # ---- capacity --------------------------------------------------------------
     @property
     def capacity_blocks(self) -> int:
         """The most blocks one request can ever hold: this pool, or what the cluster can lend it."""
-        return self.cluster_capacity_blocks or self.rm.num_blocks
+        return self.allocator.capacity_blocks()
 
     @property
     def capacity_tokens(self) -> int:
@@ -203,7 +211,6 @@ class LLMEngine:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
         self.scheduler.add(req)
-        self.counters["prompt_tokens"] += req.num_prompt_tokens
         return req.request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -212,7 +219,6 @@ class LLMEngine:
             return None
         self.scheduler.finish(req)
         req.finish_reason = "abort"
-        self.counters["requests_aborted"] += 1
         return self.make_output(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -261,7 +267,6 @@ class LLMEngine:
         outs = []
         for i, (req, tok) in enumerate(zip(reqs, res.token_ids)):
             req.output_token_ids.append(tok)
-            self.counters["generation_tokens"] += 1
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
@@ -281,7 +286,6 @@ class LLMEngine:
                 placement = self.kv_placement(req.request_id)
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
-                self.counters["requests_finished"] += 1
             out = self.make_output(req)
             if placement is not None:
                 out.extra["kv_blocks"] = placement

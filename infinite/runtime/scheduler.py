@@ -1,7 +1,7 @@
 """Continuous batching with a per-step token budget (vLLM v1 style), admission by
 free blocks, and preemption by recompute.
 
-Pure bookkeeping over an RManager: no tensors, no I/O. Running requests are
+Pure bookkeeping over a BlockAllocator: no tensors, no I/O. Running requests are
 served oldest first; when blocks run out the newest running request is
 preempted (its blocks freed, pushed to the front of the queue). A waiting
 request is admitted only when its whole prompt fits in the free blocks and no
@@ -13,10 +13,10 @@ half each.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from infinite.kv.rmanager import RManager, blocks_for
+from infinite.kv.rmanager import blocks_for
+from infinite.runtime.allocator import BlockAllocator
 from infinite.runtime.request import Request, Status
 
 
@@ -35,34 +35,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        rmanager: RManager,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        release: Callable[[Request], None] | None = None,
-        free_blocks: Callable[[], int] | None = None,
-        grow: Callable[[Request, int], bool] | None = None,
-    ) -> None:
-        """``release``/``free_blocks``/``grow`` default to the local pool; the
-        distributed runtime passes versions that also count borrowable blocks."""
-        self.rm = rmanager
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._release = release or (lambda req: self.rm.free_request(req.request_id))
-        self._free_blocks = free_blocks or (lambda: self.rm.num_free)
-        self._grow = grow or self._grow_local
         self.num_preemptions = 0
-
-    def _grow_local(self, req: Request, num_tokens: int) -> bool:
-        need = self.rm.num_needed(req.request_id, num_tokens)
-        if need > self.rm.num_free:
-            return False
-        if need:
-            self.rm.allocate(req.request_id, need)
-        return True
 
     # ---- queue operations --------------------------------------------------
     def add(self, req: Request) -> None:
@@ -78,12 +57,12 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self._release(req)
+        self.allocator.release(req)
         req.status = Status.FINISHED
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self._release(req)
+        self.allocator.release(req)
         req.num_computed_tokens = 0
         req.status = Status.WAITING
         req.metrics.num_preemptions += 1
@@ -98,7 +77,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self._grow(req, req.num_computed_tokens + n):
+            while not self.allocator.grow(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -116,12 +95,12 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             # Admit only when the whole prompt (and its first output token) fits.
-            if blocks_for(req.num_tokens + 1, self.rm.block_size) > self._free_blocks():
+            if blocks_for(req.num_tokens + 1, self.allocator.block_size) > self.allocator.free_blocks():
                 break
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             # All of the prompt's blocks at once (all or nothing): two long requests can then
             # never each hold half of what they need and wait on each other.
-            if not self._grow(req, req.num_tokens):
+            if not self.allocator.grow(req, req.num_tokens):
                 break
             self.waiting.popleft()
             req.status = Status.RUNNING

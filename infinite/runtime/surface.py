@@ -23,7 +23,6 @@ from infinite.sampling.params import SamplingParams
 
 class EngineFacts(ABC):
     core: Any  # an LLMEngine: tokenizer, model facts, validation
-    counters: dict[str, int]  # prompt_tokens, generation_tokens, requests_finished, requests_aborted
 
     # ---- facts ---------------------------------------------------------------------
     @property

@@ -72,17 +72,10 @@ class SimConfig:
             raise ValueError("SimConfig: max_step_tokens, plan_interval_s and max_sim_time_s must be > 0")
 
     def effective_placement(self) -> PlacementConfig:
-        """Lending off is the same planner with nothing to lend."""
+        """Lending off is the same planner under a policy that lends nothing."""
         if self.lending:
             return self.placement
-        return PlacementConfig(
-            debtor_batch_threshold=self.placement.debtor_batch_threshold,
-            creditor_usage_threshold=self.placement.creditor_usage_threshold,
-            max_lend_fraction=0.0,
-            max_remote_fraction=0.0,
-            candidate_ks=self.placement.candidate_ks,
-            min_gain=self.placement.min_gain,
-        )
+        return replace(self.placement, policy=replace(self.placement.policy, enabled=False))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,30 @@
+"""What an instance measures about itself: steps, the remote path, serving, migration."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepCounters:
+    steps: int = 0
+    remote_steps: int = 0
+    remote_calls: int = 0
+    remote_wait_s: float = 0.0  # time a micro-batch waited on creditors after its own local work
+    remote_compute_s: float = 0.0  # compute-thread time of steps that had remote parts
+    remote_step_s: float = 0.0  # wall time of those steps
+    served_calls: int = 0  # MicroAttention calls served for debtors
+    served_s: float = 0.0  # time spent serving them
+    migrations: int = 0
+    migrated_blocks: int = 0
+    step_times: deque = field(default_factory=lambda: deque(maxlen=32))
+
+    def step_done(self, seconds: float) -> None:
+        self.steps += 1
+        self.step_times.append(seconds)
+
+    @property
+    def mean_step_s(self) -> float:
+        times = list(self.step_times)
+        return sum(times) / len(times) if times else 0.0

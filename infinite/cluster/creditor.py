@@ -1,0 +1,105 @@
+"""The creditor side of an instance: blocks it lends, and MicroAttention over them for debtors.
+
+Handlers arrive on transport threads; the pool's accounting is the rManager's
+(thread-safe), and all MicroAttention for debtors runs on one serving thread:
+its gather buffers are reused from layer to layer (a fresh multi-MB buffer per
+call costs page faults on CPU), and no transport worker is held while it
+computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from infinite.attention import MAMetadata, micro_attention, write_kv
+from infinite.cluster import messages as M
+from infinite.cluster.counters import StepCounters
+from infinite.cluster.policy import LendingPolicy, Peer
+from infinite.cluster.remote_attention import meta_of
+from infinite.cluster.transport import Future, Reply, chain, failed_reply
+from infinite.kv.cache import KVCache
+from infinite.kv.rmanager import RManager
+
+log = logging.getLogger(__name__)
+
+
+class Creditor:
+    def __init__(self, rm: RManager, kv: KVCache, scale: float, policy: LendingPolicy, counters: StepCounters) -> None:
+        self.rm = rm
+        self.kv = kv
+        self.scale = scale
+        self.policy = policy
+        self.counters = counters
+        self.num_layers = kv.k.shape[0]
+        self._serve = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rm.rank}-serve")
+        self._step_meta: dict[tuple[int, int, int], MAMetadata] = {}  # StepKey -> metadata, per step
+
+    # ---- blocks ---------------------------------------------------------------------------
+    def _lendable(self, rm: RManager) -> int:
+        return self.policy.lendable(Peer(rm.rank, rm.num_blocks, rm.num_free, rm.num_lent, rm.num_borrowed))
+
+    def reserve(self, msg: M.Reserve) -> list[int]:
+        """try_move_kvcache: first come, first served; [] means refused (wait for the next plan)."""
+        return self.rm.try_lend(msg.debtor, msg.request_id, msg.num_blocks, self._lendable)
+
+    def release(self, msg: M.Release) -> int:
+        try:
+            return self.rm.release_lent(msg.debtor, msg.request_id, msg.blocks)
+        except RuntimeError:
+            log.warning("rank %d: release of unknown blocks for %d/%s", self.rm.rank, msg.debtor, msg.request_id)
+            return 0
+
+    def write_blocks(self, msg: M.WriteBlocks, t: M.BlockTensors) -> None:
+        """Receive migrated blocks: k/v [L, n, B, nkv, d]."""
+        dev = self.kv.k.device
+        idx = torch.tensor(msg.blocks, dtype=torch.int64, device=dev)
+        self.kv.k.index_copy_(1, idx, t.k.to(dev))
+        self.kv.v.index_copy_(1, idx, t.v.to(dev))
+
+    # ---- MicroAttention for debtors -----------------------------------------------------------
+    def serve_attention(self, call: M.AttentionCall, t: M.AttentionTensors) -> Future:
+        fut: Future = torch.futures.Future()
+
+        def run() -> None:
+            try:
+                result: Reply = (M.AttentionResult(), self._attention(call, t))
+            except BaseException as e:  # noqa: BLE001 - travels back to the debtor
+                result = failed_reply(e)
+            chain(result, fut)
+
+        self._serve.submit(run)
+        return fut
+
+    @torch.inference_mode()
+    def _attention(self, call: M.AttentionCall, t: M.AttentionTensors) -> M.AttentionResultTensors:
+        t0 = time.perf_counter()
+        try:
+            key = (call.key.debtor, call.key.step, call.key.micro_batch)
+            dev = self.kv.k.device
+            if call.meta is not None:  # layer 0 of a step: keep the metadata for its other layers
+                # A debtor's step that failed midway never sends its last layer: drop what it left.
+                for old in [k for k in self._step_meta if k[0] == key[0] and k[1] < key[1] - 1]:
+                    del self._step_meta[old]
+                self._step_meta[key] = meta_of(call.meta, dev)
+            meta = self._step_meta[key]
+            if call.layer == self.num_layers - 1:
+                del self._step_meta[key]
+            kc, vc = self.kv.k[call.layer], self.kv.v[call.layer]
+            if t.slots is not None:
+                write_kv(kc, vc, t.k.to(dev), t.v.to(dev), t.slots.to(dev))
+            out, lse = micro_attention(t.q.to(dev), kc, vc, meta, self.scale)
+            return M.AttentionResultTensors(out, lse)
+        finally:
+            self.counters.served_calls += 1
+            self.counters.served_s += time.perf_counter() - t0
+
+    def forget_debtor(self, debtor: int) -> None:
+        """Drop step metadata a (dead) debtor left behind."""
+        self._serve.submit(lambda: [self._step_meta.pop(k) for k in list(self._step_meta) if k[0] == debtor])
+
+    def close(self) -> None:
+        self._serve.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,60 @@
+"""RankEndpoint: what one rank answers to the others, message by message.
+
+Every rank serves its instance (requests, creditor work, stats, stop); rank 0
+also serves the gManager and the front door (heartbeats, borrowing, outputs).
+Handlers run on transport threads: they enqueue, answer from thread-safe
+state, or hand work to the creditor's serving thread.
+"""
+
+from __future__ import annotations
+
+from infinite.cluster import messages as M
+from infinite.cluster.frontdoor import ClusterEngine
+from infinite.cluster.instance import Instance
+from infinite.cluster.transport import Future, Reply, Tensors
+
+ACK: Reply = (M.Ack(), None)
+
+
+class RankEndpoint:
+    def __init__(self, instance: Instance, front: ClusterEngine | None = None) -> None:
+        self.instance = instance
+        self.front = front
+
+    def handle(self, src: int, msg: M.Msg, tensors: Tensors) -> Reply | Future:
+        inst = self.instance
+        match msg:
+            case M.AttentionCall():
+                return inst.creditor.serve_attention(msg, tensors)
+            case M.Reserve():
+                return M.Reserved(inst.creditor.reserve(msg)), None
+            case M.Release():
+                return M.Released(inst.creditor.release(msg)), None
+            case M.WriteBlocks():
+                inst.creditor.write_blocks(msg, tensors)
+                return ACK
+            case M.AddRequest() | M.AbortRequest() | M.MoveKV():
+                inst.enqueue(msg)
+                return ACK
+            case M.StatsQuery():
+                return inst.stats(), None
+            case M.Ping():
+                return ACK
+            case M.Stop():
+                inst.request_stop()
+                return ACK
+        front = self.front
+        if front is None:
+            raise RuntimeError(f"rank {inst.rank} does not serve {type(msg).__name__} (rank 0 does)")
+        match msg:
+            case M.Heartbeat():
+                return front.gmanager.on_heartbeat(msg), None
+            case M.Borrow():
+                return front.gmanager.borrow(msg), None
+            case M.Outputs():
+                front.on_outputs(msg)
+                return ACK
+            case M.ClusterStop():
+                front.request_stop()
+                return ACK
+        raise RuntimeError(f"unknown message {type(msg).__name__}")

@@ -1,0 +1,324 @@
+"""The message catalogue: every message between ranks (and on LocalCluster's driver pipe).
+
+Each message is a named msgspec Struct, tagged so one decoder reads any of
+them; tensors never go inside a Struct — they travel beside it in a small
+dataclass (``AttentionTensors``, ``BlockTensors``, ``AttentionResultTensors``)
+so that each transport moves them its own way (TensorPipe, gloo/NCCL
+point-to-point, or by reference in-process). docs/architecture.md lists the
+catalogue: who sends what to whom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+import torch
+
+from infinite.outputs import RequestOutput
+from infinite.sampling.params import SamplingParams
+
+
+class Msg(msgspec.Struct, tag=True, frozen=True):
+    """Base of every message."""
+
+
+# --------------------------------------------------------------------------- replies
+
+
+class Ack(Msg):
+    pass
+
+
+class Failed(Msg):
+    """The handler raised: ``reason`` is a RequestError reason when it was one."""
+
+    message: str
+    reason: str = "internal"
+
+
+# --------------------------------------------------------------------------- requests (rank 0 -> home)
+
+
+class AddRequest(Msg):
+    """A request validated by the front door, for its home to run."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    prompt: str | None = None
+
+
+class AbortRequest(Msg):
+    request_id: str
+
+
+class MoveKV(Msg):
+    """move_kvcache: the home sends ``num_blocks`` of the request's oldest local blocks to ``dst``."""
+
+    request_id: str
+    num_blocks: int
+    dst: int
+
+
+class Stop(Msg):
+    """Rank 0 tells an instance to stop."""
+
+
+class StatsQuery(Msg):
+    pass
+
+
+class Ping(Msg):
+    pass
+
+
+# --------------------------------------------------------------------------- to rank 0
+
+
+class RequestFailure(Msg):
+    request_id: str
+    message: str
+    reason: str = "internal"
+
+
+class Outputs(Msg):
+    """A home's new outputs (cumulative per request) and the requests it could not run."""
+
+    rank: int
+    outputs: list[RequestOutput] = []
+    failures: list[RequestFailure] = []
+
+
+class PlacementEntry(Msg):
+    """How many blocks of one of the sender's requests sit on each instance."""
+
+    request_id: str
+    context_len: int
+    blocks: dict[int, int]
+
+
+class InstanceStats(Msg):
+    rank: int
+    total_blocks: int
+    free_blocks: int
+    used_blocks: int
+    lent_blocks: int
+    borrowed_blocks: int
+    num_running: int = 0
+    num_waiting: int = 0
+    waiting_blocks: int = 0
+    tokens_held: int = 0
+    step_time_ms: float = 0.0
+    num_preemptions: int = 0
+    steps: int = 0
+    remote_steps: int = 0
+    remote_calls: int = 0
+    remote_wait_ms: float = 0.0
+    remote_step_ms: float = 0.0
+    remote_compute_ms: float = 0.0
+    served_calls: int = 0
+    served_ms: float = 0.0
+    migrations: int = 0
+    migrated_blocks: int = 0
+    lend_cap: int = 0
+    torch_threads: int = 0  # intra-op threads of this rank's torch
+
+
+class Heartbeat(Msg):
+    """Free memory, batch and step time, plus only the placement entries that changed."""
+
+    stats: InstanceStats
+    placement_changed: list[PlacementEntry] = []
+    placement_removed: list[str] = []
+
+
+class HeartbeatReply(Msg):
+    borrowable: int  # blocks the rest of the cluster can still lend the sender
+
+
+class Borrow(Msg):
+    """A debtor asks the gManager for ``num_blocks`` more blocks for one request (all or nothing)."""
+
+    debtor: int
+    request_id: str
+    num_blocks: int
+
+
+class Borrowed(Msg):
+    blocks: list[tuple[int, int]]  # (creditor, block); [] = refused
+
+
+class ClusterStop(Msg):
+    """Any rank asks rank 0 to stop the cluster (a signal reached it)."""
+
+
+# --------------------------------------------------------------------------- creditor side
+
+
+class Reserve(Msg):
+    """try_move_kvcache: reserve blocks for a debtor's request; first come, first served."""
+
+    debtor: int
+    request_id: str
+    num_blocks: int
+
+
+class Reserved(Msg):
+    blocks: list[int]  # [] = refused
+
+
+class Release(Msg):
+    debtor: int
+    request_id: str
+    blocks: list[int] | None = None  # None: all of them
+
+
+class Released(Msg):
+    count: int
+
+
+class WriteBlocks(Msg):
+    """Migrated blocks' contents; tensors in BlockTensors."""
+
+    blocks: list[int]
+
+
+class StepKey(Msg):
+    """Names one micro-batch of one debtor step on a creditor (its metadata is kept under it)."""
+
+    debtor: int
+    step: int
+    micro_batch: int
+
+
+class AttentionMeta(Msg):
+    """MAMetadata of the creditor's blocks, as lists (infinite.attention.MAMetadata.build inputs)."""
+
+    q_lens: list[int]
+    q_starts: list[int]
+    blocks: list[list[int]]
+    logical: list[list[int]]
+
+
+class AttentionCall(Msg):
+    """One layer of remote MicroAttention: the block metadata rides along on layer 0 only."""
+
+    key: StepKey
+    layer: int
+    meta: AttentionMeta | None = None
+
+
+class AttentionResult(Msg):
+    pass
+
+
+# --------------------------------------------------------------------------- LocalCluster's driver pipe
+# The calling process (LLM(num_instances=N)) is not a rank: it talks to rank 0 over a socket.
+
+
+class DriverReady(Msg):
+    model_name: str
+    max_model_len: int
+    capacity_tokens: int
+
+
+class DriverMake(Msg):
+    """Validate a prompt on rank 0 (tokenize, check capacity); the reply is DriverMade or DriverError."""
+
+    seq: int
+    prompt: str | list[int]
+    params: SamplingParams
+    request_id: str
+
+
+class DriverMade(Msg):
+    seq: int
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    prompt: str | None
+
+
+class DriverAdd(Msg):
+    request_id: str
+
+
+class DriverAbort(Msg):
+    request_id: str
+
+
+class DriverQuery(Msg):
+    """What: "stats" (fresh per-instance stats) or "status" (the cluster view with debts)."""
+
+    seq: int
+    what: str
+
+
+class DriverReply(Msg):
+    seq: int
+    value: list[dict] | dict
+
+
+class DriverError(Msg):
+    seq: int
+    kind: str  # ValueError | TypeError | RuntimeError
+    message: str
+
+
+class DriverMove(Msg):
+    request_id: str
+    num_blocks: int
+    dst: int
+
+
+class DriverStop(Msg):
+    pass
+
+
+class DriverOutput(Msg):
+    output: RequestOutput
+
+
+# --------------------------------------------------------------------------- tensors beside messages
+
+
+@dataclass
+class AttentionTensors:
+    q: torch.Tensor  # [Tc, nh, d] queries of the rows the creditor serves
+    k: torch.Tensor | None = None  # [Wc, nkv, d] new tokens whose K/V land in the creditor's blocks
+    v: torch.Tensor | None = None
+    slots: torch.Tensor | None = None  # [Wc] int64 their slots in the creditor's pool
+
+
+@dataclass
+class AttentionResultTensors:
+    out: torch.Tensor  # [Tc, nh, d]
+    lse: torch.Tensor  # [Tc, nh] float32
+
+
+@dataclass
+class BlockTensors:
+    k: torch.Tensor  # [L, n, B, nkv, d]
+    v: torch.Tensor
+
+
+Message = (
+    Ack | Failed | AddRequest | AbortRequest | MoveKV | Stop | StatsQuery | Ping | RequestFailure | Outputs
+    | PlacementEntry | InstanceStats | Heartbeat | HeartbeatReply | Borrow | Borrowed | ClusterStop | Reserve
+    | Reserved | Release | Released | WriteBlocks | StepKey | AttentionMeta | AttentionCall | AttentionResult
+    | DriverReady | DriverMake | DriverMade | DriverAdd | DriverAbort | DriverQuery | DriverReply | DriverError
+    | DriverMove | DriverStop | DriverOutput
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Msg:
+    return _decoder.decode(data)

@@ -1,0 +1,85 @@
+"""Start rank processes on this host, and the entry point they run.
+
+Ranks are fresh interpreters (``python -m infinite.cluster.spawn``) that read
+their spec from stdin, not ``multiprocessing`` children: those re-import the
+caller's ``__main__``, so a script that builds ``LLM(num_instances=N)`` at top
+level, without an ``if __name__ == "__main__":`` guard, would spawn itself
+again. Here the user's script is never imported by a rank. Each rank watches
+its launcher and exits when it is gone, so no orphan is left behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from infinite.cluster.rank import RankOptions, run_rank
+from infinite.runtime.config import EngineConfig
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class RankSpec(msgspec.Struct):
+    config: EngineConfig
+    opts: RankOptions
+    driver_address: tuple[str, int] | None = None  # LocalCluster's socket (rank 0 connects)
+    driver_authkey: bytes | None = None
+
+
+def spawn_ranks(config: EngineConfig, ranks: range, world_size: int, init_method: str, *, log_level: str = "WARNING",
+                driver: tuple[tuple[str, int], bytes] | None = None) -> list[subprocess.Popen]:
+    """Start ranks ``ranks`` of a ``world_size`` cluster on this host; ``driver`` goes to rank 0."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    procs = []
+    for r in ranks:
+        opts = RankOptions(r, world_size, init_method, local_world_size=world_size, log_level=log_level,
+                           watch_parent=True)
+        spec = RankSpec(config, opts)
+        if r == 0 and driver is not None:
+            spec.driver_address, spec.driver_authkey = driver
+        p = subprocess.Popen([sys.executable, "-m", "infinite.cluster.spawn"], stdin=subprocess.PIPE, env=env)
+        p.stdin.write(msgspec.msgpack.encode(spec))
+        p.stdin.close()
+        procs.append(p)
+    return procs
+
+
+def stop_ranks(procs: list[subprocess.Popen], timeout_s: float = 15.0) -> None:
+    """Wait for ranks to exit on their own, then terminate, then kill."""
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=5)
+
+
+def main() -> int:
+    spec = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=RankSpec)
+    front_end = None
+    if spec.driver_address is not None:
+        from infinite.cluster.driver import driver_front_end
+
+        front_end = functools.partial(driver_front_end, tuple(spec.driver_address), spec.driver_authkey)
+    return run_rank(spec.config, spec.opts, front_end)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

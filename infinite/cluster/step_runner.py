@@ -1,0 +1,165 @@
+"""The debtor side of a step: a batch whose requests hold blocks on creditors.
+
+Each layer runs pre_attention, writes the new K/V where their blocks live,
+sends every creditor its queries (one call per creditor per layer), runs the
+local MicroAttention meanwhile, then merges the parts (AggregationAttention)
+and runs post_attention. The batch is cut into micro-batches so that while
+one waits on its creditors, the other computes.
+
+``forward`` is the one forward pass, written as a generator that yields the
+creditor futures it needs and receives their results; how it waits is the
+driver's business: ``forward_blocking`` waits on the compute thread (a lone
+micro-batch has nothing to overlap, and two thread hand-offs per layer
+fewer), ``forward_async`` awaits on the event loop so micro-batches
+interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Generator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import torch
+
+from infinite.attention import micro_attention, write_kv
+from infinite.cluster import messages as M
+from infinite.cluster.counters import StepCounters
+from infinite.cluster.remote_attention import RemotePart, merge_parts, remote_parts
+from infinite.cluster.transport import Future, Transport, to_asyncio
+from infinite.kv.rmanager import RBlock
+from infinite.outputs import RequestOutput
+from infinite.runtime.engine import LLMEngine
+from infinite.runtime.model_runner import StepInputs, merge_logits, prepare_inputs
+from infinite.runtime.scheduler import ScheduledBatch
+
+Forward = Generator[list[Future], list[M.AttentionResultTensors], torch.Tensor]
+
+
+@dataclass
+class MicroBatch:
+    inputs: StepInputs
+    parts: list[RemotePart]
+    local_rows: torch.Tensor  # [Tl] rows whose new K/V go to the local pool
+    local_slots: torch.Tensor  # [Tl]
+    key: M.StepKey  # names this micro-batch's metadata on its creditors
+
+
+class StepRunner:
+    def __init__(self, engine: LLMEngine, transport: Transport, counters: StepCounters,
+                 timeout_s: float = 30.0) -> None:
+        self.engine = engine
+        self.transport = transport
+        self.counters = counters
+        self.rank = engine.rank
+        self.timeout_s = timeout_s
+        self._step_ids = itertools.count()
+
+    def micro_batches(self, batch: ScheduledBatch, tables: list[list[RBlock]]) -> list[MicroBatch]:
+        """Requests with remote blocks apart from local-only ones (those never wait on a creditor);
+        a batch that is all remote is cut in two, so one half's FFN overlaps the other's remote MA."""
+        n = len(batch.requests)
+        remote = [i for i, t in enumerate(tables) if any(ref.instance != self.rank for ref in t)]
+        local = sorted(set(range(n)) - set(remote))
+        if remote and local:
+            groups = [remote, local]
+        elif n >= 2:
+            groups = [list(range(0, (n + 1) // 2)), list(range((n + 1) // 2, n))]
+        else:
+            groups = [list(range(n))]
+        e = self.engine
+        step = next(self._step_ids)
+        out = []
+        for gi, g in enumerate(groups):
+            reqs = [batch.requests[i] for i in g]
+            tabs = [tables[i] for i in g]
+            inputs = prepare_inputs(reqs, [batch.num_new_tokens[i] for i in g], tabs, self.rank, e.block_size, e.device)
+            parts = remote_parts(inputs.q_lens, inputs.q_starts, tabs, self.rank, e.block_size)
+            if e.device.type != "cpu":
+                parts = [p.to(e.device) for p in parts]
+            rows = (inputs.slot_mapping >= 0).nonzero().flatten()
+            out.append(MicroBatch(inputs, parts, rows, inputs.slot_mapping.index_select(0, rows),
+                                  M.StepKey(self.rank, step, gi)))
+        return out
+
+    # ---- the one forward ----------------------------------------------------------------------
+    def forward(self, mb: MicroBatch) -> Forward:
+        """Layer by layer; yields the creditor futures of each layer, receives their results."""
+        e = self.engine
+        model = e.model
+        h = model.embed(mb.inputs.input_ids)  # [T, H]
+        for layer in range(e.model_config.num_layers):
+            t0 = time.perf_counter()
+            q, k, v = model.pre_attention(layer, h, mb.inputs.positions)  # [T,nh,d], [T,nkv,d], [T,nkv,d]
+            if mb.local_rows.numel():
+                write_kv(e.kv.k[layer], e.kv.v[layer], k.index_select(0, mb.local_rows),
+                         v.index_select(0, mb.local_rows), mb.local_slots)
+            futs = [self.transport.attention(p.creditor, *p.call(mb.key, layer, q, k, v), timeout=self.timeout_s)
+                    for p in mb.parts]
+            local = micro_attention(q, e.kv.k[layer], e.kv.v[layer], mb.inputs.meta, e.scale)
+            self.counters.remote_compute_s += time.perf_counter() - t0
+            self.counters.remote_calls += len(futs)
+            t1 = time.perf_counter()
+            results = yield futs
+            self.counters.remote_wait_s += time.perf_counter() - t1
+            t0 = time.perf_counter()
+            dev = h.device
+            parts = [(r.out.to(dev), r.lse.to(dev)) for r in results]
+            h = model.post_attention(layer, h, merge_parts(local, mb.parts, parts))
+            self.counters.remote_compute_s += time.perf_counter() - t0
+        idx = mb.inputs.logits_indices
+        if idx.numel() == 0:
+            return torch.empty(0, e.model_config.vocab_size, device=h.device)
+        return model.compute_logits(h.index_select(0, idx))
+
+    # ---- drivers --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_blocking(self, mb: MicroBatch) -> torch.Tensor:
+        gen = self.forward(mb)
+        results = None
+        while True:
+            done, value = _advance(gen, results)
+            if done:
+                return value
+            results = [f.wait() for f in value]
+
+    async def forward_async(self, mb: MicroBatch, executor: Executor) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        gen = self.forward(mb)
+        results = None
+        while True:
+            done, value = await loop.run_in_executor(executor, _advance_no_grad, gen, results)
+            if done:
+                return value
+            results = list(await asyncio.gather(*(to_asyncio(f, loop) for f in value)))
+
+    async def run(self, batch: ScheduledBatch, mbs: list[MicroBatch], executor: Executor) -> list[RequestOutput]:
+        """The whole remote step: forward every micro-batch, then sample on the compute thread."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        if len(mbs) == 1:
+            logits = [await loop.run_in_executor(executor, self.forward_blocking, mbs[0])]
+        else:
+            logits = await asyncio.gather(*(self.forward_async(mb, executor) for mb in mbs))
+        # Sampling rows of every micro-batch first, then their prompt-logprob rows.
+        merged, all_logits = merge_logits([mb.inputs for mb in mbs], list(logits))
+        outs = await loop.run_in_executor(executor, self.engine.postprocess, batch, merged, all_logits)
+        self.counters.remote_steps += 1
+        self.counters.remote_step_s += time.perf_counter() - t0
+        return outs
+
+
+def _advance(gen: Forward, results: list | None) -> tuple[bool, object]:
+    """One hop of the forward: (False, futures to wait on) or (True, logits)."""
+    try:
+        return False, gen.send(results)
+    except StopIteration as stop:
+        return True, stop.value
+
+
+@torch.inference_mode()
+def _advance_no_grad(gen: Forward, results: list | None) -> tuple[bool, object]:
+    return _advance(gen, results)
