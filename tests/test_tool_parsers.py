@@ -45,18 +45,6 @@ HERMES_CASES = [
 ]
 
 
-@pytest.mark.parametrize("text, content, calls", HERMES_CASES)
-def test_hermes_parser_whole_and_streamed(text, content, calls):
-    parser = get_tool_parser("hermes")
-    found = parser.extract(text)
-    assert found.content == content
-    assert [(c.name, json.loads(c.arguments)) for c in found.calls] == calls
-    for seed in range(5):
-        got, got_calls = stream_all(parser.stream(), text, random.Random(seed))
-        assert got == (content or ""), seed
-        assert [(c.name, json.loads(c.arguments)) for c in got_calls] == calls
-
-
 LLAMA_CASES = [
     ('{"name": "get_weather", "parameters": {"city": "Oslo"}}', None, [("get_weather", {"city": "Oslo"})]),
     ('<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "arguments": {"y": 1}}', None,
@@ -67,15 +55,16 @@ LLAMA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("text, content, calls", LLAMA_CASES)
-def test_llama3_json_parser_whole_and_streamed(text, content, calls):
-    parser = get_tool_parser("llama3_json")
+@pytest.mark.parametrize("name, text, content, calls", [("hermes", *c) for c in HERMES_CASES]
+                         + [("llama3_json", *c) for c in LLAMA_CASES])
+def test_parser_whole_and_streamed(name, text, content, calls):
+    parser = get_tool_parser(name)
     found = parser.extract(text)
     assert found.content == content
     assert [(c.name, json.loads(c.arguments)) for c in found.calls] == calls
-    for seed in range(5):
+    for seed in range(5):  # any split of the text into deltas gives the same content and calls
         got, got_calls = stream_all(parser.stream(), text, random.Random(seed))
-        assert got == (content or "")
+        assert got == (content or ""), seed
         assert [(c.name, json.loads(c.arguments)) for c in got_calls] == calls
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from infinite.server.errors import APIError, bad_request
+from infinite.server.errors import bad_request
 
 COMPLETIONS, CHAT, RESPONSES = "completions", "chat", "responses"
 BOTH = (COMPLETIONS, CHAT)
@@ -160,7 +160,7 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-__all__ = ["FIELDS", "Field", "APIError", "check_refused", "fields_for", "markdown_table", "refused"]
+__all__ = ["FIELDS", "Field", "check_refused", "fields_for", "markdown_table", "refused"]
 
 if __name__ == "__main__":
     print(markdown_table())

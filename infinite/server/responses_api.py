@@ -25,8 +25,8 @@ from infinite.server.errors import bad_request
 from infinite.server.fields import RESPONSES, check_refused
 from infinite.server.sampling_args import structured_spec
 from infinite.server.serving import (apply_output, build_jobs, chat_prompt_ids, check_length, default_max_tokens,
-                                     running)
-from infinite.server.state import ServerState, app_state
+                                     run_to_end, running)
+from infinite.server.state import app_state
 from infinite.server.streaming import SSEWriter
 
 
@@ -131,9 +131,7 @@ async def handle_responses(request: web.Request) -> web.StreamResponse:
         return _response(rid, created, model, req, status, job.text, usage(), max_tokens)
 
     if not req.stream:
-        async with running(state, [job]) as stream:
-            async for _, out in stream:
-                apply_output(job, out, time.monotonic())
+        await run_to_end(state, [job])
         return web.json_response(final())
 
     writer = SSEWriter(request)
@@ -185,4 +183,4 @@ async def handle_embeddings(request: web.Request) -> web.Response:
         "/v1/embeddings (vLLM likewise serves embeddings only from a model run as a pooling model)", "model")
 
 
-__all__ = ["handle_embeddings", "handle_responses", "ServerState"]
+__all__ = ["handle_embeddings", "handle_responses"]

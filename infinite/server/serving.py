@@ -24,7 +24,6 @@ from jinja2.exceptions import TemplateError
 
 from infinite.errors import RequestError
 from infinite.sampling.structured import GrammarError
-from infinite.server import protocol as P
 from infinite.server import shapes as S
 from infinite.server.errors import APIError, bad_request
 from infinite.server.metrics import RequestTimer
@@ -200,6 +199,13 @@ async def running(state: ServerState, jobs: list[Job]):
                     await engine.abort(job.request_id)
         finally:
             state.release(len(jobs))
+
+
+async def run_to_end(state: ServerState, jobs: list[Job]) -> None:
+    """A non-streamed answer: run every job to its end, folding in its outputs."""
+    async with running(state, jobs) as stream:
+        async for i, out in stream:
+            apply_output(jobs[i], out, time.monotonic())
 
 
 def usage_of(jobs: list[Job], prompts: list[list[int]]) -> S.UsageInfo:

@@ -19,7 +19,7 @@ from infinite.server.errors import bad_request
 from infinite.server.logprob_format import chat_logprobs, prompt_logprobs_json
 from infinite.server.sampling_args import sampling_kwargs, structured_spec
 from infinite.server.serving import (Job, apply_output, build_jobs, chat_prompt_ids, check_length, default_max_tokens,
-                                     job_usage, request_id_of, running, stream_response, usage_of)
+                                     job_usage, request_id_of, run_to_end, stream_response, usage_of)
 from infinite.server.state import ServerState
 from infinite.server.tools import ToolStream, extract, finish_reason, plan_tools
 
@@ -65,9 +65,7 @@ async def create_chat_completion(request: web.Request, state: ServerState) -> we
         return chat_logprobs(tok, list(c.token_ids[start:]), list((c.logprobs or [])[start:]), top, as_ids)
 
     if not req.stream:
-        async with running(state, jobs) as stream:
-            async for i, out in stream:
-                apply_output(jobs[i], out, time.monotonic())
+        await run_to_end(state, jobs)
         choices = []
         for j in jobs:
             content, calls = extract(plan, j.text)

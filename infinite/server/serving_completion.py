@@ -17,11 +17,10 @@ from aiohttp import web
 
 from infinite.server import protocol as P
 from infinite.server import shapes as S
-from infinite.server.fields import COMPLETIONS
 from infinite.server.logprob_format import completion_logprobs, prompt_logprobs_json
 from infinite.server.sampling_args import sampling_kwargs, structured_spec
 from infinite.server.serving import (Job, apply_output, build_jobs, check_length, default_max_tokens, job_usage,
-                                     request_id_of, running, stream_response, tokenize, usage_of)
+                                     request_id_of, run_to_end, stream_response, tokenize, usage_of)
 from infinite.server.state import ServerState
 
 
@@ -93,9 +92,7 @@ async def create_completion(request: web.Request, state: ServerState) -> web.Str
         return u
 
     if not req.stream:
-        async with running(state, jobs) as stream:
-            async for i, out in stream:
-                apply_output(jobs[i], out, time.monotonic())
+        await run_to_end(state, jobs)
         choices = []
         for j in jobs:
             text, lp = render(j, j.text, 0, 0, True) if j.final is not None else (j.text, None)
