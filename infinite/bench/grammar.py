@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 from typing import Any
 
@@ -68,9 +69,10 @@ def tokenizers_to_bench() -> list[tuple[str, Any, int]]:
 
 
 def time_steps(sampler: Sampler, rows: list[SampleRow], vocab: int, steps: int, restart: Any) -> float:
-    """Mean seconds per sampler step (mask + sample + advance) over ``steps`` steps."""
+    """Median seconds of a sampler step (mask + sample + advance) over ``steps`` steps: the
+    median, because on a shared machine a few steps lose the CPU to other work."""
     gen = torch.Generator().manual_seed(0)
-    total = 0.0
+    times = []
     for step in range(steps + 5):  # 5 untimed warm-up steps (llguidance's thread pool, lexer states)
         logits = torch.randn(len(rows), vocab, generator=gen)
         t0 = time.perf_counter()
@@ -78,10 +80,10 @@ def time_steps(sampler: Sampler, rows: list[SampleRow], vocab: int, steps: int, 
         done = [i for i, (row, tok) in enumerate(zip(rows, res.token_ids))
                 if row.matcher is not None and advance(row.matcher, tok)]
         if step >= 5:
-            total += time.perf_counter() - t0
+            times.append(time.perf_counter() - t0)
         for i in done:  # a new request takes the finished row's place (not timed: that is admission)
             rows[i] = restart()
-    return total / steps
+    return statistics.median(times)
 
 
 def run(batch_sizes: list[int], steps: int) -> list[dict[str, Any]]:
@@ -113,14 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m infinite.bench grammar", description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
     ap.add_argument("--steps", type=int, default=200, help="decode steps timed per configuration (default 200)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: llguidance has its own)")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     sizes = [int(x) for x in args.batch_sizes.split(",") if x]
     if not sizes or min(sizes) < 1 or args.steps < 1:
         ap.error("batch sizes and steps must be positive")
     rows = run(sizes, args.steps)
     print(format_table(
-        "grammar overhead per decode step (sampler only; JSON schema; ms)",
+        "grammar overhead per decode step (sampler only; JSON schema; median ms)",
         ["vocab", "batch", "plain", "grammar", "overhead", "per row (us)", "compile (ms)"],
         [[r["vocab"], r["batch"], r["plain_ms"], r["grammar_ms"], r["overhead_ms"], r["overhead_per_row_us"],
           r["first_compile_ms"]] for r in rows]))
