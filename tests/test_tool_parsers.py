@@ -132,3 +132,13 @@ def test_tool_history_reaches_the_template_as_objects():
     msgs = P.chat_messages(req)
     assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
     assert msgs[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+
+
+def test_server_flags_are_checked_at_start():
+    from infinite.server.state import ServerSettings
+
+    assert ServerSettings(tool_call_parser="llama3_json", enable_auto_tool_choice=True).tool_call_parser
+    with pytest.raises(ValueError, match="unknown tool call parser"):
+        ServerSettings(tool_call_parser="nope")
+    with pytest.raises(ValueError, match="needs --tool-call-parser"):
+        ServerSettings(enable_auto_tool_choice=True)

@@ -186,7 +186,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
 
 
-def _decode(body: bytes, typ: type) -> Any:
+def decode_body(body: bytes, typ: type) -> Any:
     """Decode a JSON body into ``typ``; every failure becomes a 400 naming the field."""
     if not body:
         raise bad_request("request body is empty; expected a JSON object")
@@ -201,13 +201,13 @@ def _decode(body: bytes, typ: type) -> Any:
 
 
 def decode_completion_request(body: bytes) -> CompletionRequest:
-    req = _decode(body, CompletionRequest)
+    req = decode_body(body, CompletionRequest)
     check_completion_request(req)
     return req
 
 
 def decode_chat_request(body: bytes) -> ChatCompletionRequest:
-    req = _decode(body, ChatCompletionRequest)
+    req = decode_body(body, ChatCompletionRequest)
     check_chat_request(req)
     return req
 

@@ -104,7 +104,7 @@ def _message_item(rid: str, text: str, status: str) -> dict[str, Any]:
 async def handle_responses(request: web.Request) -> web.StreamResponse:
     state = app_state(request.app)
     arrival = time.monotonic()
-    req: ResponsesRequest = P._decode(await request.read(), ResponsesRequest)
+    req: ResponsesRequest = P.decode_body(await request.read(), ResponsesRequest)
     check_refused(req, RESPONSES)
     engine = state.ready_engine()
     model = state.check_model(req.model)
@@ -175,7 +175,7 @@ async def handle_responses(request: web.Request) -> web.StreamResponse:
 
 async def handle_embeddings(request: web.Request) -> web.Response:
     state = app_state(request.app)
-    body = P._decode(await request.read(), dict)
+    body = P.decode_body(await request.read(), dict)
     state.check_model(body.get("model"))
     state.ready_engine()
     raise bad_request(

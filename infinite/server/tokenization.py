@@ -52,7 +52,7 @@ def _tokenizer(state: ServerState) -> Any:
 
 async def handle_tokenize(request: web.Request) -> web.Response:
     state = app_state(request.app)
-    req = P._decode(await request.read(), TokenizeRequest)
+    req = P.decode_body(await request.read(), TokenizeRequest)
     state.check_model(req.model)
     tok = _tokenizer(state)
     if (req.prompt is None) == (req.messages is None):
@@ -71,7 +71,7 @@ async def handle_tokenize(request: web.Request) -> web.Response:
 
 async def handle_detokenize(request: web.Request) -> web.Response:
     state = app_state(request.app)
-    req = P._decode(await request.read(), DetokenizeRequest)
+    req = P.decode_body(await request.read(), DetokenizeRequest)
     state.check_model(req.model)
     tok = _tokenizer(state)
     vocab = tok.vocab_size
