@@ -146,19 +146,16 @@ def run_serve(args: argparse.Namespace) -> int:
 def serve_cluster(config: EngineConfig, settings: ServerSettings, host: str, port: int, listening: Any,
                   log_level: str) -> int:
     """N ranks without torchrun: ranks 1..N-1 are started here, this process is rank 0 and serves."""
-    from infinite.cluster.rank import RankOptions, run_rank
-    from infinite.cluster.rpc_transport import free_port
-    from infinite.cluster.spawn import spawn_ranks, stop_ranks
+    from infinite.cluster.rank import run_rank
+    from infinite.cluster.spawn import local_rendezvous, spawn_ranks, stop_ranks
     from infinite.launch.http import http_front_end
     from infinite.runtime.engine import resolve_model_dir
 
     config = EngineConfig(**{**config.__dict__, "model": resolve_model_dir(config.model)})
-    n = config.num_instances
-    init = f"tcp://127.0.0.1:{free_port()}"
-    workers = spawn_ranks(config, range(1, n), n, init, log_level=log_level)
+    opts = local_rendezvous(config.num_instances, log_level=log_level)
+    workers = spawn_ranks(config, opts[1:])
     try:
-        return run_rank(config, RankOptions(0, n, init, local_world_size=n, log_level=log_level),
-                        http_front_end(settings, host, port, listening))
+        return run_rank(config, opts[0], http_front_end(settings, host, port, listening))
     finally:
         stop_ranks(workers)
 

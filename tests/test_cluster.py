@@ -30,11 +30,12 @@ def reference(ckpt, prompts):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("ranks,pool", [(2, 12), (3, 9)])
-def test_long_request_spans_every_rank_and_matches_single(ckpt, prompts, reference, ranks, pool):
+@pytest.mark.parametrize("ranks,pool,plane", [(2, 12, "p2p"), (3, 9, "p2p"), (2, 12, "rpc")])
+def test_long_request_spans_every_rank_and_matches_single(ckpt, prompts, reference, ranks, pool, plane):
     # One pool (12 or 9 blocks) is far below the long request's 20 blocks, and with 3 ranks
     # even the home plus one creditor (9 + 6) is not enough: its KV must span all of them.
-    with LLM(model=ckpt, dtype="float32", num_instances=ranks, num_kv_blocks=pool) as llm:
+    # Remote MicroAttention over point-to-point (the default) and over RPC give the same tokens.
+    with LLM(model=ckpt, dtype="float32", num_instances=ranks, num_kv_blocks=pool, data_plane=plane) as llm:
         outs = llm.generate(prompts, PARAMS, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == reference
         held = outs[0].outputs and outs[0].extra["kv_blocks"]

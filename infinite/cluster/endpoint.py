@@ -8,6 +8,8 @@ state, or hand work to the creditor's serving thread.
 
 from __future__ import annotations
 
+import torch
+
 from infinite.cluster import messages as M
 from infinite.cluster.frontdoor import ClusterEngine
 from infinite.cluster.instance import Instance
@@ -20,6 +22,11 @@ class RankEndpoint:
     def __init__(self, instance: Instance, front: ClusterEngine | None = None) -> None:
         self.instance = instance
         self.front = front
+
+    def attention_shape(self) -> tuple[int, int, int, int, torch.dtype]:
+        """(layers, query heads, head dim, KV heads, dtype): what a remote MicroAttention call carries."""
+        c = self.instance.engine.model_config
+        return c.num_layers, c.num_heads, c.head_dim, c.num_kv_heads, self.instance.engine.kv.k.dtype
 
     def handle(self, src: int, msg: M.Msg, tensors: Tensors) -> Reply | Future:
         inst = self.instance

@@ -35,6 +35,7 @@ class EngineConfig:
     max_remote_fraction: float = 0.5  # throughput moves keep a request's remote share under this
     placement_interval_s: float = 0.5  # how often the gManager reruns the placement
     threads_per_rank: int | None = None  # torch CPU threads of each rank; None = cores / ranks on the host
+    data_plane: str = "p2p"  # remote MicroAttention over torch.distributed point-to-point ("p2p") or RPC ("rpc")
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -44,6 +45,8 @@ class EngineConfig:
             isinstance(self.threads_per_rank, bool) or not isinstance(self.threads_per_rank, int) or self.threads_per_rank < 1
         ):
             raise ValueError(f"threads_per_rank must be a positive integer, got {self.threads_per_rank!r}")
+        if self.data_plane not in ("p2p", "rpc"):
+            raise ValueError(f"data_plane must be 'p2p' or 'rpc', got {self.data_plane!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_instances"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
