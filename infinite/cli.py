@@ -61,6 +61,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body; larger gets 413")
     p.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"],
                    help="log level of every rank (default info)")
+    p.add_argument("--tool-call-parser", default=None,
+                   help="how tool calls are found in the model's text: hermes (Qwen2, Hermes, Mistral "
+                        "templates) or llama3_json (Llama 3.1+), as vLLM's flag")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide when to call tools (tool_choice "auto"); needs --tool-call-parser')
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -91,6 +96,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         api_key=args.api_key or None,
         max_pending=args.max_pending,
         max_body_bytes=args.max_request_bytes,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
     )
 
 

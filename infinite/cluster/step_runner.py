@@ -23,7 +23,6 @@ import time
 from collections.abc import Generator
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
@@ -35,7 +34,7 @@ from infinite.cluster.transport import Future, Transport, to_asyncio, wait_all
 from infinite.kv.rmanager import RBlock
 from infinite.outputs import RequestOutput
 from infinite.runtime.engine import LLMEngine
-from infinite.runtime.model_runner import StepInputs, prepare_inputs
+from infinite.runtime.model_runner import StepInputs, merge_logits, prepare_inputs
 from infinite.runtime.scheduler import ScheduledBatch
 
 Forward = Generator[list[Future], list[M.AttentionResultTensors], torch.Tensor]
@@ -170,8 +169,9 @@ class StepRunner:
             logits = [await loop.run_in_executor(executor, self.forward_blocking, mbs[0])]
         else:
             logits = await asyncio.gather(*(self.forward_async(mb, executor) for mb in mbs))
-        merged = SimpleNamespace(sample_requests=[r for mb in mbs for r in mb.inputs.sample_requests])
-        outs = await loop.run_in_executor(executor, self.engine.postprocess, batch, merged, torch.cat(list(logits)))
+        # Sampling rows of every micro-batch first, then their prompt-logprob rows.
+        merged, all_logits = merge_logits([mb.inputs for mb in mbs], list(logits))
+        outs = await loop.run_in_executor(executor, self.engine.postprocess, batch, merged, all_logits)
         self.counters.remote_steps += 1
         self.counters.remote_step_s += time.perf_counter() - t0
         return outs
