@@ -122,34 +122,81 @@ async def test_gmanager_calibrates_the_transport_and_plans_moves(ckpt):
         await cl.stop()
 
 
-async def test_migration_whose_block_write_fails_gives_the_reserved_blocks_back(ckpt):
+def fake_running(inst, rid, blocks):
+    """A request the instance holds `blocks` full local blocks of (as after its prefill)."""
+    from infinite.runtime.request import Request
+
+    req = Request(rid, list(range(3, 3 + 16 * blocks)), GREEDY, max_tokens=4)
+    req.num_computed_tokens = 16 * blocks
+    inst.engine.requests[rid] = req
+    inst.rm.allocate(rid, blocks)
+    return req
+
+
+async def settle(inst, cond, timeout=10.0):
+    """Run the between-steps work (apply finished transfers) until cond() holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        inst.migrator.apply_done()
+        await asyncio.sleep(0.01)
+
+
+async def test_migration_copies_while_decoding_and_a_failed_copy_gives_the_reservation_back(ckpt):
     cl = InProcessCluster(config(ckpt, 32), 2)
     try:
         inst0, inst1 = cl.instances
-        inst0.rm.allocate("r", 8)
+        fake_running(inst0, "r", 8)
 
         def broken(msg, tensors):
             raise OSError("disk on fire")
 
         inst1.creditor.write_blocks = broken
         inst0._migrate(M.MoveKV("r", 4, 1))
-        assert lent_by_walk(inst1) == 0 and inst1.rm.num_free == 32  # the reservation came back
-        assert [ref.instance for ref in inst0.rm.table("r")] == [0] * 8  # the table is untouched
+        await settle(inst0, lambda: not inst0.migrator.busy)
+        await settle(inst0, lambda: lent_by_walk(inst1) == 0)  # the reservation came back
+        assert inst1.rm.num_free == 32 and [ref.instance for ref in inst0.rm.table("r")] == [0] * 8
         assert inst0.counters.migrations == 0
         del inst1.creditor.write_blocks  # the real one again: the move goes through
         before = inst0.engine.kv.k[:, [ref.block for ref in inst0.rm.table("r")[:4]]].clone()
         inst0._migrate(M.MoveKV("r", 4, 1))
+        assert [ref.instance for ref in inst0.rm.table("r")] == [0] * 8  # the swap waits for a step gap
+        await settle(inst0, lambda: not inst0.migrator.busy)
         table = inst0.rm.table("r")
         assert [ref.instance for ref in table] == [1] * 4 + [0] * 4 and lent_by_walk(inst1) == 4
-        moved = inst1.engine.kv.k[:, [ref.block for ref in table[:4]]]
-        assert torch.equal(moved, before)
+        assert torch.equal(inst1.engine.kv.k[:, [ref.block for ref in table[:4]]], before)
+        assert inst0.rm.num_free == 32 - 4 and inst0.counters.migrated_blocks == 4
+        # blocks come home: the creditor's copy comes back into the home's pool, its blocks are freed
+        inst0._migrate(M.MoveKV("r", 4, 0, src=1))
+        await settle(inst0, lambda: not inst0.migrator.busy)
+        table = inst0.rm.table("r")
+        assert [ref.instance for ref in table] == [0] * 8
+        assert torch.equal(inst0.engine.kv.k[:, [ref.block for ref in table[:4]]], before)
+        await settle(inst0, lambda: lent_by_walk(inst1) == 0)
+        assert inst1.rm.num_free == 32 and inst0.rm.num_borrowed == 0
+    finally:
+        await cl.stop()
+
+
+async def test_a_request_that_ends_during_a_copy_leaks_nothing(ckpt):
+    cl = InProcessCluster(config(ckpt, 32), 2)
+    try:
+        inst0, inst1 = cl.instances
+        fake_running(inst0, "r", 8)
+        inst0._migrate(M.MoveKV("r", 4, 1))
+        remote = inst0.rm.free_request("r")  # it finished before the swap
+        inst0.engine.requests.pop("r")
+        assert remote == []
+        await settle(inst0, lambda: not inst0.migrator.busy)
+        await settle(inst0, lambda: lent_by_walk(inst1) == 0)
+        assert_no_leak(cl)
     finally:
         await cl.stop()
 
 
 async def test_front_door_rejects_what_no_instance_can_hold_and_fails_streams_with_a_reason(ckpt):
     async with InProcessCluster(config(ckpt, 12), 2) as cl:
-        with pytest.raises(ValueError, match="at most 21 blocks"):  # 12 own + 9 lendable
+        with pytest.raises(ValueError, match=r"at most 23 blocks .*max_lend_fraction=0\.95"):  # 12 own + 11
             cl.front.make_request([3 + i % 290 for i in range(400)], GREEDY)
         req = cl.front.make_request([5, 6, 7], GREEDY)
         cl.front._stopping = True
@@ -197,3 +244,24 @@ def test_remote_split_and_merge_equal_attention_over_one_pool():
                for p in parts]
     merged = merge_parts(local, parts, results)
     assert torch.allclose(merged, full, atol=1e-5)
+
+
+async def test_one_request_uses_over_95_percent_of_an_idle_cluster(tmp_path):
+    """The lend cap protects a creditor's own demand, not idle memory: 4 idle instances of 20
+    blocks hold one request of 76 blocks (95% of 80), exactly."""
+    ckpt = str(make_hf_checkpoint(tmp_path, "llama_gqa", max_position_embeddings=2048))
+    rng = random.Random(7)
+    prompt = [rng.randrange(3, 300) for _ in range(76 * 16 - 4)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    ref = LLMEngine(config(ckpt, 96))
+    ref.add_request(prompt, params, "ref")
+    want = []
+    while ref.has_unfinished_requests():
+        want += [o for o in ref.step() if o.finished]
+    async with InProcessCluster(config(ckpt, 20), 4) as cl:
+        assert cl.front.capacity_tokens >= 0.95 * 4 * 20 * 16
+        out = await asyncio.wait_for(run(cl, prompt, params), 120)
+        assert out.outputs[0].token_ids == want[0].outputs[0].token_ids
+        assert sum(out.extra["kv_blocks"].values()) == 76 and set(out.extra["kv_blocks"]) == {0, 1, 2, 3}
+        await asyncio.sleep(0.3)
+        assert_no_leak(cl)

@@ -71,7 +71,8 @@ class ClusterEngine(EngineFacts):
 
     def cluster_status(self) -> dict:
         return {"instances": self.stats(), "debts": self.gmanager.debts(),
-                "moves_issued": self.gmanager.moves_issued, "requests": self.gmanager.placement_map()}
+                "moves_issued": self.gmanager.moves_issued, "loans_refused": self.gmanager.loans_refused,
+                "requests": self.gmanager.placement_map()}
 
     # ---- requests ------------------------------------------------------------------------
     def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Request:

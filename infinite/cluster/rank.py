@@ -36,7 +36,8 @@ FrontEnd = Callable[["asyncio.Future", asyncio.Event], Awaitable[int]]
 class RankOptions:
     rank: int
     world_size: int
-    init_method: str = "env://"  # torchrun's rendezvous, or tcp://HOST:PORT
+    init_method: str = "env://"  # RPC: torchrun's rendezvous, or tcp://HOST:PORT
+    data_init_method: str = "env://"  # the point-to-point process group: env://, or another tcp:// port
     local_world_size: int | None = None  # ranks on this host (threads are shared among them)
     log_level: str = "WARNING"
     watch_parent: bool = False  # exit when the launching process is gone (no orphans)
@@ -67,6 +68,7 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
     from infinite.cluster.endpoint import RankEndpoint
     from infinite.cluster.frontdoor import ClusterEngine
     from infinite.cluster.instance import Instance
+    from infinite.cluster.p2p import P2PTransport
     from infinite.cluster.rpc_transport import TorchRpcTransport
 
     loop = asyncio.get_running_loop()
@@ -75,7 +77,10 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
     ready: asyncio.Future = loop.create_future()
     # The front-end starts at once (an HTTP socket answers 503 until the cluster is up).
     front_task = asyncio.ensure_future(front_end(ready, stop)) if front_end is not None and rank == 0 else None
-    transport = TorchRpcTransport(rank, world, opts.init_method)
+    if config.data_plane == "p2p" and world > 1:
+        transport = P2PTransport(rank, world, opts.init_method, opts.data_init_method, config.torch_device())
+    else:
+        transport = TorchRpcTransport(rank, world, opts.init_method)
     try:
         # Load the model (off the loop) before any peer can call us.
         instance = await loop.run_in_executor(None, Instance, config, rank, world, transport)
