@@ -134,6 +134,7 @@ class StepCost:
     seconds: float
     remote_layer_s: float  # slowest creditor's part of one layer, as the debtor waits for it
     served_s: tuple[float, ...]  # GPU seconds each creditor (in the order given) spends on this step
+    local_layer_s: float = 0.0  # the local attention of one layer (what the remote part overlaps with)
 
 
 def remote_layer_s(debtor: InstanceHW, part: RemotePart) -> tuple[float, float]:
@@ -176,7 +177,7 @@ def step_cost(hw: InstanceHW, tokens: int, sampled: int, read_tokens: float, pai
         served.append(L * work)
     local = hw.attention_s(read_tokens, pairs)
     seconds = hw.base_s(tokens, sampled) + L * max(local, slow) + (hw.gpu.control_rtt_s if borrowed else 0.0)
-    return StepCost(seconds, slow, tuple(served))
+    return StepCost(seconds, slow, tuple(served), local)
 
 
 def migration_time(src: InstanceHW, same_node: bool, blocks: int, block_size: int) -> float:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from infinite.cluster.cost_model import CostModel, StepSample, fit
 from infinite.cluster.placement import (ClusterSnapshot, InstanceState, PlacementConfig, RequestState, capacities,
-                                        plan, route_key)
+                                        loan_gain, plan, route_key)
 from infinite.cluster.policy import LendingPolicy
 from infinite.kv.rmanager import blocks_for
 from infinite.runtime.request import Request
@@ -120,7 +120,7 @@ class _Sim:
                 for r, t in enumerate(totals)]
         self.capacity = max(caps)
         self.inst = [SimInstance(r, hw, self.hws, self.mem, caps[r], cfg.max_num_batched_tokens, cfg.max_num_seqs,
-                                 cfg.check) for r, hw in enumerate(self.hws)]
+                                 cfg.check, self.loan_pays) for r, hw in enumerate(self.hws)]
         spans = len({n for hw in self.hws for n in hw.nodes}) > 1
         self.cost = CostModel(num_layers=cfg.model.num_layers,
                               remote_latency_s=cfg.gpu.inter_latency_s if spans else cfg.gpu.intra_latency_s)
@@ -216,7 +216,30 @@ class _Sim:
         d = blocks_for(req.num_tokens + 1, self.cfg.block_size)
         self.queued[req.request_id] = d
         self.mem.pools[rank].demand += d
-        self.mem.refresh(rank)
+        self.own_demand(rank)
+
+    def own_demand(self, r: int) -> None:
+        """What instance ``r`` keeps for itself (its heartbeat's demand_blocks): its queue and its
+        running requests' growth (LendingPolicy.own_demand), as of now, a scheduling point."""
+        p = self.mem.pools[r]
+        if self.policy.enabled:
+            lays = self.mem.layouts
+            running = [(q.num_tokens, q.num_prompt_tokens + q.max_tokens,
+                        lays[q.request_id].total if q.request_id in lays else 0) for q in self.inst[r].sched.running]
+            p.own = self.policy.own_demand(p.demand, running, self.cfg.block_size)
+        self.mem.refresh(r)
+
+    def loan_pays(self, debtor: int, plan_: list[tuple[int, int]], admits: bool, new_calls: int) -> bool:
+        """The gManager's no-regret check of an on-demand loan (placement.loan_gain with the fitted
+        cost model), on the instances it involves."""
+        lays = self.mem.layouts
+        reqs = tuple(RequestState(q.request_id, debtor, q.num_computed_tokens, dict(lays[q.request_id].held))
+                     for q in self.inst[debtor].sched.running if q.request_id in lays and lays[q.request_id].remote_n)
+        ranks = {debtor, *(c for c, _ in plan_), *(i for q in reqs for i in q.blocks)}
+        states = tuple(self.state(r) for r in sorted(ranks))
+        gain = loan_gain(ClusterSnapshot(states, reqs, self.cfg.block_size), self.cost, debtor, plan_,
+                         admits=admits, new_calls=new_calls)
+        return gain > self.pcfg.min_gain
 
     # ---- runs ------------------------------------------------------------------------------------------
     def start(self, r: int) -> None:
@@ -235,18 +258,18 @@ class _Sim:
                     p.demand -= self.queued.pop(q.request_id, 0)
                 for q in batch.preempted:
                     self._enqueue(r, q)
-                self.mem.refresh(r)
+                self.own_demand(r)
                 if run is None:
                     if batch.preempted:
                         continue
                     self._watch(r)
                     return
             inst.begin(run)
-            self.mem.dirty.add(r)
-            held = sum(q.num_computed_tokens for q in inst.sched.running)
+            self.own_demand(r)
             first = run.end(1) - run.t0
-            if first > 0:
-                self.samples.append(StepSample(len(inst.sched.running), held, first))
+            if first > 0:  # the heartbeat's sample: context as the planner counts it, blocks in use
+                used = self.mem.pools[r].used * self.cfg.block_size
+                self.samples.append(StepSample(len(inst.sched.running), used, first))
                 self.new_samples += 1
             self._push_end(r)
             if self.cfg.check:
@@ -361,6 +384,9 @@ class _Sim:
         if len(self.samples) >= 8 and self.new_samples >= max(8, self.samples.maxlen // 4):
             self.cost = fit(list(self.samples), prior=self.cost)
             self.new_samples = 0
+        waits = sorted(i.wait_per_call_s for i in self.inst if i.wait_per_call_s > 0)
+        if waits:  # the remote latency the debtors measure, as the gManager calibrates it
+            self.cost = replace(self.cost, remote_latency_s=waits[len(waits) // 2])
         cands = self._plan_candidates()
         if not cands:
             return  # no debtor by the planner's rule and no debt to bring home: plan would return []
@@ -388,31 +414,41 @@ class _Sim:
         return out
 
     def _start_move(self, mv) -> None:
+        """The gManager's move_kvcache at the home: push its oldest full blocks to a creditor, or
+        pull a creditor's blocks home (creditor to creditor is not a move the runtime makes)."""
         rid = mv.request_id
         lay = self.mem.layouts.get(rid)
-        if lay is None or rid in self.moving or mv.src != lay.home or lay.held.get(lay.home, 0) <= mv.num_blocks:
-            return  # only homes migrate, one move per request at a time, the newest block stays home
-        if self.policy.lendable(self.mem.peer(mv.dst)) < mv.num_blocks:
-            return  # the creditor's last word: it no longer has that much to lend
-        mid = self.mem.start_move(mv.dst, mv.num_blocks)
+        if lay is None or rid in self.moving or (mv.src != lay.home and mv.dst != lay.home):
+            return
+        req = self.requests[rid]
+        n = min(mv.num_blocks, lay.full_on(mv.src, req.num_computed_tokens // self.cfg.block_size))
+        if mv.src == lay.home:
+            n = min(n, lay.held.get(lay.home, 0) - 1)  # the newest block stays home
+            n = min(n, self.policy.lendable(self.mem.peer(mv.dst)))  # the creditor's last word
+        else:
+            n = min(n, self.mem.pools[lay.home].free)  # blocks come home into free blocks
+        if n <= 0:
+            return
+        mid = self.mem.start_move(mv.src, mv.dst, lay.home, n)
         self.moving[rid] = mid
         self.moves += 1
         src, dst = self.hws[mv.src], self.hws[mv.dst]
-        t = migration_time(src, src.same_node(dst), mv.num_blocks, self.cfg.block_size)
-        self.push(self.now + t, MOVE, rid, mid, lay.epoch, mv.src, mv.num_blocks)
+        t = migration_time(src, src.same_node(dst), n, self.cfg.block_size)
+        self.push(self.now + t, MOVE, rid, mid, lay.epoch, lay.home, n)
 
-    def end_move(self, rid: str, mid: int, epoch: int, src: int, n: int) -> None:
+    def end_move(self, rid: str, mid: int, epoch: int, home: int, n: int) -> None:
         self.moving.pop(rid, None)
         lay = self.mem.layouts.get(rid)
-        if lay is None or lay.epoch != epoch or lay.home != src:
+        src = self.mem.moving[mid][0]
+        if lay is None or lay.epoch != epoch or lay.held.get(src, 0) < n + (src == home):
             self.mem.cancel_move(mid)
             self.moves_cancelled += 1
             return
-        inst = self.inst[src]
+        inst = self.inst[home]
         if inst.run is not None:  # the steps after the one in progress see the new layout
             inst.truncate(inst.run.steps_done(self.now) + 1)
             inst.sync(self.now)
-            self._push_end(src)
+            self._push_end(home)
         self.mem.finish_move(mid, rid)
         self.blocks_moved += n
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from infinite.kv.rmanager import blocks_for
 from infinite.runtime.request import Request
 from infinite.runtime.scheduler import ScheduledBatch, Scheduler
-from infinite.sim.costs import InstanceHW, RemotePart, StepCost, decode_coeffs, step_cost
-from infinite.sim.memory import ClusterMemory, SimAllocator
+from infinite.sim.costs import InstanceHW, RemotePart, StepCost, decode_coeffs, migration_time, step_cost
+from infinite.sim.allocator import LoanCheck, SimAllocator
+from infinite.sim.memory import ClusterMemory
 from infinite.sim.segments import DecodeRun, Step, StepRun
 
 __all__ = ["SimInstance", "MAX_RUN_STEPS"]
@@ -43,12 +44,12 @@ class _Plan:
 
 class SimInstance:
     def __init__(self, rank: int, hw: InstanceHW, hws: list[InstanceHW], mem: ClusterMemory, capacity: int,
-                 budget: int, max_seqs: int, check: bool = False) -> None:
+                 budget: int, max_seqs: int, check: bool = False, loan_pays: LoanCheck | None = None) -> None:
         self.rank = rank
         self.hw = hw
         self.hws = hws
         self.mem = mem
-        self.alloc = SimAllocator(mem, rank, capacity)
+        self.alloc = SimAllocator(mem, rank, capacity, loan_pays, self._push_seconds)
         self.sched = Scheduler(self.alloc, max_seqs, budget)
         self.check = check
         self.run: StepRun | DecodeRun | None = None
@@ -59,6 +60,7 @@ class SimInstance:
         self.busy_s = 0.0
         self.steps = 0
         self._near_cache: dict[int, bool] = {}
+        self.wait_per_call_s = 0.0  # exposed remote wait per call and layer, last measured
         self.high: dict[str, int] = {}  # most tokens each request has computed (shared by the cluster)
         self.window_end = float("inf")  # work counts until then (the last arrival)
         self.window_tokens = 0
@@ -66,6 +68,9 @@ class SimInstance:
     @property
     def block_size(self) -> int:
         return self.mem.block_size
+
+    def _push_seconds(self, creditor: int, blocks: int) -> float:
+        return migration_time(self.hw, self._near(creditor), blocks, self.block_size)
 
     def _near(self, other: int) -> bool:
         """Whether messages to instance ``other`` stay on NVLink (cached: asked every remote step)."""
@@ -111,6 +116,8 @@ class SimInstance:
         remote = tuple(RemotePart(hws[x], near(x), int(parts[x][0]), int(parts[x][1]), parts[x][2], parts[x][3])
                        for x in ranks)
         sc = step_cost(self.hw, tokens, sampled, read, pairs, remote, borrowed, len(entries))
+        if ranks:  # what a debtor measures of its remote calls: the wait they add, per call and layer
+            self.wait_per_call_s = max(0.0, sc.remote_layer_s - sc.local_layer_s) / len(ranks)
         return sc, dict(zip(ranks, sc.served_s))
 
     # ---- predicting a run ------------------------------------------------------------------------------
@@ -238,14 +245,15 @@ class SimInstance:
 
     # ---- a step the scheduler decides ----------------------------------------------------------------
     def real_step(self, t0: float) -> tuple[StepRun | None, ScheduledBatch]:
-        self.alloc.borrowed_in_step = False
+        self.alloc.borrowed_in_step, self.alloc.push_s = False, 0.0
         batch = self.sched.schedule()
         if not batch.requests:
             return None, batch
         entries = [(r, r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens)
                    for r, n in zip(batch.requests, batch.num_new_tokens)]
         sc, served = self.cost(entries, self.alloc.borrowed_in_step)
-        step = Step(t0 + sc.seconds, [(i, n) for i, n in enumerate(batch.num_new_tokens)], [], served, 0, sc.seconds)
+        seconds = sc.seconds + self.alloc.push_s  # local-first growth copied blocks out before the step
+        step = Step(t0 + seconds, [(i, n) for i, n in enumerate(batch.num_new_tokens)], [], served, 0, seconds)
         return StepRun(t0, list(batch.requests), [step], 0, real=True), batch
 
     # ---- applying a run ------------------------------------------------------------------------------

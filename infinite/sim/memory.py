@@ -1,16 +1,12 @@
-"""Block accounting of a simulated cluster, and the scheduler's allocator over it.
+"""Block accounting of a simulated cluster.
 
 Counts only, no block ids: each instance has a pool (total, free, lent,
-borrowed) and each request a layout, the ordered list of (instance, blocks)
-runs from its oldest block to its newest, as the runtime's rBlock table.
-``SimAllocator`` is the ``BlockAllocator`` the project's ``Scheduler`` runs
-on: it takes blocks from the home's pool first and borrows the rest on
-demand through ``LendingPolicy.borrow_plan``, all or nothing, as the
-gManager does for the runtime's ``ClusterAllocator``. Who may lend how much
-is only ever asked of the policy (``lendable``), per instance, and cached
-here so that a borrow in a 1024-instance cluster looks at a handful of
-creditors instead of all of them (the candidates passed to ``borrow_plan``
-are exactly those it could pick, so its answer is the same).
+borrowed, its own demand) and each request a ``Layout``. Who may lend how
+much is only ever asked of the policy (``lendable``), per instance, and
+cached here so that a borrow in a 1024-instance cluster looks at a handful
+of creditors instead of all of them (the candidates passed to
+``borrow_plan`` are exactly those it could pick, so its answer is the same).
+Migrations hold memory on both ends while they run.
 """
 
 from __future__ import annotations
@@ -20,11 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from infinite.cluster.policy import LendingPolicy, Peer
-from infinite.kv.rmanager import blocks_for
-from infinite.runtime.allocator import BlockAllocator
-from infinite.runtime.request import Request
+from infinite.sim.layout import Layout
 
-__all__ = ["Pool", "Layout", "ClusterMemory", "SimAllocator"]
+__all__ = ["Pool", "ClusterMemory"]
 
 
 @dataclass
@@ -35,80 +29,11 @@ class Pool:
     lent: int = 0  # blocks of other instances' requests held here
     borrowed: int = 0  # blocks of this instance's requests held elsewhere
     demand: int = 0  # blocks its queued requests need (the planner's waiting_blocks, routing's key)
+    own: int = 0  # free blocks it keeps for itself: its queue and its running requests' growth
 
     @property
     def used(self) -> int:
         return self.total - self.free
-
-
-@dataclass
-class Layout:
-    """Where a request's blocks are: runs of (instance, count), oldest first."""
-
-    home: int
-    runs: list[list[int]] = field(default_factory=list)
-    held: dict[int, int] = field(default_factory=dict)
-    epoch: int = 0  # bumped when the request gives back all its blocks (a move in flight is then void)
-
-    @property
-    def total(self) -> int:
-        return sum(self.held.values())
-
-    remote_n: int = 0  # blocks on other instances
-
-    def append(self, inst: int, n: int) -> None:
-        if n <= 0:
-            return
-        if self.runs and self.runs[-1][0] == inst:
-            self.runs[-1][1] += n
-        else:
-            self.runs.append([inst, n])
-        self.held[inst] = self.held.get(inst, 0) + n
-        if inst != self.home:
-            self.remote_n += n
-
-    def remote(self) -> dict[int, int]:
-        return {i: n for i, n in self.held.items() if i != self.home and n > 0}
-
-    def move_oldest_local(self, n: int, dst: int) -> None:
-        """The request's ``n`` oldest home blocks now live on ``dst`` (a migration finished)."""
-        if self.held.get(self.home, 0) < n:
-            raise ValueError(f"cannot move {n} home blocks, the request has {self.held.get(self.home, 0)}")
-        out: list[list[int]] = []
-        left = n
-        for inst, cnt in self.runs:
-            if inst == self.home and left > 0:
-                take = min(cnt, left)
-                left -= take
-                out.append([dst, take])
-                if cnt > take:
-                    out.append([inst, cnt - take])
-            else:
-                out.append([inst, cnt])
-        merged: list[list[int]] = []
-        for inst, cnt in out:
-            if merged and merged[-1][0] == inst:
-                merged[-1][1] += cnt
-            else:
-                merged.append([inst, cnt])
-        self.runs = merged
-        self.held[self.home] -= n
-        self.held[dst] = self.held.get(dst, 0) + n
-        self.remote_n += n
-
-    def tokens_at(self, start: int, end: int, block_size: int) -> dict[int, int]:
-        """How many of the token positions [start, end) fall in blocks on each instance."""
-        out: dict[int, int] = {}
-        pos = 0
-        for inst, cnt in self.runs:
-            lo, hi = pos, pos + cnt * block_size
-            a, b = max(lo, start), min(hi, end)
-            if b > a:
-                out[inst] = out.get(inst, 0) + b - a
-            pos = hi
-            if pos >= end:
-                break
-        return out
 
 
 class ClusterMemory:
@@ -128,18 +53,17 @@ class ClusterMemory:
         self.borrowed_blocks = 0  # on-demand borrows, for the report
         self.borrows = 0
         self.released_to: set[int] = set()  # instances that got blocks back since the engine last looked
-        self.moving: dict[int, tuple[int, int]] = {}  # move id -> (creditor, blocks reserved there)
+        self.moving: dict[int, tuple[int, int, int, int]] = {}  # move id -> (src, dst, home, blocks held at dst)
         self._move_ids = 0
         for r in range(len(totals)):
             self.refresh(r)
 
     # ---- the policy's view of one instance --------------------------------------------------------
     def peer(self, rank: int) -> Peer:
-        """The instance as the gManager's on-demand borrowing sees it. Its ``reserved`` is what was
-        routed there since its last heartbeat; the simulator's view is never stale, so that is 0 (the
-        queue's demand is in the planner's snapshot, not in the borrow path, as in the runtime)."""
+        """The instance as the gManager's on-demand borrowing sees it: ``reserved`` is its own
+        demand (``LendingPolicy.own_demand``, as of its last scheduling point: its heartbeat)."""
         p = self.pools[rank]
-        return Peer(rank, p.total, p.free, p.lent, p.borrowed, reserved=0)
+        return Peer(rank, p.total, p.free, p.lent, p.borrowed, reserved=p.own)
 
     def refresh(self, rank: int) -> None:
         """Recompute what ``rank`` may lend after its pool or its demand changed."""
@@ -195,6 +119,22 @@ class ClusterMemory:
         self.layout(rid, home).append(home, n)
         self.refresh(home)
 
+    def free_tail(self, rid: str, home: int, n: int) -> None:
+        """Undo take_local (a growth that failed to borrow the rest)."""
+        lay = self.layouts[rid]
+        if n <= 0:
+            return
+        if not lay.runs or lay.runs[-1][0] != home or lay.runs[-1][1] < n:
+            raise RuntimeError("free_tail only undoes the newest local blocks")
+        lay.runs[-1][1] -= n
+        if not lay.runs[-1][1]:
+            lay.runs.pop()
+        lay.held[home] -= n
+        self.pools[home].free += n
+        if not lay.total:
+            del self.layouts[rid]
+        self.refresh(home)
+
     def reserve(self, rank: int, n: int) -> None:
         """Set aside ``n`` free blocks for growth an instance has already decided on (a predicted run)."""
         p = self.pools[rank]
@@ -211,54 +151,79 @@ class ClusterMemory:
         """Hand ``n`` reserved home blocks to a request (the pool already counts them used)."""
         self.layout(rid, home).append(home, n)
 
-    def borrow(self, rid: str, home: int, plan: list[tuple[int, int]]) -> None:
+    def borrow(self, rid: str, home: int, plan: list[tuple[int, int]], at: int | None = None) -> None:
+        """Blocks reserved on creditors join the request's table at block position ``at`` (None:
+        after its newest), as the runtime's append_remote."""
         lay = self.layout(rid, home)
         for c, n in plan:
-            cp = self.pools[c]
-            if n > cp.free:
-                raise MemoryError(f"creditor {c}: {n} blocks wanted, {cp.free} free")
-            cp.free -= n
-            cp.lent += n
-            self.pools[home].borrowed += n
-            lay.append(c, n)
+            self._lend(c, home, n)
+            lay.insert(at, c, n)
+            if at is not None:
+                at += n
             self.borrowed_blocks += n
-            self.refresh(c)
         self.borrows += 1
         self.refresh(home)
 
+    def push_out(self, rid: str, home: int, plan: list[tuple[int, int]]) -> None:
+        """Local-first growth: the request's oldest home blocks move to blocks reserved on the
+        creditors (copied at once), freeing home blocks for its tail."""
+        lay = self.layouts[rid]
+        for c, n in plan:
+            self._lend(c, home, n)
+            lay.move_oldest(n, home, c)
+            self.pools[home].free += n
+            self.borrowed_blocks += n
+        self.borrows += 1
+        self.refresh(home)
+
+    def _lend(self, creditor: int, debtor: int, n: int) -> None:
+        cp = self.pools[creditor]
+        if n > cp.free:
+            raise MemoryError(f"creditor {creditor}: {n} blocks wanted, {cp.free} free")
+        cp.free -= n
+        cp.lent += n
+        self.pools[debtor].borrowed += n
+        self.refresh(creditor)
+
     # ---- migrations -----------------------------------------------------------------------------------
-    def start_move(self, dst: int, n: int) -> int:
-        """Reserve ``n`` blocks on ``dst`` for a migration (the creditor's ``try_move_kvcache``)."""
+    def start_move(self, src: int, dst: int, home: int, n: int) -> int:
+        """Hold the destination's blocks while a copy runs: a push reserves on the creditor (its
+        try_move_kvcache), a pull (blocks come home) takes free blocks of the home."""
         p = self.pools[dst]
         if n > p.free:
-            raise MemoryError(f"creditor {dst}: {n} blocks to receive, {p.free} free")
+            raise MemoryError(f"instance {dst}: {n} blocks to receive, {p.free} free")
         p.free -= n
-        p.lent += n
+        if dst != home:
+            p.lent += n
         self._move_ids += 1
-        self.moving[self._move_ids] = (dst, n)
+        self.moving[self._move_ids] = (src, dst, home, n)
         self.refresh(dst)
         return self._move_ids
 
-    def cancel_move(self, mid: int) -> int:
-        """The request let go of its blocks while they travelled: free the creditor's reservation."""
-        dst, n = self.moving.pop(mid)
+    def cancel_move(self, mid: int) -> None:
+        """The request let go of its blocks while they travelled: free what the copy held."""
+        _, dst, home, n = self.moving.pop(mid)
         p = self.pools[dst]
         p.free += n
-        p.lent -= n
+        if dst != home:
+            p.lent -= n
         self.refresh(dst)
         self.released_to.add(dst)
-        return dst
 
     def finish_move(self, mid: int, rid: str) -> None:
-        """The copy arrived: the request's ``n`` oldest home blocks now live on the creditor."""
-        dst, n = self.moving.pop(mid)
-        lay = self.layouts[rid]
-        lay.move_oldest_local(n, dst)
-        home = self.pools[lay.home]
-        home.free += n
-        home.borrowed += n
-        self.refresh(lay.home)
-        self.released_to.add(lay.home)
+        """The copy arrived: the request's ``n`` oldest blocks on the source now live on the destination."""
+        src, dst, home, n = self.moving.pop(mid)
+        self.layouts[rid].move_oldest(n, src, dst)
+        sp = self.pools[src]
+        sp.free += n
+        if src != home:  # blocks came home: the creditor's loan ends
+            sp.lent -= n
+            self.pools[home].borrowed -= n
+        else:
+            self.pools[home].borrowed += n
+        self.refresh(src)
+        self.refresh(home)
+        self.released_to.add(src)
 
     def release(self, rid: str) -> list[int]:
         """Give back every block of the request; returns the instances that got blocks back."""
@@ -283,9 +248,9 @@ class ClusterMemory:
         used = [0] * len(self.pools)
         lent = [0] * len(self.pools)
         borrowed = [0] * len(self.pools)
-        for dst, n in self.moving.values():
+        for _, dst, home, n in self.moving.values():
             used[dst] += n
-            lent[dst] += n
+            lent[dst] += n * (dst != home)
         for lay in self.layouts.values():
             if sum(n for _, n in lay.runs) != lay.total:
                 raise AssertionError(f"layout runs and counts disagree: {lay}")
@@ -300,58 +265,3 @@ class ClusterMemory:
             if p.lent != lent[p.rank] or p.borrowed != borrowed[p.rank]:
                 raise AssertionError(f"pool {p.rank}: lent/borrowed {p.lent}/{p.borrowed}, "
                                      f"layouts say {lent[p.rank]}/{borrowed[p.rank]}")
-
-
-class SimAllocator(BlockAllocator):
-    """The scheduler's blocks for one simulated instance: its pool first, then borrowed on demand."""
-
-    def __init__(self, mem: ClusterMemory, rank: int, capacity: int) -> None:
-        self.mem = mem
-        self.rank = rank
-        self.capacity = capacity
-        self.reserve = 0  # home blocks set aside for a predicted run, used before the free pool
-        self.borrowed_in_step = False  # a borrow pays a control-plane round trip in this step
-
-    @property
-    def block_size(self) -> int:  # no rManager here: counts only
-        return self.mem.block_size
-
-    def grow(self, req: Request, num_tokens: int) -> bool:
-        mem, rid = self.mem, req.request_id
-        lay = mem.layouts.get(rid)
-        need = blocks_for(num_tokens, mem.block_size) - (lay.total if lay is not None else 0)
-        if need <= 0:
-            return True
-        local = min(need, mem.pools[self.rank].free + self.reserve)
-        rest = need - local
-        plan: list[tuple[int, int]] = []
-        if rest:
-            if not mem.policy.enabled:
-                return False
-            held = lay.held if lay is not None else {}
-            if mem.borrowable(self.rank) < rest:
-                return False
-            plan = mem.policy.borrow_plan(mem.peer(self.rank), rest, mem.candidates(self.rank, rest, held), held)
-            if not plan:
-                return False
-        if local:
-            mine = min(local, self.reserve)
-            self.reserve -= mine
-            if mine:
-                mem.assign_reserved(rid, self.rank, mine)
-            if local > mine:
-                mem.take_local(rid, self.rank, local - mine)
-        if plan:
-            mem.borrow(rid, self.rank, plan)
-            self.borrowed_in_step = True
-        return True
-
-    def release(self, req: Request) -> None:
-        self.mem.release(req.request_id)
-
-    def free_blocks(self) -> int:
-        mem = self.mem
-        return mem.pools[self.rank].free + self.reserve + (mem.borrowable(self.rank) if mem.policy.enabled else 0)
-
-    def capacity_blocks(self) -> int:
-        return self.capacity

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from infinite.bench.cluster import percentile
+from infinite.bench.workload import percentile
 from infinite.sim.engine import SimResult
 
 __all__ = ["summarize", "table_rows", "plot", "SUMMARY_COLUMNS"]

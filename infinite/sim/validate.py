@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from infinite.bench.cluster import WorkItem, model_vocab, percentile, random_prompt, serve_workload
+from infinite.bench.workload import WorkItem, model_vocab, percentile, random_prompt, serve_workload
 from infinite.bench.common import print_table, write_json
 from infinite.sim.cpu import Probe, fit_cpu, front_door_s, predict, save_cpu_spec
 from infinite.sim.engine import SimConfig, simulate
