@@ -88,3 +88,26 @@ def test_random_borrow_sequences_never_make_an_instance_both_debtor_and_creditor
         for i in range(n):
             assert 0 <= free[i] <= total[i]
             assert sum(v for (_, c), v in ledger.items() if c == i) <= POLICY.lend_cap(total[i])
+
+
+def test_queue_demand_stops_at_the_first_request_the_pool_cannot_hold():
+    pol = LendingPolicy()
+    assert pol.queue_demand([10, 20, 30], 100) == 60
+    assert pol.queue_demand([10, 500, 30], 100) == 10  # FCFS: nothing behind the big one starts first
+    assert pol.queue_demand([500, 10], 100) == 0  # it must borrow anyway; keeping blocks for it starves others
+    assert pol.queue_demand([60, 60, 60], 100) == 100  # more than the pool changes nothing
+    assert pol.queue_demand([], 100) == 0
+
+
+def test_instances_whose_heads_all_need_to_borrow_still_lend_to_each_other():
+    """Every instance's queue head is larger than its pool: with the whole queue kept as its own
+    demand nobody would lend and nothing would ever be admitted; counting only what the pool can
+    hold, the first borrower gets the cluster's memory."""
+    pol = LendingPolicy()
+    heads = [[5000, 20], [4000, 30], [6000]]  # blocks each queued request needs, per instance
+    peers = [Peer(r, 1000, 1000, 0, 0, reserved=pol.own_demand(pol.queue_demand(q, 1000), [], 16))
+             for r, q in enumerate(heads)]
+    plan = pol.borrow_plan(peers[1], 1800, peers)  # the two others may lend 950 each
+    assert sum(n for _, n in plan) == 1800
+    whole = [Peer(r, 1000, 1000, 0, 0, reserved=pol.own_demand(sum(q), [], 16)) for r, q in enumerate(heads)]
+    assert pol.borrow_plan(whole[1], 1800, whole) == []  # keeping the whole queue: no one lends

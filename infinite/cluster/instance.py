@@ -130,7 +130,8 @@ class Instance:
         """Free blocks this instance keeps for itself (its queue, its running requests' growth)."""
         sched = self.engine.scheduler
         bs = self.engine.block_size
-        waiting = sum(blocks_for(r.num_tokens + 1, bs) for r in list(sched.waiting))
+        waiting = self.policy.queue_demand((blocks_for(r.num_tokens + 1, bs) for r in list(sched.waiting)),
+                                           self.rm.num_blocks)
         running = [(r.num_tokens, r.num_prompt_tokens + r.max_tokens, len(self.rm.table(r.request_id)))
                    for r in list(sched.running)]
         return self.policy.own_demand(waiting, running, bs)

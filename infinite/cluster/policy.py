@@ -80,6 +80,21 @@ class LendingPolicy:
             return 0
         return max(0, min(p.free - p.reserved, self.lend_cap(p.total) - p.lent))
 
+    def queue_demand(self, waiting_blocks: Iterable[int], pool_blocks: int) -> int:
+        """Blocks an instance keeps for its queue (``waiting_blocks``: each queued request's need,
+        in queue order): what its requests need up to the first one its pool cannot hold. That
+        one must borrow whatever is kept for it, and admission is first come first served, so
+        nothing behind it starts before it: keeping blocks for them only stops this instance
+        lending to others, and when every instance's head is that large no one lends to anyone
+        (a deadlock the cluster simulator found on long traces). Capped at the pool: keeping
+        more than it holds changes nothing."""
+        total = 0
+        for b in waiting_blocks:
+            if b > pool_blocks or total >= pool_blocks:
+                break
+            total += b
+        return min(total, pool_blocks)
+
     def own_demand(self, waiting_blocks: int, running: list[tuple[int, int, int]], block_size: int) -> int:
         """Blocks an instance keeps for itself: its queue, plus what each running request
         (tokens now, tokens at most, blocks held) needs over the next demand_horizon_tokens."""

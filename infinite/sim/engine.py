@@ -224,9 +224,12 @@ class _Sim:
         p = self.mem.pools[r]
         if self.policy.enabled:
             lays = self.mem.layouts
-            running = [(q.num_tokens, q.num_prompt_tokens + q.max_tokens,
-                        lays[q.request_id].total if q.request_id in lays else 0) for q in self.inst[r].sched.running]
-            p.own = self.policy.own_demand(p.demand, running, self.cfg.block_size)
+            running = [(x.num_tokens, x.num_prompt_tokens + x.max_tokens,
+                        lays[x.request_id].total if x.request_id in lays else 0) for x in self.inst[r].sched.running]
+            bs = self.cfg.block_size
+            queue = self.policy.queue_demand((blocks_for(x.num_tokens + 1, bs) for x in self.inst[r].sched.waiting),
+                                             p.total)
+            p.own = self.policy.own_demand(queue, running, self.cfg.block_size)
         self.mem.refresh(r)
 
     def loan_pays(self, debtor: int, plan_: list[tuple[int, int]], admits: bool, new_calls: int) -> bool:
