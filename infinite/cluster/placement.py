@@ -290,10 +290,16 @@ def _best_move(work: _Work, cost: CostModel, cfg: PlacementConfig) -> Move | Non
             cands = [c for c in creditors if c.rank != d.rank]
             # fewest creditors per request: one that already holds it first, then most free
             cands.sort(key=lambda c: (r.blocks.get(c.rank, 0) == 0, -c.free, c.rank))
+            failed = set()  # creditors in the same state give the same answer: ask one of them
             for c in cands:
+                sig = (c.total, c.free, c.lent, c.borrowed, c.batch, c.waiting, c.waiting_reqs, c.remote_calls,
+                       c.alive, r.blocks.get(c.rank, 0) == 0)
+                if sig in failed:
+                    continue
                 mv = _best_k(work, cost, cfg, d, c, r)
                 if mv is not None:
                     return mv
+                failed.add(sig)
     return None
 
 

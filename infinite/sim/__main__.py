@@ -36,8 +36,11 @@ def _common(ap: argparse.ArgumentParser) -> None:
 
 
 def _knobs(args: argparse.Namespace) -> dict:
-    return dict(block_size=args.block_size, plan_interval_s=args.plan_interval,
-                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+    out = dict(block_size=args.block_size, plan_interval_s=args.plan_interval,
+               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+    if getattr(args, "drain", None) is not None:
+        out["drain_s"] = args.drain
+    return out
 
 
 def parse_run(argv: Sequence[str]) -> argparse.Namespace:
@@ -50,6 +53,8 @@ def parse_run(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--policy", default="infinite", help=" | ".join(POLICIES) + " | all")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals (generated traces)")
     ap.add_argument("--rate", type=float, default=None, help="requests/s (default: the trace's per-GPU rate)")
+    ap.add_argument("--drain", type=float, default=3600.0,
+                    help="seconds to keep serving after the last arrival; what is left is reported unfinished")
     args = ap.parse_args(argv)
     if args.gpus < 1:
         ap.error("--gpus must be >= 1")

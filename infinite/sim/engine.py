@@ -56,6 +56,8 @@ class SimConfig:
     plan_interval_s: float = 0.5  # EngineConfig.placement_interval_s
     periodic_placement: bool = True
     route_by_size: bool = False  # best-static: the smallest instance that holds the request
+    round_robin: bool = False  # independent instances behind a plain load balancer (vllm-multi)
+    pipeline: bool = True  # an instance beyond a node: pipeline stages across nodes (else one TP group)
     kv_blocks: int | None = None  # pool per instance; None = what the devices hold after weights
     drain_s: float = 3600.0  # stop this long after the last arrival; what is left is reported unfinished
     check: bool = False  # schedule every predicted step for real and compare (tests)
@@ -110,14 +112,15 @@ class _Sim:
         nodes = node_groups(cfg.sizes, cfg.gpu.gpus_per_node)
         self.hws = []
         for n, g in zip(cfg.sizes, nodes):
-            tp, pp = tp_pp(n, cfg.gpu.gpus_per_node)
+            tp, pp = tp_pp(n, cfg.gpu.gpus_per_node) if cfg.pipeline else (n, 1)
             self.hws.append(InstanceHW(cfg.gpu, cfg.model, tp, g, pp))
         totals = [cfg.kv_blocks or kv_pool_blocks(cfg.gpu, cfg.model, hw.devices, cfg.block_size) for hw in self.hws]
         if min(totals) < 1:
             raise ValueError("an instance has no memory left for KV cache")
         self.mem = ClusterMemory(totals, cfg.block_size, self.policy, on_change=self._lendable_up)
-        caps = [self.policy.request_capacity(t, totals[:r] + totals[r + 1:]) if self.policy.enabled else t
-                for r, t in enumerate(totals)]
+        pools = tuple(InstanceState(r, t, t, 0, 0, 0) for r, t in enumerate(totals))
+        by_rank = capacities(ClusterSnapshot(pools, (), cfg.block_size), self.pcfg)  # the policy's, per pool size
+        caps = [by_rank[r] for r in range(len(totals))]
         self.capacity = max(caps)
         self.inst = [SimInstance(r, hw, self.hws, self.mem, caps[r], cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                  cfg.check, self.loan_pays) for r, hw in enumerate(self.hws)]
@@ -145,7 +148,7 @@ class _Sim:
         # Routing: instances kept sorted by placement.route_key, one list per pool size (a request goes
         # to the best instance of any size that can hold it, or with route_by_size of the smallest).
         self.states = [self.state(r) for r in range(len(self.inst))]
-        self.caps = capacities(ClusterSnapshot(tuple(self.states), (), cfg.block_size), self.pcfg)
+        self.caps = by_rank
         self.keys = [route_key(st) for st in self.states]
         self.index: dict[int, list[tuple[tuple, int]]] = {}
         for r, st in enumerate(self.states):
@@ -153,6 +156,7 @@ class _Sim:
         for lst in self.index.values():
             lst.sort()
         self.mem.dirty.clear()
+        self.rr = 0
 
     # ---- events --------------------------------------------------------------------------------------
     def push(self, t: float, kind: int, *payload) -> None:
@@ -201,6 +205,14 @@ class _Sim:
         """placement.route's answer (tests/test_sim.py checks it on random clusters), from the index:
         the best instance by route_key among those whose capacity holds the request."""
         self.flush()
+        if self.cfg.round_robin:  # a plain load balancer: the next instance that can hold it
+            n = len(self.inst)
+            for k in range(n):
+                r = (self.rr + k) % n
+                if self.caps[r] >= blocks:
+                    self.rr = r + 1
+                    return r
+            return None
         best = None
         for total in sorted(self.index):
             lst = self.index[total]

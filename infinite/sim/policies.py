@@ -1,9 +1,15 @@
 """How N GPUs become instances under each policy the paper compares.
 
 * ``vllm-multi``: N/k instances of the smallest tensor-parallel degree k that
-  holds the model, each on its own (no lending), requests routed by memory.
+  holds the model, each on its own (no lending) behind a round-robin load
+  balancer, as independent vLLM servers are deployed.
+* ``vllm-multi-routed``: the same instances, routed by the gManager's
+  memory-aware ``route`` but never lending: what routing alone buys.
 * ``vllm-single``: one instance over all N GPUs: tensor parallel inside a
   node and one pipeline stage per node, as vLLM advises for multi-node serving.
+* ``vllm-single-tp``: one instance, tensor parallel over all N GPUs (the
+  only multi-GPU mode of the vLLM releases the paper compared against; its
+  all-reduces cross InfiniBand).
 * ``best-static``: the mix of instance sizes that serves the trace best
   (``candidates`` lists the mixes; the CLI simulates each and keeps the
   best), requests routed to the smallest instance that can hold them.
@@ -24,7 +30,7 @@ from infinite.sim.models import ModelSpec
 __all__ = ["POLICIES", "Deployment", "valid_tp", "min_tp", "tp_pp", "deployment", "best_static_candidates",
            "node_groups"]
 
-POLICIES = ("infinite", "vllm-multi", "vllm-single", "best-static")
+POLICIES = ("infinite", "vllm-multi", "vllm-single", "best-static", "vllm-multi-routed", "vllm-single-tp")
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,8 @@ class Deployment:
     lending: bool
     route_by_size: bool = False
     gpus_per_node: int = 8
+    round_robin: bool = False
+    pipeline: bool = True  # instances beyond a node: pipeline stages across nodes (else one TP group)
 
     @property
     def gpus(self) -> int:
@@ -44,7 +52,7 @@ class Deployment:
         for t in self.sizes:
             counts[t] = counts.get(t, 0) + 1
         def name(size: int) -> str:
-            tp, pp = tp_pp(size, self.gpus_per_node)
+            tp, pp = tp_pp(size, self.gpus_per_node) if self.pipeline else (size, 1)
             return f"TP{tp}" + (f"xPP{pp}" if pp > 1 else "")
 
         return " + ".join(f"{n}x{name(t)}" for t, n in sorted(counts.items(), reverse=True))
@@ -81,16 +89,18 @@ def deployment(policy: str, gpu: GpuSpec, model: ModelSpec, gpus: int) -> Deploy
         raise ValueError(f"unknown policy {policy!r}: expected one of {', '.join(POLICIES)}")
     k = min_tp(gpu, model, gpus)
     gpn = gpu.gpus_per_node
-    if policy in ("infinite", "vllm-multi"):
+    if policy in ("infinite", "vllm-multi", "vllm-multi-routed"):
         if gpus % k:
             raise ValueError(f"{gpus} GPUs do not split into TP{k} instances")
-        return Deployment(policy, (k,) * (gpus // k), lending=policy == "infinite", gpus_per_node=gpn)
-    if policy == "vllm-single":
-        tp, _ = tp_pp(gpus, gpn)
+        return Deployment(policy, (k,) * (gpus // k), lending=policy == "infinite", gpus_per_node=gpn,
+                          round_robin=policy == "vllm-multi")
+    if policy in ("vllm-single", "vllm-single-tp"):
+        pipeline = policy == "vllm-single"
+        tp = tp_pp(gpus, gpn)[0] if pipeline else gpus
         if not valid_tp(model, tp):
-            raise ValueError(f"vllm-single: {tp}-way tensor parallelism does not split {model.name}'s "
+            raise ValueError(f"{policy}: {tp}-way tensor parallelism does not split {model.name}'s "
                              f"{model.num_heads} heads ({model.num_kv_heads} KV heads)")
-        return Deployment(policy, (gpus,), lending=False, gpus_per_node=gpn)
+        return Deployment(policy, (gpus,), lending=False, gpus_per_node=gpn, pipeline=pipeline)
     return best_static_candidates(gpu, model, gpus)[0]
 
 

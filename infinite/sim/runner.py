@@ -31,6 +31,7 @@ class Setup:
 
     def config(self, dep: Deployment, **extra: Any) -> SimConfig:
         return SimConfig(self.gpu, self.model, dep.sizes, dep.lending, route_by_size=dep.route_by_size,
+                         round_robin=dep.round_robin, pipeline=dep.pipeline,
                          **{**dict(self.knobs), **extra})
 
 

@@ -16,7 +16,9 @@ stated here and in docs/sim.md. A request's *length* is prompt plus output.
 Output lengths are log-normal (median 256, capped at 4096 and below the
 length). Arrivals are Poisson at ``rate_per_gpu`` requests/s per GPU for
 Llama2-7B on A100s, scaled by the device's memory bandwidth and the model's
-size for other setups, so a trace loads any cluster about as much.
+size for other setups, so a trace loads any cluster about as much: about 1.5
+times what the best of the simulated deployments sustains on 32 A100s, so
+that throughput measures what a deployment can do, not what was offered.
 
 A trace file is JSON lines: ``{"arrival_s": 0.5, "prompt_len": 1200,
 "output_len": 300}`` (``request_id`` optional).
@@ -81,15 +83,15 @@ class TraceSpec:
 
 
 TRACES: dict[str, TraceSpec] = {s.name: s for s in (
-    TraceSpec("short-lognormal", "short", 60_000, 1.0, "lognormal", median=2048, sigma=1.5),
-    TraceSpec("short-loguniform", "short", 60_000, 0.6, "loguniform"),
-    TraceSpec("short-uniform", "short", 60_000, 0.12, "uniform"),
-    TraceSpec("long-200k", "long", 200_000, 0.1, "loguniform"),
-    TraceSpec("long-500k", "long", 500_000, 0.04, "loguniform"),
-    TraceSpec("long-1m", "long", 1_000_000, 0.015, "loguniform"),
-    TraceSpec("long-2m", "long", 2_000_000, 0.006, "loguniform"),
-    TraceSpec("long-1m-tail", "long", 1_000_000, 0.4, "lognormal", long_share=0.05),
-    TraceSpec("long-2m-tail", "long", 2_000_000, 0.2, "lognormal", long_share=0.05),
+    TraceSpec("short-lognormal", "short", 60_000, 1.1, "lognormal", median=2048, sigma=1.5),
+    TraceSpec("short-loguniform", "short", 60_000, 1.1, "loguniform"),
+    TraceSpec("short-uniform", "short", 60_000, 0.22, "uniform"),
+    TraceSpec("long-200k", "long", 200_000, 0.28, "loguniform"),
+    TraceSpec("long-500k", "long", 500_000, 0.08, "loguniform"),
+    TraceSpec("long-1m", "long", 1_000_000, 0.025, "loguniform"),
+    TraceSpec("long-2m", "long", 2_000_000, 0.005, "loguniform"),
+    TraceSpec("long-1m-tail", "long", 1_000_000, 0.1, "lognormal", long_share=0.05),
+    TraceSpec("long-2m-tail", "long", 2_000_000, 0.065, "lognormal", long_share=0.05),
 )}
 
 # ``--trace short`` / ``--trace long`` / ``--trace mixed``
