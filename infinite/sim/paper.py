@@ -31,7 +31,7 @@ def _args(argv: Sequence[str], sweep: bool) -> argparse.Namespace:
     ap.add_argument("--model", default="llama2-7b")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--duration", type=float, default=None,
-                    help="seconds of arrivals (default: 300 for short traces, 3600 for long)")
+                    help="seconds of arrivals (default: 300 for short traces, 1800 for long)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--plan-interval", type=float, default=0.5)
     if sweep:
@@ -55,7 +55,7 @@ def _setup(args: argparse.Namespace, gpus: int) -> Setup:
 
 
 def _duration(args: argparse.Namespace, family: str) -> float:
-    return args.duration if args.duration is not None else (300.0 if family == "short" else 3600.0)
+    return args.duration if args.duration is not None else (300.0 if family == "short" else 1800.0)
 
 
 def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -66,19 +66,23 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
         spec = TRACES[name]
         trace, info = make_trace(name, setup, _duration(args, spec.family), args.seed)
         runs = {}
-        for p in ("infinite", "vllm-multi", "vllm-single") + (("best-static",) if name in best else ()):
+        for p in ("infinite", "vllm-multi", "vllm-multi-routed", "vllm-single", "vllm-single-tp") + \
+                (("best-static",) if name in best else ()):
             runs[p] = run_policy(p, setup, trace)
             r = runs[p]
             print(f"  {name:17s} {p:12s} {r['throughput_tokens_per_s']:10.0f} tok/s  "
                   f"{r['requests_completed']}/{r['requests_offered']} done  wall {r['wall_s']:.1f}s", flush=True)
-        base = runs[BASELINE[spec.family]]
-        ratio = runs["infinite"]["throughput_tokens_per_s"] / base["throughput_tokens_per_s"] \
-            if base["throughput_tokens_per_s"] else None
+        def over(b: str) -> float | None:
+            t = runs[b]["throughput_tokens_per_s"]
+            return runs["infinite"]["throughput_tokens_per_s"] / t if t else None
+
+        ratio = over(BASELINE[spec.family])
         ctx = runs["infinite"]["capacity_tokens"] / runs["vllm-multi"]["capacity_tokens"]
         lo, hi = PAPER[spec.family]
         rows.append({
             "trace": name, "family": spec.family, "requests": len(trace), "description": info["description"],
             "baseline": BASELINE[spec.family], "ratio": ratio, "paper": f"{lo}-{hi}x",
+            "ratios": {b: over(b) for b in runs if b != "infinite"},
             "within_or_above": ratio is not None and ratio >= lo,
             "max_context_ratio": ctx, "runs": runs,
         })
@@ -88,13 +92,15 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: Sequence[str]) -> int:
     args = _args(argv, sweep=False)
     rows = compare(args)
-    cols = ["trace", "baseline", "infinite tok/s", "baseline tok/s", "ratio", "paper", "inf served", "base served",
-            "inf max ctx", "multi capacity", "ctx ratio"]
+    cols = ["trace", "baseline", "infinite tok/s", "baseline tok/s", "ratio", "paper", "x multi", "x routed",
+            "x single", "x single-tp", "inf served", "base served", "inf max ctx", "multi capacity", "ctx ratio"]
     table = []
     for r in rows:
         inf, base = r["runs"]["infinite"], r["runs"][r["baseline"]]
+        x = r["ratios"]
         table.append([r["trace"], r["baseline"], inf["throughput_tokens_per_s"], base["throughput_tokens_per_s"],
-                      r["ratio"], r["paper"], f"{inf['requests_completed']}/{inf['requests_offered']}",
+                      r["ratio"], r["paper"], x["vllm-multi"], x["vllm-multi-routed"], x["vllm-single"],
+                      x["vllm-single-tp"], f"{inf['requests_completed']}/{inf['requests_offered']}",
                       f"{base['requests_completed']}/{base['requests_offered']}", inf["max_context_served"],
                       r["runs"]["vllm-multi"]["capacity_tokens"], r["max_context_ratio"]])
     print_table(f"{args.gpus} x {args.gpu}, {args.model}: infinite against the paper's baselines", cols, table)
