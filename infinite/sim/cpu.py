@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from infinite.cluster.cost_model import _gauss
 from infinite.sim.costs import InstanceHW, RemotePart, step_cost
 from infinite.sim.gpus import GpuSpec
 from infinite.sim.models import ModelSpec
@@ -158,7 +159,7 @@ def _nnls(rows: list[tuple[float, ...]], ys: list[float]) -> tuple[float, ...]:
         act = [j for j in range(k) if mask >> j & 1]
         A = [[sum(r[i] * r[j] for r in rows) for j in act] for i in act]
         b = [sum(r[i] * y for r, y in zip(rows, ys)) for i in act]
-        sol = _solve(A, b)
+        sol = _gauss(A, b)  # the cost model's elimination with partial pivoting
         if sol is None or min(sol) < 0:
             continue
         x = [0.0] * k
@@ -167,25 +168,6 @@ def _nnls(rows: list[tuple[float, ...]], ys: list[float]) -> tuple[float, ...]:
         if err(tuple(x)) < err(best):
             best = tuple(x)
     return best
-
-
-def _solve(A: list[list[float]], b: list[float]) -> list[float] | None:
-    """Gaussian elimination with partial pivoting; None when singular."""
-    n = len(b)
-    M = [row[:] + [b[i]] for i, row in enumerate(A)]
-    for c in range(n):
-        piv = max(range(c, n), key=lambda r: abs(M[r][c]))
-        if abs(M[piv][c]) < 1e-300:
-            return None
-        M[c], M[piv] = M[piv], M[c]
-        for r in range(c + 1, n):
-            f = M[r][c] / M[c][c]
-            for j in range(c, n + 1):
-                M[r][j] -= f * M[c][j]
-    x = [0.0] * n
-    for r in range(n - 1, -1, -1):
-        x[r] = (M[r][n] - sum(M[r][j] * x[j] for j in range(r + 1, n))) / M[r][r]
-    return x
 
 
 def save_cpu_spec(spec: GpuSpec, path: str | Path, extra: dict | None = None) -> Path:

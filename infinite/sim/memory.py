@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from infinite.cluster.policy import LendingPolicy, Peer
 from infinite.sim.layout import Layout
