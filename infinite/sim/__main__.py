@@ -32,6 +32,8 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
                     help="token budget of a step (vLLM v1 default for its server on >= 70 GiB GPUs)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--kv-blocks", type=int, default=None,
+                    help="KV blocks per instance (default: what the devices hold after the weights)")
     ap.add_argument("--json", default=None, help="write the results here")
 
 
@@ -40,6 +42,8 @@ def _knobs(args: argparse.Namespace) -> dict:
                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
     if getattr(args, "drain", None) is not None:
         out["drain_s"] = args.drain
+    if args.kv_blocks is not None:
+        out["kv_blocks"] = args.kv_blocks
     return out
 
 
