@@ -132,11 +132,9 @@ class _Sim(Planning):
         self.heap: list[tuple] = []
         self.seq = itertools.count()
         self.queued: dict[str, int] = {}  # waiting request -> blocks counted in its home's demand
-        self.homes: dict[str, int] = {}
         self.requests: dict[str, Request] = {}
         self.completed: list[Completed] = []
         self.rejected: dict[str, list[str]] = {}
-        self.in_flight = 0
         self.moving: dict[str, int] = {}  # request -> move id
         self.moves = self.blocks_moved = self.moves_cancelled = 0
         self.blocked: list[tuple[int, int, int]] = []  # (key, token, rank): wait until total lendable >= key
@@ -182,8 +180,6 @@ class _Sim(Planning):
         req = Request(tr.request_id, range(tr.prompt_len), _PARAMS, max_tokens=tr.output_len)  # type: ignore[arg-type]
         req.metrics.arrival_time = tr.arrival_s
         self.requests[tr.request_id] = req
-        self.homes[tr.request_id] = home
-        self.in_flight += 1
         inst = self.inst[home]
         inst.sched.add(req)
         self._enqueue(home, req)
@@ -300,7 +296,6 @@ class _Sim(Planning):
                                         req.metrics.num_preemptions, r, remote))
         del self.requests[req.request_id]
         self.inst[r].high.pop(req.request_id, None)
-        self.in_flight -= 1
 
     # ---- waking instances whose queue head may now be admitted ------------------------------------------
     def _admission(self, r: int) -> tuple[int | None, int]:
