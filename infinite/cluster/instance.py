@@ -154,7 +154,10 @@ class Instance:
         for req in batch.requests:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        return batch, self.runner.micro_batches(batch, tables), None
+        mbs = self.runner.micro_batches(batch, tables)
+        if len(mbs) == 1:
+            return batch, None, self.runner.run_blocking(batch, mbs[0])
+        return batch, mbs, None
 
     async def run(self) -> None:
         """The instance's step loop; returns when stopped."""
