@@ -12,6 +12,7 @@ tokens, not once per block.
 from __future__ import annotations
 
 import logging
+import time
 
 from infinite.cluster import messages as M
 from infinite.cluster.migration import Migrator
@@ -22,6 +23,8 @@ from infinite.runtime.allocator import LocalAllocator
 from infinite.runtime.request import Request, Status
 
 log = logging.getLogger(__name__)
+
+REFUSAL_BACKOFF_S = 0.1  # about one heartbeat: what the gManager knows changes no faster
 
 
 class ClusterAllocator(LocalAllocator):
@@ -36,6 +39,7 @@ class ClusterAllocator(LocalAllocator):
         self.chunk_blocks = chunk_blocks
         self.borrowable = 0  # blocks the rest of the cluster can still lend us (the gManager's last word)
         self.migrator: Migrator | None = None  # set by the Instance once its KV cache exists
+        self._quiet_until = 0.0  # no loan requests before this time (after a refusal)
 
     def capacity_blocks(self) -> int:
         return self.capacity
@@ -69,7 +73,7 @@ class ClusterAllocator(LocalAllocator):
         if len(movable) >= rest:
             # local-first: the oldest full local blocks go to borrowed ones, the tail stays home
             refs = self._borrow(rid, len(movable), held + need, running) if len(movable) > rest else []
-            refs = refs or self._borrow(rid, rest, held + need, running)
+            refs = refs or self._borrow(rid, rest, held + need, running, retry=True)  # fewer may still fit
             if refs and self.migrator.push_now(rid, movable[:len(refs)], refs):
                 return self._allocate(rid, need)
             self.borrowable = 0
@@ -95,13 +99,20 @@ class ClusterAllocator(LocalAllocator):
             return False
         return True
 
-    def _borrow(self, request_id: str, n: int, request_blocks: int, running: bool) -> list[RBlock]:
+    def _borrow(self, request_id: str, n: int, request_blocks: int, running: bool, retry: bool = False) -> list[RBlock]:
+        """Ask the gManager (a blocking round trip). After a refusal, ask nothing for a moment:
+        a full pool asks on every step, and the answer would be the same."""
+        now = time.monotonic()
+        if now < self._quiet_until and not retry:
+            return []
         try:
             got = self.transport.borrow(M.Borrow(self.rm.rank, request_id, n, request_blocks, running),
                                         timeout=self.timeout_s).wait()
         except Exception:  # noqa: BLE001 - rank 0 unreachable: behave as a lone instance
             log.warning("rank %d: borrowing %d blocks for %s failed", self.rm.rank, n, request_id, exc_info=True)
-            return []
+            got = M.Borrowed([])
+        if not got.blocks:
+            self._quiet_until = now + REFUSAL_BACKOFF_S
         self.borrowable = max(0, self.borrowable - len(got.blocks))
         return [RBlock(c, b) for c, b in got.blocks]
 
