@@ -265,3 +265,32 @@ async def test_one_request_uses_over_95_percent_of_an_idle_cluster(tmp_path):
         assert sum(out.extra["kv_blocks"].values()) == 76 and set(out.extra["kv_blocks"]) == {0, 1, 2, 3}
         await asyncio.sleep(0.3)
         assert_no_leak(cl)
+
+
+async def test_no_regret_loans_pay_or_serve_demand_no_home_can_hold(ckpt):
+    """When remote calls cost more than the batch a loan admits, the gManager refuses loans for
+    requests that fit their home's pool (they wait, as without lending) and still grants loans
+    that a request larger than its home's pool needs."""
+    from dataclasses import replace
+
+    from infinite.cluster.cost_model import CostModel
+
+    cl = InProcessCluster(config(ckpt, 20), 2)
+    try:
+        gm = cl.gmanager
+        busy = cl.instances[0]
+        for i in range(6):  # a busy home: six running requests
+            fake_running(busy, f"r{i}", 3)
+            busy.engine.scheduler.running.append(busy.engine.requests[f"r{i}"])
+        cl.beat()
+        gm.cost = CostModel(base_s=4e-3, per_request_s=3e-4, per_context_token_s=2e-7, remote_latency_s=2e-3,
+                            num_layers=3)
+        fits_home = gm.borrow(M.Borrow(0, "short", 2, request_blocks=4, running=False))
+        assert fits_home.blocks == [] and gm.loans_refused == 1
+        too_big = gm.borrow(M.Borrow(0, "long", 10, request_blocks=30, running=False))
+        assert len(too_big.blocks) == 10  # 30 blocks never fit a 20-block home: capacity, not throughput
+        # with a fast remote path the same short loan pays
+        gm.cost = replace(gm.cost, remote_latency_s=1e-6)
+        assert len(gm.borrow(M.Borrow(0, "short2", 2, request_blocks=4, running=False)).blocks) == 2
+    finally:
+        await cl.stop()
