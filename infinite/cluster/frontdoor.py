@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from infinite.cluster import messages as M
+from infinite.cluster.cost_probe import measure_cost
 from infinite.cluster.gmanager import GManager
 from infinite.cluster.instance import Instance
 from infinite.cluster.transport import Transport, to_asyncio
@@ -36,8 +37,9 @@ class ClusterEngine(EngineFacts):
         self.core = instance.engine  # rank 0's engine: tokenizer, validation, capacity
         self.world_size = transport.world_size
         e = self.core
+        prior = measure_cost(e.model, e.block_size, e.kv.k.dtype, e.device) if instance.policy.enabled else None
         self.gmanager = GManager(transport, e.block_size, e.model_config.num_layers, instance.policy,
-                                 instance.config.placement_interval_s)
+                                 instance.config.placement_interval_s, prior=prior)
         self._queues: dict[str, asyncio.Queue] = {}
         self._last: dict[str, int] = {}
         self._homes: dict[str, int] = {}

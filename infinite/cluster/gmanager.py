@@ -44,7 +44,9 @@ class Placed:
 
 class GManager:
     def __init__(self, transport: Transport, block_size: int, num_layers: int, policy: LendingPolicy,
-                 interval_s: float = 0.5, timeout_s: float = 30.0) -> None:
+                 interval_s: float = 0.5, timeout_s: float = 30.0, prior: CostModel | None = None) -> None:
+        """``prior``: the cost model measured on this hardware (cost_probe); until the heartbeats'
+        step times have been fitted the gManager makes no loan or move for throughput alone."""
         self.transport = transport
         self.world_size = transport.world_size
         self.block_size = block_size
@@ -52,7 +54,8 @@ class GManager:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.pcfg = PlacementConfig(policy=policy)
-        self.cost = CostModel(num_layers=num_layers)
+        self.cost = prior or CostModel(num_layers=num_layers)
+        self.calibrated = False  # the step-time model has been fitted to this cluster's heartbeats
         self.lock = threading.Lock()
         self.instances: dict[int, M.InstanceStats] = {}  # rank -> last heartbeat (adjusted by loans since)
         self.requests: dict[str, Placed] = {}
@@ -85,6 +88,7 @@ class GManager:
         if len(samples) >= 8 and now - self._fitted_at >= REFIT_S:
             self._fitted_at = now
             self.cost = fit(samples, prior=self.cost)
+            self.calibrated = True
         if waits:
             waits.sort()
             self.cost = replace(self.cost, remote_latency_s=waits[len(waits) // 2])
@@ -175,7 +179,7 @@ class GManager:
                                             [self._peer(s) for s in self.instances.values()], held)
         if not plan_:
             return M.Borrowed([])
-        if msg.request_blocks <= me.total_blocks and not self._loan_pays(msg, plan_, held):
+        if msg.request_blocks <= me.total_blocks and not (self.calibrated and self._loan_pays(msg, plan_, held)):
             self.loans_refused += 1
             return M.Borrowed([])
         got: list[tuple[int, int]] = []
@@ -241,7 +245,9 @@ class GManager:
             return []  # heartbeats disagree for a moment: plan on the next round
         now = time.monotonic()
         moves = []
-        for mv in plan(snap, self.cost, self.pcfg):
+        # Uncalibrated, only the moves that do not hang on the cost model (evacuating a leaver).
+        pcfg = self.pcfg if self.calibrated else replace(self.pcfg, min_gain=float("inf"))
+        for mv in plan(snap, self.cost, pcfg):
             placed = self.requests.get(mv.request_id)
             if placed is None or now - self._moves_in_flight.get(mv.request_id, -1e9) < 5.0:
                 continue  # one move per request until a heartbeat shows it
