@@ -115,7 +115,9 @@ async def test_gmanager_calibrates_the_transport_and_plans_moves(ckpt):
         gm.on_heartbeat(M.Heartbeat(stats, [M.PlacementEntry("long", 960, {0: 60})], []))
         sent = len(cl.hub.sent)
         assert gm.plan_once() == []  # no move for throughput before the cost model is fitted
-        gm.calibrated = True
+        from infinite.cluster.cost_model import CostModel
+
+        gm.calibrated, gm.cost = True, CostModel(num_layers=3)  # a fast remote path: the move pays
         moves = gm.plan_once()
         assert moves and all(m.src == 0 and m.dst == 1 and m.request_id == "long" for m in moves)
         issued = [msg for src, dst, msg in cl.hub.sent[sent:] if isinstance(msg, M.MoveKV)]

@@ -38,6 +38,7 @@ class ClusterAllocator(LocalAllocator):
         self.timeout_s = timeout_s
         self.chunk_blocks = chunk_blocks
         self.borrowable = 0  # blocks the rest of the cluster can still lend us (the gManager's last word)
+        self.loans_pay = False  # the gManager's last word on whether a loan for a request that fits would pay
         self.migrator: Migrator | None = None  # set by the Instance once its KV cache exists
         self._quiet_until = 0.0  # no loan requests before this time (after a refusal)
 
@@ -69,6 +70,8 @@ class ClusterAllocator(LocalAllocator):
         rest = need - free
         running = req.status is Status.RUNNING
         held = len(self.rm.table(rid))
+        if held + need <= self.rm.num_blocks and not self.loans_pay:
+            return False  # it fits this pool in time, and the gManager said a loan would not pay
         movable = self.migrator.oldest_full(rid, req.num_computed_tokens, self.rm.rank, rest + self.chunk_blocks)
         if len(movable) >= rest:
             # local-first: the oldest full local blocks go to borrowed ones, the tail stays home

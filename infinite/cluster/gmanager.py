@@ -56,6 +56,7 @@ class GManager:
         self.pcfg = PlacementConfig(policy=policy)
         self.cost = prior or CostModel(num_layers=num_layers)
         self.calibrated = False  # the step-time model has been fitted to this cluster's heartbeats
+        self._loans_pay: dict[int, bool] = {}  # per rank, as of the last plan
         self.lock = threading.Lock()
         self.instances: dict[int, M.InstanceStats] = {}  # rank -> last heartbeat (adjusted by loans since)
         self.requests: dict[str, Placed] = {}
@@ -79,19 +80,32 @@ class GManager:
 
     def _calibrate(self) -> None:
         """Refit the step-time model to the heartbeats' samples (every REFIT_S: a fit costs tens of
-        ms of rank 0's CPU, which also serves its own batch), and take the remote latency from
-        the remote calls debtors actually measured (exposed wait per call and layer)."""
+        ms of rank 0's CPU, which also serves its own batch). The samples carry their remote calls
+        per layer, so the remote latency is what remote calls actually added to measured steps —
+        waits and the contention they cause alike — with the probe as the prior."""
         now = time.monotonic()
         with self.lock:
             samples = list(self.samples)
-            waits = [s.remote_wait_per_call_ms / 1e3 for s in self.instances.values() if s.remote_wait_per_call_ms > 0]
         if len(samples) >= 8 and now - self._fitted_at >= REFIT_S:
             self._fitted_at = now
             self.cost = fit(samples, prior=self.cost)
             self.calibrated = True
-        if waits:
-            waits.sort()
-            self.cost = replace(self.cost, remote_latency_s=waits[len(waits) // 2])
+        self._loans_pay = {r: self._would_pay(r) for r in list(self.instances)}
+
+    def _would_pay(self, rank: int) -> bool:
+        """Whether a loan admitting one more request of the sender's mean size would pay: the
+        heartbeat tells debtors, so that they do not ask (a blocking round trip) when not."""
+        if not self.calibrated or not self.policy.enabled:
+            return False
+        with self.lock:
+            me = self.instances.get(rank)
+            peers = [self._peer(s) for s in self.instances.values()]
+        if me is None:
+            return False
+        size = max(1, (me.total_blocks - me.free_blocks) // max(1, me.num_running))
+        plan_ = self.policy.borrow_plan(self._peer(me), size, peers)
+        return bool(plan_) and loan_gain(self.snapshot(), self.cost, rank, plan_, admits=True,
+                                         new_calls=len(plan_)) > self.pcfg.min_gain
 
     # ---- heartbeats --------------------------------------------------------------------------
     def on_heartbeat(self, beat: M.Heartbeat) -> M.HeartbeatReply:
@@ -107,8 +121,8 @@ class GManager:
                 self._moves_in_flight.pop(rid, None)
             if s.num_running and s.step_time_ms > 0:  # context as the planner counts it: blocks in use
                 used = (s.total_blocks - s.free_blocks) * self.block_size
-                self.samples.append(StepSample(s.num_running, used, s.step_time_ms / 1e3))
-            return M.HeartbeatReply(self._borrowable(s.rank))
+                self.samples.append(StepSample(s.num_running, used, s.step_time_ms / 1e3, s.remote_calls_per_step))
+            return M.HeartbeatReply(self._borrowable(s.rank), self._loans_pay.get(s.rank, False))
 
     def _peer(self, s: M.InstanceStats) -> Peer:
         return Peer(s.rank, s.total_blocks, s.free_blocks, s.lent_blocks, s.borrowed_blocks,

@@ -69,6 +69,7 @@ class Instance:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-compute")
         self.stopping = False
         self._sent_placement: dict[str, tuple[int, tuple]] = {}
+        self._step_calls = 0  # remote calls per layer of the step being run
 
     # ---- inbox (filled from transport threads, applied on the compute thread) ---------------
     def enqueue(self, item: Inbox) -> None:
@@ -146,6 +147,7 @@ class Instance:
         if not batch.requests:
             return None
         tables = [self.rm.table(r.request_id) for r in batch.requests]
+        self._step_calls = 0
         if all(ref.instance == self.rank for t in tables for ref in t):
             inputs = e.prepare(batch)
             logits = forward(e.model, inputs, LocalAttention(e.kv, inputs, e.scale))
@@ -155,6 +157,7 @@ class Instance:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
         mbs = self.runner.micro_batches(batch, tables)
+        self._step_calls = sum(len(mb.parts) for mb in mbs)
         if len(mbs) == 1:
             return batch, None, self.runner.run_blocking(batch, mbs[0])
         return batch, mbs, None
@@ -182,7 +185,7 @@ class Instance:
                     outs = await self.runner.run(batch, mbs, self.executor)
                 dt = time.perf_counter() - t0
                 self.engine.last_step_time = dt
-                self.counters.step_done(dt)
+                self.counters.step_done(dt, self._step_calls)
                 if outs:
                     self._send(outputs=outs)
             except Exception:  # noqa: BLE001 - keep serving; the failed step's requests are failed
@@ -225,6 +228,7 @@ class Instance:
 
     def on_heartbeat_reply(self, reply: M.HeartbeatReply) -> None:
         self.allocator.borrowable = reply.borrowable
+        self.allocator.loans_pay = reply.loans_pay
 
     def forget_sent_placement(self) -> None:
         """The last beat may not have arrived: the next one resends the whole placement."""
@@ -258,6 +262,7 @@ class Instance:
             torch_threads=torch.get_num_threads(),
             demand_blocks=self.own_demand(),
             remote_wait_per_call_ms=1e3 * c.recent_wait_per_call_s,
+            remote_calls_per_step=c.mean_calls_per_layer,
         )
 
 

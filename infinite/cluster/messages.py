@@ -127,6 +127,7 @@ class InstanceStats(Msg):
     lend_cap: int = 0
     demand_blocks: int = 0  # free blocks it keeps for its own queue and running requests' growth
     remote_wait_per_call_ms: float = 0.0  # exposed wait per remote MicroAttention call (recent)
+    remote_calls_per_step: float = 0.0  # remote calls per layer, over the steps step_time_ms averages
     torch_threads: int = 0  # intra-op threads of this rank's torch
 
 
@@ -140,6 +141,7 @@ class Heartbeat(Msg):
 
 class HeartbeatReply(Msg):
     borrowable: int  # blocks the rest of the cluster can still lend the sender
+    loans_pay: bool = False  # whether a loan for a request that fits the sender's pool would pay now
 
 
 class Borrow(Msg):
