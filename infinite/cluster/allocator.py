@@ -24,6 +24,7 @@ class ClusterAllocator(LocalAllocator):
         self.capacity = capacity_blocks
         self.timeout_s = timeout_s
         self.borrowable = 0  # blocks the rest of the cluster can still lend us (the gManager's last word)
+        self.lost: set[int] = set()  # ranks that died: their blocks went with them, nothing to release there
 
     def capacity_blocks(self) -> int:
         return self.capacity
@@ -72,7 +73,8 @@ class ClusterAllocator(LocalAllocator):
         reported only once its blocks are free everywhere."""
         by_creditor: dict[int, list[int]] = {}
         for ref in refs:
-            by_creditor.setdefault(ref.instance, []).append(ref.block)
+            if ref.instance not in self.lost:
+                by_creditor.setdefault(ref.instance, []).append(ref.block)
         ranks = list(by_creditor)
         futs = [self.transport.release(c, M.Release(self.rm.rank, request_id, by_creditor[c]), timeout=self.timeout_s)
                 for c in ranks]

@@ -43,12 +43,26 @@ class RankEndpoint:
             case M.Stop():
                 inst.request_stop()
                 return ACK
+            case M.ClusterView():
+                inst.apply_view(msg)
+                return ACK
+            case M.Drain():
+                inst.request_leave(msg.reason)
+                return ACK
         front = self.front
         if front is None:
             raise RuntimeError(f"rank {inst.rank} does not serve {type(msg).__name__} (rank 0 does)")
         match msg:
             case M.Heartbeat():
-                return front.gmanager.on_heartbeat(msg), None
+                return front.supervisor.on_heartbeat(msg), None
+            case M.Join():
+                return front.supervisor.on_join(msg), None
+            case M.Suspect():
+                return front.supervisor.on_suspect(msg), None
+            case M.Leaving():
+                return front.supervisor.on_leaving(msg), None
+            case M.Left():
+                return front.supervisor.on_left(msg), None
             case M.Borrow():
                 return front.gmanager.borrow(msg), None
             case M.Outputs():

@@ -24,9 +24,12 @@ from infinite.cluster import messages as M
 from infinite.cluster.allocator import ClusterAllocator
 from infinite.cluster.counters import StepCounters
 from infinite.cluster.creditor import Creditor
+from infinite.cluster import recovery
+from infinite.cluster.instance_view import InstanceView
+from infinite.cluster.membership import PING_S
 from infinite.cluster.policy import LendingPolicy
 from infinite.cluster.step_runner import StepRunner
-from infinite.cluster.transport import Transport
+from infinite.cluster.transport import PeerError, Transport, to_asyncio
 from infinite.kv.rmanager import RBlock, blocks_for
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
@@ -36,6 +39,8 @@ from infinite.runtime.model_runner import LocalAttention, forward
 log = logging.getLogger(__name__)
 
 Inbox = M.AddRequest | M.AbortRequest | M.MoveKV
+
+STEP_RETRIES = 3  # a remote step that fails with every peer alive is retried this often, then its requests fail
 
 
 class Instance:
@@ -48,8 +53,8 @@ class Instance:
         self.policy = LendingPolicy.from_config(config, world_size)
 
         def allocator(rm):
-            # Every rank runs the same config, so the same pool size.
-            capacity = self.policy.request_capacity(rm.num_blocks, [rm.num_blocks] * (world_size - 1))
+            # Every rank runs the same config, so the same pool size; the view resizes it as ranks come and go.
+            capacity = recovery.capacity_blocks(self.policy, rm.num_blocks, world_size - 1)
             return ClusterAllocator(rm, transport, self.policy, capacity, timeout_s)
 
         self.engine = LLMEngine(config, rank=rank, make_allocator=allocator)
@@ -65,6 +70,10 @@ class Instance:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-compute")
         self.stopping = False
         self._sent_placement: dict[str, tuple[int, tuple]] = {}
+        self.view = InstanceView(self)
+        self.draining = False  # leaving the cluster: takes no new request
+        self.leave_reason: str | None = None  # set when asked to leave (SIGTERM, the admin endpoint)
+        self.exit_code = 0  # non-zero when this rank stops because it lost the cluster
 
     # ---- inbox (filled from transport threads, applied on the compute thread) ---------------
     def enqueue(self, item: Inbox) -> None:
@@ -75,18 +84,40 @@ class Instance:
         self.stopping = True
         self._wake()
 
+    def request_leave(self, reason: str) -> None:
+        """Any thread: leave the cluster gracefully; the rank's main runs the drain (leave.py)."""
+        if self.leave_reason is None:
+            self.leave_reason = reason
+
+    def apply_view(self, view: M.ClusterView) -> None:
+        """Any thread: rank 0's membership changed; applied between two steps."""
+        if self.view.offer(view):
+            self._wake()
+
+    def fence(self, reason: str) -> None:
+        """The cluster has declared this rank gone (its work was recomputed elsewhere): stop."""
+        if not self.stopping:
+            log.error("rank %d: %s: stopping", self.rank, reason)
+            self.exit_code = 1
+            self.request_stop()
+
     def _wake(self) -> None:
         if self._loop is not None and self._wakeup is not None:
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
     def _apply_inbox(self) -> None:
         e = self.engine
+        self.view.apply()
         while self._inbox:
             item = self._inbox.popleft()
             if isinstance(item, M.AddRequest):
+                if self.draining:
+                    continue  # rank 0 moves every request homed here once it hears we are leaving
                 try:
-                    e.submit(e.build_request(item.request_id, item.prompt_token_ids, item.params, item.max_tokens,
-                                             item.prompt))
+                    req = e.build_request(item.request_id, item.prompt_token_ids, item.params, item.max_tokens,
+                                          item.prompt)
+                    recovery.restore_progress(req, item)
+                    e.submit(req)
                 except Exception as err:  # noqa: BLE001 - surfaced to the client as a failed request
                     log.exception("rank %d: cannot add %s", self.rank, item.request_id)
                     self._send(failures=[M.RequestFailure(item.request_id, f"cannot add the request: {err}",
@@ -116,9 +147,11 @@ class Instance:
             idx = torch.tensor([r.block for r in old], dtype=torch.int64, device=kv.k.device)
             blocks = M.BlockTensors(kv.k.index_select(1, idx), kv.v.index_select(1, idx))  # [L, n, B, nkv, d]
             t.write_blocks(mv.dst, M.WriteBlocks(got), blocks, timeout=self.timeout_s).wait()
-        except Exception:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001
             log.exception("rank %d: migration of %s to %d failed", self.rank, mv.request_id, mv.dst)
             self.allocator.give_back(mv.request_id, [RBlock(mv.dst, b) for b in got])
+            if not isinstance(err, PeerError):
+                self._suspect_soon([mv.dst], err)
             return
         self.rm.swap_out(mv.request_id, old, [RBlock(mv.dst, b) for b in got])
         self.counters.migrations += 1
@@ -149,8 +182,10 @@ class Instance:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._wakeup = asyncio.Event()
+        failures = 0
         while not self.stopping:
             t0 = time.perf_counter()
+            mbs = None
             try:
                 res = await loop.run_in_executor(self.executor, self._begin_step)
                 if res is None:
@@ -170,18 +205,58 @@ class Instance:
                 self.counters.step_done(dt)
                 if outs:
                     self._send(outputs=outs)
-            except Exception:  # noqa: BLE001 - keep serving; the failed step's requests are failed
+                failures = 0
+            except Exception as err:  # noqa: BLE001 - keep serving
+                failures += 1
+                if mbs is not None and not isinstance(err, PeerError) and await self._survive(err, mbs, failures):
+                    continue  # the next step recomputes what the lost rank held (or simply retries)
                 log.exception("rank %d: step failed", self.rank)
+                reason = "internal" if mbs is None or isinstance(err, PeerError) else "timeout"
                 await loop.run_in_executor(self.executor, self._fail_running, "the step failed on rank "
-                                           f"{self.rank}; see its log")
+                                           f"{self.rank}; see its log", reason)
 
-    def _fail_running(self, message: str) -> None:
+    async def _survive(self, err: BaseException, mbs, failures: int) -> bool:
+        """A remote step failed without an answer from a creditor (gone, or stalled past the
+        timeout): rank 0 checks the creditors; a dead one leaves the cluster and its blocks'
+        requests are recomputed at the next step. True if the step's requests live on."""
+        ranks = sorted({p.creditor for mb in mbs for p in mb.parts})
+        loop = asyncio.get_running_loop()
+        log.warning("rank %d: a remote step failed (%s: %s); asking rank 0 to check ranks %s", self.rank,
+                    type(err).__name__, str(err)[:200], ranks)
+        try:
+            msg = M.Suspect(self.rank, ranks, f"{type(err).__name__}: {str(err)[:200]}")
+            view = await to_asyncio(self.transport.suspect(msg, timeout=PING_S * len(ranks) + 5.0), loop)
+        except Exception:  # noqa: BLE001 - rank 0 unreachable too: this rank will stop on its own
+            log.warning("rank %d: rank 0 did not answer the suspicion", self.rank, exc_info=True)
+            return False
+        self.apply_view(view)
+        if set(ranks) & set(view.lost) or failures < STEP_RETRIES:
+            return True
+        return False
+
+    def _suspect_soon(self, ranks: list[int], err: BaseException) -> None:
+        """Outside a step (a migration): tell rank 0, apply its answer whenever it comes."""
+        msg = M.Suspect(self.rank, ranks, f"{type(err).__name__}: {str(err)[:200]}")
+        fut = self.transport.suspect(msg, timeout=PING_S * len(ranks) + 5.0)
+
+        def done(f) -> None:
+            try:
+                self.apply_view(f.value())
+            except Exception:  # noqa: BLE001
+                log.warning("rank %d: rank 0 did not answer the suspicion", self.rank)
+
+        fut.add_done_callback(done)
+
+    def _fail_running(self, message: str, reason: str = "internal") -> None:
         e = self.engine
         failed = [r.request_id for r in list(e.scheduler.running) + list(e.scheduler.waiting)]
         for rid in failed:
             e.abort_request(rid)
         if failed:
-            self._send(failures=[M.RequestFailure(rid, message, "internal") for rid in failed])
+            self._send(failures=[M.RequestFailure(rid, message, reason) for rid in failed])
+
+    def send_failures(self, failures: list[M.RequestFailure]) -> None:
+        self._send(failures=failures)
 
     def _send(self, outputs: list[RequestOutput] = (), failures: list[M.RequestFailure] = ()) -> None:
         fut = self.transport.outputs(M.Outputs(self.rank, list(outputs), list(failures)))
@@ -210,6 +285,10 @@ class Instance:
 
     def on_heartbeat_reply(self, reply: M.HeartbeatReply) -> None:
         self.allocator.borrowable = reply.borrowable
+        if reply.evicted:
+            self.fence("rank 0 says this rank was removed from the cluster (declared dead)")
+        elif reply.view is not None:
+            self.apply_view(reply.view)
 
     def forget_sent_placement(self) -> None:
         """The last beat may not have arrived: the next one resends the whole placement."""
@@ -240,6 +319,8 @@ class Instance:
             migrations=c.migrations,
             migrated_blocks=c.migrated_blocks,
             lend_cap=self.policy.lend_cap(self.rm.num_blocks),
+            recomputed=self.view.recomputed,
+            **self.rm.walk(),
         )
 
 

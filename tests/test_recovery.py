@@ -1,0 +1,206 @@
+"""A rank dies, leaves or joins while requests stream: the in-process cluster (tests/cluster_harness.py).
+
+Real Instances, real gManager / supervisor / front door, real heartbeats; only
+the transport is in-process, so a death is ``hub.kill(rank)`` and the tests run
+in seconds. Requests are greedy, so every stream must end exactly as on one
+undisturbed instance, and each cumulative output must extend the one before
+(nothing repeated, nothing missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from cluster_harness import InProcessCluster  # noqa: E402
+from helpers_hf import make_hf_checkpoint  # noqa: E402
+
+from infinite.cluster.leave import leave  # noqa: E402
+from infinite.cluster.membership import DETECTION_BOUND_S  # noqa: E402
+from infinite.errors import RequestError  # noqa: E402
+from infinite.runtime.config import EngineConfig  # noqa: E402
+from infinite.sampling.params import SamplingParams  # noqa: E402
+
+POOL = 12
+PARAMS = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(make_hf_checkpoint(tmp_path_factory.mktemp("recovery"), "llama_gqa", max_position_embeddings=1024))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = random.Random(11)
+    long = [rng.randrange(3, 300) for _ in range(200)]  # 200 + 120 tokens: 20 blocks, more than one pool
+    return [long] + [[rng.randrange(3, 300) for _ in range(n)] for n in (5, 23, 9, 40, 14)]
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, prompts):
+    from infinite import LLM
+
+    llm = LLM(model=ckpt, dtype="float32", num_kv_blocks=256)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
+
+
+def config(ckpt: str) -> EngineConfig:
+    return EngineConfig(model=ckpt, dtype="float32", num_kv_blocks=POOL, threads_per_rank=1, placement_interval_s=60.0)
+
+
+class Stream:
+    """One request driven through the front door, every cumulative output checked as it comes."""
+
+    def __init__(self, front, prompt: list[int], params: SamplingParams) -> None:
+        self.req = front.make_request(prompt, params)
+        self.tokens: list[int] = []
+        self.error: RequestError | None = None
+        self.task = asyncio.ensure_future(self._run(front))
+
+    async def _run(self, front) -> None:
+        try:
+            async for out in front.generate(self.req):
+                ids = out.outputs[0].token_ids
+                assert ids[: len(self.tokens)] == self.tokens, "an output did not extend the one before"
+                assert len(ids) > len(self.tokens) or out.finished
+                self.tokens = list(ids)
+        except RequestError as e:
+            self.error = e
+
+
+async def wait_for(cond, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+async def test_a_dead_rank_costs_recomputation_not_requests(ckpt, prompts, reference):
+    cl = await InProcessCluster(config(ckpt), 3).start()
+    front = cl.front
+    try:
+        streams = [Stream(front, p, PARAMS) for p in prompts]
+        long = streams[0]
+        # Wait until the long request holds blocks on two pools and every stream has produced tokens.
+        await wait_for(lambda: all(len(s.tokens) >= 3 for s in streams)
+                       and len(front.gmanager.placement_map().get(long.req.request_id, {}).get("blocks", {})) == 2,
+                       30, "the long request to span two ranks")
+        held = front.gmanager.placement_map()[long.req.request_id]["blocks"]
+        home_of_long = front._homes[long.req.request_id]
+        # The victim holds some of the long request's KV (as its creditor, or as its home) and is
+        # home to short requests too.
+        victim = next((r for r in held if r not in (0, home_of_long)), home_of_long)
+        assert victim != 0
+        homed_there = [s for s in streams if front._homes[s.req.request_id] == victim]
+        print(f"\nlong request: home {home_of_long}, blocks {held}; killing rank {victim}, home to "
+              f"{len(homed_there)} requests")
+        cl.kill(victim)
+        await asyncio.wait_for(asyncio.gather(*(s.task for s in streams)), 60)
+        for s, ref in zip(streams, reference):
+            assert s.error is None, s.error
+            assert s.tokens == ref  # greedy output as on one undisturbed instance
+        health = front.health()
+        assert health["status"] == "degraded" and [x["rank"] for x in health["lost"]] == [victim]
+        assert sorted(st["rank"] for st in front.stats()) == sorted({0, 1, 2} - {victim})  # no stale stats
+        assert front.moved >= len(homed_there) >= 1
+        if victim != home_of_long:
+            assert sum(st["recomputed"] for st in front.stats()) >= 1  # the long request, at its home
+        assert all(victim not in (d["debtor"], d["creditor"]) for d in front.gmanager.debts())
+        await wait_for(lambda: _idle(cl), 10, "the survivors to be idle")
+        cl.assert_no_block_held()
+        # Untouched by the loss, the cluster keeps serving (and a new request never goes to the dead rank).
+        again = Stream(front, prompts[2], PARAMS)
+        await asyncio.wait_for(again.task, 30)
+        assert again.tokens == reference[2] and front.gmanager.route(1) != victim
+    finally:
+        await cl.stop()
+
+
+async def test_a_silent_rank_is_declared_dead_within_the_bound(ckpt):
+    cl = await InProcessCluster(config(ckpt), 2).start()
+    try:
+        sup = cl.front.supervisor
+        await asyncio.sleep(0.3)
+        cl.kill(1)  # no call is in flight: only the missing heartbeats can tell
+        took = await wait_for(lambda: 1 not in sup.members(), DETECTION_BOUND_S + 3, "rank 1 to be declared dead")
+        assert took <= DETECTION_BOUND_S + 0.5, took
+        assert "no heartbeat" in sup.health()["lost"][0]["reason"]
+        print(f"\ndetection of a silent rank: {took:.2f} s (bound {DETECTION_BOUND_S:.1f} s)")
+    finally:
+        await cl.stop()
+
+
+async def test_a_request_no_survivor_can_hold_ends_with_a_clear_error(ckpt, prompts, reference):
+    cl = await InProcessCluster(config(ckpt), 2).start()
+    front = cl.front
+    try:
+        # 20 blocks: rank 0's 12 plus 8 borrowed from rank 1 (capacity 12 + 9). Without rank 1: 12.
+        big = Stream(front, prompts[0], PARAMS)
+        small = Stream(front, prompts[1], PARAMS)
+        await wait_for(lambda: len(big.tokens) >= 2 and len(small.tokens) >= 2, 30, "both requests to run")
+        cl.kill(1)
+        await asyncio.wait_for(asyncio.gather(big.task, small.task), 60)
+        assert big.error is not None and big.error.reason == "rank_lost", big.error
+        assert "cannot be recomputed" in str(big.error) and "20 KV blocks" in str(big.error)
+        assert small.error is None and small.tokens == reference[1]
+        await wait_for(lambda: _idle(cl), 10, "rank 0 to be idle")
+        cl.assert_no_block_held()
+        with pytest.raises(ValueError, match="at most 12 blocks"):
+            front.make_request(prompts[0], PARAMS)  # new requests are judged on what is left
+    finally:
+        await cl.stop()
+
+
+async def test_a_leaving_rank_drains_and_a_new_rank_joins(ckpt, prompts, reference):
+    cl = await InProcessCluster(config(ckpt), 3).start()
+    front = cl.front
+    try:
+        streams = [Stream(front, p, PARAMS) for p in prompts]
+        long = streams[0]
+        await wait_for(lambda: all(len(s.tokens) >= 2 for s in streams)
+                       and len(front.gmanager.placement_map().get(long.req.request_id, {}).get("blocks", {})) == 2,
+                       30, "the long request to span two ranks")
+        held = front.gmanager.placement_map()[long.req.request_id]["blocks"]
+        leaver = next((r for r in held if r not in (0, front._homes[long.req.request_id])), None)
+        leaver = leaver or next(r for r in (1, 2) if r != front._homes[long.req.request_id])
+        inst = cl.instance(leaver)
+        code = await asyncio.wait_for(leave(inst, inst.transport, "test"), 30)
+        assert code == 0
+        assert inst.rm.walk() == {"table_blocks": 0, "lent_entries": 0} and inst.rm.num_lent == 0
+        cl.kill(leaver)  # the process exits after leaving
+        await asyncio.wait_for(asyncio.gather(*(s.task for s in streams)), 60)
+        for s, ref in zip(streams, reference):
+            assert s.error is None and s.tokens == ref
+        h = front.health()
+        assert h["status"] == "ok" and h["target"] == 2 and "lost" not in h  # a leave is not a loss
+        # A new instance joins and takes requests.
+        new = await cl.add_rank()
+        assert new in front.supervisor.members() and front.health()["instances"] == 3
+        await wait_for(lambda: new in front.gmanager.instances, 5, "the new rank's first heartbeat")
+        more = [Stream(front, p, PARAMS) for p in prompts[1:]]
+        await asyncio.wait_for(asyncio.gather(*(s.task for s in more)), 60)
+        assert [s.tokens for s in more] == reference[1:]
+        assert cl.instance(new).counters.steps > 0  # it served some of them
+        await wait_for(lambda: _idle(cl), 10, "idle")
+        cl.assert_no_block_held()
+    finally:
+        await cl.stop()
+
+
+def _idle(cl: InProcessCluster) -> bool:
+    for rk in cl.ranks.values():
+        if rk.dead:
+            continue
+        s = rk.instance.stats()
+        if s.num_running or s.num_waiting or s.table_blocks or s.lent_entries:
+            return False
+    return True
