@@ -74,7 +74,9 @@ class InstanceView:
             except Exception:  # noqa: BLE001 - only bookkeeping of the RPC agent
                 log.debug("forgetting rank %d", r, exc_info=True)
             k = self._recompute_touching(r)
-            log.warning("rank %d: rank %d is lost: took back %d lent blocks, recomputing %d requests", inst.rank, r, n, k)
+            if n or k:
+                log.warning("rank %d: rank %d is gone: took back %d blocks lent to it, recomputing %d requests that "
+                            "held blocks there", inst.rank, r, n, k)
         for r in leaving:
             k = self._recompute_touching(r)
             if k:

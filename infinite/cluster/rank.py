@@ -102,6 +102,8 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
         if front_task is not None:
             ready.set_exception(e)
             await asyncio.gather(front_task, return_exceptions=True)
+        if opts.joining:
+            _undo_join(opts, e)
         raise
     if not ready.done():
         ready.set_result(front)
@@ -164,6 +166,18 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
             log.error("stopping a cluster that lost rank(s) %s: exit status 1", [d.rank for d in lost])
             code = 1
     return code
+
+
+def _undo_join(opts: RankOptions, err: BaseException) -> None:
+    """A join that failed midway must not leave torch's group token held (it would block every
+    later join and leave)."""
+    from infinite.cluster import rpc_membership
+
+    log.error("rank %d could not join the cluster: %s", opts.rank, err)
+    try:
+        rpc_membership.undo_failed_join(rpc_membership.store_address(opts.init_method), opts.rank)
+    except Exception:  # noqa: BLE001
+        log.warning("cleaning up after the failed join", exc_info=True)
 
 
 async def _join(instance, transport, timeout_s: float):
