@@ -61,6 +61,18 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def rank_of(pid: int) -> int | None:
+    """The rank a spawned rank process runs (its INFINITE_RANK), None for any other process."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"INFINITE_RANK="):
+            return int(kv.split(b"=", 1)[1])
+    return None
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -151,9 +163,14 @@ class LocalCluster:
         pids += [j.pid for j in self.joiners]
         return [p for p in pids if alive(p)]
 
-    def worker_pids(self) -> list[int]:
-        """Spawned workers in rank order (started one after the other: ranks 1..N-1)."""
-        return sorted(p for p in descendants(self.proc.pid) if "infinite.cluster.spawn" in cmdline(p) and alive(p))
+    def worker_pids(self) -> dict[int, int]:
+        """rank -> pid of the live spawned workers."""
+        out = {}
+        for p in descendants(self.proc.pid):
+            r = rank_of(p)
+            if r is not None and alive(p):
+                out[r] = p
+        return out
 
     def join(self) -> subprocess.Popen:
         i = len(self.joiners)

@@ -151,10 +151,10 @@ async def run_load(cluster: LocalCluster, jobs: list[Job], expected: dict[int, s
     async def chaos() -> None:
         await asyncio.sleep(args.kill_at)
         workers = cluster.worker_pids()
-        victim = workers[-1]
-        os.kill(victim, signal.SIGKILL)
+        rank = max(workers)
+        os.kill(workers[rank], signal.SIGKILL)
         killed = time.monotonic()
-        events_log.append({"t": round(killed - t0, 2), "event": f"SIGKILL to worker pid {victim}"})
+        events_log.append({"t": round(killed - t0, 2), "event": f"SIGKILL to rank {rank} (pid {workers[rank]})"})
         while cluster.health()[1].get("status") != "degraded":
             await asyncio.sleep(0.05)
             if time.monotonic() - killed > 30:

@@ -26,7 +26,7 @@ from infinite.cluster.counters import StepCounters
 from infinite.cluster.creditor import Creditor
 from infinite.cluster import recovery
 from infinite.cluster.instance_view import InstanceView
-from infinite.cluster.membership import PING_S
+from infinite.cluster.membership import PING_S, short_error
 from infinite.cluster.policy import LendingPolicy
 from infinite.cluster.step_runner import StepRunner
 from infinite.cluster.transport import PeerError, Transport, to_asyncio
@@ -221,10 +221,10 @@ class Instance:
         requests are recomputed at the next step. True if the step's requests live on."""
         ranks = sorted({p.creditor for mb in mbs for p in mb.parts})
         loop = asyncio.get_running_loop()
-        log.warning("rank %d: a remote step failed (%s: %s); asking rank 0 to check ranks %s", self.rank,
-                    type(err).__name__, str(err)[:200], ranks)
+        log.warning("rank %d: a remote step failed (%s); asking rank 0 to check ranks %s", self.rank,
+                    short_error(err), ranks)
         try:
-            msg = M.Suspect(self.rank, ranks, f"{type(err).__name__}: {str(err)[:200]}")
+            msg = M.Suspect(self.rank, ranks, short_error(err))
             view = await to_asyncio(self.transport.suspect(msg, timeout=PING_S * len(ranks) + 5.0), loop)
         except Exception:  # noqa: BLE001 - rank 0 unreachable too: this rank will stop on its own
             log.warning("rank %d: rank 0 did not answer the suspicion", self.rank, exc_info=True)
@@ -236,7 +236,7 @@ class Instance:
 
     def _suspect_soon(self, ranks: list[int], err: BaseException) -> None:
         """Outside a step (a migration): tell rank 0, apply its answer whenever it comes."""
-        msg = M.Suspect(self.rank, ranks, f"{type(err).__name__}: {str(err)[:200]}")
+        msg = M.Suspect(self.rank, ranks, short_error(err))
         fut = self.transport.suspect(msg, timeout=PING_S * len(ranks) + 5.0)
 
         def done(f) -> None:

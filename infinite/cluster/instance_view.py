@@ -65,6 +65,8 @@ class InstanceView:
         if new.get(inst.rank) in ("lost", "left"):
             inst.fence(f"rank 0 declared this rank {new[inst.rank]}")
             return
+        lost = [r for r in lost if r != inst.rank]
+        leaving = [r for r in leaving if r != inst.rank]  # this rank draining: rank 0 moves its requests
         for r in lost:
             inst.allocator.lost.add(r)
             n = inst.rm.release_debtor(r)

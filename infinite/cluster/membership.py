@@ -183,3 +183,10 @@ def view_states(serving: Iterable[int], draining: Iterable[int], lost: Iterable[
     states.update({r: "left" for r in left})
     states.update({r: "lost" for r in lost})
     return states
+
+
+def short_error(e: BaseException) -> str:
+    """torch wraps a transport error in layers of "Got the following error when running the
+    callback: ..."; the innermost layer says what happened."""
+    text = str(e).split("Got the following error when running the callback: ")[-1]
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from infinite.cluster import messages as M
-from infinite.cluster.membership import HEARTBEAT_S, RANK0_LOST_S
+from infinite.cluster.membership import HEARTBEAT_S, RANK0_LOST_S, short_error
 from infinite.cluster.transport import to_asyncio
 from infinite.runtime.config import EngineConfig
 
@@ -213,8 +213,8 @@ async def _heartbeats(instance, transport) -> None:
             instance.forget_sent_placement()
             lost_since = lost_since or loop.time()
             if instance.rank != 0 and loop.time() - lost_since > RANK0_LOST_S:
-                log.error("rank 0 has not answered heartbeats for %.1f s (%s: %s): it is gone; stopping this rank "
-                          "(exit status 1)", RANK0_LOST_S, type(e).__name__, e)
+                log.error("rank 0 has not answered heartbeats for %.1f s (%s): it is gone; stopping this rank "
+                          "(exit status 1)", RANK0_LOST_S, short_error(e))
                 instance.exit_code = 1
                 instance.request_stop()
                 return

@@ -45,7 +45,9 @@ def spawn_ranks(config: EngineConfig, ranks: range, world_size: int, init_method
         spec = RankSpec(config, opts)
         if r == 0 and driver is not None:
             spec.driver_address, spec.driver_authkey = driver
-        p = subprocess.Popen([sys.executable, "-m", "infinite.cluster.spawn"], stdin=subprocess.PIPE, env=env)
+        # INFINITE_RANK names the process's rank for operators and tests (ps e, /proc/PID/environ).
+        p = subprocess.Popen([sys.executable, "-m", "infinite.cluster.spawn"], stdin=subprocess.PIPE,
+                             env={**env, "INFINITE_RANK": str(r)})
         p.stdin.write(msgspec.msgpack.encode(spec))
         p.stdin.close()
         procs.append(p)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from infinite.cluster import messages as M
 from infinite.cluster.gmanager import GManager
-from infinite.cluster.membership import MONITOR_S, PING_S, HeartbeatWatch, Membership
+from infinite.cluster.membership import MONITOR_S, PING_S, HeartbeatWatch, Membership, short_error
 from infinite.cluster.transport import PeerError, Transport, to_asyncio
 
 log = logging.getLogger(__name__)
@@ -156,12 +156,12 @@ class Supervisor:
         except Exception as e:  # noqa: BLE001
             if isinstance(e, PeerError):
                 return True  # it answered, with an error: alive
-            self.lose(rank, f"{why}; ping failed: {type(e).__name__}: {str(e)[:120]}")
+            self.lose(rank, f"{why}; ping failed: {short_error(e)}")
             return False
 
     def suspect_async(self, rank: int, err: BaseException) -> None:
         """A call of rank 0's own failed: check that rank off the caller's thread."""
-        threading.Thread(target=self.check, args=(rank, f"a call failed ({type(err).__name__}: {err})"),
+        threading.Thread(target=self.check, args=(rank, f"a call failed ({short_error(err)})"),
                          name=f"check-rank{rank}", daemon=True).start()
 
     def lose(self, rank: int, reason: str) -> bool:
