@@ -11,6 +11,8 @@ here in seconds, with no process to spawn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from infinite.cluster import messages as M
@@ -110,3 +112,13 @@ class InProcessCluster:
             assert rm.walk() == {"table_blocks": 0, "lent_entries": 0}, (r, rm.tables, rm.lent)
             assert rm.pool.num_free == rm.num_blocks, (r, rm.pool.num_free)
             assert rm.num_borrowed == 0 and rm.num_lent == 0, r
+
+
+@contextlib.asynccontextmanager
+async def running(config: EngineConfig, n: int) -> AsyncIterator[InProcessCluster]:
+    """A started cluster of ``n`` ranks, always stopped on the way out."""
+    cl = await InProcessCluster(config, n).start()
+    try:
+        yield cl
+    finally:
+        await cl.stop()

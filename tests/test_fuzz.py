@@ -216,19 +216,15 @@ raw_bodies = st.binary(max_size=64) | st.sampled_from([b"", b"null", b"[]", b"{}
 # --------------------------------------------------------------------------- tests
 
 
-@FUZZ
-@given(body=completion_bodies, extra=unknown_fields, how=st.sampled_from(["json", "json", "json", "truncated", "invalid-utf8"]))
-def test_fuzzed_completions_get_4xx_never_5xx(srv, body, extra, how):
-    status, raw = post(srv, "/v1/completions", encode_body(body, extra, how))
-    check_answer(status, raw, stream=body.get("stream") is True)
-    assert_no_block_held(srv)
-    assert_still_serving(srv)
+bodies = (st.tuples(st.just("/v1/completions"), completion_bodies)
+          | st.tuples(st.just("/v1/chat/completions"), chat_bodies))
 
 
-@FUZZ
-@given(body=chat_bodies, extra=unknown_fields, how=st.sampled_from(["json", "json", "json", "truncated", "invalid-utf8"]))
-def test_fuzzed_chat_completions_get_4xx_never_5xx(srv, body, extra, how):
-    status, raw = post(srv, "/v1/chat/completions", encode_body(body, extra, how))
+@settings(FUZZ, max_examples=80)
+@given(case=bodies, extra=unknown_fields, how=st.sampled_from(["json", "json", "json", "truncated", "invalid-utf8"]))
+def test_fuzzed_completions_and_chats_get_4xx_never_5xx(srv, case, extra, how):
+    path, body = case
+    status, raw = post(srv, path, encode_body(body, extra, how))
     check_answer(status, raw, stream=body.get("stream") is True)
     assert_no_block_held(srv)
     assert_still_serving(srv)

@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cluster_harness import InProcessCluster  # noqa: E402
+from cluster_harness import InProcessCluster, running  # noqa: E402
 from helpers_hf import make_hf_checkpoint  # noqa: E402
 
 from infinite.cluster.leave import leave  # noqa: E402
@@ -33,23 +33,16 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return str(make_hf_checkpoint(tmp_path_factory.mktemp("recovery"), "llama_gqa", max_position_embeddings=1024))
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    rng = random.Random(11)
-    long = [rng.randrange(3, 300) for _ in range(200)]  # 200 + 120 tokens: 20 blocks, more than one pool
-    return [long] + [[rng.randrange(3, 300) for _ in range(n)] for n in (5, 23, 9, 40, 14)]
-
-
-@pytest.fixture(scope="module")
-def reference(ckpt, prompts):
+def case(tmp_path_factory):
+    """(checkpoint, prompts, each prompt's greedy tokens on one undisturbed instance)."""
     from infinite import LLM
 
+    ckpt = str(make_hf_checkpoint(tmp_path_factory.mktemp("recovery"), "llama_gqa", max_position_embeddings=1024))
+    rng = random.Random(11)
+    long = [rng.randrange(3, 300) for _ in range(200)]  # 200 + 120 tokens: 20 blocks, more than one pool
+    prompts = [long] + [[rng.randrange(3, 300) for _ in range(n)] for n in (5, 23, 9, 40, 14)]
     llm = LLM(model=ckpt, dtype="float32", num_kv_blocks=256)
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
+    return ckpt, prompts, [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
 
 
 def config(ckpt: str) -> EngineConfig:
@@ -84,21 +77,27 @@ async def wait_for(cond, timeout: float, what: str) -> float:
     return time.monotonic() - t0
 
 
-async def test_a_dead_rank_costs_recomputation_not_requests(ckpt, prompts, reference):
-    cl = await InProcessCluster(config(ckpt), 3).start()
-    front = cl.front
-    try:
-        streams = [Stream(front, p, PARAMS) for p in prompts]
-        long = streams[0]
-        # Wait until the long request holds blocks on two pools and every stream has produced tokens.
-        await wait_for(lambda: all(len(s.tokens) >= 3 for s in streams)
-                       and len(front.gmanager.placement_map().get(long.req.request_id, {}).get("blocks", {})) == 2,
-                       30, "the long request to span two ranks")
-        held = front.gmanager.placement_map()[long.req.request_id]["blocks"]
-        home_of_long = front._homes[long.req.request_id]
+async def streams_with_a_spanning_request(front, prompts) -> tuple[list[Stream], int, int]:
+    """Start a stream per prompt and wait until every one has tokens and the first (long) one holds
+    blocks on two pools; -> (streams, its home, a rank other than 0 that holds some of its KV)."""
+    streams = [Stream(front, p, PARAMS) for p in prompts]
+    rid = streams[0].req.request_id
+    await wait_for(lambda: all(len(s.tokens) >= 2 for s in streams)
+                   and len(front.gmanager.placement_map().get(rid, {}).get("blocks", {})) == 2,
+                   30, "the long request to span two ranks")
+    held = front.gmanager.placement_map()[rid]["blocks"]
+    home = front._homes[rid]
+    return streams, home, next((r for r in held if r not in (0, home)), home)
+
+
+async def test_a_dead_rank_costs_recomputation_not_requests(case):
+    ckpt, prompts, reference = case
+    async with running(config(ckpt), 3) as cl:
+        front = cl.front
         # The victim holds some of the long request's KV (as its creditor, or as its home) and is
         # home to short requests too.
-        victim = next((r for r in held if r not in (0, home_of_long)), home_of_long)
+        streams, home_of_long, victim = await streams_with_a_spanning_request(front, prompts)
+        held = front.gmanager.placement_map()[streams[0].req.request_id]["blocks"]
         assert victim != 0
         homed_there = [s for s in streams if front._homes[s.req.request_id] == victim]
         print(f"\nlong request: home {home_of_long}, blocks {held}; killing rank {victim}, home to "
@@ -121,13 +120,11 @@ async def test_a_dead_rank_costs_recomputation_not_requests(ckpt, prompts, refer
         again = Stream(front, prompts[2], PARAMS)
         await asyncio.wait_for(again.task, 30)
         assert again.tokens == reference[2] and front.gmanager.route(1) != victim
-    finally:
-        await cl.stop()
 
 
-async def test_a_silent_rank_is_declared_dead_within_the_bound(ckpt):
-    cl = await InProcessCluster(config(ckpt), 2).start()
-    try:
+async def test_a_silent_rank_is_declared_dead_within_the_bound(case):
+    ckpt = case[0]
+    async with running(config(ckpt), 2) as cl:
         sup = cl.front.supervisor
         await asyncio.sleep(0.3)
         cl.kill(1)  # no call is in flight: only the missing heartbeats can tell
@@ -135,14 +132,12 @@ async def test_a_silent_rank_is_declared_dead_within_the_bound(ckpt):
         assert took <= DETECTION_BOUND_S + 0.5, took
         assert "no heartbeat" in sup.health()["lost"][0]["reason"]
         print(f"\ndetection of a silent rank: {took:.2f} s (bound {DETECTION_BOUND_S:.1f} s)")
-    finally:
-        await cl.stop()
 
 
-async def test_a_request_no_survivor_can_hold_ends_with_a_clear_error(ckpt, prompts, reference):
-    cl = await InProcessCluster(config(ckpt), 2).start()
-    front = cl.front
-    try:
+async def test_a_request_no_survivor_can_hold_ends_with_a_clear_error(case):
+    ckpt, prompts, reference = case
+    async with running(config(ckpt), 2) as cl:
+        front = cl.front
         # 20 blocks: rank 0's 12 plus 8 borrowed from rank 1 (capacity 12 + 9). Without rank 1: 12.
         big = Stream(front, prompts[0], PARAMS)
         small = Stream(front, prompts[1], PARAMS)
@@ -156,22 +151,13 @@ async def test_a_request_no_survivor_can_hold_ends_with_a_clear_error(ckpt, prom
         cl.assert_no_block_held()
         with pytest.raises(ValueError, match="at most 12 blocks"):
             front.make_request(prompts[0], PARAMS)  # new requests are judged on what is left
-    finally:
-        await cl.stop()
 
 
-async def test_a_leaving_rank_drains_and_a_new_rank_joins(ckpt, prompts, reference):
-    cl = await InProcessCluster(config(ckpt), 3).start()
-    front = cl.front
-    try:
-        streams = [Stream(front, p, PARAMS) for p in prompts]
-        long = streams[0]
-        await wait_for(lambda: all(len(s.tokens) >= 2 for s in streams)
-                       and len(front.gmanager.placement_map().get(long.req.request_id, {}).get("blocks", {})) == 2,
-                       30, "the long request to span two ranks")
-        held = front.gmanager.placement_map()[long.req.request_id]["blocks"]
-        leaver = next((r for r in held if r not in (0, front._homes[long.req.request_id])), None)
-        leaver = leaver or next(r for r in (1, 2) if r != front._homes[long.req.request_id])
+async def test_a_leaving_rank_drains_and_a_new_rank_joins(case):
+    ckpt, prompts, reference = case
+    async with running(config(ckpt), 3) as cl:
+        front = cl.front
+        streams, _, leaver = await streams_with_a_spanning_request(front, prompts)
         inst = cl.instance(leaver)
         code = await asyncio.wait_for(leave(inst, inst.transport, "test"), 30)
         assert code == 0
@@ -192,8 +178,6 @@ async def test_a_leaving_rank_drains_and_a_new_rank_joins(ckpt, prompts, referen
         assert cl.instance(new).counters.steps > 0  # it served some of them
         await wait_for(lambda: _idle(cl), 10, "idle")
         cl.assert_no_block_held()
-    finally:
-        await cl.stop()
 
 
 def _idle(cl: InProcessCluster) -> bool:

@@ -52,19 +52,13 @@ class RankEndpoint:
         front = self.front
         if front is None:
             raise RuntimeError(f"rank {inst.rank} does not serve {type(msg).__name__} (rank 0 does)")
+        sup = front.supervisor
+        # Membership and borrowing: the handler's return value is the reply.
+        answer = {M.Heartbeat: sup.on_heartbeat, M.Join: sup.on_join, M.Suspect: sup.on_suspect,
+                  M.Leaving: sup.on_leaving, M.Left: sup.on_left, M.Borrow: front.gmanager.borrow}.get(type(msg))
+        if answer is not None:
+            return answer(msg), None
         match msg:
-            case M.Heartbeat():
-                return front.supervisor.on_heartbeat(msg), None
-            case M.Join():
-                return front.supervisor.on_join(msg), None
-            case M.Suspect():
-                return front.supervisor.on_suspect(msg), None
-            case M.Leaving():
-                return front.supervisor.on_leaving(msg), None
-            case M.Left():
-                return front.supervisor.on_left(msg), None
-            case M.Borrow():
-                return front.gmanager.borrow(msg), None
             case M.Outputs():
                 front.on_outputs(msg)
                 return ACK
