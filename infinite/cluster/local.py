@@ -89,15 +89,18 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while t.is_alive():
             t.join(0.2)
-            self._check_ranks()
+            self._check_ranks(all_ranks=True)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank 0 did not connect in {timeout_s:.0f} s")
         if isinstance(box[0], BaseException):
             raise RuntimeError(f"rank 0 could not connect: {box[0]}")
         return box[0]
 
-    def _check_ranks(self) -> None:
-        dead = [(r, p.returncode) for r, p in enumerate(self.procs) if p.poll() is not None]
+    def _check_ranks(self, all_ranks: bool = False) -> None:
+        """A rank that died while starting is fatal; once running, only rank 0 is: a worker that dies
+        costs recomputation (its requests move to the survivors), not the run."""
+        procs = self.procs if all_ranks else self.procs[:1]
+        dead = [(r, p.returncode) for r, p in enumerate(procs) if p.poll() is not None]
         if dead:
             raise RuntimeError(f"rank {dead[0][0]} exited with code {dead[0][1]} (see its log above)")
 
