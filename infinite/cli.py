@@ -64,6 +64,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body; larger gets 413")
     p.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"],
                    help="log level of every rank (default info)")
+    p.add_argument("--tool-call-parser", default=None,
+                   help="how tool calls are found in the model's text: hermes (Qwen2, Hermes, Mistral "
+                        "templates) or llama3_json (Llama 3.1+), as vLLM's flag")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide when to call tools (tool_choice "auto"); needs --tool-call-parser')
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -94,6 +99,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         api_key=args.api_key or None,
         max_pending=args.max_pending,
         max_body_bytes=args.max_request_bytes,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
     )
 
 
@@ -142,21 +149,18 @@ def run_serve(args: argparse.Namespace) -> int:
 def serve_cluster(config: EngineConfig, settings: ServerSettings, host: str, port: int, listening: Any,
                   log_level: str, cluster_port: int = 0) -> int:
     """N ranks without torchrun: ranks 1..N-1 are started here, this process is rank 0 and serves."""
-    from infinite.cluster.rank import RankOptions, run_rank
-    from infinite.cluster.rpc_transport import free_port
-    from infinite.cluster.spawn import spawn_ranks, stop_ranks
+    from infinite.cluster.rank import run_rank
+    from infinite.cluster.spawn import local_rendezvous, spawn_ranks, stop_ranks
     from infinite.launch.http import http_front_end
     from infinite.runtime.engine import resolve_model_dir
 
     config = EngineConfig(**{**config.__dict__, "model": resolve_model_dir(config.model)})
-    n = config.num_instances
-    init = f"tcp://127.0.0.1:{cluster_port or free_port()}"
-    print(f"infinite: cluster store at {init[len('tcp://'):]} (infinite join --cluster {init[len('tcp://'):]} "
-          "adds an instance)", flush=True)
-    workers = spawn_ranks(config, range(1, n), n, init, log_level=log_level)
+    opts = local_rendezvous(config.num_instances, log_level=log_level, rpc_port=cluster_port)
+    store = opts[0].init_method[len("tcp://"):]
+    print(f"infinite: cluster store at {store} (infinite join --cluster {store} adds an instance)", flush=True)
+    workers = spawn_ranks(config, opts[1:])
     try:
-        return run_rank(config, RankOptions(0, n, init, local_world_size=n, log_level=log_level),
-                        http_front_end(settings, host, port, listening))
+        return run_rank(config, opts[0], http_front_end(settings, host, port, listening))
     finally:
         stop_ranks(workers)
 

@@ -140,4 +140,5 @@ def _merge(outs: list[RequestOutput]) -> RequestOutput:
     for j, o in enumerate(outs):
         o.outputs[0].index = j
     return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids,
-                         [o.outputs[0] for o in outs], True, first.metrics, extra=first.extra)
+                         [o.outputs[0] for o in outs], True, first.metrics, extra=first.extra,
+                         prompt_logprobs=first.prompt_logprobs)

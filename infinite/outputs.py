@@ -39,3 +39,6 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    # As vLLM: one entry per prompt token, None for the first, then {token id: logprob} holding the
+    # prompt's own token and the top `prompt_logprobs` tokens; None when not asked for.
+    prompt_logprobs: list[dict[int, float] | None] | None = None

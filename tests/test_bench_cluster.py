@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from infinite.bench import cluster
-from infinite.bench.cluster import Record, decode_ms_per_token, make_workload, percentile, summarize
+from infinite.bench.workload import TRACES, Record, decode_ms_per_token, make_workload, percentile, summarize
 
 
 def test_workload_is_seeded_poisson_with_long_requests_spread():
@@ -63,19 +63,26 @@ def test_decode_latency_and_bad_flags():
         with pytest.raises(SystemExit):
             cluster.parse_args(bad)
     assert cluster.parse_args(["--short-prompt", "4-9", "--modes", "on"]).short_prompt == (4, 9)
+    args = cluster.parse_args(["--trace", "long", "--rate", "3"])
+    assert (args.num_long, args.pool_blocks, args.rate) == (TRACES["long"].num_long, TRACES["long"].pool_blocks, 3.0)
+    # each named trace says what it is, and its long requests fit one pool or not as it says
+    for t in TRACES.values():
+        assert t.about and t.rate > 0
+    assert TRACES["long"].long_prompt[0] > TRACES["long"].pool_blocks * 16
+    assert TRACES["mixed-saturated"].long_prompt[1] + TRACES["mixed-saturated"].long_output[1] < 96 * 16
 
 
 def test_cluster_bench_main_tiny(tmp_path, capsys):
     out = tmp_path / "cluster.json"
     rc = cluster.main([
         "--context", "200", "--decode-tokens", "6", "--repeats", "1",
-        "--modes", "off,on", "--pool-blocks", "16", "--num-long", "1", "--num-short", "5",
+        "--modes", "on,off-routed,round-robin", "--pool-blocks", "16", "--num-long", "1", "--num-short", "5",
         "--long-prompt", "300", "--long-output", "8", "--short-prompt", "8-16", "--short-output", "4-6",
         "--rate", "40", "--timeout", "60", "--out", str(out),
     ])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "(a) decode latency" in printed and "(b) mixed workload" in printed
+    assert "(a) decode latency" in printed and "(b) trace" in printed and "tokens/s on/off-routed" in printed
     res = json.loads(out.read_text())
     assert res["bench"] == "cluster" and {"torch", "cpu_count", "git_commit"} <= set(res["env"])
 
@@ -92,14 +99,17 @@ def test_cluster_bench_main_tiny(tmp_path, capsys):
     assert a["meets_target"] == (a["ratio"] <= 1.3)
 
     b = res["mixed"]
-    off, on = b["modes"]["off"], b["modes"]["on"]
+    rr, routed, on = b["modes"]["round-robin"], b["modes"]["off-routed"], b["modes"]["on"]
     # The long request (19 blocks) is larger than one 16-block pool: only lending can serve it.
-    assert (off["served"], off["rejected"]) == (5, 1) and (on["served"], on["rejected"]) == (6, 0)
-    assert off["by_kind"]["long"]["rejected"] == 1 and on["by_kind"]["long"]["served"] == 1
+    for off in (rr, routed):
+        assert (off["served"], off["rejected"]) == (5, 1) and off["by_kind"]["long"]["rejected"] == 1
+    assert (on["served"], on["rejected"]) == (6, 0) and on["by_kind"]["long"]["served"] == 1
     assert set(on["long_kv_blocks"]["long-0"]) == {"0", "1"}  # its KV really spans both instances
-    for s in (off, on):
+    for s in (rr, routed, on):
         assert s["failed"] == 0 and s["unfinished"] == 0
         assert s["makespan_s"] > 0 and s["tokens_per_s"] == pytest.approx(s["generated_tokens"] / s["makespan_s"])
         assert 0 <= s["ttft_s"]["p50"] <= s["ttft_s"]["p99"] <= s["e2e_s"]["p99"] < 60
-    assert on["generated_tokens"] == off["generated_tokens"] + 8
-    assert b["ratio"] == pytest.approx(on["tokens_per_s"] / off["tokens_per_s"])
+    assert on["generated_tokens"] == rr["generated_tokens"] + 8 == routed["generated_tokens"] + 8
+    assert b["ratios"]["on/off-routed"] == pytest.approx(on["tokens_per_s"] / routed["tokens_per_s"])
+    assert b["ratios"]["on/round-robin"] == pytest.approx(on["tokens_per_s"] / rr["tokens_per_s"])
+    assert b["no_regret"] == (b["ratios"]["on/off-routed"] >= 0.95)

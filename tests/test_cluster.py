@@ -30,11 +30,12 @@ def reference(ckpt, prompts):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("ranks,pool", [(2, 12), (3, 9)])
-def test_long_request_spans_every_rank_and_matches_single(ckpt, prompts, reference, ranks, pool):
+@pytest.mark.parametrize("ranks,pool,plane", [(2, 12, "p2p"), (3, 9, "p2p"), (2, 12, "rpc")])
+def test_long_request_spans_every_rank_and_matches_single(ckpt, prompts, reference, ranks, pool, plane):
     # One pool (12 or 9 blocks) is far below the long request's 20 blocks, and with 3 ranks
     # even the home plus one creditor (9 + 6) is not enough: its KV must span all of them.
-    with LLM(model=ckpt, dtype="float32", num_instances=ranks, num_kv_blocks=pool) as llm:
+    # Remote MicroAttention over point-to-point (the default) and over RPC give the same tokens.
+    with LLM(model=ckpt, dtype="float32", num_instances=ranks, num_kv_blocks=pool, data_plane=plane) as llm:
         outs = llm.generate(prompts, PARAMS, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == reference
         held = outs[0].outputs and outs[0].extra["kv_blocks"]
@@ -53,8 +54,9 @@ def test_too_long_for_one_pool_is_rejected_alone_but_served_by_the_cluster(ckpt,
     with pytest.raises(ValueError, match=r"at most 12 blocks"):
         single.generate([prompts[0]], PARAMS, use_tqdm=False)
     with LLM(model=ckpt, dtype="float32", num_instances=2, num_kv_blocks=12) as llm:
-        # 12 own + 9 lendable: 21 blocks; 400 tokens need 26 and are rejected with the numbers
-        with pytest.raises(ValueError, match=r"at most 21 blocks"):
+        # 12 own + 11 lendable (95% of an idle pool): 23 blocks; 400 tokens need 26 and are
+        # rejected with the numbers and the setting that limits them
+        with pytest.raises(ValueError, match=r"at most 23 blocks.*max_lend_fraction"):
             llm.generate([[5 + i % 290 for i in range(400)]], PARAMS, use_tqdm=False)
         out = llm.generate([prompts[0]], PARAMS, use_tqdm=False)[0]
         assert len(out.outputs[0].token_ids) == 16 and out.outputs[0].finish_reason == "length"
@@ -81,9 +83,9 @@ def test_migration_keeps_tokens_exact(ckpt, prompts):
         while eng.has_unfinished_requests():
             done += eng.step()
         assert done[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
-        assert done[0].extra["kv_blocks"].get(1 - home, 0) >= 6
         stats = llm.stats()
-        # the placement loop may add moves of its own; ours is among them
+        # the placement loop may add moves of its own (with room at home, the blocks come home
+        # again, which is exact too); ours is among them
         assert stats[home]["migrations"] >= 1 and stats[home]["migrated_blocks"] >= 6
         assert all(s["used_blocks"] == 0 and s["lent_blocks"] == 0 for s in stats)
 

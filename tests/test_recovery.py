@@ -1,8 +1,8 @@
-"""A rank dies, leaves or joins while requests stream: the in-process cluster (tests/cluster_harness.py).
+"""A rank dies, leaves or joins while requests stream: the in-process cluster (infinite/cluster/inproc.py).
 
 Real Instances, real gManager / supervisor / front door, real heartbeats; only
-the transport is in-process, so a death is ``hub.kill(rank)`` and the tests run
-in seconds. Requests are greedy, so every stream must end exactly as on one
+the transport is in-process, so a death is ``kill(rank)`` (every call to or from
+it fails, its loops stop) and the tests run in seconds. Requests are greedy, so every stream must end exactly as on one
 undisturbed instance, and each cumulative output must extend the one before
 (nothing repeated, nothing missing).
 """
@@ -11,22 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from cluster_harness import InProcessCluster, running  # noqa: E402
-from helpers_hf import make_hf_checkpoint  # noqa: E402
-
-from infinite.cluster.leave import leave  # noqa: E402
-from infinite.cluster.membership import DETECTION_BOUND_S  # noqa: E402
-from infinite.errors import RequestError  # noqa: E402
-from infinite.runtime.config import EngineConfig  # noqa: E402
-from infinite.sampling.params import SamplingParams  # noqa: E402
+from helpers_hf import make_hf_checkpoint
+from infinite.cluster.inproc import InProcessCluster
+from infinite.cluster.leave import leave
+from infinite.cluster.membership import DETECTION_BOUND_S
+from infinite.errors import RequestError
+from infinite.runtime.config import EngineConfig
+from infinite.sampling.params import SamplingParams
 
 POOL = 12
 PARAMS = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
@@ -92,7 +87,7 @@ async def streams_with_a_spanning_request(front, prompts) -> tuple[list[Stream],
 
 async def test_a_dead_rank_costs_recomputation_not_requests(case):
     ckpt, prompts, reference = case
-    async with running(config(ckpt), 3) as cl:
+    async with InProcessCluster(config(ckpt), 3, timeout_s=10.0) as cl:
         front = cl.front
         # The victim holds some of the long request's KV (as its creditor, or as its home) and is
         # home to short requests too.
@@ -115,7 +110,7 @@ async def test_a_dead_rank_costs_recomputation_not_requests(case):
             assert sum(st["recomputed"] for st in front.stats()) >= 1  # the long request, at its home
         assert all(victim not in (d["debtor"], d["creditor"]) for d in front.gmanager.debts())
         await wait_for(lambda: _idle(cl), 10, "the survivors to be idle")
-        cl.assert_no_block_held()
+        assert_nothing_held(cl)
         # Untouched by the loss, the cluster keeps serving (and a new request never goes to the dead rank).
         again = Stream(front, prompts[2], PARAMS)
         await asyncio.wait_for(again.task, 30)
@@ -124,7 +119,7 @@ async def test_a_dead_rank_costs_recomputation_not_requests(case):
 
 async def test_a_silent_rank_is_declared_dead_within_the_bound(case):
     ckpt = case[0]
-    async with running(config(ckpt), 2) as cl:
+    async with InProcessCluster(config(ckpt), 2, timeout_s=10.0) as cl:
         sup = cl.front.supervisor
         await asyncio.sleep(0.3)
         cl.kill(1)  # no call is in flight: only the missing heartbeats can tell
@@ -136,7 +131,7 @@ async def test_a_silent_rank_is_declared_dead_within_the_bound(case):
 
 async def test_a_request_no_survivor_can_hold_ends_with_a_clear_error(case):
     ckpt, prompts, reference = case
-    async with running(config(ckpt), 2) as cl:
+    async with InProcessCluster(config(ckpt), 2, timeout_s=10.0) as cl:
         front = cl.front
         # 20 blocks: rank 0's 12 plus 8 borrowed from rank 1 (capacity 12 + 9). Without rank 1: 12.
         big = Stream(front, prompts[0], PARAMS)
@@ -148,17 +143,17 @@ async def test_a_request_no_survivor_can_hold_ends_with_a_clear_error(case):
         assert "cannot be recomputed" in str(big.error) and "20 KV blocks" in str(big.error)
         assert small.error is None and small.tokens == reference[1]
         await wait_for(lambda: _idle(cl), 10, "rank 0 to be idle")
-        cl.assert_no_block_held()
+        assert_nothing_held(cl)
         with pytest.raises(ValueError, match="at most 12 blocks"):
             front.make_request(prompts[0], PARAMS)  # new requests are judged on what is left
 
 
 async def test_a_leaving_rank_drains_and_a_new_rank_joins(case):
     ckpt, prompts, reference = case
-    async with running(config(ckpt), 3) as cl:
+    async with InProcessCluster(config(ckpt), 3, timeout_s=10.0) as cl:
         front = cl.front
         streams, _, leaver = await streams_with_a_spanning_request(front, prompts)
-        inst = cl.instance(leaver)
+        inst = cl.instances[leaver]
         code = await asyncio.wait_for(leave(inst, inst.transport, "test"), 30)
         assert code == 0
         assert inst.rm.walk() == {"table_blocks": 0, "lent_entries": 0} and inst.rm.num_lent == 0
@@ -175,16 +170,26 @@ async def test_a_leaving_rank_drains_and_a_new_rank_joins(case):
         more = [Stream(front, p, PARAMS) for p in prompts[1:]]
         await asyncio.wait_for(asyncio.gather(*(s.task for s in more)), 60)
         assert [s.tokens for s in more] == reference[1:]
-        assert cl.instance(new).counters.steps > 0  # it served some of them
+        assert cl.instances[new].counters.steps > 0  # it served some of them
         await wait_for(lambda: _idle(cl), 10, "idle")
-        cl.assert_no_block_held()
+        assert_nothing_held(cl)
+
+
+def live(cl: InProcessCluster) -> list:
+    return [inst for inst in cl.instances if not inst.stopping]
 
 
 def _idle(cl: InProcessCluster) -> bool:
-    for rk in cl.ranks.values():
-        if rk.dead:
-            continue
-        s = rk.instance.stats()
+    for inst in live(cl):
+        s = inst.stats()
         if s.num_running or s.num_waiting or s.table_blocks or s.lent_entries:
             return False
     return True
+
+
+def assert_nothing_held(cl: InProcessCluster) -> None:
+    """On every live rank: the free list is the whole pool, no table, nothing lent (walked)."""
+    for inst in live(cl):
+        rm = inst.rm
+        assert rm.walk() == {"table_blocks": 0, "lent_entries": 0}, (inst.rank, rm.tables, rm.lent)
+        assert rm.pool.num_free == rm.num_blocks and rm.num_borrowed == 0 and rm.num_lent == 0, inst.rank

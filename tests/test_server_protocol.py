@@ -8,8 +8,10 @@ import msgspec
 import pytest
 
 from infinite.server import protocol as P
+from infinite.server import shapes as S
 from infinite.server.errors import APIError, error_body
 from infinite.server.metrics import RequestTimer, ServerMetrics, kv_usage
+from infinite.server.sampling_args import sampling_kwargs
 from infinite.server.serving import check_length, default_max_tokens, make_sampling_params
 
 
@@ -29,8 +31,9 @@ def rejects(decode, raw: bytes, param: str | None = None, match: str | None = No
 def test_completion_defaults_follow_vllm():
     req = P.decode_completion_request(body(prompt="hi"))
     assert (req.max_tokens, req.n, req.stream, req.logprobs, req.model) == (16, 1, False, None, None)
-    kw = P.sampling_kwargs(req, 16, None)
-    assert kw == {"max_tokens": 16, "presence_penalty": 0.0, "frequency_penalty": 0.0, "ignore_eos": False}
+    kw = sampling_kwargs(req, 16, None)
+    assert kw == {"max_tokens": 16, "presence_penalty": 0.0, "frequency_penalty": 0.0, "ignore_eos": False,
+                  "min_tokens": 0, "include_stop_str_in_output": False, "skip_special_tokens": True}
 
 
 def test_unknown_fields_are_ignored_like_vllm():
@@ -92,7 +95,7 @@ def test_wrong_types_name_the_field(fields, param):
         ({"stop": ""}, "stop"),
         ({"stop": ["a", ""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
-        ({"echo": True}, "echo"),
+        ({"echo": True, "max_tokens": -1}, "max_tokens"),
         ({"suffix": "end"}, "suffix"),
         ({"best_of": 3}, "best_of"),
     ],
@@ -165,11 +168,12 @@ def test_error_body_has_the_openai_shape():
 
 
 def test_response_structs_encode_like_vllm():
-    choice = P.CompletionChoice(0, "hi", None, "length")
-    out = json.loads(P.encode(P.CompletionResponse("cmpl-1", 5, "m", [choice], P.UsageInfo(2, 1, 3))))
+    choice = S.CompletionChoice(0, "hi", None, "length")
+    out = json.loads(P.encode(S.CompletionResponse("cmpl-1", 5, "m", [choice], S.UsageInfo(2, 1, 3))))
     assert out["object"] == "text_completion"
-    assert out["choices"][0] == {"index": 0, "text": "hi", "logprobs": None, "finish_reason": "length", "stop_reason": None}
-    delta = json.loads(msgspec.json.encode(P.DeltaMessage(content="x")))
+    assert out["choices"][0] == {"index": 0, "text": "hi", "logprobs": None, "finish_reason": "length", "stop_reason": None,
+                                 "prompt_logprobs": None}
+    delta = json.loads(msgspec.json.encode(S.DeltaMessage(content="x")))
     assert delta == {"content": "x"}
 
 

@@ -1,33 +1,54 @@
-"""ClusterAllocator: a cluster instance's blocks come from its own pool first, and what the
-pool lacks is borrowed from creditors through the gManager (all or nothing)."""
+"""ClusterAllocator: a cluster instance's blocks come from its own pool first; what the pool
+lacks is borrowed from creditors through the gManager (all or nothing), local-first.
+
+Local-first: the blocks being written (a request's tail) stay home, so the steady decode
+path ships no K/V. When a running request needs a block and the pool is full, its oldest
+full local blocks move to borrowed blocks (their contents are final) and the freed local
+blocks take the tail; a new request's borrowed blocks take its oldest positions. Borrowing
+moves a chunk at a time (``chunk_blocks``) so that the copy happens once per chunk of
+tokens, not once per block.
+"""
 
 from __future__ import annotations
 
 import logging
 
 from infinite.cluster import messages as M
+from infinite.cluster.migration import Migrator
 from infinite.cluster.policy import LendingPolicy
 from infinite.cluster.transport import Transport, wait_all
 from infinite.kv.rmanager import RBlock, RManager
 from infinite.runtime.allocator import LocalAllocator
-from infinite.runtime.request import Request
+from infinite.runtime.request import Request, Status
 
 log = logging.getLogger(__name__)
 
 
 class ClusterAllocator(LocalAllocator):
     def __init__(self, rm: RManager, transport: Transport, policy: LendingPolicy, capacity_blocks: int,
-                 timeout_s: float = 30.0) -> None:
+                 other_pools: list[int], timeout_s: float = 30.0, chunk_blocks: int = 4) -> None:
         super().__init__(rm)
         self.transport = transport
         self.policy = policy
         self.capacity = capacity_blocks
+        self.other_pools = other_pools
         self.timeout_s = timeout_s
+        self.chunk_blocks = chunk_blocks
         self.borrowable = 0  # blocks the rest of the cluster can still lend us (the gManager's last word)
         self.lost: set[int] = set()  # ranks that died: their blocks went with them, nothing to release there
+        self.migrator: Migrator | None = None  # set by the Instance once its KV cache exists
 
     def capacity_blocks(self) -> int:
         return self.capacity
+
+    def capacity_reason(self) -> str:
+        lend = [self.policy.lend_cap(t) for t in self.other_pools]
+        if not self.policy.enabled:
+            return (f"its instance's pool of {self.rm.num_blocks} blocks; lending is off "
+                    "(enable_lending / --no-lending)")
+        return (f"its home's pool of {self.rm.num_blocks} blocks plus {sum(lend)} that the {len(lend)} other "
+                f"instances may lend (max_lend_fraction={self.policy.max_lend_fraction} of each pool; raise it, "
+                "or num_kv_blocks / --num-kv-blocks, or add instances)")
 
     def free_blocks(self) -> int:
         return self.rm.num_free + (self.borrowable if self.policy.enabled else 0)
@@ -37,36 +58,56 @@ class ClusterAllocator(LocalAllocator):
         need = self.rm.num_needed(rid, num_tokens)
         if need == 0:
             return True
-        local = min(need, self.rm.num_free)
-        if local:
-            try:
-                self.rm.allocate(rid, local)
-            except MemoryError:  # a concurrent lend took them
-                return False
-        rest = need - local
-        if rest == 0:
-            return True
-        refs = self._borrow(rid, rest) if self.policy.enabled else []
-        if not refs:
-            # All or nothing: a request left waiting must not sit on blocks it cannot use.
-            self.rm.free_tail(rid, local)
+        free = self.rm.num_free
+        if need <= free:
+            return self._allocate(rid, need)
+        if not self.policy.enabled:
+            return False
+        rest = need - free
+        running = req.status is Status.RUNNING
+        held = len(self.rm.table(rid))
+        movable = self.migrator.oldest_full(rid, req.num_computed_tokens, self.rm.rank, rest + self.chunk_blocks)
+        if len(movable) >= rest:
+            # local-first: the oldest full local blocks go to borrowed ones, the tail stays home
+            refs = self._borrow(rid, len(movable), held + need, running) if len(movable) > rest else []
+            refs = refs or self._borrow(rid, rest, held + need, running)
+            if refs and self.migrator.push_now(rid, movable[:len(refs)], refs):
+                return self._allocate(rid, need)
             self.borrowable = 0
             return False
-        self.rm.append_remote(rid, refs)
-        self.borrowable = max(0, self.borrowable - len(refs))
+        # too few full local blocks (a new request, say): the borrowed blocks take the oldest of
+        # the new positions, so they fill (and ship their K/V) once, and the tail stays home
+        if not self._allocate(rid, free):
+            return False
+        refs = self._borrow(rid, rest, held + need, running)
+        if not refs:
+            self.rm.free_tail(rid, free)
+            self.borrowable = 0
+            return False
+        self.rm.append_remote(rid, refs, at=held)
         return True
 
-    def _borrow(self, request_id: str, n: int) -> list[RBlock]:
+    def _allocate(self, request_id: str, n: int) -> bool:
+        if n <= 0:
+            return True
         try:
-            got = self.transport.borrow(M.Borrow(self.rm.rank, request_id, n), timeout=self.timeout_s).wait()
+            self.rm.allocate(request_id, n)
+        except MemoryError:  # a concurrent loan took them
+            return False
+        return True
+
+    def _borrow(self, request_id: str, n: int, request_blocks: int, running: bool) -> list[RBlock]:
+        try:
+            got = self.transport.borrow(M.Borrow(self.rm.rank, request_id, n, request_blocks, running),
+                                        timeout=self.timeout_s).wait()
         except Exception:  # noqa: BLE001 - rank 0 unreachable: behave as a lone instance
             log.warning("rank %d: borrowing %d blocks for %s failed", self.rm.rank, n, request_id, exc_info=True)
             return []
+        self.borrowable = max(0, self.borrowable - len(got.blocks))
         return [RBlock(c, b) for c, b in got.blocks]
 
     def release(self, req: Request) -> None:
-        remote = self.rm.free_request(req.request_id)
-        self.give_back(req.request_id, remote)
+        self.give_back(req.request_id, self.rm.free_request(req.request_id))
 
     def give_back(self, request_id: str, refs: list[RBlock]) -> None:
         """Release remote blocks on their creditors, in parallel, and wait: a request's end is

@@ -19,6 +19,16 @@ class StepCounters:
     migrations: int = 0
     migrated_blocks: int = 0
     step_times: deque = field(default_factory=lambda: deque(maxlen=32))
+    recent_wait_per_call_s: float = 0.0  # exponential average of the exposed wait of one remote call
+
+    def remote_layer(self, calls: int, wait_s: float) -> None:
+        """One layer's remote calls and the time the step waited on them after its local work."""
+        self.remote_calls += calls
+        self.remote_wait_s += wait_s
+        if calls:
+            per = wait_s / calls
+            a = 0.1 if self.recent_wait_per_call_s else 1.0
+            self.recent_wait_per_call_s += a * (per - self.recent_wait_per_call_s)
 
     def step_done(self, seconds: float) -> None:
         self.steps += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -28,8 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class Creditor:
-    def __init__(self, rm: RManager, kv: KVCache, scale: float, policy: LendingPolicy, counters: StepCounters) -> None:
+    def __init__(self, rm: RManager, kv: KVCache, scale: float, policy: LendingPolicy, counters: StepCounters,
+                 own_demand: Callable[[], int] = lambda: 0) -> None:
         self.rm = rm
+        self.own_demand = own_demand  # free blocks this instance keeps for its own requests
         self.kv = kv
         self.scale = scale
         self.policy = policy
@@ -40,7 +43,8 @@ class Creditor:
 
     # ---- blocks ---------------------------------------------------------------------------
     def _lendable(self, rm: RManager) -> int:
-        return self.policy.lendable(Peer(rm.rank, rm.num_blocks, rm.num_free, rm.num_lent, rm.num_borrowed))
+        return self.policy.lendable(Peer(rm.rank, rm.num_blocks, rm.num_free, rm.num_lent, rm.num_borrowed,
+                                         reserved=self.own_demand()))
 
     def reserve(self, msg: M.Reserve) -> list[int]:
         """try_move_kvcache: first come, first served; [] means refused (wait for the next plan)."""
@@ -52,6 +56,14 @@ class Creditor:
         except RuntimeError:
             log.warning("rank %d: release of unknown blocks for %d/%s", self.rm.rank, msg.debtor, msg.request_id)
             return 0
+
+    def read_blocks(self, msg: M.ReadBlocks) -> M.BlockTensors:
+        """Blocks lent to msg.debtor's request, for it to take them home: k/v [L, n, B, nkv, d]."""
+        held = set(self.rm.lent.get((msg.debtor, msg.request_id), ()))
+        if not set(msg.blocks) <= held:
+            raise RuntimeError(f"blocks {sorted(set(msg.blocks) - held)} are not lent to {msg.debtor}/{msg.request_id}")
+        idx = torch.tensor(msg.blocks, dtype=torch.int64, device=self.kv.k.device)
+        return M.BlockTensors(self.kv.k.index_select(1, idx), self.kv.v.index_select(1, idx))
 
     def write_blocks(self, msg: M.WriteBlocks, t: M.BlockTensors) -> None:
         """Receive migrated blocks: k/v [L, n, B, nkv, d]."""

@@ -8,6 +8,8 @@ state, or hand work to the creditor's serving thread.
 
 from __future__ import annotations
 
+import torch
+
 from infinite.cluster import messages as M
 from infinite.cluster.frontdoor import ClusterEngine
 from infinite.cluster.instance import Instance
@@ -21,6 +23,11 @@ class RankEndpoint:
         self.instance = instance
         self.front = front
 
+    def attention_shape(self) -> tuple[int, int, int, int, torch.dtype]:
+        """(layers, query heads, head dim, KV heads, dtype): what a remote MicroAttention call carries."""
+        c = self.instance.engine.model_config
+        return c.num_layers, c.num_heads, c.head_dim, c.num_kv_heads, self.instance.engine.kv.k.dtype
+
     def handle(self, src: int, msg: M.Msg, tensors: Tensors) -> Reply | Future:
         inst = self.instance
         match msg:
@@ -33,6 +40,8 @@ class RankEndpoint:
             case M.WriteBlocks():
                 inst.creditor.write_blocks(msg, tensors)
                 return ACK
+            case M.ReadBlocks():
+                return M.Ack(), inst.creditor.read_blocks(msg)
             case M.AddRequest() | M.AbortRequest() | M.MoveKV():
                 inst.enqueue(msg)
                 return ACK

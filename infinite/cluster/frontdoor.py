@@ -91,8 +91,8 @@ class ClusterEngine(EngineFacts):
 
     def cluster_status(self) -> dict:
         return {"instances": self.stats(), "debts": self.gmanager.debts(),
-                "moves_issued": self.gmanager.moves_issued, "requests": self.gmanager.placement_map(),
-                "health": self.health(),
+                "moves_issued": self.gmanager.moves_issued, "loans_refused": self.gmanager.loans_refused,
+                "requests": self.gmanager.placement_map(), "health": self.health(),
                 "recovery": {"moved": self.moved, "failed": self.failed_moves,
                              "recomputed_at_home": sum(s.get("recomputed", 0) for s in self.stats())}}
 

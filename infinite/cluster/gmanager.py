@@ -23,7 +23,8 @@ import msgspec
 
 from infinite.cluster import messages as M
 from infinite.cluster.cost_model import CostModel, StepSample, fit
-from infinite.cluster.placement import ClusterSnapshot, InstanceState, Move, PlacementConfig, RequestState, plan, route
+from infinite.cluster.placement import (ClusterSnapshot, InstanceState, Move, PlacementConfig, RequestState, loan_gain,
+                                        plan, route)
 from infinite.cluster.policy import LendingPolicy, Peer
 from infinite.cluster.transport import PeerError, Transport, wait_all
 
@@ -57,6 +58,7 @@ class GManager:
         self.samples: deque[StepSample] = deque(maxlen=512)
         self._moves_in_flight: dict[str, float] = {}
         self.moves_issued = 0
+        self.loans_refused = 0  # on-demand loans the cost model said would not pay
         self._rr = 0
         # Ranks that take requests and lend (the supervisor's membership decides; draining and
         # gone ranks are out of routing, borrowing and placement).
@@ -64,18 +66,26 @@ class GManager:
         self.on_unreachable = None  # callable(rank, error): a call to a rank failed (the supervisor checks it)
 
     def calibrate_transport(self, rounds: int = 5) -> float:
-        """Measure the round trip to every other rank; it is the cost model's remote-MA latency
-        (per call, per layer), which differs by orders of magnitude between NVLink and loopback TCP."""
-        rtts = []
-        for r in sorted(self.serving - {self.transport.rank}):
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                self.transport.ping(r, timeout=self.timeout_s).wait()
-                rtts.append(time.perf_counter() - t0)
+        """Probe the data plane to every other rank: the cost model's remote-MA latency (per call,
+        per layer) until real remote calls are measured. It differs by orders of magnitude between
+        NVLink and loopback TCP, so no default fits."""
+        rtts = sorted(self.transport.probe(r, timeout=self.timeout_s)
+                      for r in sorted(self.serving - {self.transport.rank}) for _ in range(rounds))
         if rtts:
-            rtts.sort()
             self.cost = replace(self.cost, remote_latency_s=rtts[len(rtts) // 2])
         return self.cost.remote_latency_s
+
+    def _calibrate(self) -> None:
+        """Refit the step-time model to the heartbeats' samples, and take the remote latency
+        from the remote calls debtors actually measured (exposed wait per call and layer)."""
+        with self.lock:
+            samples = list(self.samples)
+            waits = [s.remote_wait_per_call_ms / 1e3 for s in self.instances.values() if s.remote_wait_per_call_ms > 0]
+        if len(samples) >= 8:
+            self.cost = fit(samples, prior=self.cost)
+        if waits:
+            waits.sort()
+            self.cost = replace(self.cost, remote_latency_s=waits[len(waits) // 2])
 
     # ---- heartbeats --------------------------------------------------------------------------
     def on_heartbeat(self, beat: M.Heartbeat) -> M.HeartbeatReply:
@@ -89,13 +99,14 @@ class GManager:
             for rid in beat.placement_removed:
                 self.requests.pop(rid, None)
                 self._moves_in_flight.pop(rid, None)
-            if s.num_running and s.step_time_ms > 0:
-                self.samples.append(StepSample(s.num_running, s.tokens_held, s.step_time_ms / 1e3))
+            if s.num_running and s.step_time_ms > 0:  # context as the planner counts it: blocks in use
+                used = (s.total_blocks - s.free_blocks) * self.block_size
+                self.samples.append(StepSample(s.num_running, used, s.step_time_ms / 1e3))
             return M.HeartbeatReply(self._borrowable(s.rank))
 
     def _peer(self, s: M.InstanceStats) -> Peer:
         return Peer(s.rank, s.total_blocks, s.free_blocks, s.lent_blocks, s.borrowed_blocks,
-                    reserved=self.pending.get(s.rank, 0))
+                    reserved=s.demand_blocks + self.pending.get(s.rank, 0))
 
     def _borrowable(self, rank: int) -> int:
         me = self.instances.get(rank)
@@ -172,15 +183,22 @@ class GManager:
         return home
 
     def borrow(self, msg: M.Borrow) -> M.Borrowed:
-        """Reserve blocks on creditors for a debtor's request, in the policy's order; all or nothing."""
+        """Reserve blocks on creditors for a debtor's request, in the policy's order; all or nothing.
+        No regret: unless the request can never fit its home's pool, the loan is made only when
+        the calibrated cost model predicts that the cluster gains."""
         with self.lock:
             me = self.instances.get(msg.debtor)
             if me is None:
                 return M.Borrowed([])
-            held = self.requests.get(msg.request_id)
+            placed = self.requests.get(msg.request_id)
+            held = placed.blocks if placed is not None else {}
             plan_ = self.policy.borrow_plan(self._peer(me), msg.num_blocks,
-                                            [self._peer(s) for r, s in self.instances.items() if r in self.serving],
-                                            held.blocks if held is not None else {})
+                                            [self._peer(s) for r, s in self.instances.items() if r in self.serving], held)
+        if not plan_:
+            return M.Borrowed([])
+        if msg.request_blocks <= me.total_blocks and not self._loan_pays(msg, plan_, held):
+            self.loans_refused += 1
+            return M.Borrowed([])
         got: list[tuple[int, int]] = []
         for rank, take in plan_:
             try:
@@ -203,6 +221,11 @@ class GManager:
             self._give_back(msg.debtor, msg.request_id, got)
             return M.Borrowed([])
         return M.Borrowed(got)
+
+    def _loan_pays(self, msg: M.Borrow, plan_: list[tuple[int, int]], held: dict[int, int]) -> bool:
+        new_calls = sum(1 for c, _ in plan_ if held.get(c, 0) == 0)
+        gain = loan_gain(self.snapshot(), self.cost, msg.debtor, plan_, admits=not msg.running, new_calls=new_calls)
+        return gain > self.pcfg.min_gain
 
     def _give_back(self, debtor: int, request_id: str, refs: list[tuple[int, int]]) -> None:
         by: dict[int, list[int]] = {}
@@ -234,10 +257,7 @@ class GManager:
         """Run the greedy placement on the current view and send move_kvcache to the homes."""
         if not self.policy.enabled or not self.serving <= set(self.instances):
             return []
-        with self.lock:
-            samples = list(self.samples)
-        if len(samples) >= 8:
-            self.cost = fit(samples, prior=self.cost)
+        self._calibrate()
         try:
             snap = self._snapshot(True)
         except ValueError:
@@ -246,10 +266,11 @@ class GManager:
         moves = []
         for mv in plan(snap, self.cost, self.pcfg):
             placed = self.requests.get(mv.request_id)
-            if placed is None or mv.src != placed.home or now - self._moves_in_flight.get(mv.request_id, -1e9) < 5.0:
-                continue  # only homes migrate here, and one move per request until a heartbeat shows it
+            if placed is None or now - self._moves_in_flight.get(mv.request_id, -1e9) < 5.0:
+                continue  # one move per request until a heartbeat shows it
             self._moves_in_flight[mv.request_id] = now
-            self.transport.move(mv.src, M.MoveKV(mv.request_id, mv.num_blocks, mv.dst))
+            self.transport.move(placed.home, M.MoveKV(mv.request_id, mv.num_blocks, mv.dst,
+                                                      -1 if mv.src == placed.home else mv.src))
             moves.append(mv)
         self.moves_issued += len(moves)
         return moves

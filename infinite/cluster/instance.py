@@ -27,6 +27,7 @@ from infinite.cluster.creditor import Creditor
 from infinite.cluster import recovery
 from infinite.cluster.instance_view import InstanceView
 from infinite.cluster.membership import PING_S, short_error
+from infinite.cluster.migration import Migrator
 from infinite.cluster.policy import LendingPolicy
 from infinite.cluster.step_runner import StepRunner
 from infinite.cluster.transport import PeerError, Transport, to_asyncio
@@ -54,14 +55,17 @@ class Instance:
 
         def allocator(rm):
             # Every rank runs the same config, so the same pool size; the view resizes it as ranks come and go.
-            capacity = recovery.capacity_blocks(self.policy, rm.num_blocks, world_size - 1)
-            return ClusterAllocator(rm, transport, self.policy, capacity, timeout_s)
+            others = [rm.num_blocks] * (world_size - 1)
+            return ClusterAllocator(rm, transport, self.policy, self.policy.request_capacity(rm.num_blocks, others),
+                                    others, timeout_s)
 
         self.engine = LLMEngine(config, rank=rank, make_allocator=allocator)
         self.allocator: ClusterAllocator = self.engine.allocator
         self.rm = self.engine.rm
         self.counters = StepCounters()
-        self.creditor = Creditor(self.rm, self.engine.kv, self.engine.scale, self.policy, self.counters)
+        self.migrator = self.allocator.migrator = Migrator(self.rm, self.engine.kv, transport, self.counters, timeout_s)
+        self.creditor = Creditor(self.rm, self.engine.kv, self.engine.scale, self.policy, self.counters,
+                                 self.own_demand)
         self.runner = StepRunner(self.engine, transport, self.counters, timeout_s)
         self.timeout_s = timeout_s
         self._inbox: deque[Inbox] = deque()
@@ -128,40 +132,46 @@ class Instance:
                 self._migrate(item)
 
     def _migrate(self, mv: M.MoveKV) -> None:
-        """move_kvcache: the request's oldest local blocks go to mv.dst, between two steps.
-        Reserve first (the creditor has the last word), then copy; if the copy fails the
-        reservation is released, so no block leaks on either side."""
-        old = [ref for ref in self.rm.table(mv.request_id) if ref.instance == self.rank][:mv.num_blocks]
-        if not old or mv.dst == self.rank:
+        """move_kvcache: start moving the request's oldest full blocks on mv.src (-1: here) to
+        mv.dst; the copy runs while decoding goes on, the table swaps between two steps.
+        Pushing out reserves on the creditor first (it has the last word); a refusal means
+        wait for the next plan."""
+        req = self.engine.requests.get(mv.request_id)
+        if req is None or mv.request_id in self.migrator.busy:
             return
-        t = self.transport
+        src = self.rank if mv.src < 0 else mv.src
+        old = self.migrator.oldest_full(mv.request_id, req.num_computed_tokens, src, mv.num_blocks)
+        if not old or src == mv.dst:
+            return
+        if mv.dst == self.rank:  # blocks come home
+            self.migrator.pull(mv.request_id, old)
+            return
+        if src != self.rank:
+            return  # creditor to creditor is not a move this runtime makes
         try:
-            got = t.reserve(mv.dst, M.Reserve(self.rank, mv.request_id, len(old)), timeout=self.timeout_s).wait().blocks
+            got = self.transport.reserve(mv.dst, M.Reserve(self.rank, mv.request_id, len(old)),
+                                         timeout=self.timeout_s).wait().blocks
         except Exception:  # noqa: BLE001
             log.exception("rank %d: reserving %d blocks on %d failed", self.rank, len(old), mv.dst)
             return
-        if not got:
-            return  # refused: the gManager's view was stale; wait for the next plan
-        kv = self.engine.kv
-        try:
-            idx = torch.tensor([r.block for r in old], dtype=torch.int64, device=kv.k.device)
-            blocks = M.BlockTensors(kv.k.index_select(1, idx), kv.v.index_select(1, idx))  # [L, n, B, nkv, d]
-            t.write_blocks(mv.dst, M.WriteBlocks(got), blocks, timeout=self.timeout_s).wait()
-        except Exception as err:  # noqa: BLE001
-            log.exception("rank %d: migration of %s to %d failed", self.rank, mv.request_id, mv.dst)
-            self.allocator.give_back(mv.request_id, [RBlock(mv.dst, b) for b in got])
-            if not isinstance(err, PeerError):
-                self._suspect_soon([mv.dst], err)
-            return
-        self.rm.swap_out(mv.request_id, old, [RBlock(mv.dst, b) for b in got])
-        self.counters.migrations += 1
-        self.counters.migrated_blocks += len(old)
+        if got:
+            self.migrator.push(mv.request_id, old[:len(got)], [RBlock(mv.dst, b) for b in got])
+
+    def own_demand(self) -> int:
+        """Free blocks this instance keeps for itself (its queue, its running requests' growth)."""
+        sched = self.engine.scheduler
+        bs = self.engine.block_size
+        waiting = sum(blocks_for(r.num_tokens + 1, bs) for r in list(sched.waiting))
+        running = [(r.num_tokens, r.num_prompt_tokens + r.max_tokens, len(self.rm.table(r.request_id)))
+                   for r in list(sched.running)]
+        return self.policy.own_demand(waiting, running, bs)
 
     # ---- the step loop --------------------------------------------------------------------------
     @torch.inference_mode()
     def _begin_step(self):
         """Schedule; a step with no remote blocks runs to the end right here."""
         self._apply_inbox()
+        self.migrator.apply_done()
         e = self.engine
         batch = e.scheduler.schedule()
         if not batch.requests:
@@ -208,10 +218,10 @@ class Instance:
                 failures = 0
             except Exception as err:  # noqa: BLE001 - keep serving
                 failures += 1
-                if mbs is not None and not isinstance(err, PeerError) and await self._survive(err, mbs, failures):
+                if mbs is not None and _peer_unreachable(err) and await self._survive(err, mbs, failures):
                     continue  # the next step recomputes what the lost rank held (or simply retries)
                 log.exception("rank %d: step failed", self.rank)
-                reason = "internal" if mbs is None or isinstance(err, PeerError) else "timeout"
+                reason = "timeout" if mbs is not None and _peer_unreachable(err) else "internal"
                 await loop.run_in_executor(self.executor, self._fail_running, "the step failed on rank "
                                            f"{self.rank}; see its log", reason)
 
@@ -233,19 +243,6 @@ class Instance:
         if set(ranks) & set(view.lost) or failures < STEP_RETRIES:
             return True
         return False
-
-    def _suspect_soon(self, ranks: list[int], err: BaseException) -> None:
-        """Outside a step (a migration): tell rank 0, apply its answer whenever it comes."""
-        msg = M.Suspect(self.rank, ranks, short_error(err))
-        fut = self.transport.suspect(msg, timeout=PING_S * len(ranks) + 5.0)
-
-        def done(f) -> None:
-            try:
-                self.apply_view(f.value())
-            except Exception:  # noqa: BLE001
-                log.warning("rank %d: rank 0 did not answer the suspicion", self.rank)
-
-        fut.add_done_callback(done)
 
     def _fail_running(self, message: str, reason: str = "internal") -> None:
         e = self.engine
@@ -319,9 +316,18 @@ class Instance:
             migrations=c.migrations,
             migrated_blocks=c.migrated_blocks,
             lend_cap=self.policy.lend_cap(self.rm.num_blocks),
+            torch_threads=torch.get_num_threads(),
+            demand_blocks=self.own_demand(),
+            remote_wait_per_call_ms=1e3 * c.recent_wait_per_call_s,
             recomputed=self.view.recomputed,
             **self.rm.walk(),
         )
+
+
+def _peer_unreachable(err: BaseException) -> bool:
+    """A creditor gave no answer (gone, or stalled past the timeout) rather than an error of its own:
+    a transport failure, or a point-to-point stream that broke (PeerError "rank_lost")."""
+    return not isinstance(err, PeerError) or err.reason == "rank_lost"
 
 
 def _log_failure(what: str):

@@ -102,6 +102,7 @@ class InstanceView:
         peers = len(set(view.serving) - {inst.rank})
         cap = recovery.capacity_blocks(inst.policy, inst.rm.num_blocks, peers)
         inst.allocator.capacity = cap
+        inst.allocator.other_pools = [inst.rm.num_blocks] * peers
         e = inst.engine
         gone = [r for r, s in self.states.items() if s in ("lost", "left")]
         failures = []

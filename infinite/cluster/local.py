@@ -20,8 +20,7 @@ from multiprocessing.connection import Connection, Listener
 from typing import Any
 
 from infinite.cluster import messages as M
-from infinite.cluster.rpc_transport import free_port
-from infinite.cluster.spawn import spawn_ranks, stop_ranks
+from infinite.cluster.spawn import local_rendezvous, spawn_ranks, stop_ranks
 from infinite.errors import RequestError
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
@@ -61,8 +60,7 @@ class LocalCluster:
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
         self._conn_box: list[Connection] = []
         log_level = logging.getLevelName(logging.getLogger("infinite").getEffectiveLevel())
-        self.procs = spawn_ranks(config, range(n), n, f"tcp://127.0.0.1:{free_port()}", log_level=log_level,
-                                 driver=(listener.address, authkey))
+        self.procs = spawn_ranks(config, local_rendezvous(n, log_level=log_level), driver=(listener.address, authkey))
         self._finalizer = weakref.finalize(self, _terminate, self.procs, self._conn_box)
         try:
             self._conn = self._accept(listener, start_timeout_s)

@@ -60,11 +60,13 @@ class AbortRequest(Msg):
 
 
 class MoveKV(Msg):
-    """move_kvcache: the home sends ``num_blocks`` of the request's oldest local blocks to ``dst``."""
+    """move_kvcache, sent to a request's home: move ``num_blocks`` of its oldest blocks that sit
+    on ``src`` (-1: the home itself) to ``dst`` (the home itself when they come home)."""
 
     request_id: str
     num_blocks: int
     dst: int
+    src: int = -1
 
 
 class Stop(Msg):
@@ -128,6 +130,9 @@ class InstanceStats(Msg):
     migrations: int = 0
     migrated_blocks: int = 0
     lend_cap: int = 0
+    demand_blocks: int = 0  # free blocks it keeps for its own queue and running requests' growth
+    remote_wait_per_call_ms: float = 0.0  # exposed wait per remote MicroAttention call (recent)
+    torch_threads: int = 0  # intra-op threads of this rank's torch
     # Walked, not derived from the free count: blocks in the request tables, blocks lent.
     table_blocks: int = 0
     lent_entries: int = 0
@@ -194,11 +199,15 @@ class Suspect(Msg):
 
 
 class Borrow(Msg):
-    """A debtor asks the gManager for ``num_blocks`` more blocks for one request (all or nothing)."""
+    """A debtor asks the gManager for ``num_blocks`` more blocks for one request (all or nothing).
+    ``request_blocks`` (its blocks after the growth) and ``running`` (already in the batch, so a
+    refusal preempts) let the gManager weigh the loan against its cost."""
 
     debtor: int
     request_id: str
     num_blocks: int
+    request_blocks: int = 0
+    running: bool = False
 
 
 class Borrowed(Msg):
@@ -237,6 +246,14 @@ class Released(Msg):
 class WriteBlocks(Msg):
     """Migrated blocks' contents; tensors in BlockTensors."""
 
+    blocks: list[int]
+
+
+class ReadBlocks(Msg):
+    """The contents of lent blocks, for their home to take them back; reply BlockTensors."""
+
+    debtor: int
+    request_id: str
     blocks: list[int]
 
 
@@ -362,7 +379,7 @@ class BlockTensors:
 Message = (
     Ack | Failed | AddRequest | AbortRequest | MoveKV | Stop | StatsQuery | Ping | RequestFailure | Outputs
     | PlacementEntry | InstanceStats | Heartbeat | HeartbeatReply | Borrow | Borrowed | ClusterStop | Reserve
-    | Reserved | Release | Released | WriteBlocks | StepKey | AttentionMeta | AttentionCall | AttentionResult
+    | Reserved | Release | Released | WriteBlocks | ReadBlocks | StepKey | AttentionMeta | AttentionCall | AttentionResult
     | DriverReady | DriverMake | DriverMade | DriverAdd | DriverAbort | DriverQuery | DriverReply | DriverError
     | DriverMove | DriverStop | DriverOutput | ClusterView | Join | Leaving | Left | Drain | Suspect
 )

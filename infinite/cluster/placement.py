@@ -11,18 +11,19 @@ The only other legal source is an instance that leaves the cluster
 (``alive=False``); it sends all the blocks it holds for ``r``. A creditor
 never passes lent blocks on (no borrowing chains).
 
-Objective, in order:
-1. *blocked demand*: blocks that requests queued (or stalled) at an instance
-   need but cannot get there, ``Σ_i max(0, waiting_i − free_i)``. The KV
-   cache of the cluster is one pool, so demand that fits somewhere must not
-   wait for the home's memory.
-2. *estimated decode throughput* ``Σ_i β_i / step_i`` from the cost model,
-   where β_i counts the waiting requests that the free memory admits.
+Objective (no regret): the *estimated decode throughput* ``Σ_i β_i / step_i``
+from the calibrated cost model, where β_i counts the waiting requests that the
+free memory admits and ``step_i`` pays the remote MicroAttention calls the
+move adds. A move is made only when it raises that estimate by ``min_gain``:
+memory for queued demand is worth exactly the batch it admits, weighed
+against the remote path's cost (demand that no home can hold at all is served
+by on-demand borrowing, not here).
 
 Each greedy step takes the first debtor (ascending batch), its longest
 movable request, and creditors in preference order (already holding the
-request, then most free), evaluates several block counts ``k`` and keeps the
-best that lowers blocked demand or raises throughput by ``min_gain``.
+request, then most free), and evaluates several block counts ``k``; when no
+debtor gains, blocks come home: a request's blocks on one creditor return to
+its home when the home has room and the cluster gains.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field, replace
 
 from infinite.cluster.cost_model import CostModel
 from infinite.cluster.policy import LendingPolicy, Peer
+from infinite.cluster.snapshot import ClusterSnapshot, InstanceState, Move, RequestState
 
 __all__ = [
     "RequestState",
@@ -42,119 +44,12 @@ __all__ = [
     "plan",
     "apply_moves",
     "route",
+    "loan_gain",
     "fits_cluster",
     "lost_requests",
     "cluster_throughput",
     "blocked_demand",
 ]
-
-
-@dataclass(frozen=True)
-class RequestState:
-    """Where one running request's KV blocks are: ``blocks[instance] = count``."""
-
-    request_id: str
-    home: int
-    context_len: int  # tokens
-    blocks: dict[int, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.request_id, str) or not self.request_id:
-            raise TypeError(f"RequestState.request_id must be a non-empty str, got {self.request_id!r}")
-        if self.context_len < 0:
-            raise ValueError(f"RequestState {self.request_id}: context_len must be >= 0, got {self.context_len}")
-        for inst, n in self.blocks.items():
-            if n < 0:
-                raise ValueError(f"RequestState {self.request_id}: negative block count {n} on instance {inst}")
-
-    @property
-    def total_blocks(self) -> int:
-        return sum(self.blocks.values())
-
-    @property
-    def local_blocks(self) -> int:
-        return self.blocks.get(self.home, 0)
-
-
-@dataclass(frozen=True)
-class InstanceState:
-    """One instance as the last heartbeat saw it.
-
-    ``waiting_blocks`` counts the blocks that requests queued at this
-    instance (or running ones stalled for memory) need to proceed;
-    ``waiting_requests`` says how many requests that demand belongs to (0
-    with a positive demand counts as one) so that the throughput estimate
-    knows how much batch the demand is worth.
-    """
-
-    rank: int
-    total_blocks: int
-    free_blocks: int
-    lent_blocks: int
-    batch_size: int
-    waiting_blocks: int
-    alive: bool = True
-    waiting_requests: int = 0
-    borrowed_blocks: int = 0  # blocks its requests hold on others (it is a debtor: it lends nothing)
-
-    def __post_init__(self) -> None:
-        if self.total_blocks < 0:
-            raise ValueError(f"instance {self.rank}: total_blocks must be >= 0, got {self.total_blocks}")
-        if not 0 <= self.free_blocks <= self.total_blocks:
-            raise ValueError(
-                f"instance {self.rank}: free_blocks {self.free_blocks} outside [0, total_blocks={self.total_blocks}]"
-            )
-        if not 0 <= self.lent_blocks <= self.total_blocks - self.free_blocks:
-            raise ValueError(
-                f"instance {self.rank}: lent_blocks {self.lent_blocks} outside [0, used={self.total_blocks - self.free_blocks}]"
-            )
-        if min(self.batch_size, self.waiting_blocks, self.waiting_requests, self.borrowed_blocks) < 0:
-            raise ValueError(
-                f"instance {self.rank}: batch_size, waiting_blocks, waiting_requests, borrowed_blocks must be >= 0"
-            )
-
-    @property
-    def used_blocks(self) -> int:
-        return self.total_blocks - self.free_blocks
-
-
-@dataclass(frozen=True)
-class ClusterSnapshot:
-    instances: tuple[InstanceState, ...]
-    requests: tuple[RequestState, ...]
-    block_size: int
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"ClusterSnapshot.block_size must be >= 1, got {self.block_size}")
-        ranks = [i.rank for i in self.instances]
-        if len(set(ranks)) != len(ranks):
-            raise ValueError(f"ClusterSnapshot: duplicate instance ranks {sorted(ranks)}")
-        known = set(ranks)
-        held = {r: 0 for r in ranks}
-        ids = set()
-        for req in self.requests:
-            if req.request_id in ids:
-                raise ValueError(f"ClusterSnapshot: duplicate request id {req.request_id!r}")
-            ids.add(req.request_id)
-            if req.home not in known:
-                raise ValueError(f"request {req.request_id}: home {req.home} is not an instance")
-            for inst, n in req.blocks.items():
-                if inst not in known:
-                    raise ValueError(f"request {req.request_id}: blocks on unknown instance {inst}")
-                held[inst] += n
-        for inst in self.instances:
-            if held[inst.rank] > inst.used_blocks:
-                raise ValueError(
-                    f"instance {inst.rank}: requests hold {held[inst.rank]} blocks there but only "
-                    f"{inst.used_blocks} are in use"
-                )
-
-    def instance(self, rank: int) -> InstanceState:
-        for inst in self.instances:
-            if inst.rank == rank:
-                return inst
-        raise KeyError(f"no instance with rank {rank}")
 
 
 @dataclass(frozen=True)
@@ -170,7 +65,8 @@ class PlacementConfig:
     debtor_batch_threshold: int = 8
     creditor_usage_threshold: float = 0.9
     candidate_ks: int = 6
-    min_gain: float = 1.0  # tokens/s a move must add when it unblocks nothing
+    min_gain: float = 1.0  # tokens/s every move must add (no regret)
+    home_headroom: float = 0.1  # blocks come home only if the home keeps this share of its pool free
     max_moves: int = 10_000  # safety bound on greedy iterations
 
     def __post_init__(self) -> None:
@@ -186,22 +82,6 @@ class PlacementConfig:
             raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
         if self.max_moves < 1:
             raise ValueError(f"max_moves must be >= 1, got {self.max_moves}")
-
-
-@dataclass(frozen=True)
-class Move:
-    """Migrate ``num_blocks`` of a request's blocks from ``src`` to ``dst``."""
-
-    request_id: str
-    src: int
-    dst: int
-    num_blocks: int
-
-    def __post_init__(self) -> None:
-        if self.num_blocks < 1:
-            raise ValueError(f"Move {self.request_id}: num_blocks must be >= 1, got {self.num_blocks}")
-        if self.src == self.dst:
-            raise ValueError(f"Move {self.request_id}: src and dst are both {self.src}")
 
 
 # --------------------------------------------------------------------------- working state
@@ -266,7 +146,7 @@ class _Work:
             raise ValueError(f"move {mv}: unknown instance")
         if not dst.alive:
             raise ValueError(f"move {mv}: destination {mv.dst} is not alive")
-        if mv.src != r.home and src.alive:
+        if mv.src != r.home and src.alive and mv.dst != r.home:
             raise ValueError(f"move {mv}: a live creditor may not pass lent blocks on (no borrowing chains)")
         have = r.blocks.get(mv.src, 0)
         if have < mv.num_blocks:
@@ -339,7 +219,7 @@ def plan(snapshot: ClusterSnapshot, cost: CostModel, cfg: PlacementConfig) -> li
     moves: list[Move] = []
     while len(moves) < cfg.max_moves:
         step = _evacuate(work, cfg)
-        mv = _best_move(work, cost, cfg)
+        mv = _best_move(work, cost, cfg) or _best_return(work, cost, cfg)
         if mv is not None:
             work.apply(mv)
             step.append(mv)
@@ -439,9 +319,9 @@ def _best_k(
         unblocked = base_b - (_blocked(d, k) + _blocked(c, -k))
         # creditor: k more blocks of attention work; debtor: k fewer, maybe one more remote call
         gain = _value(d, cost, bs, k, new_call) + _value(c, cost, bs, -k) - base_v
-        if unblocked <= 0 and gain <= cfg.min_gain:
-            continue
-        key = (unblocked, gain, -k)
+        if gain <= cfg.min_gain:
+            continue  # no regret: a move must raise the estimated throughput (admitted demand counts)
+        key = (gain, unblocked, -k)
         if best is None or key > best:
             best = key
     if best is None:
@@ -449,13 +329,38 @@ def _best_k(
     return Move(r.rid, d.rank, c.rank, -best[2])
 
 
+def _best_return(work: _Work, cost: CostModel, cfg: PlacementConfig) -> Move | None:
+    """Blocks come home: all of a request's blocks on one creditor (one remote call per layer
+    fewer) go back when its home has room for them beyond its own queue, keeps
+    ``home_headroom`` of its pool free, and the cost model says the cluster gains."""
+    bs = work.block_size
+    best: tuple[float, Move] | None = None
+    for r in work.reqs.values():
+        home = work.inst[r.home]
+        if not home.alive or home.waiting > 0:
+            continue
+        for c, k in r.blocks.items():
+            cr = work.inst[c]
+            if c == r.home or not cr.alive or home.free - k < cfg.home_headroom * home.total:
+                continue
+            gain = (_value(home, cost, bs, -k, -1) + _value(cr, cost, bs, k)
+                    - _value(home, cost, bs) - _value(cr, cost, bs))
+            if gain > cfg.min_gain and (best is None or gain > best[0]):
+                best = (gain, Move(r.rid, c, r.home, k))
+    return best[1] if best is not None else None
+
+
 def _merge(moves: list[Move]) -> list[Move]:
-    """Fold repeated (request, src, dst) moves into one, keeping first-seen order."""
-    order: dict[tuple[str, int, int], int] = {}
+    """Fold consecutive moves of the same (request, src, dst) into one; order is kept, since a
+    later move may need the room an earlier one made."""
+    out: list[Move] = []
     for mv in moves:
-        key = (mv.request_id, mv.src, mv.dst)
-        order[key] = order.get(key, 0) + mv.num_blocks
-    return [Move(rid, s, d, n) for (rid, s, d), n in order.items()]
+        last = out[-1] if out else None
+        if last is not None and (last.request_id, last.src, last.dst) == (mv.request_id, mv.src, mv.dst):
+            out[-1] = Move(mv.request_id, mv.src, mv.dst, last.num_blocks + mv.num_blocks)
+        else:
+            out.append(mv)
+    return out
 
 
 # --------------------------------------------------------------------------- helpers
@@ -529,3 +434,22 @@ def route(snapshot: ClusterSnapshot, cfg: PlacementConfig, prompt_blocks: int) -
         return None
     best = min(fit, key=lambda i: (-(i.free_blocks - i.waiting_blocks), i.batch_size, i.rank))
     return best.rank
+
+
+def loan_gain(snapshot: ClusterSnapshot, cost: CostModel, debtor: int, loans: list[tuple[int, int]], *,
+              admits: bool, new_calls: int) -> float:
+    """The cost model's estimate of what on-demand borrowing ``loans`` ((creditor, blocks)) adds
+    to the cluster's decode tokens/s: the debtor runs one more request (a new one admitted,
+    or a running one kept instead of preempting the newest) at the price of ``new_calls``
+    more remote calls per layer; each creditor attends over its extra blocks."""
+    work = _Work(snapshot)
+    bs = work.block_size
+    d = work.inst[debtor]
+    ctx = d.used * bs
+    beta = d.batch if admits else max(0, d.batch - 1)
+    gain = cost.throughput(beta + 1, ctx, d.remote_calls + new_calls) - cost.throughput(beta, ctx, d.remote_calls)
+    for rank, k in loans:
+        c = work.inst[rank]
+        gain += (cost.throughput(c.batch, (c.used + k) * bs, c.remote_calls)
+                 - cost.throughput(c.batch, c.used * bs, c.remote_calls))
+    return gain

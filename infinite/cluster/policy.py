@@ -38,9 +38,15 @@ class Peer:
 
 @dataclass(frozen=True)
 class LendingPolicy:
+    """The cap protects a creditor's own demand, not its idle memory: a creditor lends free
+    blocks beyond what its queue and its running requests' next ``demand_horizon_tokens``
+    need (``Peer.reserved``), up to ``max_lend_fraction`` of its pool, so one request on an
+    idle cluster can use nearly all of it."""
+
     enabled: bool = True
-    max_lend_fraction: float = 0.75  # a creditor lends at most this share of its pool
+    max_lend_fraction: float = 0.95  # a creditor lends at most this share of its pool
     max_remote_fraction: float = 0.5  # throughput moves keep a request's remote share under this
+    demand_horizon_tokens: int = 256  # growth of a creditor's running requests it keeps room for
 
     def __post_init__(self) -> None:
         for name in ("max_lend_fraction", "max_remote_fraction"):
@@ -73,6 +79,15 @@ class LendingPolicy:
         if not self.may_lend(p.borrowed):
             return 0
         return max(0, min(p.free - p.reserved, self.lend_cap(p.total) - p.lent))
+
+    def own_demand(self, waiting_blocks: int, running: list[tuple[int, int, int]], block_size: int) -> int:
+        """Blocks an instance keeps for itself: its queue, plus what each running request
+        (tokens now, tokens at most, blocks held) needs over the next demand_horizon_tokens."""
+        growth = 0
+        for tokens, max_tokens, held in running:
+            target = min(tokens + self.demand_horizon_tokens, max_tokens)
+            growth += max(0, -(-target // block_size) - held)
+        return waiting_blocks + growth
 
     # ---- one request ------------------------------------------------------------------
     def request_capacity(self, home_total: int, other_totals: Iterable[int]) -> int:

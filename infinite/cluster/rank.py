@@ -36,7 +36,8 @@ FrontEnd = Callable[["asyncio.Future", asyncio.Event], Awaitable[int]]
 class RankOptions:
     rank: int
     world_size: int
-    init_method: str = "env://"  # torchrun's rendezvous, or tcp://HOST:PORT
+    init_method: str = "env://"  # RPC: torchrun's rendezvous, or tcp://HOST:PORT
+    data_init_method: str = "env://"  # the point-to-point process group: env://, or another tcp:// port
     local_world_size: int | None = None  # ranks on this host (threads are shared among them)
     log_level: str = "WARNING"
     watch_parent: bool = False  # exit when the launching process is gone (no orphans)
@@ -71,6 +72,7 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
     from infinite.cluster.frontdoor import ClusterEngine
     from infinite.cluster.instance import Instance
     from infinite.cluster.leave import leave
+    from infinite.cluster.p2p import P2PTransport
     from infinite.cluster.rpc_transport import TorchRpcTransport
 
     loop = asyncio.get_running_loop()
@@ -79,7 +81,11 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
     ready: asyncio.Future = loop.create_future()
     # The front-end starts at once (an HTTP socket answers 503 until the cluster is up).
     front_task = asyncio.ensure_future(front_end(ready, stop)) if front_end is not None and rank == 0 else None
-    transport = TorchRpcTransport(rank, world, opts.init_method)
+    # The point-to-point group is fixed at start-up; a rank that joins later uses RPC for its data.
+    if config.data_plane == "p2p" and world > 1 and not opts.joining:
+        transport = P2PTransport(rank, world, opts.init_method, opts.data_init_method, config.torch_device())
+    else:
+        transport = TorchRpcTransport(rank, world, opts.init_method)
     try:
         # Load the model (off the loop) before any peer can call us.
         instance = await loop.run_in_executor(None, Instance, config, rank, max(world, 2 if opts.joining else 1),
@@ -125,7 +131,7 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
         loop.add_signal_handler(sig, on_signal)
 
     main_task = asyncio.ensure_future(instance.run())
-    tasks = [main_task, asyncio.ensure_future(_heartbeats(instance, transport))]
+    tasks = [main_task, asyncio.ensure_future(heartbeat_loop(instance, transport))]
     if front is not None:
         tasks.append(asyncio.ensure_future(front.gmanager.run(lambda: instance.stopping)))
         tasks.append(asyncio.ensure_future(front.supervisor.monitor(lambda: instance.stopping)))
@@ -200,7 +206,7 @@ async def _join(instance, transport, timeout_s: float):
         await asyncio.sleep(0.3)
 
 
-async def _heartbeats(instance, transport) -> None:
+async def heartbeat_loop(instance, transport) -> None:
     loop = asyncio.get_running_loop()
     lost_since = None
     while not instance.stopping:

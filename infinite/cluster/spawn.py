@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import msgspec
@@ -32,22 +33,30 @@ class RankSpec(msgspec.Struct):
     driver_authkey: bytes | None = None
 
 
-def spawn_ranks(config: EngineConfig, ranks: range, world_size: int, init_method: str, *, log_level: str = "WARNING",
+def local_rendezvous(world_size: int, *, log_level: str = "WARNING", rpc_port: int = 0) -> list[RankOptions]:
+    """Options of every rank of a cluster on this host: two loopback ports (RPC, whose store new ranks
+    join through, and point-to-point), free ones unless ``rpc_port`` is given."""
+    from infinite.cluster.rpc_transport import free_port
+
+    rpc_init, data_init = f"tcp://127.0.0.1:{rpc_port or free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    return [RankOptions(r, world_size, rpc_init, data_init, local_world_size=world_size, log_level=log_level)
+            for r in range(world_size)]
+
+
+def spawn_ranks(config: EngineConfig, opts: list[RankOptions],
                 driver: tuple[tuple[str, int], bytes] | None = None) -> list[subprocess.Popen]:
-    """Start ranks ``ranks`` of a ``world_size`` cluster on this host; ``driver`` goes to rank 0."""
+    """Start one process per RankOptions (watching this process); ``driver`` goes to rank 0."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     procs = []
-    for r in ranks:
-        opts = RankOptions(r, world_size, init_method, local_world_size=world_size, log_level=log_level,
-                           watch_parent=True)
-        spec = RankSpec(config, opts)
-        if r == 0 and driver is not None:
+    for o in opts:
+        spec = RankSpec(config, replace(o, watch_parent=True))
+        if o.rank == 0 and driver is not None:
             spec.driver_address, spec.driver_authkey = driver
         # INFINITE_RANK names the process's rank for operators and tests (ps e, /proc/PID/environ).
         p = subprocess.Popen([sys.executable, "-m", "infinite.cluster.spawn"], stdin=subprocess.PIPE,
-                             env={**env, "INFINITE_RANK": str(r)})
+                             env={**env, "INFINITE_RANK": str(o.rank)})
         p.stdin.write(msgspec.msgpack.encode(spec))
         p.stdin.close()
         procs.append(p)

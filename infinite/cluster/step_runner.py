@@ -17,12 +17,12 @@ interleave.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import Generator
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
@@ -30,11 +30,11 @@ from infinite.attention import micro_attention, write_kv
 from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
 from infinite.cluster.remote_attention import RemotePart, merge_parts, remote_parts
-from infinite.cluster.transport import Future, Transport, to_asyncio
+from infinite.cluster.transport import Future, Transport, to_asyncio, wait_all
 from infinite.kv.rmanager import RBlock
 from infinite.outputs import RequestOutput
 from infinite.runtime.engine import LLMEngine
-from infinite.runtime.model_runner import StepInputs, prepare_inputs
+from infinite.runtime.model_runner import StepInputs, merge_logits, prepare_inputs
 from infinite.runtime.scheduler import ScheduledBatch
 
 Forward = Generator[list[Future], list[M.AttentionResultTensors], torch.Tensor]
@@ -88,54 +88,78 @@ class StepRunner:
 
     # ---- the one forward ----------------------------------------------------------------------
     def forward(self, mb: MicroBatch) -> Forward:
-        """Layer by layer; yields the creditor futures of each layer, receives their results."""
+        """Layer by layer; yields the creditor futures of each layer, receives their results.
+
+        A step that fails after its first layer went out still sends the remaining layers
+        (zeros; results dropped): a creditor serves a step's layers in order, and a stream
+        left half-way would take its next step's messages for this one's."""
         e = self.engine
         model = e.model
-        h = model.embed(mb.inputs.input_ids)  # [T, H]
-        for layer in range(e.model_config.num_layers):
-            t0 = time.perf_counter()
-            q, k, v = model.pre_attention(layer, h, mb.inputs.positions)  # [T,nh,d], [T,nkv,d], [T,nkv,d]
-            if mb.local_rows.numel():
-                write_kv(e.kv.k[layer], e.kv.v[layer], k.index_select(0, mb.local_rows),
-                         v.index_select(0, mb.local_rows), mb.local_slots)
-            futs = [self.transport.attention(p.creditor, *p.call(mb.key, layer, q, k, v), timeout=self.timeout_s)
-                    for p in mb.parts]
-            local = micro_attention(q, e.kv.k[layer], e.kv.v[layer], mb.inputs.meta, e.scale)
-            self.counters.remote_compute_s += time.perf_counter() - t0
-            self.counters.remote_calls += len(futs)
-            t1 = time.perf_counter()
-            results = yield futs
-            self.counters.remote_wait_s += time.perf_counter() - t1
-            t0 = time.perf_counter()
-            dev = h.device
-            parts = [(r.out.to(dev), r.lse.to(dev)) for r in results]
-            h = model.post_attention(layer, h, merge_parts(local, mb.parts, parts))
-            self.counters.remote_compute_s += time.perf_counter() - t0
-        idx = mb.inputs.logits_indices
-        if idx.numel() == 0:
-            return torch.empty(0, e.model_config.vocab_size, device=h.device)
-        return model.compute_logits(h.index_select(0, idx))
+        sent = 0  # layers whose queries went out
+        try:
+            h = model.embed(mb.inputs.input_ids)  # [T, H]
+            for layer in range(e.model_config.num_layers):
+                t0 = time.perf_counter()
+                q, k, v = model.pre_attention(layer, h, mb.inputs.positions)  # [T,nh,d], [T,nkv,d], [T,nkv,d]
+                if mb.local_rows.numel():
+                    write_kv(e.kv.k[layer], e.kv.v[layer], k.index_select(0, mb.local_rows),
+                             v.index_select(0, mb.local_rows), mb.local_slots)
+                futs = [self.transport.attention(p.creditor, *p.call(mb.key, layer, q, k, v), timeout=self.timeout_s)
+                        for p in mb.parts]
+                sent = layer + 1
+                local = micro_attention(q, e.kv.k[layer], e.kv.v[layer], mb.inputs.meta, e.scale)
+                self.counters.remote_compute_s += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                results = yield futs
+                self.counters.remote_layer(len(futs), time.perf_counter() - t1)
+                t0 = time.perf_counter()
+                dev = h.device
+                parts = [(r.out.to(dev), r.lse.to(dev)) for r in results]
+                h = model.post_attention(layer, h, merge_parts(local, mb.parts, parts))
+                self.counters.remote_compute_s += time.perf_counter() - t0
+            idx = mb.inputs.logits_indices
+            if idx.numel() == 0:
+                return torch.empty(0, e.model_config.vocab_size, device=h.device)
+            return model.compute_logits(h.index_select(0, idx))
+        except BaseException:
+            if 0 < sent < e.model_config.num_layers:
+                self._finish_streams(mb, sent)
+            raise
+
+    def _finish_streams(self, mb: MicroBatch, first: int) -> None:
+        c = self.engine.model_config
+        q = torch.zeros(mb.inputs.input_ids.numel(), c.num_heads, c.head_dim, dtype=self.engine.kv.k.dtype,
+                        device=self.engine.device)
+        kv = torch.zeros(q.shape[0], c.num_kv_heads, c.head_dim, dtype=q.dtype, device=q.device)
+        futs = [self.transport.attention(p.creditor, *p.call(mb.key, layer, q, kv, kv), timeout=self.timeout_s)
+                for layer in range(first, c.num_layers) for p in mb.parts]
+        wait_all(futs, on_error=lambda i, err: None)  # the step failed already; only the order matters
 
     # ---- drivers --------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward_blocking(self, mb: MicroBatch) -> torch.Tensor:
         gen = self.forward(mb)
         results = None
-        while True:
-            done, value = _advance(gen, results)
-            if done:
-                return value
-            results = [f.wait() for f in value]
+        with contextlib.closing(gen):  # a failed wait closes the forward, which finishes its streams
+            while True:
+                done, value = _advance(gen, results)
+                if done:
+                    return value
+                results = [f.wait() for f in value]
 
     async def forward_async(self, mb: MicroBatch, executor: Executor) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         gen = self.forward(mb)
         results = None
-        while True:
-            done, value = await loop.run_in_executor(executor, _advance_no_grad, gen, results)
-            if done:
-                return value
-            results = list(await asyncio.gather(*(to_asyncio(f, loop) for f in value)))
+        try:
+            while True:
+                done, value = await loop.run_in_executor(executor, _advance_no_grad, gen, results)
+                if done:
+                    return value
+                results = list(await asyncio.gather(*(to_asyncio(f, loop) for f in value)))
+        except BaseException:
+            await loop.run_in_executor(executor, gen.close)  # on the compute thread, like every hop
+            raise
 
     async def run(self, batch: ScheduledBatch, mbs: list[MicroBatch], executor: Executor) -> list[RequestOutput]:
         """The whole remote step: forward every micro-batch, then sample on the compute thread."""
@@ -145,8 +169,9 @@ class StepRunner:
             logits = [await loop.run_in_executor(executor, self.forward_blocking, mbs[0])]
         else:
             logits = await asyncio.gather(*(self.forward_async(mb, executor) for mb in mbs))
-        merged = SimpleNamespace(sample_requests=[r for mb in mbs for r in mb.inputs.sample_requests])
-        outs = await loop.run_in_executor(executor, self.engine.postprocess, batch, merged, torch.cat(list(logits)))
+        # Sampling rows of every micro-batch first, then their prompt-logprob rows.
+        merged, all_logits = merge_logits([mb.inputs for mb in mbs], list(logits))
+        outs = await loop.run_in_executor(executor, self.engine.postprocess, batch, merged, all_logits)
         self.counters.remote_steps += 1
         self.counters.remote_step_s += time.perf_counter() - t0
         return outs

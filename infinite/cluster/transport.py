@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +93,13 @@ class Transport(ABC):
     def ping(self, dst: int, timeout: float | None = None) -> Future:
         return self._call(dst, M.Ping(), timeout=timeout)
 
+    def probe(self, dst: int, timeout: float | None = None) -> float:
+        """Seconds one remote MicroAttention call costs beyond its math (per layer): the cost
+        model's prior for the remote latency before real calls are measured. Here: a ping."""
+        t0 = time.perf_counter()
+        self.ping(dst, timeout).wait()
+        return time.perf_counter() - t0
+
     def stats(self, dst: int, timeout: float | None = None) -> Future:
         """-> InstanceStats"""
         return self._call(dst, M.StatsQuery(), timeout=timeout)
@@ -155,6 +163,10 @@ class Transport(ABC):
     def write_blocks(self, dst: int, msg: M.WriteBlocks, tensors: M.BlockTensors,
                      timeout: float | None = None) -> Future:
         return self._call(dst, msg, tensors, timeout)
+
+    def read_blocks(self, dst: int, msg: M.ReadBlocks, timeout: float | None = None) -> Future:
+        """-> BlockTensors (on CPU) of blocks lent to the caller."""
+        return self.request(dst, msg, None, timeout).then(_result_tensors)
 
     def _call(self, dst: int, msg: M.Msg, tensors: Tensors = None, timeout: float | None = None) -> Future:
         return self.request(dst, msg, tensors, timeout).then(_reply_message)

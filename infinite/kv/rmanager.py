@@ -87,9 +87,21 @@ class RManager:
         self.pool.free([r.block for r in tail])
 
     @_locked
-    def append_remote(self, request_id: str, refs: list[RBlock]) -> None:
-        """Record blocks a creditor reserved for this request (they are appended in order)."""
-        self.tables.setdefault(request_id, []).extend(refs)
+    def take_free(self, n: int) -> list[int]:
+        """Blocks for an incoming copy: in use, in no table until replace_blocks puts them there."""
+        return self.pool.allocate(n)
+
+    @_locked
+    def return_free(self, blocks: list[int]) -> None:
+        """Undo take_free (the copy never came)."""
+        self.pool.free(blocks)
+
+    @_locked
+    def append_remote(self, request_id: str, refs: list[RBlock], at: int | None = None) -> None:
+        """Record blocks creditors reserved for this request, at the end of its table or at
+        logical position ``at`` (before the blocks that follow it)."""
+        table = self.tables.setdefault(request_id, [])
+        table[len(table) if at is None else at:len(table) if at is None else at] = refs
         self._num_borrowed += len(refs)
 
     @_locked

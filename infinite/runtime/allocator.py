@@ -40,6 +40,10 @@ class BlockAllocator(ABC):
     def capacity_blocks(self) -> int:
         """The most blocks one request can ever hold (judged on empty pools)."""
 
+    @abstractmethod
+    def capacity_reason(self) -> str:
+        """What sets capacity_blocks, and the setting that raises it (for error messages)."""
+
 
 class LocalAllocator(BlockAllocator):
     """One instance: blocks come from its own pool only."""
@@ -63,3 +67,6 @@ class LocalAllocator(BlockAllocator):
 
     def capacity_blocks(self) -> int:
         return self.rm.num_blocks
+
+    def capacity_reason(self) -> str:
+        return f"one instance's pool of {self.rm.num_blocks} blocks (num_kv_blocks / --num-kv-blocks)"

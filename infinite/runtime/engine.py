@@ -24,7 +24,9 @@ from infinite.runtime.request import Request
 from infinite.runtime.scheduler import ScheduledBatch, Scheduler
 from infinite.runtime.stop import check_stop, visible_text
 from infinite.sampling.params import SamplingParams
+from infinite.sampling.logprobs import prompt_logprobs
 from infinite.sampling.sampler import Sampler, SampleRow, make_generator
+from infinite.sampling.structured import GrammarCompiler, advance
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,8 @@ class LLMEngine:
         self.rm = RManager(rank, num_blocks, self.block_size)
         self.allocator = make_allocator(self.rm)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler(seed=config.seed)
+        self.grammars = GrammarCompiler(self.tokenizer, c.vocab_size, self.eos_token_ids)
+        self.sampler = Sampler(seed=config.seed, grammar_executor=self.grammars.executor)
         self.scale = c.head_dim**-0.5
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -141,7 +144,7 @@ class LLMEngine:
         if n + 1 > cap:
             raise ValueError(
                 f"the prompt has {n} tokens, but at most {self.capacity_blocks} blocks ({cap} tokens, "
-                f"{self.block_size} per block) of KV cache can hold one request"
+                f"{self.block_size} per block) of KV cache can hold one request: {self.allocator.capacity_reason()}"
             )
         limit = min(self.max_model_len, cap) - n
         if params.max_tokens is None:
@@ -155,14 +158,26 @@ class LLMEngine:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs "
                 f"{blocks_for(n + params.max_tokens, self.block_size)} KV blocks, but at most "
-                f"{self.capacity_blocks} blocks ({cap} tokens) can hold one request"
+                f"{self.capacity_blocks} blocks ({cap} tokens) can hold one request: {self.allocator.capacity_reason()}"
             )
         else:
             max_tokens = params.max_tokens
+        self.check_params(params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         return self.build_request(rid, ids, params, max_tokens, text)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What only the model can tell: token ids against the vocabulary, grammars against the
+        tokenizer (compiled now, cached for the request's matcher). ValueError with the reason."""
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is out of the vocabulary (size {vocab})")
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)  # GrammarError is a ValueError
 
     def build_request(
         self, rid: str, ids: list[int], params: SamplingParams, max_tokens: int, text: str | None
@@ -179,6 +194,10 @@ class LLMEngine:
             )
         if params.logprobs is not None:
             req.logprobs = []
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = []
+        if params.structured_outputs is not None:
+            req.matcher = self.grammars.matcher(params.structured_outputs)
         return req
 
     def add_request(
@@ -226,16 +245,24 @@ class LLMEngine:
         return prepare_inputs(batch.requests, batch.num_new_tokens, tables, self.rank, self.block_size, self.device)
 
     def postprocess(self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor) -> list[RequestOutput]:
+        """``logits``: the sampling rows, then the prompt-logprob rows (``inputs.prompt_spans``)."""
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
         reqs = inputs.sample_requests
+        extra = logits[len(reqs):]
+        for span in inputs.prompt_spans:
+            req = span.request
+            req.prompt_logprobs.extend(prompt_logprobs(
+                extra[span.row : span.row + span.count], req.prompt_token_ids, span.first, req.params.prompt_logprobs
+            ))
         if not reqs:
             return []
+        eos = self.eos_token_ids[0] if self.eos_token_ids else None
         rows = [
-            SampleRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self.eos_token_ids[0] if self.eos_token_ids else None)
+            SampleRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, eos, r.matcher)
             for r in reqs
         ]
-        res = self.sampler.sample(logits, rows)
+        res = self.sampler.sample(logits[: len(reqs)], rows)
         now = time.time()
         outs = []
         for i, (req, tok) in enumerate(zip(reqs, res.token_ids)):
@@ -249,7 +276,10 @@ class LLMEngine:
             delta = req.detokenizer.add_token(tok) if req.detokenizer is not None else ""
             req.text += delta
             placement = None
-            if check_stop(req, len(delta), self.eos_token_ids, self.max_model_len):
+            grammar_done = req.matcher is not None and advance(req.matcher, tok)
+            if check_stop(req, len(delta), self.eos_token_ids, self.max_model_len, grammar_done):
+                if isinstance(req.stop_reason, int) and not req.params.include_stop_str_in_output:
+                    req.text = req.text[: len(req.text) - len(delta)]  # a stop token's text is not output (vLLM)
                 if req.detokenizer is not None and not isinstance(req.stop_reason, str):
                     req.text += req.detokenizer.finish()  # flush a held-back partial character
                 req.metrics.finished_time = now
@@ -286,6 +316,7 @@ class LLMEngine:
             outputs=[comp],
             finished=req.finish_reason is not None,
             metrics=req.metrics,
+            prompt_logprobs=None if req.prompt_logprobs is None else [None, *req.prompt_logprobs],
         )
 
     # ---- observability -------------------------------------------------------------

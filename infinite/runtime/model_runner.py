@@ -8,7 +8,7 @@ one part, so that spreading the KV over instances changes no math).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -17,6 +17,17 @@ from infinite.attention import MAMetadata, aggregate, micro_attention, write_kv
 from infinite.kv.cache import KVCache
 from infinite.kv.rmanager import RBlock, blocks_for
 from infinite.runtime.request import Request
+
+
+@dataclass
+class PromptLogprobSpan:
+    """Rows of the step's logits that score prompt tokens: logits row ``row + i`` (counted after
+    the sampling rows) predicts prompt token ``first + 1 + i`` of ``request``."""
+
+    request: Request
+    first: int  # prompt position of the first row
+    count: int
+    row: int
 
 
 @dataclass
@@ -29,6 +40,8 @@ class StepInputs:
     sample_requests: list[Request]
     q_lens: list[int]
     q_starts: list[int]
+    # Rows past the sampling ones in logits_indices: prompt positions whose logprobs were asked.
+    prompt_spans: list[PromptLogprobSpan] = field(default_factory=list)
 
 
 class Attention(Protocol):
@@ -66,9 +79,18 @@ def prepare_inputs(
     logits_idx: list[int] = []
     sample: list[Request] = []
     q_starts: list[int] = []
+    prompt_rows: list[int] = []
+    spans: list[PromptLogprobSpan] = []
     for req, n, table in zip(requests, num_new_tokens, tables):
         start = req.num_computed_tokens
         end = start + n
+        if req.num_prompt_logprobs_missing:
+            # Positions [lo, hi) score prompt tokens lo+1..hi; ones scored before a preemption are skipped.
+            lo = max(start, len(req.prompt_logprobs))
+            hi = min(end, req.num_prompt_tokens - 1)
+            if hi > lo:
+                spans.append(PromptLogprobSpan(req, lo, hi - lo, len(prompt_rows)))
+                prompt_rows.extend(range(len(ids) + lo - start, len(ids) + hi - start))
         ids.extend(req.token_slice(start, end))
         pos.extend(range(start, end))
         p = start
@@ -101,11 +123,31 @@ def prepare_inputs(
         positions=torch.tensor(pos, dtype=torch.int64, device=device),
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         meta=meta,
-        logits_indices=torch.tensor(logits_idx, dtype=torch.int64, device=device),
+        logits_indices=torch.tensor(logits_idx + prompt_rows, dtype=torch.int64, device=device),
         sample_requests=sample,
         q_lens=list(num_new_tokens),
         q_starts=q_starts,
+        prompt_spans=spans,
     )
+
+
+def merge_logits(parts: list[StepInputs], logits: list[torch.Tensor]) -> tuple[StepInputs, torch.Tensor]:
+    """Micro-batches' outputs as one step's: sampling rows of all first, then prompt rows.
+
+    Returns a StepInputs carrying only what postprocessing reads (sample_requests,
+    prompt_spans) and the logits in that order."""
+    samples, prompts, spans = [], [], []
+    offset = 0
+    for inp, lg in zip(parts, logits):
+        s = len(inp.sample_requests)
+        samples.append(lg[:s])
+        prompts.append(lg[s:])
+        spans.extend(PromptLogprobSpan(sp.request, sp.first, sp.count, sp.row + offset) for sp in inp.prompt_spans)
+        offset += lg.shape[0] - s
+    empty = torch.empty(0, dtype=torch.int64)
+    merged = StepInputs(empty, empty, empty, parts[0].meta, empty,
+                        [r for inp in parts for r in inp.sample_requests], [], [], spans)
+    return merged, torch.cat(samples + prompts)
 
 
 @torch.inference_mode()

@@ -39,11 +39,22 @@ class Request:
     cumulative_logprob: float = 0.0
     text: str = ""
     detokenizer: object | None = None
+    # prompt_logprobs: entry j is for prompt token j+1 (token 0 has none); filled chunk by chunk
+    # by the prefill and kept across preemption, so a recompute does not redo them.
+    prompt_logprobs: list[dict[int, float]] | None = None
+    matcher: object | None = None  # llguidance state of a structured-output request (engine-side only)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_prompt_logprobs_missing(self) -> int:
+        """Prompt positions whose logprobs are still to compute (0 when none were asked)."""
+        if self.prompt_logprobs is None:
+            return 0
+        return self.num_prompt_tokens - 1 - len(self.prompt_logprobs)
 
     @property
     def num_tokens(self) -> int:

@@ -10,11 +10,19 @@ from __future__ import annotations
 from infinite.runtime.request import Request
 
 
-def check_stop(req: Request, new_text_len: int, eos_token_ids: tuple[int, ...], max_model_len: int) -> bool:
-    """Update req.finish_reason / stop_reason (and truncate req.text on a stop string)."""
+def check_stop(
+    req: Request, new_text_len: int, eos_token_ids: tuple[int, ...], max_model_len: int, grammar_done: bool = False
+) -> bool:
+    """Update req.finish_reason / stop_reason (and truncate req.text on a stop string).
+
+    ``grammar_done``: the request's structured-output grammar admits no further token, so
+    it ends here ("stop") rather than spending a step on the EOS the grammar would force."""
     p = req.params
     last = req.output_token_ids[-1]
     n_out = len(req.output_token_ids)
+    if grammar_done:
+        req.finish_reason, req.stop_reason = "stop", None
+        return True
     if n_out >= p.min_tokens:
         if not p.ignore_eos and last in eos_token_ids:
             req.finish_reason, req.stop_reason = "stop", None

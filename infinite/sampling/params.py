@@ -7,8 +7,10 @@ decode step) can trust every field without re-checking it.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 # Below this temperature a request is decoded greedily (vLLM's _SAMPLING_EPS).
 GREEDY_EPS = 1e-5
@@ -40,6 +42,62 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
+# OpenAI's range for logit_bias values.
+LOGIT_BIAS_MAX = 100.0
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a JSON schema, a regex, one of several strings, or a Lark grammar
+    (vLLM's names). Exactly one kind is set. Plain data only: the engine compiles it (and caches
+    the compiled grammar by ``key()``), so the params can cross processes as they are.
+
+    ``json`` is kept as a JSON string (a dict given here is serialised), so that the key of two
+    equal schemas is the same and the field stays plain data.
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if self.json_object:
+            kinds.append("json_object")
+        if len(kinds) != 1:
+            raise ValueError(
+                "structured outputs need exactly one of json, regex, choice, grammar or json_object; "
+                f"got {kinds or 'none'}"
+            )
+        if isinstance(self.json, (dict, bool)):
+            self.json = json.dumps(self.json, sort_keys=True)
+        elif self.json is not None and not isinstance(self.json, str):
+            raise TypeError(f"structured json must be a JSON schema (dict or str), got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured {name} must be a non-empty string")
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice:
+                raise ValueError("structured choice must be a non-empty list of strings")
+            if not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("structured choice entries must be non-empty strings")
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+
+    def key(self) -> str:
+        """What the compiled grammar is cached by (same spec, same grammar)."""
+        value = getattr(self, self.kind) if self.kind != "json_object" else True
+        return json.dumps([self.kind, value])
+
+
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop, for one request.
@@ -65,6 +123,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     min_tokens: int = 0
+    prompt_logprobs: int | None = None  # per prompt token: its logprob + the top k; 0 = its own only
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self.temperature = _check_float("temperature", self.temperature)
@@ -118,6 +179,23 @@ class SamplingParams:
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}")
 
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _check_int("prompt_logprobs", self.prompt_logprobs)
+            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                raise ValueError(
+                    f"prompt_logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.prompt_logprobs}"
+                )
+
+        self.logit_bias = self._normalise_logit_bias(self.logit_bias)
+
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise TypeError(
+                "structured_outputs must be a StructuredOutputsParams (or a dict of its fields), "
+                f"got {type(self.structured_outputs).__name__}"
+            )
+
         for name in ("presence_penalty", "frequency_penalty"):
             value = _check_float(name, getattr(self, name))
             if not -2.0 <= value <= 2.0:
@@ -158,6 +236,26 @@ class SamplingParams:
             if t < 0:
                 raise ValueError(f"stop_token_ids must be >= 0, got {t}")
         return list(ids)
+
+    @staticmethod
+    def _normalise_logit_bias(bias: object) -> dict[int, float] | None:
+        """Keys may come as decimal strings (JSON objects have string keys), as OpenAI sends them."""
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise TypeError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+        out: dict[int, float] = {}
+        for k, v in bias.items():
+            if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+                k = int(k)
+            tid = _check_int("logit_bias key", k)
+            if tid < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {tid}")
+            val = _check_float(f"logit_bias[{tid}]", v)
+            if not -LOGIT_BIAS_MAX <= val <= LOGIT_BIAS_MAX:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {val} for token {tid}")
+            out[tid] = val
+        return out or None
 
     @property
     def greedy(self) -> bool:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from infinite.sampling.logprobs import logprob_entries
 from infinite.sampling.params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -35,6 +37,9 @@ class SampleRow:
     generator: torch.Generator | None = None  # seeded per request; None: the batch RNG
     # EOS is banned (with params.stop_token_ids) while len(output_ids) < params.min_tokens.
     eos_token_id: int | None = None
+    # llguidance matcher of a structured-output request (infinite.sampling.structured); its
+    # mask comes first, so a grammar always wins over min_tokens.
+    matcher: Any = None
 
 
 @dataclass
@@ -154,9 +159,11 @@ def race(probs: Tensor, noise: Tensor) -> Tensor:
 class Sampler:
     """Stateless apart from the batch RNG that unseeded rows share."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, grammar_executor: Any = None) -> None:
+        """``grammar_executor``: a callable returning llguidance's LLExecutor (built on first use)."""
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._grammar_executor = grammar_executor
 
     def _batch_generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -185,22 +192,29 @@ class Sampler:
         greedy = [p.greedy for p in params]
         penalised = [i for i, p in enumerate(params) if p.has_penalties]
         banned = _min_tokens_bans(rows)
+        biased = [i for i, p in enumerate(params) if p.logit_bias]
         want_lp = any(p.logprobs is not None for p in params)
+        structured = [i for i, r in enumerate(rows) if r.matcher is not None]
+        if structured:
+            # As vLLM does, the grammar mask applies before everything, logprobs included.
+            logits = self._apply_grammar(logits, rows, structured)
 
-        if all(greedy) and not penalised and not banned and not want_lp:
+        if all(greedy) and not penalised and not banned and not biased and not want_lp:
             return SampleResult(token_ids=logits.argmax(dim=-1).tolist(), logprobs=None)
 
         x = logits
+        if biased:
+            x = apply_logit_bias(x, [(i, params[i].logit_bias) for i in biased])
         if penalised:
             idx = torch.tensor(penalised, device=logits.device)
             sub = apply_penalties(
-                logits.index_select(0, idx),
+                x.index_select(0, idx),
                 [rows[i].prompt_ids for i in penalised],
                 [rows[i].output_ids for i in penalised],
                 *self._row_floats(params, penalised, logits.device,
                                   "presence_penalty", "frequency_penalty", "repetition_penalty"),
             )
-            x = logits.index_copy(0, idx, sub)
+            x = x.index_copy(0, idx, sub)
         if banned:
             if x is logits:
                 x = logits.clone()
@@ -224,6 +238,18 @@ class Sampler:
 
         logprobs = _raw_logprobs(logits, params, token_ids) if want_lp else None
         return SampleResult(token_ids=token_ids, logprobs=logprobs)
+
+    def _apply_grammar(self, logits: Tensor, rows: list[SampleRow], idx: list[int]) -> Tensor:
+        """Logits with every token the rows' grammars forbid at -inf (a new tensor)."""
+        from infinite.sampling.structured import allowed_tokens
+
+        if self._grammar_executor is None:
+            raise RuntimeError("a structured-output row reached a sampler built without a grammar executor")
+        allowed = allowed_tokens([rows[i].matcher for i in idx], logits.shape[1], self._grammar_executor())
+        out = logits.clone()
+        rows_t = torch.tensor(idx, device=logits.device)
+        out[rows_t] = out[rows_t].masked_fill(~allowed.to(logits.device), _NEG_INF)
+        return out
 
     def _sample_random(self, x: Tensor, rows: list[SampleRow], idx: list[int]) -> Tensor:
         """Samples rows `idx` of the penalised logits x [N, V] -> [len(idx)] int64."""
@@ -273,12 +299,30 @@ class Sampler:
         return list(table.unbind(dim=1))
 
 
+def apply_logit_bias(logits: Tensor, biases: list[tuple[int, dict[int, float]]]) -> Tensor:
+    """logits [N, V] plus each (row, {token: bias}) entry, as OpenAI's logit_bias; a new tensor."""
+    r_idx = [i for i, b in biases for _ in b]
+    t_idx = [t for _, b in biases for t in b]
+    vals = [v for _, b in biases for v in b.values()]
+    if max(t_idx) >= logits.shape[1]:
+        raise ValueError(f"a logit_bias token id is >= the vocab size {logits.shape[1]}")
+    dev = logits.device
+    return logits.index_put(
+        (torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev)),
+        torch.tensor(vals, dtype=logits.dtype, device=dev),
+        accumulate=True,
+    )
+
+
 def _min_tokens_bans(rows: list[SampleRow]) -> list[tuple[int, int]]:
-    """(row, token) pairs to mask because the row has not yet reached min_tokens."""
+    """(row, token) pairs to mask because the row has not yet reached min_tokens.
+
+    Rows under a grammar are left alone: when the grammar allows only EOS, banning it
+    would leave no token at all."""
     bans: list[tuple[int, int]] = []
     for i, row in enumerate(rows):
         p = row.params
-        if p.min_tokens and len(row.output_ids) < p.min_tokens:
+        if p.min_tokens and len(row.output_ids) < p.min_tokens and row.matcher is None:
             bans.extend((i, t) for t in p.stop_token_ids)
             if row.eos_token_id is not None:
                 bans.append((i, row.eos_token_id))
@@ -291,19 +335,9 @@ def _raw_logprobs(
     """Chosen token + top-k from log_softmax of the unprocessed logits, as vLLM v1 reports."""
     asked = [i for i, p in enumerate(params) if p.logprobs is not None]
     idx = torch.tensor(asked, device=logits.device)
-    lp = logits.index_select(0, idx).log_softmax(dim=-1)  # [M, V]
-    chosen = torch.tensor([token_ids[i] for i in asked], device=logits.device)
-    chosen_lp = lp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()  # [M]
-    k = max(params[i].logprobs for i in asked)
-    if k > 0:
-        top_vals, top_ids = lp.topk(min(k, lp.shape[1]), dim=-1)  # [M, k]
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    entries = logprob_entries(logits.index_select(0, idx), [token_ids[i] for i in asked],
+                              [params[i].logprobs for i in asked])
     out: list[dict[int, float] | None] = [None] * len(params)
-    for j, i in enumerate(asked):
-        entry = {token_ids[i]: chosen_lp[j]}
-        n_top = params[i].logprobs
-        if n_top:
-            for t, val in zip(top_ids[j][:n_top], top_vals[j][:n_top]):
-                entry.setdefault(t, val)
+    for i, entry in zip(asked, entries):
         out[i] = entry
     return out

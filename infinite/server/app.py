@@ -20,7 +20,8 @@ from aiohttp import web
 
 from infinite.errors import RequestError
 from infinite.server import protocol as P
-from infinite.server import dashboard, serving
+from infinite.server import shapes as S
+from infinite.server import dashboard, responses_api, serving_chat, serving_completion, tokenization
 from infinite.server.errors import APIError, json_error
 from infinite.server.metrics import CONTENT_TYPE
 from infinite.server.state import DEFAULT_MAX_BODY_BYTES, STATE_KEY, EngineStarter, ServerSettings, ServerState, app_state
@@ -89,23 +90,23 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
 
 
 async def handle_completions(request: web.Request) -> web.StreamResponse:
-    return await serving.create_completion(request, _state(request))
+    return await serving_completion.create_completion(request, _state(request))
 
 
 async def handle_chat(request: web.Request) -> web.StreamResponse:
-    return await serving.create_chat_completion(request, _state(request))
+    return await serving_chat.create_chat_completion(request, _state(request))
 
 
 async def handle_models(request: web.Request) -> web.Response:
     st = _state(request)
     engine = st.ready_engine()
-    card = P.ModelCard(
+    card = S.ModelCard(
         id=st.model_name,
         created=st.started_at,
         root=engine.model_path,
         max_model_len=engine.max_model_len,
     )
-    return web.Response(body=P.encode(P.ModelList([card])), content_type="application/json")
+    return web.Response(body=P.encode(S.ModelList([card])), content_type="application/json")
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -155,6 +156,11 @@ def create_app(start_engine: EngineStarter, settings: ServerSettings | None = No
     app.router.add_post("/v1/completions", handle_completions)
     app.router.add_post("/v1/chat/completions", handle_chat)
     app.router.add_get("/v1/models", handle_models)
+    app.router.add_post("/v1/responses", responses_api.handle_responses)
+    app.router.add_post("/v1/embeddings", responses_api.handle_embeddings)
+    app.router.add_post("/tokenize", tokenization.handle_tokenize)
+    app.router.add_post("/detokenize", tokenization.handle_detokenize)
+    app.router.add_get("/tokenizer_info", tokenization.handle_tokenizer_info)
     app.router.add_get("/health", handle_health)
     app.router.add_post("/admin/instances/{rank}/leave", handle_remove_instance)
     app.router.add_get("/version", handle_version)

@@ -1,21 +1,24 @@
-"""OpenAI-compatible request and response bodies, decoded and checked once at the edge.
+"""OpenAI-compatible request bodies, decoded and checked once at the edge.
 
 Field names and defaults follow vLLM's OpenAI server. Unknown request fields
 are ignored (as vLLM does), so clients that send extra OpenAI fields keep
-working; fields we cannot honour (``suffix``, ``echo``, ``best_of`` != n,
-tools) are refused with a 400 rather than silently dropped.
+working; every OpenAI or vLLM field we cannot honour is declared here and
+refused with a 400 naming it (the list is infinite.server.fields), never
+silently dropped. Response bodies are in infinite.server.shapes.
 
 Everything here is pure: bytes in, Structs or ``APIError`` out.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from infinite.server.errors import APIError, bad_request
+from infinite.server.fields import CHAT, COMPLETIONS, check_refused
 
 MAX_N = 128  # choices per request; each is a separate engine request
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -30,31 +33,79 @@ class StreamOptions(msgspec.Struct):
     continuous_usage_stats: bool | None = False
 
 
-class CompletionRequest(msgspec.Struct):
-    # msgspec unions may hold one array type only, so the four prompt forms
-    # (str, [str], [int], [[int]]) are one union here and sorted by prompt_inputs().
-    prompt: str | list[str | int | list[int]] | None = None
+class ResponseFormat(msgspec.Struct):
+    type: str
+    json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict", "description"}
+
+
+class StructuredOutputs(msgspec.Struct):
+    json: Any = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class _Sampling(msgspec.Struct):
+    """Fields shared by completions and chat (vLLM's names and defaults)."""
+
     model: str | None = None
-    max_tokens: int | None = 16
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
     n: int | None = 1
-    best_of: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = None
-    echo: bool | None = False
-    suffix: str | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    request_id: str | None = None
+    cache_salt: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # Declared so that the server sees them; infinite.server.fields refuses each with a 400.
+    best_of: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    spaces_between_special_tokens: Any = None
+    priority: Any = None
+    logits_processors: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    return_token_ids: Any = None
+    kv_transfer_params: Any = None
+    vllm_xargs: Any = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    # msgspec unions may hold one array type only, so the four prompt forms
+    # (str, [str], [int], [[int]]) are one union here and sorted by prompt_inputs().
+    prompt: str | list[str | int | list[int]] | None = None
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool | None = False
+    add_special_tokens: bool = True
+    suffix: Any = None
+    prompt_embeds: Any = None
 
 
 class ContentPart(msgspec.Struct):
@@ -62,42 +113,80 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(msgspec.Struct):
+    function: FunctionCall
+    id: str | None = None
+    type: str = "function"
+
+
 class ChatMessage(msgspec.Struct):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
-class ChatCompletionRequest(msgspec.Struct):
+class FunctionDef(msgspec.Struct):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct):
+    function: FunctionDef
+    type: str = "function"
+
+
+class NamedFunction(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    function: NamedFunction
+    type: str = "function"
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: list[ChatMessage] | None = None
-    model: str | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    n: int | None = 1
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
-    user: str | None = None
     add_generation_prompt: bool = True
-    tools: list[Any] | None = None
+    add_special_tokens: bool = False
+    tools: list[Tool] | None = None
+    tool_choice: str | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    # Declared so that the server sees them; infinite.server.fields refuses each with a 400.
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    service_tier: Any = None
+    store: Any = None
+    metadata: Any = None
+    web_search_options: Any = None
+    echo: Any = None
+    continue_final_message: Any = None
+    documents: Any = None
+    mm_processor_kwargs: Any = None
 
 
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
 
 
-def _decode(body: bytes, typ: type) -> Any:
+def decode_body(body: bytes, typ: type) -> Any:
     """Decode a JSON body into ``typ``; every failure becomes a 400 naming the field."""
     if not body:
         raise bad_request("request body is empty; expected a JSON object")
@@ -114,13 +203,13 @@ def _decode(body: bytes, typ: type) -> Any:
 
 
 def decode_completion_request(body: bytes) -> CompletionRequest:
-    req = _decode(body, CompletionRequest)
+    req = decode_body(body, CompletionRequest)
     check_completion_request(req)
     return req
 
 
 def decode_chat_request(body: bytes) -> ChatCompletionRequest:
-    req = _decode(body, ChatCompletionRequest)
+    req = decode_body(body, ChatCompletionRequest)
     check_chat_request(req)
     return req
 
@@ -128,16 +217,18 @@ def decode_chat_request(body: bytes) -> ChatCompletionRequest:
 # --------------------------------------------------------------------------- edge checks
 
 
-def _check_common(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> None:
+def _check_common(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, endpoint: str) -> None:
+    check_refused(req, endpoint)
     if req.n is None:
         req.n = 1
     if not 1 <= req.n <= MAX_N:
         raise bad_request(f"n must be between 1 and {MAX_N}, got {req.n}", "n")
-    if max_tokens is not None and max_tokens < 1:
+    echo_only = isinstance(req, CompletionRequest) and req.echo and max_tokens == 0
+    if max_tokens is not None and max_tokens < 1 and not echo_only:
         name = "max_tokens"
         if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
             name = "max_completion_tokens"
-        raise bad_request(f"{name} must be at least 1, got {max_tokens}", name)
+        raise bad_request(f"{name} must be at least 1 (0 only with echo), got {max_tokens}", name)
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options can only be set when stream=True", "stream_options")
     if req.temperature is not None and req.temperature < 0:
@@ -147,23 +238,32 @@ def _check_common(req: CompletionRequest | ChatCompletionRequest, max_tokens: in
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if any(s == "" for s in stops):
         raise bad_request("stop strings must not be empty", "stop")
+    if req.min_tokens < 0:
+        raise bad_request(f"min_tokens must be non-negative, got {req.min_tokens}", "min_tokens")
+    if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:
+        raise bad_request(
+            f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {req.prompt_logprobs}", "prompt_logprobs"
+        )
+    if req.prompt_logprobs is not None and req.stream:
+        raise bad_request("prompt_logprobs is not available with stream=true (as in vLLM)", "prompt_logprobs")
+    if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < 1:
+        raise bad_request(
+            f"truncate_prompt_tokens must be at least 1, got {req.truncate_prompt_tokens}", "truncate_prompt_tokens"
+        )
+    for key in req.logit_bias or {}:
+        if not key.strip().isdigit():
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
 
 
 def check_completion_request(req: CompletionRequest) -> None:
-    _check_common(req, req.max_tokens)
+    _check_common(req, req.max_tokens, COMPLETIONS)
     prompt_inputs(req.prompt)  # raises on empty / mixed prompts
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
-    if req.best_of is not None and req.best_of != req.n:
-        raise bad_request("best_of is not supported (it must equal n)", "best_of")
-    if req.echo:
-        raise bad_request("echo is not supported", "echo")
-    if req.suffix:
-        raise bad_request("suffix is not supported", "suffix")
 
 
 def check_chat_request(req: ChatCompletionRequest) -> None:
-    _check_common(req, chat_max_tokens(req))
+    _check_common(req, chat_max_tokens(req), CHAT)
     if not req.messages:
         raise bad_request("messages must be a non-empty list", "messages")
     for i, m in enumerate(req.messages):
@@ -175,6 +275,10 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
                     raise bad_request(
                         f"messages[{i}]: only text content parts are supported, got {part.type!r}", "messages"
                     )
+        if m.tool_calls and m.role != "assistant":
+            raise bad_request(f"messages[{i}]: only assistant messages carry tool_calls", "messages")
+        if m.role == "tool" and m.content is None:
+            raise bad_request(f"messages[{i}]: a tool message needs content (the tool's result)", "messages")
     if req.top_logprobs is not None:
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise bad_request(
@@ -182,8 +286,9 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
             )
         if not req.logprobs:
             raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
-    if req.tools:
-        raise bad_request("tools are not supported", "tools")
+    for i, t in enumerate(req.tools or []):
+        if t.type != "function":
+            raise bad_request(f"tools[{i}].type must be 'function', got {t.type!r}", "tools")
 
 
 def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
@@ -218,153 +323,34 @@ def prompt_inputs(prompt: Any) -> list[PromptInput]:
     return items
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    """Messages as the plain dicts a chat template expects (content parts joined)."""
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages as the plain dicts a chat template expects: content parts joined, tool calls
+    with their arguments as objects (as vLLM passes them: templates write ``arguments | tojson``)."""
     out = []
     for m in req.messages or []:
         if isinstance(m.content, list):
             content = "".join(p.text or "" for p in m.content)
         else:
             content = m.content or ""
-        msg = {"role": m.role, "content": content}
+        msg: dict[str, Any] = {"role": m.role, "content": content}
         if m.name:
             msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [_tool_call_dict(c) for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
 
 
-def sampling_kwargs(
-    req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None
-) -> dict[str, Any]:
-    """Keyword arguments for ``SamplingParams``; None means "use its default"."""
-    kw: dict[str, Any] = {
-        "max_tokens": max_tokens,
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "top_k": req.top_k,
-        "min_p": req.min_p,
-        "stop": [req.stop] if isinstance(req.stop, str) else req.stop,
-        "stop_token_ids": req.stop_token_ids,
-        "seed": req.seed,
-        "logprobs": logprobs,
-        "presence_penalty": req.presence_penalty,
-        "frequency_penalty": req.frequency_penalty,
-        "repetition_penalty": req.repetition_penalty,
-        "ignore_eos": req.ignore_eos,
-    }
-    return {k: v for k, v in kw.items() if v is not None}
-
-
-# --------------------------------------------------------------------------- responses
-
-
-FinishReason = Literal["stop", "length", "abort", "error"] | None
-
-
-class UsageInfo(msgspec.Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionLogProbs(msgspec.Struct):
-    text_offset: list[int]
-    token_logprobs: list[float | None]
-    tokens: list[str]
-    top_logprobs: list[dict[str, float] | None]
-
-
-class CompletionChoice(msgspec.Struct):
-    index: int
-    text: str
-    logprobs: CompletionLogProbs | None = None
-    finish_reason: FinishReason = None
-    stop_reason: int | str | None = None
-
-
-class CompletionResponse(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-    object: str = "text_completion"
-
-
-class TopLogprob(msgspec.Struct):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class ChatTokenLogprob(msgspec.Struct):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top_logprobs: list[TopLogprob] = []
-
-
-class ChatLogProbs(msgspec.Struct):
-    content: list[ChatTokenLogprob] | None = None
-
-
-class ChatResponseMessage(msgspec.Struct):
-    role: str
-    content: str | None = None
-
-
-class ChatChoice(msgspec.Struct):
-    index: int
-    message: ChatResponseMessage
-    logprobs: ChatLogProbs | None = None
-    finish_reason: FinishReason = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionResponse(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo | None = None
-    object: str = "chat.completion"
-
-
-class DeltaMessage(msgspec.Struct, omit_defaults=True):
-    role: str | None = None
-    content: str | None = None
-
-
-class ChatStreamChoice(msgspec.Struct):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogProbs | None = None
-    finish_reason: FinishReason = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionChunk(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: UsageInfo | None = None
-    object: str = "chat.completion.chunk"
-
-
-class ModelCard(msgspec.Struct):
-    id: str
-    created: int
-    owned_by: str = "infinite"
-    root: str | None = None
-    parent: str | None = None
-    max_model_len: int | None = None
-    object: str = "model"
-
-
-class ModelList(msgspec.Struct):
-    data: list[ModelCard]
-    object: str = "list"
+def _tool_call_dict(call: ToolCall) -> dict[str, Any]:
+    args = call.function.arguments
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise bad_request(f"tool call {call.function.name!r}: arguments are not valid JSON", "messages") from None
+    return {"id": call.id, "type": call.type, "function": {"name": call.function.name, "arguments": args}}
 
 
 def encode(obj: Any) -> bytes:
@@ -378,5 +364,4 @@ __all__ = [
     "decode_chat_request",
     "decode_completion_request",
     "prompt_inputs",
-    "sampling_kwargs",
 ]

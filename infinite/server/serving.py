@@ -1,4 +1,4 @@
-"""POST /v1/completions and /v1/chat/completions over the async engine.
+"""What /v1/completions and /v1/chat/completions share: jobs, the merged engine streams, SSE.
 
 A request becomes ``len(prompts) * n`` engine requests (choice index
 ``prompt_index * n + i``, seed ``seed + i`` when seeded, as vLLM does). Their
@@ -16,14 +16,15 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from jinja2.exceptions import TemplateError
 
 from infinite.errors import RequestError
-from infinite.server import protocol as P
+from infinite.sampling.structured import GrammarError
+from infinite.server import shapes as S
 from infinite.server.errors import APIError, bad_request
 from infinite.server.metrics import RequestTimer
 from infinite.server.state import ServerState
@@ -51,7 +52,7 @@ class Job:
     stop_reason: int | str | None = None
     final: Any = None  # last CompletionOutput
     request: Any = None  # the engine's validated request (make_request), handed to generate()
-    logprob_entries: list[Any] = field(default_factory=list)
+    prompt_logprobs: list[Any] | None = None  # the engine's, once the prefill produced them
 
 
 # --------------------------------------------------------------------------- preparing
@@ -67,28 +68,32 @@ def make_sampling_params(kwargs: dict[str, Any]) -> Any:
         raise bad_request(str(e), param) from None
 
 
-async def tokenize(engine: Any, text: str) -> list[int]:
+async def tokenize(engine: Any, text: str, add_special_tokens: bool = True) -> list[int]:
     tok = engine.tokenizer
     if tok is None:
         raise bad_request("this model has no tokenizer: send the prompt as token ids", "prompt")
     if len(text) > _TOKENIZE_IN_THREAD_CHARS:
-        return list(await asyncio.get_running_loop().run_in_executor(None, tok.encode, text))
-    return list(tok.encode(text))
+        return list(await asyncio.get_running_loop().run_in_executor(None, tok.encode, text, add_special_tokens))
+    return list(tok.encode(text, add_special_tokens=add_special_tokens))
 
 
-def chat_prompt_ids(engine: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    """Token ids of the chat prompt: the tokenizer's template (or its documented fallback)."""
+def render_chat(engine: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, **template_kwargs: Any) -> str:
+    """The chat prompt as text: the tokenizer's template (or its documented fallback).
+    ``template_kwargs``: ``tools``, ``chat_template`` (replaces the checkpoint's) and any extra variables."""
     tok = engine.tokenizer
     if tok is None:
         raise bad_request("this model has no tokenizer, so it cannot serve chat requests", "messages")
     try:
-        rendered = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
     except (ValueError, TypeError, KeyError, TemplateError) as e:
         raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
-    if isinstance(rendered, str):
-        # The template writes BOS itself when the model wants one.
-        return list(tok.encode(rendered, add_special_tokens=False))
-    return list(rendered)
+
+
+def chat_prompt_ids(engine: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                    add_special_tokens: bool = False, **template_kwargs: Any) -> list[int]:
+    """Token ids of the chat prompt; the template writes BOS itself when the model wants one."""
+    rendered = render_chat(engine, messages, add_generation_prompt, **template_kwargs)
+    return list(engine.tokenizer.encode(rendered, add_special_tokens=add_special_tokens))
 
 
 def check_length(engine: Any, prompt_len: int, max_tokens: int, what: str) -> None:
@@ -130,8 +135,10 @@ def build_jobs(
     kwargs: dict[str, Any],
     request_id: str,
     arrival: float,
+    structured_field: str | None = None,
 ) -> list[Job]:
-    """One job per choice, each validated by the engine now so that errors come before streaming."""
+    """One job per choice, each validated by the engine now so that errors come before streaming
+    (a grammar that cannot compile is a 400 on ``structured_field``, the field that asked for it)."""
     engine = state.ready_engine()
     jobs = []
     for p, ids in enumerate(prompts):
@@ -143,6 +150,8 @@ def build_jobs(
             job = Job(index, f"{request_id}-{index}", ids, make_sampling_params(kw), RequestTimer(state.metrics, arrival))
             try:
                 job.request = engine.make_request(ids, job.params, job.request_id)
+            except GrammarError as e:
+                raise bad_request(str(e), structured_field) from None
             except (ValueError, TypeError) as e:
                 raise bad_request(str(e), "prompt") from None
             jobs.append(job)
@@ -160,6 +169,8 @@ def apply_output(job: Job, out: Any, now: float) -> str:
     job.timer.on_output(now, len(c.token_ids))
     job.num_tokens = len(c.token_ids)
     job.final = c
+    if out.prompt_logprobs is not None:
+        job.prompt_logprobs = out.prompt_logprobs
     if out.finished:
         job.finished = True
         job.finish_reason = c.finish_reason
@@ -190,112 +201,31 @@ async def running(state: ServerState, jobs: list[Job]):
             state.release(len(jobs))
 
 
-def usage_of(jobs: list[Job], prompts: list[list[int]]) -> P.UsageInfo:
+async def run_to_end(state: ServerState, jobs: list[Job]) -> None:
+    """A non-streamed answer: run every job to its end, folding in its outputs."""
+    async with running(state, jobs) as stream:
+        async for i, out in stream:
+            apply_output(jobs[i], out, time.monotonic())
+
+
+def usage_of(jobs: list[Job], prompts: list[list[int]]) -> S.UsageInfo:
     prompt = sum(len(p) for p in prompts)
     completion = sum(j.num_tokens for j in jobs)
-    return P.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return S.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-# --------------------------------------------------------------------------- logprobs
+def job_usage(job: Job) -> S.UsageInfo:
+    """One choice's usage so far (``continuous_usage_stats``: on every chunk, as vLLM)."""
+    p = len(job.prompt_ids)
+    return S.UsageInfo(prompt_tokens=p, completion_tokens=job.num_tokens, total_tokens=p + job.num_tokens)
 
 
-def _entries(c: Any, start: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
-    """The engine's logprobs from token ``start`` on, as (token id, logprob, top [(id, logprob)] best first).
-
-    The engine gives, per generated token, a mapping token id -> logprob (a
-    float or an object with ``.logprob``) that holds the chosen token and
-    the top-k alternatives.
-    """
-    raw = (getattr(c, "logprobs", None) or [])[start:]
-    out = []
-    for tid, d in zip(c.token_ids[start:], raw):
-        items = [(int(t), float(getattr(v, "logprob", v))) for t, v in d.items()]
-        chosen = dict(items).get(int(tid), float("nan"))
-        items.sort(key=lambda x: -x[1])
-        out.append((int(tid), chosen, items))
-    return out
+def request_id_of(req: Any, prefix: str) -> str:
+    """vLLM's ``request_id`` field names the response; otherwise a fresh one."""
+    return req.request_id or f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _token_text(engine: Any, tid: int) -> str:
-    tok = engine.tokenizer
-    return tok.decode([tid], skip_special_tokens=False) if tok is not None else f"token_id:{tid}"
-
-
-def completion_logprobs(engine: Any, job: Job, c: Any, top: int, text_start: int) -> P.CompletionLogProbs:
-    """Entries of ``c`` not yet sent, in the completions format."""
-    entries = _entries(c, job.num_logprobs)
-    job.num_logprobs += len(entries)
-    lp = P.CompletionLogProbs([], [], [], [])
-    offset = text_start
-    for tid, chosen, items in entries:
-        s = _token_text(engine, tid)
-        lp.tokens.append(s)
-        lp.token_logprobs.append(chosen)
-        lp.text_offset.append(offset)
-        offset += len(s)
-        lp.top_logprobs.append({_token_text(engine, t): v for t, v in items[:top]} if top else None)
-    return lp
-
-
-def chat_logprobs(engine: Any, job: Job, c: Any, top: int) -> P.ChatLogProbs:
-    entries = _entries(c, job.num_logprobs)
-    job.num_logprobs += len(entries)
-    content = []
-    for tid, chosen, items in entries:
-        s = _token_text(engine, tid)
-        tops = [P.TopLogprob(_token_text(engine, t), v, list(_token_text(engine, t).encode())) for t, v in items[:top]]
-        content.append(P.ChatTokenLogprob(s, chosen, list(s.encode()), tops))
-    return P.ChatLogProbs(content)
-
-
-# --------------------------------------------------------------------------- completions
-
-
-async def create_completion(request: web.Request, state: ServerState) -> web.StreamResponse:
-    arrival = time.monotonic()
-    req = P.decode_completion_request(await request.read())
-    engine = state.ready_engine()
-    model = state.check_model(req.model)
-    prompts = [p if isinstance(p, list) else await tokenize(engine, p) for p in P.prompt_inputs(req.prompt)]
-    max_tokens = req.max_tokens if req.max_tokens is not None else default_max_tokens(engine, max(map(len, prompts)), "prompt")
-    for ids in prompts:
-        check_length(engine, len(ids), max_tokens, "prompt")
-    rid = f"cmpl-{uuid.uuid4().hex}"
-    kwargs = P.sampling_kwargs(req, max_tokens, req.logprobs)
-    jobs = build_jobs(state, prompts, req.n or 1, kwargs, rid, arrival)
-    created = int(time.time())
-    top = req.logprobs or 0
-
-    if not req.stream:
-        async with running(state, jobs) as stream:
-            async for i, out in stream:
-                apply_output(jobs[i], out, time.monotonic())
-        choices = []
-        for j in jobs:
-            lp = completion_logprobs(engine, j, j.final, top, 0) if req.logprobs is not None and j.final else None
-            choices.append(P.CompletionChoice(j.index, j.text, lp, j.finish_reason, j.stop_reason))
-        body = P.CompletionResponse(rid, created, model, choices, usage_of(jobs, prompts))
-        return web.Response(body=P.encode(body), content_type="application/json")
-
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    async def chunks(stream: Any) -> Any:
-        async for i, out in stream:
-            job = jobs[i]
-            start = len(job.text)
-            delta = apply_output(job, out, time.monotonic())
-            lp = completion_logprobs(engine, job, job.final, top, start) if req.logprobs is not None else None
-            if not delta and not job.finished and not (lp and lp.tokens):
-                continue
-            choice = P.CompletionChoice(job.index, delta, lp, job.finish_reason, job.stop_reason)
-            yield P.CompletionResponse(rid, created, model, [choice])
-        if include_usage:
-            yield P.CompletionResponse(rid, created, model, [], usage_of(jobs, prompts))
-
-    def error_chunk(cut: list[Job]) -> P.CompletionResponse:
-        return P.CompletionResponse(rid, created, model, [P.CompletionChoice(j.index, "", None, "error") for j in cut])
-
-    return await stream_response(request, state, jobs, chunks, error_chunk)
+# --------------------------------------------------------------------------- streaming
 
 
 async def stream_response(
@@ -337,61 +267,3 @@ async def _send_quietly(writer: SSEWriter, obj: Any) -> None:
         await writer.send(obj)
 
 
-# --------------------------------------------------------------------------- chat
-
-
-async def create_chat_completion(request: web.Request, state: ServerState) -> web.StreamResponse:
-    arrival = time.monotonic()
-    req = P.decode_chat_request(await request.read())
-    engine = state.ready_engine()
-    model = state.check_model(req.model)
-    ids = chat_prompt_ids(engine, P.chat_messages(req), req.add_generation_prompt)
-    max_tokens = P.chat_max_tokens(req)
-    if max_tokens is None:
-        max_tokens = default_max_tokens(engine, len(ids), "messages")
-    check_length(engine, len(ids), max_tokens, "messages")
-    top = (req.top_logprobs or 0) if req.logprobs else 0
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    kwargs = P.sampling_kwargs(req, max_tokens, top if req.logprobs else None)
-    jobs = build_jobs(state, [ids], req.n or 1, kwargs, rid, arrival)
-    created = int(time.time())
-
-    if not req.stream:
-        async with running(state, jobs) as stream:
-            async for i, out in stream:
-                apply_output(jobs[i], out, time.monotonic())
-        choices = [
-            P.ChatChoice(
-                j.index,
-                P.ChatResponseMessage("assistant", j.text),
-                chat_logprobs(engine, j, j.final, top) if req.logprobs and j.final else None,
-                j.finish_reason,
-                j.stop_reason,
-            )
-            for j in jobs
-        ]
-        body = P.ChatCompletionResponse(rid, created, model, choices, usage_of(jobs, [ids]))
-        return web.Response(body=P.encode(body), content_type="application/json")
-
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    async def chunks(stream: Any) -> Any:
-        for j in jobs:  # the role comes first, once per choice
-            first = P.ChatStreamChoice(j.index, P.DeltaMessage(role="assistant", content=""))
-            yield P.ChatCompletionChunk(rid, created, model, [first])
-        async for i, out in stream:
-            job = jobs[i]
-            delta = apply_output(job, out, time.monotonic())
-            lp = chat_logprobs(engine, job, job.final, top) if req.logprobs else None
-            if not delta and not job.finished and not (lp and lp.content):
-                continue
-            choice = P.ChatStreamChoice(job.index, P.DeltaMessage(content=delta), lp, job.finish_reason, job.stop_reason)
-            yield P.ChatCompletionChunk(rid, created, model, [choice])
-        if include_usage:
-            yield P.ChatCompletionChunk(rid, created, model, [], usage_of(jobs, [ids]))
-
-    def error_chunk(cut: list[Job]) -> P.ChatCompletionChunk:
-        choices = [P.ChatStreamChoice(j.index, P.DeltaMessage(content=""), None, "error") for j in cut]
-        return P.ChatCompletionChunk(rid, created, model, choices)
-
-    return await stream_response(request, state, jobs, chunks, error_chunk)

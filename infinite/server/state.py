@@ -28,12 +28,20 @@ class ServerSettings:
     api_key: str | None = None
     max_pending: int = 1024  # engine requests in flight before new ones get 503
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    tool_call_parser: str | None = None  # vLLM's --tool-call-parser
+    enable_auto_tool_choice: bool = False  # vLLM's --enable-auto-tool-choice
 
     def __post_init__(self) -> None:
         if self.max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {self.max_pending}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.tool_call_parser is not None:
+            from infinite.server.tool_parsers import get_tool_parser
+
+            get_tool_parser(self.tool_call_parser)  # ValueError naming the known parsers
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
 
 
 class ServerState:

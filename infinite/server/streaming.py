@@ -47,6 +47,10 @@ class SSEWriter:
     async def send(self, obj: Any) -> None:
         await self.response.write(sse_event(msgspec.json.encode(obj)))
 
+    async def send_event(self, kind: str, obj: Any) -> None:
+        """A typed event (``event: <kind>``), as the Responses API streams."""
+        await self.response.write(b"event: " + kind.encode() + b"\n" + sse_event(msgspec.json.encode(obj)))
+
     async def done(self) -> None:
         await self.response.write(DONE)
         await self.response.write_eof()

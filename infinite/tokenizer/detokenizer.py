@@ -10,7 +10,7 @@ U+FFFD the bytes of a character are still incomplete, so nothing is emitted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from .tokenizer import Tokenizer
 
@@ -65,9 +65,6 @@ class IncrementalDetokenizer:
             raise TypeError(f"token_id must be an int, got {type(token_id).__name__}")
         self._ids.append(token_id)
         return self._step(final=False)
-
-    def add_tokens(self, token_ids: Iterable[int]) -> str:
-        return "".join(self.add_token(t) for t in token_ids)
 
     def finish(self) -> str:
         """Flush whatever was held back (an incomplete character decodes as U+FFFD)."""

@@ -41,6 +41,7 @@ class Tokenizer:
         if not isinstance(tokenizer, HFTokenizer):
             raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
         config = dict(config or {})
+        self.config = config
         self._tk = tokenizer
         self.bos_token = _token_content(config.get("bos_token"))
         self.eos_token = _token_content(config.get("eos_token"))
@@ -91,17 +92,32 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tk.id_to_token(token_id)
 
+    def info(self) -> dict[str, Any]:
+        """What vLLM's ``/tokenizer_info`` returns: tokenizer_config.json's settings (JSON-plain
+        ones) with the special tokens as strings and the chat template, so that a client (lm-eval's
+        remote tokenizer) needs no local copy of the tokenizer."""
+        out: dict[str, Any] = {"tokenizer_class": self.config.get("tokenizer_class") or "PreTrainedTokenizerFast"}
+        for k, v in self.config.items():
+            if k != "added_tokens_decoder" and isinstance(v, (str, int, float, bool, type(None))):
+                out[k] = v
+        out.update(self.special_tokens)
+        out["chat_template"] = self.chat_template
+        out["vocab_size"] = self.vocab_size
+        return out
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **extra: Any) -> str:
+                            chat_template: str | None = None, **extra: Any) -> str:
         """Render a conversation as prompt text.
 
-        Uses the checkpoint's jinja2 chat_template like transformers does;
-        otherwise the plain fallback described by FALLBACK_TEMPLATE_DOC.
+        Uses ``chat_template`` (a request's own, as vLLM allows) or the checkpoint's,
+        in jinja2 like transformers does; otherwise the plain fallback described by
+        FALLBACK_TEMPLATE_DOC. ``extra`` (``tools``, template kwargs) are template variables.
         """
         _check_messages(messages)
-        if self.chat_template is None:
+        source = chat_template or self.chat_template
+        if source is None:
             return render_fallback(messages, add_generation_prompt)
-        template = _compile(self.chat_template)
+        template = _compile(source)
         ctx = {**self.special_tokens, **extra}
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **ctx)
 

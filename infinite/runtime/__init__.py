@@ -1,0 +1,1 @@
+"""One instance's engine: scheduler, block allocator, model runner, LLMEngine, AsyncLLMEngine."""

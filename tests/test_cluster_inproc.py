@@ -1,0 +1,267 @@
+"""The cluster's control plane on the in-process transport: gManager, front door, borrowing,
+migration and its failure path, without spawning a process."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from helpers_hf import make_hf_checkpoint
+from infinite import SamplingParams
+from infinite.cluster import messages as M
+from infinite.cluster.inproc import InProcessCluster
+from infinite.cluster.remote_attention import merge_parts, meta_of, remote_parts
+from infinite.attention import MAMetadata, micro_attention, write_kv
+from infinite.errors import RequestError
+from infinite.kv.rmanager import RBlock
+from infinite.runtime.config import EngineConfig
+from infinite.runtime.engine import LLMEngine
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(make_hf_checkpoint(tmp_path_factory.mktemp("inproc"), "llama_gqa", max_position_embeddings=1024))
+
+
+def config(ckpt, pool, **kw):
+    return EngineConfig(model=ckpt, dtype="float32", num_kv_blocks=pool, block_size=16, **kw)
+
+
+def lent_by_walk(inst) -> int:
+    """Blocks an instance lends, counted from its lend tables (not from its counters)."""
+    return sum(len(b) for b in inst.rm.lent.values())
+
+
+def held_by_walk(inst) -> int:
+    return sum(1 for t in inst.rm.tables.values() for ref in t if ref.instance == inst.rank)
+
+
+def assert_no_leak(cluster) -> None:
+    for inst in cluster.instances:
+        assert lent_by_walk(inst) == 0 and held_by_walk(inst) == 0 and not inst.rm.tables
+        assert inst.rm.num_free == inst.rm.num_blocks
+
+
+async def run(cluster, prompt, params=GREEDY, rid=None):
+    req = cluster.front.make_request(prompt, params, rid)
+    last = None
+    async for out in cluster.front.generate(req):
+        last = out
+    return last
+
+
+async def test_a_request_larger_than_one_pool_is_served_exactly_across_three_instances(ckpt):
+    rng = random.Random(3)
+    prompt = [rng.randrange(3, 300) for _ in range(300)]  # 20 blocks with its output; pools of 9
+    ref = LLMEngine(config(ckpt, 64))
+    ref.add_request(prompt, GREEDY, "ref")
+    want = None
+    while ref.has_unfinished_requests():
+        want = [o for o in ref.step() if o.finished] or want
+    async with InProcessCluster(config(ckpt, 9), 3) as cl:
+        out = await asyncio.wait_for(run(cl, prompt), 60)
+        assert out.outputs[0].token_ids == want[0].outputs[0].token_ids
+        assert set(out.extra["kv_blocks"]) == {0, 1, 2} and sum(out.extra["kv_blocks"].values()) == 20
+        await asyncio.sleep(0.3)  # let the heartbeats report the end
+        assert_no_leak(cl)
+        assert cl.gmanager.debts() == []
+
+
+async def test_gmanager_borrows_in_the_policy_order_all_or_nothing(ckpt):
+    cl = InProcessCluster(config(ckpt, 20, max_lend_fraction=0.5), 3)
+    try:
+        cl.beat()
+        gm = cl.gmanager
+        got = gm.borrow(M.Borrow(0, "r", 15))  # 10 lendable on each of 1 and 2
+        assert sorted(got.blocks) == sorted(set(got.blocks)) and len(got.blocks) == 15
+        by = {c: sum(1 for r, _ in got.blocks if r == c) for c in (1, 2)}
+        assert by == {1: 10, 2: 5}  # the most lendable first, then the next
+        assert lent_by_walk(cl.instances[1]) == 10 and lent_by_walk(cl.instances[2]) == 5
+        # too much for what is left: nothing is taken, nothing stays reserved
+        assert gm.borrow(M.Borrow(0, "s", 6)).blocks == []
+        assert lent_by_walk(cl.instances[2]) == 5 and lent_by_walk(cl.instances[1]) == 10
+        # the debtor's request shows up in its next heartbeat; debts follow from the placement
+        cl.instances[0].rm.append_remote("r", [RBlock(c, b) for c, b in got.blocks])
+        cl.beat()
+        assert gm.debts() == [{"debtor": 0, "creditor": 1, "blocks": 10, "requests": 1},
+                              {"debtor": 0, "creditor": 2, "blocks": 5, "requests": 1}]
+        # roles: a creditor does not borrow while it lends
+        assert gm.borrow(M.Borrow(1, "t", 1)).blocks == []
+        # giving everything back empties the ledger
+        cl.instances[0].allocator.give_back("r", cl.instances[0].rm.free_request("r"))
+        cl.beat()
+        assert gm.debts() == [] and lent_by_walk(cl.instances[1]) == lent_by_walk(cl.instances[2]) == 0
+    finally:
+        await cl.stop()
+
+
+async def test_gmanager_calibrates_the_transport_and_plans_moves(ckpt):
+    cl = InProcessCluster(config(ckpt, 64), 2)
+    try:
+        gm = cl.gmanager
+        rtt = gm.calibrate_transport(rounds=3)
+        assert rtt > 0 and gm.cost.remote_latency_s == rtt
+        # instance 0: one long request fills it and four more wait; instance 1 is idle
+        inst0 = cl.instances[0]
+        inst0.rm.allocate("long", 60)
+        cl.beat()
+        beat = inst0.heartbeat()
+        stats = M.InstanceStats(**{**__import__("msgspec").structs.asdict(beat.stats),
+                                   "num_running": 1, "num_waiting": 4, "waiting_blocks": 30})
+        gm.on_heartbeat(M.Heartbeat(stats, [M.PlacementEntry("long", 960, {0: 60})], []))
+        sent = len(cl.hub.sent)
+        moves = gm.plan_once()
+        assert moves and all(m.src == 0 and m.dst == 1 and m.request_id == "long" for m in moves)
+        issued = [msg for src, dst, msg in cl.hub.sent[sent:] if isinstance(msg, M.MoveKV)]
+        assert issued == [M.MoveKV("long", m.num_blocks, 1) for m in moves]
+        assert gm.plan_once() == []  # one move per request until a heartbeat shows it
+    finally:
+        await cl.stop()
+
+
+def fake_running(inst, rid, blocks):
+    """A request the instance holds `blocks` full local blocks of (as after its prefill)."""
+    from infinite.runtime.request import Request
+
+    req = Request(rid, list(range(3, 3 + 16 * blocks)), GREEDY, max_tokens=4)
+    req.num_computed_tokens = 16 * blocks
+    inst.engine.requests[rid] = req
+    inst.rm.allocate(rid, blocks)
+    return req
+
+
+async def settle(inst, cond, timeout=10.0):
+    """Run the between-steps work (apply finished transfers) until cond() holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        inst.migrator.apply_done()
+        await asyncio.sleep(0.01)
+
+
+async def test_migration_copies_while_decoding_and_a_failed_copy_gives_the_reservation_back(ckpt):
+    cl = InProcessCluster(config(ckpt, 32), 2)
+    try:
+        inst0, inst1 = cl.instances
+        fake_running(inst0, "r", 8)
+
+        def broken(msg, tensors):
+            raise OSError("disk on fire")
+
+        inst1.creditor.write_blocks = broken
+        inst0._migrate(M.MoveKV("r", 4, 1))
+        await settle(inst0, lambda: not inst0.migrator.busy)
+        await settle(inst0, lambda: lent_by_walk(inst1) == 0)  # the reservation came back
+        assert inst1.rm.num_free == 32 and [ref.instance for ref in inst0.rm.table("r")] == [0] * 8
+        assert inst0.counters.migrations == 0
+        del inst1.creditor.write_blocks  # the real one again: the move goes through
+        before = inst0.engine.kv.k[:, [ref.block for ref in inst0.rm.table("r")[:4]]].clone()
+        inst0._migrate(M.MoveKV("r", 4, 1))
+        assert [ref.instance for ref in inst0.rm.table("r")] == [0] * 8  # the swap waits for a step gap
+        await settle(inst0, lambda: not inst0.migrator.busy)
+        table = inst0.rm.table("r")
+        assert [ref.instance for ref in table] == [1] * 4 + [0] * 4 and lent_by_walk(inst1) == 4
+        assert torch.equal(inst1.engine.kv.k[:, [ref.block for ref in table[:4]]], before)
+        assert inst0.rm.num_free == 32 - 4 and inst0.counters.migrated_blocks == 4
+        # blocks come home: the creditor's copy comes back into the home's pool, its blocks are freed
+        inst0._migrate(M.MoveKV("r", 4, 0, src=1))
+        await settle(inst0, lambda: not inst0.migrator.busy)
+        table = inst0.rm.table("r")
+        assert [ref.instance for ref in table] == [0] * 8
+        assert torch.equal(inst0.engine.kv.k[:, [ref.block for ref in table[:4]]], before)
+        await settle(inst0, lambda: lent_by_walk(inst1) == 0)
+        assert inst1.rm.num_free == 32 and inst0.rm.num_borrowed == 0
+    finally:
+        await cl.stop()
+
+
+async def test_a_request_that_ends_during_a_copy_leaks_nothing(ckpt):
+    cl = InProcessCluster(config(ckpt, 32), 2)
+    try:
+        inst0, inst1 = cl.instances
+        fake_running(inst0, "r", 8)
+        inst0._migrate(M.MoveKV("r", 4, 1))
+        remote = inst0.rm.free_request("r")  # it finished before the swap
+        inst0.engine.requests.pop("r")
+        assert remote == []
+        await settle(inst0, lambda: not inst0.migrator.busy)
+        await settle(inst0, lambda: lent_by_walk(inst1) == 0)
+        assert_no_leak(cl)
+    finally:
+        await cl.stop()
+
+
+async def test_front_door_rejects_what_no_instance_can_hold_and_fails_streams_with_a_reason(ckpt):
+    async with InProcessCluster(config(ckpt, 12), 2) as cl:
+        with pytest.raises(ValueError, match=r"at most 23 blocks .*max_lend_fraction=0\.95"):  # 12 own + 11
+            cl.front.make_request([3 + i % 290 for i in range(400)], GREEDY)
+        req = cl.front.make_request([5, 6, 7], GREEDY)
+        cl.front._stopping = True
+        with pytest.raises(RequestError) as e:
+            async for _ in cl.front.generate(req):
+                pass
+        assert e.value.reason == "shutdown"
+        cl.front._stopping = False
+
+
+def test_remote_split_and_merge_equal_attention_over_one_pool():
+    """A request's blocks spread over three pools: per-pool MicroAttention merged by
+    AggregationAttention equals MicroAttention over all blocks in one pool."""
+    torch.manual_seed(0)
+    bs, nkv, nh, d = 4, 2, 4, 8
+    ctx = [13, 7]  # two requests; the last token of each is the query (decode)
+    pools = {r: (torch.zeros(16, bs, nkv, d), torch.zeros(16, bs, nkv, d)) for r in range(3)}
+    one = (torch.zeros(16, bs, nkv, d), torch.zeros(16, bs, nkv, d))
+    tables, one_tables, free, nxt = [], [], {0: 0, 1: 0, 2: 0}, 0
+    for n in ctx:
+        t, ot = [], []
+        for i in range(-(-n // bs)):
+            r = [1, 2, 0][i % 3] if i < -(-n // bs) - 1 else 0  # tail at home (rank 0)
+            t.append(RBlock(r, free[r]))
+            free[r] += 1
+            ot.append(nxt)
+            nxt += 1
+        tables.append(t)
+        one_tables.append(ot)
+    for t, ot, n in zip(tables, one_tables, ctx):
+        k, v = torch.randn(n, nkv, d), torch.randn(n, nkv, d)
+        for p in range(n):
+            ref = t[p // bs]
+            for (kc, vc), blk in ((pools[ref.instance], ref.block), (one, ot[p // bs])):
+                write_kv(kc, vc, k[p:p + 1], v[p:p + 1], torch.tensor([blk * bs + p % bs]))
+    q = torch.randn(2, nh, d)
+    q_lens, q_starts = [1, 1], [n - 1 for n in ctx]
+    full = micro_attention(q, *one, MAMetadata.build(q_lens, q_starts, one_tables), d ** -0.5)[0]
+    local_blocks = [[ref.block for ref in t if ref.instance == 0] for t in tables]
+    local_logical = [[i for i, ref in enumerate(t) if ref.instance == 0] for t in tables]
+    local = micro_attention(q, *pools[0], MAMetadata.build(q_lens, q_starts, local_blocks, local_logical), d ** -0.5)
+    parts = remote_parts(q_lens, q_starts, tables, 0, bs)
+    assert [p.creditor for p in parts] == [1, 2]
+    results = [micro_attention(q.index_select(0, p.rows), *pools[p.creditor], meta_of(p.meta), d ** -0.5)
+               for p in parts]
+    merged = merge_parts(local, parts, results)
+    assert torch.allclose(merged, full, atol=1e-5)
+
+
+async def test_one_request_uses_over_95_percent_of_an_idle_cluster(tmp_path):
+    """The lend cap protects a creditor's own demand, not idle memory: 4 idle instances of 20
+    blocks hold one request of 76 blocks (95% of 80), exactly."""
+    ckpt = str(make_hf_checkpoint(tmp_path, "llama_gqa", max_position_embeddings=2048))
+    rng = random.Random(7)
+    prompt = [rng.randrange(3, 300) for _ in range(76 * 16 - 4)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    ref = LLMEngine(config(ckpt, 96))
+    ref.add_request(prompt, params, "ref")
+    want = []
+    while ref.has_unfinished_requests():
+        want += [o for o in ref.step() if o.finished]
+    async with InProcessCluster(config(ckpt, 20), 4) as cl:
+        assert cl.front.capacity_tokens >= 0.95 * 4 * 20 * 16
+        out = await asyncio.wait_for(run(cl, prompt, params), 120)
+        assert out.outputs[0].token_ids == want[0].outputs[0].token_ids
+        assert sum(out.extra["kv_blocks"].values()) == 76 and set(out.extra["kv_blocks"]) == {0, 1, 2, 3}
+        await asyncio.sleep(0.3)
+        assert_no_leak(cl)
