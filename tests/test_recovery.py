@@ -94,7 +94,7 @@ async def test_a_dead_rank_costs_recomputation_not_requests(case):
         streams, home_of_long, victim = await streams_with_a_spanning_request(front, prompts)
         held = front.gmanager.placement_map()[streams[0].req.request_id]["blocks"]
         assert victim != 0
-        homed_there = [s for s in streams if front._homes[s.req.request_id] == victim]
+        homed_there = [s for s in streams if front._homes.get(s.req.request_id) == victim]
         print(f"\nlong request: home {home_of_long}, blocks {held}; killing rank {victim}, home to "
               f"{len(homed_there)} requests")
         cl.kill(victim)
