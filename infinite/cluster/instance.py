@@ -158,10 +158,13 @@ class Instance:
             self.migrator.push(mv.request_id, old[:len(got)], [RBlock(mv.dst, b) for b in got])
 
     def own_demand(self) -> int:
-        """Free blocks this instance keeps for itself (its queue, its running requests' growth)."""
+        """Free blocks this instance keeps for itself (its queue, its running requests' growth).
+        A waiting request larger than the whole pool is left out: only loans can run it, and if
+        every instance kept its pool for such a request none would lend and none would run
+        (tests/test_liveness.py)."""
         sched = self.engine.scheduler
         bs = self.engine.block_size
-        waiting = sum(blocks_for(r.num_tokens + 1, bs) for r in list(sched.waiting))
+        waiting = sum(b for r in list(sched.waiting) if (b := blocks_for(r.num_tokens + 1, bs)) <= self.rm.num_blocks)
         running = [(r.num_tokens, r.num_prompt_tokens + r.max_tokens, len(self.rm.table(r.request_id)))
                    for r in list(sched.running)]
         return self.policy.own_demand(waiting, running, bs)

@@ -20,20 +20,35 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from infinite.cluster import messages as M
 from infinite.cluster import recovery
 from infinite.cluster.membership import view_actions, view_states
-
-if TYPE_CHECKING:
-    from infinite.cluster.instance import Instance
+from infinite.cluster.policy import LendingPolicy
+from infinite.kv.rmanager import RManager
 
 log = logging.getLogger(__name__)
 
 
+class ViewHost(Protocol):
+    """What of an Instance the view touches (the Instance owns an InstanceView, so no import back)."""
+
+    rank: int
+    policy: LendingPolicy
+    rm: RManager
+    allocator: Any  # ClusterAllocator: .lost, .capacity, .other_pools
+    creditor: Any  # Creditor: .forget_debtor
+    transport: Any  # Transport: .forget
+    engine: Any  # LLMEngine: .scheduler, .abort_request, .block_size
+
+    def fence(self, reason: str) -> None: ...
+
+    def send_failures(self, failures: list[M.RequestFailure]) -> None: ...
+
+
 class InstanceView:
-    def __init__(self, instance: Instance) -> None:
+    def __init__(self, instance: ViewHost) -> None:
         self.instance = instance
         self.states: dict[int, str] = {}
         self.epoch = -1

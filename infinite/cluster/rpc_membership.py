@@ -29,7 +29,6 @@ import msgspec
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
-from infinite.cluster.rpc_transport import worker_name
 from infinite.runtime.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +39,11 @@ WORKERS_KEY = "_ALL_WORKER_INFOS"  # the dynamic group's "name-id," list (torch 
 CONFIG_KEY = "config"
 NEXT_RANK_KEY = "next_rank"
 MEMBERS_KEY = "members"
+
+
+def worker_name(rank: int) -> str:
+    """A rank's name in the RPC group."""
+    return f"rank{rank}"
 
 
 def _agent():

@@ -22,11 +22,9 @@ import torch
 import torch.distributed.rpc as rpc
 
 from infinite.cluster import messages as M
+from infinite.cluster import rpc_membership
+from infinite.cluster.rpc_membership import worker_name
 from infinite.cluster.transport import Endpoint, Future, Tensors, Transport, chain, failed_reply
-
-
-def worker_name(rank: int) -> str:
-    return f"rank{rank}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -66,14 +64,10 @@ class TorchRpcTransport(Transport):
         return fut.then(_decode_reply)
 
     def evict(self, rank: int) -> None:
-        from infinite.cluster import rpc_membership
-
         if self._started:
             rpc_membership.evict(rank)
 
     def forget(self, rank: int) -> None:
-        from infinite.cluster import rpc_membership
-
         if self._started:
             rpc_membership.forget(rank)
 

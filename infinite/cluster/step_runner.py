@@ -168,7 +168,16 @@ class StepRunner:
         if len(mbs) == 1:
             logits = [await loop.run_in_executor(executor, self.forward_blocking, mbs[0])]
         else:
-            logits = await asyncio.gather(*(self.forward_async(mb, executor) for mb in mbs))
+            tasks = [asyncio.ensure_future(self.forward_async(mb, executor)) for mb in mbs]
+            try:
+                logits = await asyncio.gather(*tasks)
+            except BaseException:
+                # A micro-batch failed (a creditor gone): stop the others at their next hop, so
+                # that none writes KV after the step's requests were recomputed elsewhere.
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
         # Sampling rows of every micro-batch first, then their prompt-logprob rows.
         merged, all_logits = merge_logits([mb.inputs for mb in mbs], list(logits))
         outs = await loop.run_in_executor(executor, self.engine.postprocess, batch, merged, all_logits)
