@@ -59,8 +59,13 @@ class TorchRpcTransport(Transport):
         self._started = True
 
     def request(self, dst: int, msg: M.Msg, tensors: Tensors = None, timeout: float | None = None) -> Future:
-        fut = rpc.rpc_async(worker_name(dst), _deliver, args=(self.rank, M.encode(msg), _cpu(tensors)),
-                            timeout=timeout if timeout is not None and timeout > 0 else rpc.constants.UNSET_RPC_TIMEOUT)
+        try:
+            fut = rpc.rpc_async(worker_name(dst), _deliver, args=(self.rank, M.encode(msg), _cpu(tensors)),
+                                timeout=timeout if timeout is not None and timeout > 0 else rpc.constants.UNSET_RPC_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - e.g. a rank evicted from the group: the error is the future's
+            failed: Future = torch.futures.Future()
+            failed.set_exception(ConnectionError(f"rank {dst} is unreachable: {e}"))
+            return failed
         return fut.then(_decode_reply)
 
     def evict(self, rank: int) -> None:
