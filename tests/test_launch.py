@@ -174,7 +174,7 @@ def test_two_torchrun_nodes_survive_node1_being_killed():
     try:
         wait_ready(port, nodes[0], timeout=180)
         ref = complete(port, "Hello", 300)["choices"][0]["text"]
-        streams = [in_thread(complete, port, "Hello", 300, True) for _ in range(2)]
+        streams = [in_thread(complete, port, "Hello", 300, True) for _ in range(4)]  # homes spread over both
         deadline = time.monotonic() + 30
         while not get_json(f"http://127.0.0.1:{port}/status")[1]["instances"][1]["num_running"]:
             assert time.monotonic() < deadline, "no request reached rank 1"

@@ -39,7 +39,6 @@ class ViewHost(Protocol):
     rm: RManager
     allocator: Any  # ClusterAllocator: .lost, .capacity, .other_pools
     creditor: Any  # Creditor: .forget_debtor
-    transport: Any  # Transport: .forget
     engine: Any  # LLMEngine: .scheduler, .abort_request, .block_size
 
     def fence(self, reason: str) -> None: ...
@@ -86,10 +85,6 @@ class InstanceView:
             inst.allocator.lost.add(r)
             n = inst.rm.release_debtor(r)
             inst.creditor.forget_debtor(r)
-            try:
-                inst.transport.forget(r)
-            except Exception:  # noqa: BLE001 - only bookkeeping of the RPC agent
-                log.debug("forgetting rank %d", r, exc_info=True)
             k = self._recompute_touching(r)
             if n or k:
                 log.warning("rank %d: rank %d is gone: took back %d blocks lent to it, recomputing %d requests that "

@@ -89,17 +89,6 @@ def evict(rank: int) -> None:
             entry = f"{name}-{rank},"
             if entry in listed:
                 names.set(WORKERS_KEY, listed.replace(entry, ""))
-    forget(rank)
-
-
-def forget(rank: int) -> None:
-    """Drop a gone rank from this process's RPC agent (what torch's graceful leave does on the others)."""
-    from torch.distributed.rpc import WorkerInfo
-
-    agent = _agent()
-    name = worker_name(rank)
-    if any(w.name == name for w in agent.get_worker_infos()):
-        agent._update_group_membership(WorkerInfo(name, rank), [], {}, False)
 
 
 # --------------------------------------------------------------------------- a joining rank

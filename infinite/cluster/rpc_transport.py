@@ -72,10 +72,6 @@ class TorchRpcTransport(Transport):
         if self._started:
             rpc_membership.evict(rank)
 
-    def forget(self, rank: int) -> None:
-        if self._started:
-            rpc_membership.forget(rank)
-
     def close(self) -> None:
         if self._started:
             self._started = False

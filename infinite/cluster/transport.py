@@ -149,10 +149,6 @@ class Transport(ABC):
 
     def evict(self, rank: int) -> None:
         """Rank 0: take a gone rank out of the group, so that new ranks can join (no-op here)."""
-        self.forget(rank)
-
-    def forget(self, rank: int) -> None:
-        """Stop counting a gone rank as a peer of this process (no-op here)."""
 
     # ---- data ------------------------------------------------------------------------------
     def attention(self, dst: int, call: M.AttentionCall, tensors: M.AttentionTensors,
