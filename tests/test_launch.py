@@ -192,6 +192,14 @@ def test_two_torchrun_nodes_survive_node1_being_killed():
         st = get_json(f"http://127.0.0.1:{port}/status")[1]
         assert [i["rank"] for i in st["instances"]] == [0] and st["recovery"]["moved"] >= 1  # no stale rank 1
         assert complete(port, "and after", 3)["usage"]["completion_tokens"] == 3
+        # A new instance joins through torchrun's store (MASTER_ADDR:MASTER_PORT) in place of rank 1.
+        nodes.append(start([sys.executable, "-m", "infinite.cli", "join", "--cluster", f"127.0.0.1:{mport}"]))
+        deadline = time.monotonic() + 60
+        while (health := get_json(f"http://127.0.0.1:{port}/health")[1])["status"] != "ok":
+            assert time.monotonic() < deadline and nodes[2].poll() is None, health
+            time.sleep(0.1)
+        assert health["serving"] == [0, 2] and complete(port, "with a new rank", 3)["usage"]["completion_tokens"] == 3
+        node0 += [nodes[2].pid]
         nodes[0].send_signal(signal.SIGINT)
         took = wait_exit(nodes[0], 30)  # no 300 s wait on torchrun's exit barrier for the dead node
         assert nodes[0].returncode != 0, "a node whose peer died must not exit 0"
