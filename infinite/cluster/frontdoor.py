@@ -80,11 +80,13 @@ class ClusterEngine(EngineFacts):
         return out
 
     async def fresh_stats(self) -> list[dict]:
-        """Ask every member now (LLM.stats() wants exact numbers after a batch)."""
+        """Ask every member now (LLM.stats() wants exact numbers after a batch); a member that does
+        not answer (dying as we ask) is left out, not an error."""
         loop = asyncio.get_running_loop()
         ranks = self.supervisor.members()
-        res = await asyncio.gather(*(to_asyncio(self.transport.stats(r, timeout=PING_S * 5), loop) for r in ranks))
-        return [msgspec.structs.asdict(s) for s in res]
+        res = await asyncio.gather(*(to_asyncio(self.transport.stats(r, timeout=PING_S * 5), loop) for r in ranks),
+                                   return_exceptions=True)
+        return [msgspec.structs.asdict(s) for s in res if not isinstance(s, BaseException)]
 
     def health(self) -> dict:
         return self.supervisor.health()
