@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from infinite.attention import MAMetadata
 from infinite.cluster import messages as M
 from infinite.cluster.frontdoor import ClusterEngine
 from infinite.cluster.instance import Instance
@@ -27,6 +28,10 @@ class RankEndpoint:
         """(layers, query heads, head dim, KV heads, dtype): what a remote MicroAttention call carries."""
         c = self.instance.engine.model_config
         return c.num_layers, c.num_heads, c.head_dim, c.num_kv_heads, self.instance.engine.kv.k.dtype
+
+    def attend(self, layer: int, meta: MAMetadata, t: M.AttentionTensors) -> M.AttentionResultTensors:
+        """One layer of MicroAttention over blocks lent to a debtor, on the caller's thread."""
+        return self.instance.creditor.attend(layer, meta, t)
 
     def handle(self, src: int, msg: M.Msg, tensors: Tensors) -> Reply | Future:
         inst = self.instance

@@ -30,6 +30,8 @@ from infinite.cluster.transport import PeerError, Transport, wait_all
 
 log = logging.getLogger(__name__)
 
+REFIT_S = 5.0  # how often the step-time model is refitted
+
 
 @dataclass
 class Placed:
@@ -55,7 +57,8 @@ class GManager:
         self.instances: dict[int, M.InstanceStats] = {}  # rank -> last heartbeat (adjusted by loans since)
         self.requests: dict[str, Placed] = {}
         self.pending: dict[int, int] = {}  # blocks routed to a rank since its last heartbeat
-        self.samples: deque[StepSample] = deque(maxlen=512)
+        self.samples: deque[StepSample] = deque(maxlen=128)
+        self._fitted_at = -1e9
         self._moves_in_flight: dict[str, float] = {}
         self.moves_issued = 0
         self.loans_refused = 0  # on-demand loans the cost model said would not pay
@@ -76,12 +79,15 @@ class GManager:
         return self.cost.remote_latency_s
 
     def _calibrate(self) -> None:
-        """Refit the step-time model to the heartbeats' samples, and take the remote latency
-        from the remote calls debtors actually measured (exposed wait per call and layer)."""
+        """Refit the step-time model to the heartbeats' samples (every REFIT_S: a fit costs tens of
+        ms of rank 0's CPU, which also serves its own batch), and take the remote latency from
+        the remote calls debtors actually measured (exposed wait per call and layer)."""
+        now = time.monotonic()
         with self.lock:
             samples = list(self.samples)
             waits = [s.remote_wait_per_call_ms / 1e3 for s in self.instances.values() if s.remote_wait_per_call_ms > 0]
-        if len(samples) >= 8:
+        if len(samples) >= 8 and now - self._fitted_at >= REFIT_S:
+            self._fitted_at = now
             self.cost = fit(samples, prior=self.cost)
         if waits:
             waits.sort()

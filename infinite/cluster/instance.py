@@ -188,7 +188,13 @@ class Instance:
         for req in batch.requests:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        return batch, self.runner.micro_batches(batch, tables), None
+        mbs = self.runner.micro_batches(batch, tables)
+        if len(mbs) == 1:
+            try:
+                return batch, None, self.runner.run_blocking(batch, mbs[0])
+            except Exception as err:
+                raise RemoteStepFailed(mbs, err) from err
+        return batch, mbs, None
 
     async def run(self) -> None:
         """The instance's step loop; returns when stopped."""
@@ -198,7 +204,6 @@ class Instance:
         failures = 0
         while not self.stopping:
             t0 = time.perf_counter()
-            mbs = None
             try:
                 res = await loop.run_in_executor(self.executor, self._begin_step)
                 if res is None:
@@ -212,7 +217,10 @@ class Instance:
                     continue
                 batch, mbs, outs = res
                 if mbs is not None:
-                    outs = await self.runner.run(batch, mbs, self.executor)
+                    try:
+                        outs = await self.runner.run(batch, mbs, self.executor)
+                    except Exception as err:
+                        raise RemoteStepFailed(mbs, err) from err
                 dt = time.perf_counter() - t0
                 self.engine.last_step_time = dt
                 self.counters.step_done(dt)
@@ -221,18 +229,18 @@ class Instance:
                 failures = 0
             except Exception as err:  # noqa: BLE001 - keep serving
                 failures += 1
-                if mbs is not None and _peer_unreachable(err) and await self._survive(err, mbs, failures):
+                remote = isinstance(err, RemoteStepFailed) and _peer_unreachable(err.cause)
+                if remote and await self._survive(err.cause, err.creditors, failures):
                     continue  # the next step recomputes what the lost rank held (or simply retries)
                 log.exception("rank %d: step failed", self.rank)
-                reason = "timeout" if mbs is not None and _peer_unreachable(err) else "internal"
+                reason = "timeout" if remote else "internal"
                 await loop.run_in_executor(self.executor, self._fail_running, "the step failed on rank "
                                            f"{self.rank}; see its log", reason)
 
-    async def _survive(self, err: BaseException, mbs, failures: int) -> bool:
+    async def _survive(self, err: BaseException, ranks: list[int], failures: int) -> bool:
         """A remote step failed without an answer from a creditor (gone, or stalled past the
         timeout): rank 0 checks the creditors; a dead one leaves the cluster and its blocks'
         requests are recomputed at the next step. True if the step's requests live on."""
-        ranks = sorted({p.creditor for mb in mbs for p in mb.parts})
         loop = asyncio.get_running_loop()
         log.warning("rank %d: a remote step failed (%s); asking rank 0 to check ranks %s", self.rank,
                     short_error(err), ranks)
@@ -325,6 +333,15 @@ class Instance:
             recomputed=self.view.recomputed,
             **self.rm.walk(),
         )
+
+
+class RemoteStepFailed(Exception):
+    """A step with blocks on creditors failed; ``creditors`` are the ranks it called."""
+
+    def __init__(self, mbs: list, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.creditors = sorted({p.creditor for mb in mbs for p in mb.parts})
+        self.cause = cause
 
 
 def _peer_unreachable(err: BaseException) -> bool:
