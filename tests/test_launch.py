@@ -132,8 +132,7 @@ def test_workers_leave_by_sigterm_and_by_the_admin_endpoint_while_streams_go_on(
         assert_all_exit(everyone)
         assert proc.wait(timeout=5) == 0  # no rank was lost: a clean exit
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_all([proc])
 
 
 def test_torchrun_launch_serves_and_sigint_stops_every_rank():
@@ -149,8 +148,7 @@ def test_torchrun_launch_serves_and_sigint_stops_every_rank():
         os.kill(proc.pid, signal.SIGINT)
         assert_all_exit(everyone, timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_all([proc])
 
 
 def torchrun_node(node_rank: int, master_port: int, http_port: int, log: Path | None = None) -> subprocess.Popen:
@@ -158,6 +156,20 @@ def torchrun_node(node_rank: int, master_port: int, http_port: int, log: Path | 
                   "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(master_port),
                   "-m", "infinite.launch.serve", "--port", str(http_port), "--num-kv-blocks", "32", "--dtype", "float32",
                   "--threads-per-rank", "1"], log)
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    """Whatever a failed test left: each process still running and everything under it (torchrun's
+    workers run in sessions of their own, so killing the agent's group is not enough; a worker
+    whose agent is gone already stops by itself, watching its parent)."""
+    for p in procs:
+        if p.poll() is not None:
+            continue  # exited and reaped: its pid may be another process's by now
+        for pid in descendants(p.pid) + [p.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def kill_node(node: subprocess.Popen) -> list[int]:
@@ -206,9 +218,7 @@ def test_two_torchrun_nodes_survive_node1_being_killed():
         assert_all_exit(node0, timeout=10)
         print(f"\nnode 0 exited {nodes[0].returncode} {took:.1f} s after SIGINT")
     finally:
-        for n in nodes:
-            if n.poll() is None:
-                os.killpg(n.pid, signal.SIGKILL)
+        kill_all(nodes)
 
 
 def test_a_torchrun_node_whose_rank0_died_exits_nonzero_promptly(tmp_path):
@@ -224,6 +234,4 @@ def test_a_torchrun_node_whose_rank0_died_exits_nonzero_promptly(tmp_path):
         assert "rank 0 has not answered heartbeats" in (tmp_path / "node1.log").read_text(errors="replace")
         print(f"\nnode 1 exited {nodes[1].returncode} {took:.1f} s after node 0 was killed")
     finally:
-        for n in nodes:
-            if n.poll() is None:
-                os.killpg(n.pid, signal.SIGKILL)
+        kill_all(nodes)
