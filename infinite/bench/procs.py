@@ -185,9 +185,10 @@ class LocalCluster:
         """SIGTERM to the server (it stops every rank), then to joiners; SIGKILL what lingers.
         Returns the command lines of processes that had to be killed (orphans)."""
         procs = [p for p in [self.proc, *self.joiners] if p is not None]
-        everyone = []
+        everyone: dict[int, str] = {}  # pid -> command line: a pid reused meanwhile is not ours
         for p in procs:
-            everyone += [p.pid] + descendants(p.pid)
+            if p.poll() is None:
+                everyone.update({q: cmdline(q) for q in [p.pid] + descendants(p.pid)})
         for p in procs:
             if p.poll() is None:
                 try:
@@ -195,10 +196,14 @@ class LocalCluster:
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(alive(p) for p in everyone):
+
+        def ours() -> list[int]:
+            return [q for q, cmd in everyone.items() if alive(q) and cmdline(q) == cmd]
+
+        while time.monotonic() < deadline and ours():
             time.sleep(0.1)
-        left = [p for p in everyone if alive(p)]
-        names = [cmdline(p) for p in left]
+        left = ours()
+        names = [everyone[q] for q in left]
         for p in left:
             try:
                 os.kill(p, signal.SIGKILL)
