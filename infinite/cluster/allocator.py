@@ -39,6 +39,7 @@ class ClusterAllocator(LocalAllocator):
         self.chunk_blocks = chunk_blocks
         self.borrowable = 0  # blocks the rest of the cluster can still lend us (the gManager's last word)
         self.loans_pay = False  # the gManager's last word on whether a loan for a request that fits would pay
+        self.lost: set[int] = set()  # ranks that died: their blocks went with them, nothing to release there
         self.migrator: Migrator | None = None  # set by the Instance once its KV cache exists
         self._quiet_until = 0.0  # no loan requests before this time (after a refusal)
 
@@ -127,7 +128,8 @@ class ClusterAllocator(LocalAllocator):
         reported only once its blocks are free everywhere."""
         by_creditor: dict[int, list[int]] = {}
         for ref in refs:
-            by_creditor.setdefault(ref.instance, []).append(ref.block)
+            if ref.instance not in self.lost:
+                by_creditor.setdefault(ref.instance, []).append(ref.block)
         ranks = list(by_creditor)
         futs = [self.transport.release(c, M.Release(self.rm.rank, request_id, by_creditor[c]), timeout=self.timeout_s)
                 for c in ranks]

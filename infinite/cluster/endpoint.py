@@ -57,14 +57,22 @@ class RankEndpoint:
             case M.Stop():
                 inst.request_stop()
                 return ACK
+            case M.ClusterView():
+                inst.apply_view(msg)
+                return ACK
+            case M.Drain():
+                inst.request_leave(msg.reason)
+                return ACK
         front = self.front
         if front is None:
             raise RuntimeError(f"rank {inst.rank} does not serve {type(msg).__name__} (rank 0 does)")
+        sup = front.supervisor
+        # Membership and borrowing: the handler's return value is the reply.
+        answer = {M.Heartbeat: sup.on_heartbeat, M.Join: sup.on_join, M.Suspect: sup.on_suspect,
+                  M.Leaving: sup.on_leaving, M.Left: sup.on_left, M.Borrow: front.gmanager.borrow}.get(type(msg))
+        if answer is not None:
+            return answer(msg), None
         match msg:
-            case M.Heartbeat():
-                return front.gmanager.on_heartbeat(msg), None
-            case M.Borrow():
-                return front.gmanager.borrow(msg), None
             case M.Outputs():
                 front.on_outputs(msg)
                 return ACK

@@ -26,7 +26,7 @@ from infinite.cluster.cost_model import CostModel, StepSample, fit
 from infinite.cluster.placement import (ClusterSnapshot, InstanceState, Move, PlacementConfig, RequestState, loan_gain,
                                         plan, route)
 from infinite.cluster.policy import LendingPolicy, Peer
-from infinite.cluster.transport import Transport, wait_all
+from infinite.cluster.transport import PeerError, Transport, wait_all
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,17 @@ class GManager:
         self.moves_issued = 0
         self.loans_refused = 0  # on-demand loans the cost model said would not pay
         self._rr = 0
+        # Ranks that take requests and lend (the supervisor's membership decides; draining and
+        # gone ranks are out of routing, borrowing and placement).
+        self.serving: frozenset[int] = frozenset(range(self.world_size))
+        self.on_unreachable = None  # callable(rank, error): a call to a rank failed (the supervisor checks it)
 
     def calibrate_transport(self, rounds: int = 5) -> float:
         """Probe the data plane to every other rank: the cost model's remote-MA latency (per call,
         per layer) until real remote calls are measured. It differs by orders of magnitude between
         NVLink and loopback TCP, so no default fits."""
         rtts = sorted(self.transport.probe(r, timeout=self.timeout_s)
-                      for r in range(1, self.world_size) for _ in range(rounds))
+                      for r in sorted(self.serving - {self.transport.rank}) for _ in range(rounds))
         if rtts:
             self.cost = replace(self.cost, remote_latency_s=rtts[len(rtts) // 2])
         return self.cost.remote_latency_s
@@ -132,7 +136,26 @@ class GManager:
         me = self.instances.get(rank)
         if me is None or not self.policy.may_borrow(me.lent_blocks):
             return 0
-        return sum(self.policy.lendable(self._peer(s)) for r, s in self.instances.items() if r != rank)
+        return sum(self.policy.lendable(self._peer(s)) for r, s in self.instances.items()
+                   if r != rank and r in self.serving)
+
+    # ---- membership ------------------------------------------------------------------------
+    def set_serving(self, ranks: frozenset[int]) -> None:
+        with self.lock:
+            self.serving = frozenset(ranks)
+
+    def drop(self, rank: int) -> None:
+        """``rank`` is gone: forget its heartbeat, its requests, and every block it held for
+        others, so the ledger holds no debt to or from it (its requests are recomputed)."""
+        with self.lock:
+            self.instances.pop(rank, None)
+            self.pending.pop(rank, None)
+            self.serving = self.serving - {rank}
+            for rid in [rid for rid, p in self.requests.items() if p.home == rank]:
+                del self.requests[rid]
+                self._moves_in_flight.pop(rid, None)
+            for p in self.requests.values():
+                p.blocks.pop(rank, None)
 
     # ---- routing and on-demand borrowing ------------------------------------------------------
     def snapshot(self, with_requests: bool = True) -> ClusterSnapshot:
@@ -156,6 +179,7 @@ class GManager:
                     waiting_blocks=s.waiting_blocks,
                     waiting_requests=s.num_waiting,
                     borrowed_blocks=s.borrowed_blocks,
+                    alive=r in self.serving,
                 )
                 for r, s in sorted(self.instances.items())
             )
@@ -167,14 +191,17 @@ class GManager:
         return ClusterSnapshot(insts, reqs, self.block_size)
 
     def route(self, prompt_blocks: int) -> int:
-        """Home for a new request; round robin until every instance has reported."""
-        if len(self.instances) < self.world_size:
+        """Home for a new request; round robin until every serving instance has reported."""
+        serving = sorted(self.serving)
+        if not serving:
+            raise RuntimeError("no instance is serving")
+        if not set(serving) <= set(self.instances):
             self._rr += 1
-            return (self._rr - 1) % self.world_size
+            return serving[(self._rr - 1) % len(serving)]
         snap = self.snapshot()
         home = route(snap, self.pcfg, prompt_blocks)
-        if home is None:  # the front door checked the capacity; fall back to the most free
-            home = max(snap.instances, key=lambda i: i.free_blocks).rank
+        if home is None or home not in self.serving:  # the front door checked the capacity; take the most free
+            home = max((i for i in snap.instances if i.rank in self.serving), key=lambda i: i.free_blocks).rank
         with self.lock:
             self.pending[home] = self.pending.get(home, 0) + prompt_blocks
         return home
@@ -190,7 +217,7 @@ class GManager:
             placed = self.requests.get(msg.request_id)
             held = placed.blocks if placed is not None else {}
             plan_ = self.policy.borrow_plan(self._peer(me), msg.num_blocks,
-                                            [self._peer(s) for s in self.instances.values()], held)
+                                            [self._peer(s) for r, s in self.instances.items() if r in self.serving], held)
         if not plan_:
             return M.Borrowed([])
         if msg.request_blocks <= me.total_blocks and not (self.calibrated and self._loan_pays(msg, plan_, held)):
@@ -201,8 +228,10 @@ class GManager:
             try:
                 reply = self.transport.reserve(rank, M.Reserve(msg.debtor, msg.request_id, take),
                                                timeout=self.timeout_s).wait()
-            except Exception:  # noqa: BLE001
-                log.warning("reserve on rank %d failed", rank, exc_info=True)
+            except Exception as e:  # noqa: BLE001
+                log.warning("reserve on rank %d failed: %s", rank, e)
+                if self.on_unreachable is not None and not isinstance(e, PeerError):
+                    self.on_unreachable(rank, e)
                 break
             got.extend((rank, b) for b in reply.blocks)
             with self.lock:
@@ -250,7 +279,7 @@ class GManager:
 
     def plan_once(self) -> list[Move]:
         """Run the greedy placement on the current view and send move_kvcache to the homes."""
-        if not self.policy.enabled or len(self.instances) < self.world_size:
+        if not self.policy.enabled or not self.serving <= set(self.instances):
             return []
         self._calibrate()
         try:

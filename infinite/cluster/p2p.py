@@ -128,6 +128,17 @@ class P2PTransport(TorchRpcTransport):
     # ---- debtor side ---------------------------------------------------------------------------
     def attention(self, dst: int, call: M.AttentionCall, tensors: M.AttentionTensors,
                   timeout: float | None = None) -> Future:
+        if dst >= self.world_size:  # joined after start-up: outside the point-to-point group, on RPC
+            return super().attention(dst, call, tensors, timeout)
+        try:
+            return self._attention(dst, call, tensors)
+        except Exception as e:  # noqa: BLE001 - a send to a peer that is gone fails in the future,
+            # never in the caller: the step then finishes its other streams layer by layer, in step
+            fut: Future = torch.futures.Future()
+            fut.set_exception(PeerError(f"sending to rank {dst} failed: {e}", "rank_lost"))
+            return fut
+
+    def _attention(self, dst: int, call: M.AttentionCall, tensors: M.AttentionTensors) -> Future:
         slot = call.key.micro_batch
         group = self._groups[slot]
         sends = []

@@ -174,7 +174,16 @@ class StepRunner:
         MicroAttention in flight while another computes), then sampling on the compute thread."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        logits = await asyncio.gather(*(self.forward_async(mb, executor) for mb in mbs))
+        tasks = [asyncio.ensure_future(self.forward_async(mb, executor)) for mb in mbs]
+        try:
+            logits = await asyncio.gather(*tasks)
+        except BaseException:
+            # A micro-batch failed (a creditor gone): stop the others at their next hop, so that
+            # none writes KV after the step's requests were recomputed elsewhere.
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         outs = await loop.run_in_executor(executor, self._sample, batch, mbs, list(logits))
         self.counters.remote_step_s += time.perf_counter() - t0
         return outs
