@@ -57,6 +57,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-remote-fraction", type=float, default=_DEFAULTS.max_remote_fraction,
                    help="share of a request's blocks that throughput moves may place on other instances "
                         f"(default {_DEFAULTS.max_remote_fraction})")
+    p.add_argument("--cluster-port", type=int, default=0,
+                   help="port of the cluster's store with --num-instances > 1 (0 = any free); "
+                        "`infinite join --cluster HOST:PORT` adds instances through it")
     p.add_argument("--max-pending", type=int, default=1024, help="engine requests in flight before 503 (default 1024)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body; larger gets 413")
     p.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"],
@@ -120,7 +123,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"infinite: listening on http://{host}:{port}", flush=True)
 
     if config.num_instances > 1:
-        return serve_cluster(config, settings, args.host, args.port, listening, args.log_level)
+        return serve_cluster(config, settings, args.host, args.port, listening, args.log_level, args.cluster_port)
 
     async def start_engine() -> Any:
         from infinite.runtime.async_engine import AsyncLLMEngine
@@ -144,7 +147,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def serve_cluster(config: EngineConfig, settings: ServerSettings, host: str, port: int, listening: Any,
-                  log_level: str) -> int:
+                  log_level: str, cluster_port: int = 0) -> int:
     """N ranks without torchrun: ranks 1..N-1 are started here, this process is rank 0 and serves."""
     from infinite.cluster.rank import run_rank
     from infinite.cluster.spawn import local_rendezvous, spawn_ranks, stop_ranks
@@ -152,7 +155,9 @@ def serve_cluster(config: EngineConfig, settings: ServerSettings, host: str, por
     from infinite.runtime.engine import resolve_model_dir
 
     config = EngineConfig(**{**config.__dict__, "model": resolve_model_dir(config.model)})
-    opts = local_rendezvous(config.num_instances, log_level=log_level)
+    opts = local_rendezvous(config.num_instances, log_level=log_level, rpc_port=cluster_port)
+    store = opts[0].init_method[len("tcp://"):]
+    print(f"infinite: cluster store at {store} (infinite join --cluster {store} adds an instance)", flush=True)
     workers = spawn_ranks(config, opts[1:])
     try:
         return run_rank(config, opts[0], http_front_end(settings, host, port, listening))
@@ -166,6 +171,11 @@ def build_parser(prog: str = "infinite") -> argparse.ArgumentParser:
     serve_p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     add_serve_args(serve_p)
     serve_p.set_defaults(func=run_serve)
+    from infinite.launch.join import add_join_args, run_join
+
+    join_p = sub.add_parser("join", help="add an instance to a running cluster")
+    add_join_args(join_p)
+    join_p.set_defaults(func=run_join)
     return parser
 
 

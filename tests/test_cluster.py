@@ -88,3 +88,29 @@ def test_migration_keeps_tokens_exact(ckpt, prompts):
         # again, which is exact too); ours is among them
         assert stats[home]["migrations"] >= 1 and stats[home]["migrated_blocks"] >= 6
         assert all(s["used_blocks"] == 0 and s["lent_blocks"] == 0 for s in stats)
+
+
+def test_offline_generate_survives_a_worker_killed_midway(ckpt, prompts):
+    """LLM(num_instances=3): SIGKILL to a worker while it runs requests; they are recomputed on the
+    survivors and every output equals one instance's; nothing is left held."""
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    ref = LLM(model=ckpt, dtype="float32", num_kv_blocks=256).generate(prompts[1:], params, use_tqdm=False)
+    with LLM(model=ckpt, dtype="float32", num_instances=3, num_kv_blocks=24) as llm:
+        eng = llm.engine
+        reqs = [eng.make_request(p, params) for p in prompts[1:]]
+        for r in reqs:
+            eng.submit(r)
+        deadline = time.monotonic() + 60
+        while not any(i["rank"] == 2 and i["num_running"] for i in eng.cluster_status()["instances"]):
+            assert time.monotonic() < deadline, "rank 2 never ran a request"
+            time.sleep(0.02)
+        eng.procs[2].kill()
+        done = {}
+        while eng.has_unfinished_requests():
+            done.update({o.request_id: o for o in eng.step()})
+        assert [done[r.request_id].outputs[0].token_ids for r in reqs] == [o.outputs[0].token_ids for o in ref]
+        st = eng.cluster_status()
+        assert st["recovery"]["moved"] >= 1 and [i["rank"] for i in st["instances"]] == [0, 1]
+        assert st["health"]["status"] == "degraded" and st["health"]["lost"][0]["rank"] == 2
+        for s in llm.stats():
+            assert s["table_blocks"] == s["lent_entries"] == 0 and s["free_blocks"] == s["total_blocks"], s

@@ -75,6 +75,7 @@ async def test_gmanager_borrows_in_the_policy_order_all_or_nothing(ckpt):
     try:
         cl.beat()
         gm = cl.gmanager
+        gm.calibrated = True  # as after its first fit: this test is about the order, not the gain
         got = gm.borrow(M.Borrow(0, "r", 15))  # 10 lendable on each of 1 and 2
         assert sorted(got.blocks) == sorted(set(got.blocks)) and len(got.blocks) == 15
         by = {c: sum(1 for r, _ in got.blocks if r == c) for c in (1, 2)}
@@ -113,6 +114,10 @@ async def test_gmanager_calibrates_the_transport_and_plans_moves(ckpt):
                                    "num_running": 1, "num_waiting": 4, "waiting_blocks": 30})
         gm.on_heartbeat(M.Heartbeat(stats, [M.PlacementEntry("long", 960, {0: 60})], []))
         sent = len(cl.hub.sent)
+        assert gm.plan_once() == []  # no move for throughput before the cost model is fitted
+        from infinite.cluster.cost_model import CostModel
+
+        gm.calibrated, gm.cost = True, CostModel(num_layers=3)  # a fast remote path: the move pays
         moves = gm.plan_once()
         assert moves and all(m.src == 0 and m.dst == 1 and m.request_id == "long" for m in moves)
         issued = [msg for src, dst, msg in cl.hub.sent[sent:] if isinstance(msg, M.MoveKV)]
@@ -265,3 +270,35 @@ async def test_one_request_uses_over_95_percent_of_an_idle_cluster(tmp_path):
         assert sum(out.extra["kv_blocks"].values()) == 76 and set(out.extra["kv_blocks"]) == {0, 1, 2, 3}
         await asyncio.sleep(0.3)
         assert_no_leak(cl)
+
+
+async def test_no_regret_loans_pay_or_serve_demand_no_home_can_hold(ckpt):
+    """When remote calls cost more than the batch a loan admits, the gManager refuses loans for
+    requests that fit their home's pool (they wait, as without lending) and still grants loans
+    that a request larger than its home's pool needs."""
+    from dataclasses import replace
+
+    from infinite.cluster.cost_model import CostModel
+
+    cl = InProcessCluster(config(ckpt, 20), 2)
+    try:
+        gm = cl.gmanager
+        busy = cl.instances[0]
+        for i in range(6):  # a busy home: six running requests
+            fake_running(busy, f"r{i}", 3)
+            busy.engine.scheduler.running.append(busy.engine.requests[f"r{i}"])
+        cl.beat()
+        assert gm.borrow(M.Borrow(0, "early", 2, request_blocks=4)).blocks == []  # nothing on a guess
+        gm.calibrated = True
+        gm.loans_refused = 0
+        gm.cost = CostModel(base_s=4e-3, per_request_s=3e-4, per_context_token_s=2e-7, remote_latency_s=2e-3,
+                            num_layers=3)
+        fits_home = gm.borrow(M.Borrow(0, "short", 2, request_blocks=4, running=False))
+        assert fits_home.blocks == [] and gm.loans_refused == 1
+        too_big = gm.borrow(M.Borrow(0, "long", 10, request_blocks=30, running=False))
+        assert len(too_big.blocks) == 10  # 30 blocks never fit a 20-block home: capacity, not throughput
+        # with a fast remote path the same short loan pays
+        gm.cost = replace(gm.cost, remote_latency_s=1e-6)
+        assert len(gm.borrow(M.Borrow(0, "short2", 2, request_blocks=4, running=False)).blocks) == 2
+    finally:
+        await cl.stop()

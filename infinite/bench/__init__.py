@@ -5,6 +5,6 @@ Each benchmark is a module here with ``main(argv) -> int``; the dispatcher in
 dependencies never break the others.
 """
 
-BENCHES = ("offline", "kernels", "cluster", "serve", "grammar")
+BENCHES = ("offline", "kernels", "cluster", "serve", "grammar", "soak")
 
 __all__ = ["BENCHES"]

@@ -19,6 +19,7 @@ USAGE = (
     "  cluster  distributed runtime: throughput and KV lending across instances\n"
     "  serve    online serving benchmark against an OpenAI-compatible server\n"
     "  grammar  structured-output overhead per decode step (llguidance masks in the sampler)\n"
+    "  soak     mixed streaming load while a rank is killed and a new one joins\n"
     "Run `python -m infinite.bench NAME --help` for a bench's own options."
 )
 

@@ -12,6 +12,7 @@ tokens, not once per block.
 from __future__ import annotations
 
 import logging
+import time
 
 from infinite.cluster import messages as M
 from infinite.cluster.migration import Migrator
@@ -22,6 +23,8 @@ from infinite.runtime.allocator import LocalAllocator
 from infinite.runtime.request import Request, Status
 
 log = logging.getLogger(__name__)
+
+REFUSAL_BACKOFF_S = 0.1  # about one heartbeat: what the gManager knows changes no faster
 
 
 class ClusterAllocator(LocalAllocator):
@@ -35,7 +38,10 @@ class ClusterAllocator(LocalAllocator):
         self.timeout_s = timeout_s
         self.chunk_blocks = chunk_blocks
         self.borrowable = 0  # blocks the rest of the cluster can still lend us (the gManager's last word)
+        self.loans_pay = False  # the gManager's last word on whether a loan for a request that fits would pay
+        self.lost: set[int] = set()  # ranks that died: their blocks went with them, nothing to release there
         self.migrator: Migrator | None = None  # set by the Instance once its KV cache exists
+        self._quiet_until = 0.0  # no loan requests before this time (after a refusal)
 
     def capacity_blocks(self) -> int:
         return self.capacity
@@ -65,11 +71,13 @@ class ClusterAllocator(LocalAllocator):
         rest = need - free
         running = req.status is Status.RUNNING
         held = len(self.rm.table(rid))
+        if held + need <= self.rm.num_blocks and not self.loans_pay:
+            return False  # it fits this pool in time, and the gManager said a loan would not pay
         movable = self.migrator.oldest_full(rid, req.num_computed_tokens, self.rm.rank, rest + self.chunk_blocks)
         if len(movable) >= rest:
             # local-first: the oldest full local blocks go to borrowed ones, the tail stays home
             refs = self._borrow(rid, len(movable), held + need, running) if len(movable) > rest else []
-            refs = refs or self._borrow(rid, rest, held + need, running)
+            refs = refs or self._borrow(rid, rest, held + need, running, retry=True)  # fewer may still fit
             if refs and self.migrator.push_now(rid, movable[:len(refs)], refs):
                 return self._allocate(rid, need)
             self.borrowable = 0
@@ -95,13 +103,20 @@ class ClusterAllocator(LocalAllocator):
             return False
         return True
 
-    def _borrow(self, request_id: str, n: int, request_blocks: int, running: bool) -> list[RBlock]:
+    def _borrow(self, request_id: str, n: int, request_blocks: int, running: bool, retry: bool = False) -> list[RBlock]:
+        """Ask the gManager (a blocking round trip). After a refusal, ask nothing for a moment:
+        a full pool asks on every step, and the answer would be the same."""
+        now = time.monotonic()
+        if now < self._quiet_until and not retry:
+            return []
         try:
             got = self.transport.borrow(M.Borrow(self.rm.rank, request_id, n, request_blocks, running),
                                         timeout=self.timeout_s).wait()
         except Exception:  # noqa: BLE001 - rank 0 unreachable: behave as a lone instance
             log.warning("rank %d: borrowing %d blocks for %s failed", self.rm.rank, n, request_id, exc_info=True)
-            return []
+            got = M.Borrowed([])
+        if not got.blocks:
+            self._quiet_until = now + REFUSAL_BACKOFF_S
         self.borrowable = max(0, self.borrowable - len(got.blocks))
         return [RBlock(c, b) for c, b in got.blocks]
 
@@ -113,7 +128,8 @@ class ClusterAllocator(LocalAllocator):
         reported only once its blocks are free everywhere."""
         by_creditor: dict[int, list[int]] = {}
         for ref in refs:
-            by_creditor.setdefault(ref.instance, []).append(ref.block)
+            if ref.instance not in self.lost:
+                by_creditor.setdefault(ref.instance, []).append(ref.block)
         ranks = list(by_creditor)
         futs = [self.transport.release(c, M.Release(self.rm.rank, request_id, by_creditor[c]), timeout=self.timeout_s)
                 for c in ranks]

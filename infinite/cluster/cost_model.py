@@ -42,7 +42,7 @@ class StepSample:
     batch_size: int
     context_tokens: int
     step_time_s: float
-    remote_calls: int = 0  # remote MA calls per layer in that step
+    remote_calls: float = 0  # remote MA calls per layer in that step (a mean over steps when averaged)
     remote_query_tokens: int = 0  # query tokens sent to creditors per layer
 
     def __post_init__(self) -> None:

@@ -30,11 +30,19 @@ class StepCounters:
             a = 0.1 if self.recent_wait_per_call_s else 1.0
             self.recent_wait_per_call_s += a * (per - self.recent_wait_per_call_s)
 
-    def step_done(self, seconds: float) -> None:
+    def step_done(self, seconds: float, calls_per_layer: int = 0) -> None:
+        """One step ended; ``calls_per_layer`` remote MicroAttention calls each of its layers made."""
         self.steps += 1
-        self.step_times.append(seconds)
+        self.step_times.append((seconds, calls_per_layer))
 
     @property
     def mean_step_s(self) -> float:
         times = list(self.step_times)
-        return sum(times) / len(times) if times else 0.0
+        return sum(t for t, _ in times) / len(times) if times else 0.0
+
+    @property
+    def mean_calls_per_layer(self) -> float:
+        """Remote calls per layer, averaged over the same steps as mean_step_s: the cost model
+        fits the remote path's cost from how step time grows with them."""
+        times = list(self.step_times)
+        return sum(c for _, c in times) / len(times) if times else 0.0

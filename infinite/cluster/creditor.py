@@ -86,21 +86,28 @@ class Creditor:
         self._serve.submit(run)
         return fut
 
-    @torch.inference_mode()
     def _attention(self, call: M.AttentionCall, t: M.AttentionTensors) -> M.AttentionResultTensors:
+        """The RPC data plane's call: the block metadata comes with layer 0 and is kept for the
+        step's other layers."""
+        key = (call.key.debtor, call.key.step, call.key.micro_batch)
+        if call.meta is not None:
+            # A debtor's step that failed midway never sends its last layer: drop what it left.
+            for old in [k for k in self._step_meta if k[0] == key[0] and k[1] < key[1] - 1]:
+                del self._step_meta[old]
+            self._step_meta[key] = meta_of(call.meta, self.kv.k.device)
+        meta = self._step_meta[key]
+        if call.layer == self.num_layers - 1:
+            del self._step_meta[key]
+        return self.attend(call.layer, meta, t)
+
+    @torch.inference_mode()
+    def attend(self, layer: int, meta: MAMetadata, t: M.AttentionTensors) -> M.AttentionResultTensors:
+        """One layer of MicroAttention over lent blocks, on the calling thread (thread-safe: the
+        gather buffers are per thread)."""
         t0 = time.perf_counter()
         try:
-            key = (call.key.debtor, call.key.step, call.key.micro_batch)
             dev = self.kv.k.device
-            if call.meta is not None:  # layer 0 of a step: keep the metadata for its other layers
-                # A debtor's step that failed midway never sends its last layer: drop what it left.
-                for old in [k for k in self._step_meta if k[0] == key[0] and k[1] < key[1] - 1]:
-                    del self._step_meta[old]
-                self._step_meta[key] = meta_of(call.meta, dev)
-            meta = self._step_meta[key]
-            if call.layer == self.num_layers - 1:
-                del self._step_meta[key]
-            kc, vc = self.kv.k[call.layer], self.kv.v[call.layer]
+            kc, vc = self.kv.k[layer], self.kv.v[layer]
             if t.slots is not None:
                 write_kv(kc, vc, t.k.to(dev), t.v.to(dev), t.slots.to(dev))
             out, lse = micro_attention(t.q.to(dev), kc, vc, meta, self.scale)

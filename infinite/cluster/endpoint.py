@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from infinite.attention import MAMetadata
 from infinite.cluster import messages as M
 from infinite.cluster.frontdoor import ClusterEngine
 from infinite.cluster.instance import Instance
@@ -27,6 +28,10 @@ class RankEndpoint:
         """(layers, query heads, head dim, KV heads, dtype): what a remote MicroAttention call carries."""
         c = self.instance.engine.model_config
         return c.num_layers, c.num_heads, c.head_dim, c.num_kv_heads, self.instance.engine.kv.k.dtype
+
+    def attend(self, layer: int, meta: MAMetadata, t: M.AttentionTensors) -> M.AttentionResultTensors:
+        """One layer of MicroAttention over blocks lent to a debtor, on the caller's thread."""
+        return self.instance.creditor.attend(layer, meta, t)
 
     def handle(self, src: int, msg: M.Msg, tensors: Tensors) -> Reply | Future:
         inst = self.instance
@@ -52,14 +57,22 @@ class RankEndpoint:
             case M.Stop():
                 inst.request_stop()
                 return ACK
+            case M.ClusterView():
+                inst.apply_view(msg)
+                return ACK
+            case M.Drain():
+                inst.request_leave(msg.reason)
+                return ACK
         front = self.front
         if front is None:
             raise RuntimeError(f"rank {inst.rank} does not serve {type(msg).__name__} (rank 0 does)")
+        sup = front.supervisor
+        # Membership and borrowing: the handler's return value is the reply.
+        answer = {M.Heartbeat: sup.on_heartbeat, M.Join: sup.on_join, M.Suspect: sup.on_suspect,
+                  M.Leaving: sup.on_leaving, M.Left: sup.on_left, M.Borrow: front.gmanager.borrow}.get(type(msg))
+        if answer is not None:
+            return answer(msg), None
         match msg:
-            case M.Heartbeat():
-                return front.gmanager.on_heartbeat(msg), None
-            case M.Borrow():
-                return front.gmanager.borrow(msg), None
             case M.Outputs():
                 front.on_outputs(msg)
                 return ACK

@@ -5,6 +5,11 @@ whether N is 1 or 32: it validates a request against the whole cluster's
 capacity (rank 0's engine, whose allocator knows the LendingPolicy), asks the
 gManager for a home, ships the request there, and streams back the outputs
 that the home sends.
+
+It keeps each request and its newest cumulative output, so when the home dies
+or leaves (the supervisor says so) the request moves to a survivor with what
+it generated so far and the stream goes on; outputs from a rank that is no
+longer the request's home are dropped, so nothing is sent twice.
 """
 
 from __future__ import annotations
@@ -16,9 +21,13 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from infinite.cluster import messages as M
+from infinite.cluster.cost_probe import measure_cost
+from infinite.cluster import recovery
 from infinite.cluster.gmanager import GManager
 from infinite.cluster.instance import Instance
-from infinite.cluster.transport import Transport, to_asyncio
+from infinite.cluster.membership import PING_S
+from infinite.cluster.supervisor import Supervisor
+from infinite.cluster.transport import PeerError, Transport, to_asyncio
 from infinite.errors import RequestError
 from infinite.kv.rmanager import blocks_for
 from infinite.outputs import RequestOutput
@@ -36,11 +45,18 @@ class ClusterEngine(EngineFacts):
         self.core = instance.engine  # rank 0's engine: tokenizer, validation, capacity
         self.world_size = transport.world_size
         e = self.core
+        prior = measure_cost(e.model, e.block_size, e.kv.k.dtype, e.device) if instance.policy.enabled else None
         self.gmanager = GManager(transport, e.block_size, e.model_config.num_layers, instance.policy,
-                                 instance.config.placement_interval_s)
+                                 instance.config.placement_interval_s, prior=prior)
+        self.supervisor = Supervisor(transport, self.gmanager, range(self.world_size), instance.apply_view,
+                                     self._on_rank_gone)
         self._queues: dict[str, asyncio.Queue] = {}
         self._last: dict[str, int] = {}
         self._homes: dict[str, int] = {}
+        self._reqs: dict[str, Request] = {}
+        self._latest: dict[str, RequestOutput] = {}  # newest cumulative output: where a move resumes from
+        self.moved = 0  # requests moved to a survivor (their home died or left)
+        self.failed_moves = 0  # requests no survivor could hold (ended with rank_lost)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stop_event: asyncio.Event | None = None
         self._stopping = False
@@ -48,6 +64,7 @@ class ClusterEngine(EngineFacts):
     def bind(self, loop: asyncio.AbstractEventLoop, stop_event: asyncio.Event | None = None) -> None:
         self._loop = loop
         self.stop_event = stop_event or asyncio.Event()
+        self.supervisor.bind(loop)
 
     # ---- what the front-end reads (tokenizer, model_name, ... from EngineFacts) ----------
     @property
@@ -55,24 +72,36 @@ class ClusterEngine(EngineFacts):
         return not self._stopping
 
     def stats(self) -> list[dict]:
-        """One record per instance, as its last heartbeat carried it (rank 0's own: now)."""
+        """One record per member, as its last heartbeat carried it (rank 0's own: now); a rank
+        that is gone is not shown with stale numbers."""
         out = []
-        for r in range(self.world_size):
+        for r in self.supervisor.members():
             s = self.instance.stats() if r == self.instance.rank else self.gmanager.instances.get(r)
             if s is not None:
                 out.append(msgspec.structs.asdict(s))
         return out
 
     async def fresh_stats(self) -> list[dict]:
-        """Ask every rank now (LLM.stats() wants exact numbers after a batch)."""
+        """Ask every member now (LLM.stats() wants exact numbers after a batch); a member that does
+        not answer (dying as we ask) is left out, not an error."""
         loop = asyncio.get_running_loop()
-        res = await asyncio.gather(*(to_asyncio(self.transport.stats(r), loop) for r in range(self.world_size)))
-        return [msgspec.structs.asdict(s) for s in res]
+        ranks = self.supervisor.members()
+        res = await asyncio.gather(*(to_asyncio(self.transport.stats(r, timeout=PING_S * 5), loop) for r in ranks),
+                                   return_exceptions=True)
+        return [msgspec.structs.asdict(s) for s in res if not isinstance(s, BaseException)]
+
+    def health(self) -> dict:
+        return self.supervisor.health()
 
     def cluster_status(self) -> dict:
         return {"instances": self.stats(), "debts": self.gmanager.debts(),
                 "moves_issued": self.gmanager.moves_issued, "loans_refused": self.gmanager.loans_refused,
-                "requests": self.gmanager.placement_map()}
+                "requests": self.gmanager.placement_map(), "health": self.health(),
+                "recovery": {"moved": self.moved, "failed": self.failed_moves,
+                             "recomputed_at_home": sum(s.get("recomputed", 0) for s in self.stats())}}
+
+    async def remove_instance(self, rank: int) -> dict:
+        return await self.supervisor.drain(rank)
 
     # ---- requests ------------------------------------------------------------------------
     def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Request:
@@ -84,16 +113,13 @@ class ClusterEngine(EngineFacts):
         if self._stopping:
             raise RequestError("the cluster is shutting down", "shutdown")
         rid = req.request_id
-        loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
         self._last[rid] = -1
-        home = self.gmanager.route(blocks_for(req.num_tokens + 1, self.core.block_size))
-        self._homes[rid] = home
+        self._reqs[rid] = req
         finished = False
         try:
-            msg = M.AddRequest(rid, req.prompt_token_ids, req.params, req.max_tokens, req.prompt)
-            await to_asyncio(self.transport.add_request(home, msg), loop)
+            self._send_home(rid, self.gmanager.route(blocks_for(req.num_tokens + 1, self.core.block_size)))
             while True:
                 out = await q.get()
                 if isinstance(out, RequestError):
@@ -106,14 +132,71 @@ class ClusterEngine(EngineFacts):
         finally:
             self._queues.pop(rid, None)
             self._last.pop(rid, None)
+            self._reqs.pop(rid, None)
+            self._latest.pop(rid, None)
+            home = self._homes.pop(rid, None)
+            if not finished and home is not None:
+                self.transport.abort(home, rid).add_done_callback(_quiet)
+
+    def _send_home(self, rid: str, home: int) -> None:
+        """Ship the request (with what it generated so far, if it moves) to ``home``. A home that
+        cannot be reached is checked by the supervisor; if it is dead the request moves on."""
+        self._homes[rid] = home
+        msg = recovery.resume_message(self._reqs[rid], self._latest.get(rid))
+        fut = self.transport.add_request(home, msg)
+
+        def done(f) -> None:
+            try:
+                f.value()
+            except Exception as e:  # noqa: BLE001
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._unreachable, rid, home, e)
+
+        fut.add_done_callback(done)
+
+    def _unreachable(self, rid: str, home: int, err: BaseException) -> None:
+        q = self._queues.get(rid)
+        if q is None or self._homes.get(rid) != home:
+            return
+        if isinstance(err, PeerError):
+            q.put_nowait(RequestError(f"rank {home} refused request {rid}: {err}", err.reason
+                                      if err.reason in ("invalid", "capacity") else "internal"))
+            return
+        log.warning("sending %s to rank %d failed (%s): checking that rank", rid, home, err)
+        self.supervisor.suspect_async(home, err)  # if it is dead, _on_rank_gone moves the request
+
+    def _on_rank_gone(self, rank: int, lost: bool) -> None:
+        """Loop thread: ``rank`` died (lost) or is leaving; move every request it was home to."""
+        for rid in recovery.homed_on(self._homes, rank):
+            if not lost:
+                self.transport.abort(rank, rid).add_done_callback(_quiet)
+            self._move(rid, rank, lost)
+
+    def _move(self, rid: str, gone: int, lost: bool) -> None:
+        q = self._queues.get(rid)
+        req = self._reqs.get(rid)
+        if q is None or req is None:
+            return
+        e = self.core
+        serving = self.supervisor.view().serving
+        cap = recovery.capacity_blocks(self.instance.policy, e.rm.num_blocks, len(serving) - 1) if serving else 0
+        if not serving or not recovery.fits(cap, req.num_prompt_tokens, req.max_tokens, e.block_size):
+            need = recovery.blocks_needed(req.num_prompt_tokens, req.max_tokens, e.block_size)
+            self.failed_moves += 1
             self._homes.pop(rid, None)
-            if not finished:
-                self.transport.abort(home, rid)
+            q.put_nowait(RequestError(recovery.no_room_message(rid, need, cap, [gone]), "rank_lost"))
+            return
+        done = len(self._latest[rid].outputs[0].token_ids) if rid in self._latest else 0
+        home = self.gmanager.route(blocks_for(req.num_prompt_tokens + done + 1, e.block_size))
+        self.moved += 1
+        log.warning("request %s: rank %d %s; recomputing it on rank %d from %d prompt + %d generated tokens", rid,
+                    gone, "is lost" if lost else "is leaving", home, req.num_prompt_tokens, done)
+        self._send_home(rid, home)
 
     async def abort(self, request_id: str) -> None:
         home = self._homes.get(request_id)
         if home is not None:
-            self.transport.abort(home, request_id)
+            self.transport.abort(home, request_id).add_done_callback(_quiet)
 
     def migrate(self, request_id: str, num_blocks: int, dst: int) -> bool:
         """move_kvcache on demand (the placement loop issues the same call)."""
@@ -129,20 +212,23 @@ class ClusterEngine(EngineFacts):
             self._loop.call_soon_threadsafe(self._dispatch, msg)
 
     def _dispatch(self, msg: M.Outputs) -> None:
+        # Only the request's current home speaks for it: a rank it moved away from may still
+        # have had outputs in flight.
         for f in msg.failures:
             q = self._queues.get(f.request_id)
-            if q is not None:
+            if q is not None and self._homes.get(f.request_id) == msg.rank:
                 q.put_nowait(RequestError(f.message, f.reason))
         # Outputs are cumulative; messages may arrive out of order, so keep only newer ones.
         for out in msg.outputs:
             q = self._queues.get(out.request_id)
-            if q is None:
+            if q is None or self._homes.get(out.request_id) != msg.rank:
                 continue
             n = len(out.outputs[0].token_ids)
             last = self._last[out.request_id]
             if n < last or (n == last and not out.finished):
                 continue
             self._last[out.request_id] = n
+            self._latest[out.request_id] = out
             out.extra["rank"] = msg.rank
             q.put_nowait(out)
 
@@ -156,12 +242,19 @@ class ClusterEngine(EngineFacts):
         if self._stopping:
             return
         self._stopping = True
-        for r in range(self.world_size):
+        for r in self.supervisor.members():
             if r != self.instance.rank:
                 try:
-                    self.transport.stop(r)
+                    self.transport.stop(r).add_done_callback(_quiet)
                 except Exception:  # noqa: BLE001 - that rank is gone already
                     pass
         self.instance.request_stop()
         if self.stop_event is not None:
             self.stop_event.set()
+
+
+def _quiet(fut) -> None:
+    try:
+        fut.value()
+    except Exception:  # noqa: BLE001 - a rank that is gone already
+        pass

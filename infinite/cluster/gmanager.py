@@ -26,9 +26,11 @@ from infinite.cluster.cost_model import CostModel, StepSample, fit
 from infinite.cluster.placement import (ClusterSnapshot, InstanceState, Move, PlacementConfig, RequestState, loan_gain,
                                         plan, route)
 from infinite.cluster.policy import LendingPolicy, Peer
-from infinite.cluster.transport import Transport, wait_all
+from infinite.cluster.transport import PeerError, Transport, wait_all
 
 log = logging.getLogger(__name__)
+
+REFIT_S = 5.0  # how often the step-time model is refitted
 
 
 @dataclass
@@ -42,7 +44,9 @@ class Placed:
 
 class GManager:
     def __init__(self, transport: Transport, block_size: int, num_layers: int, policy: LendingPolicy,
-                 interval_s: float = 0.5, timeout_s: float = 30.0) -> None:
+                 interval_s: float = 0.5, timeout_s: float = 30.0, prior: CostModel | None = None) -> None:
+        """``prior``: the cost model measured on this hardware (cost_probe); until the heartbeats'
+        step times have been fitted the gManager makes no loan or move for throughput alone."""
         self.transport = transport
         self.world_size = transport.world_size
         self.block_size = block_size
@@ -50,38 +54,62 @@ class GManager:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.pcfg = PlacementConfig(policy=policy)
-        self.cost = CostModel(num_layers=num_layers)
+        self.cost = prior or CostModel(num_layers=num_layers)
+        self.calibrated = False  # the step-time model has been fitted to this cluster's heartbeats
+        self._loans_pay: dict[int, bool] = {}  # per rank, as of the last plan
         self.lock = threading.Lock()
         self.instances: dict[int, M.InstanceStats] = {}  # rank -> last heartbeat (adjusted by loans since)
         self.requests: dict[str, Placed] = {}
         self.pending: dict[int, int] = {}  # blocks routed to a rank since its last heartbeat
-        self.samples: deque[StepSample] = deque(maxlen=512)
+        self.samples: deque[StepSample] = deque(maxlen=128)
+        self._fitted_at = -1e9
         self._moves_in_flight: dict[str, float] = {}
         self.moves_issued = 0
         self.loans_refused = 0  # on-demand loans the cost model said would not pay
         self._rr = 0
+        # Ranks that take requests and lend (the supervisor's membership decides; draining and
+        # gone ranks are out of routing, borrowing and placement).
+        self.serving: frozenset[int] = frozenset(range(self.world_size))
+        self.on_unreachable = None  # callable(rank, error): a call to a rank failed (the supervisor checks it)
 
     def calibrate_transport(self, rounds: int = 5) -> float:
         """Probe the data plane to every other rank: the cost model's remote-MA latency (per call,
         per layer) until real remote calls are measured. It differs by orders of magnitude between
         NVLink and loopback TCP, so no default fits."""
         rtts = sorted(self.transport.probe(r, timeout=self.timeout_s)
-                      for r in range(1, self.world_size) for _ in range(rounds))
+                      for r in sorted(self.serving - {self.transport.rank}) for _ in range(rounds))
         if rtts:
             self.cost = replace(self.cost, remote_latency_s=rtts[len(rtts) // 2])
         return self.cost.remote_latency_s
 
     def _calibrate(self) -> None:
-        """Refit the step-time model to the heartbeats' samples, and take the remote latency
-        from the remote calls debtors actually measured (exposed wait per call and layer)."""
+        """Refit the step-time model to the heartbeats' samples (every REFIT_S: a fit costs tens of
+        ms of rank 0's CPU, which also serves its own batch). The samples carry their remote calls
+        per layer, so the remote latency is what remote calls actually added to measured steps —
+        waits and the contention they cause alike — with the probe as the prior."""
+        now = time.monotonic()
         with self.lock:
             samples = list(self.samples)
-            waits = [s.remote_wait_per_call_ms / 1e3 for s in self.instances.values() if s.remote_wait_per_call_ms > 0]
-        if len(samples) >= 8:
+        if len(samples) >= 8 and now - self._fitted_at >= REFIT_S:
+            self._fitted_at = now
             self.cost = fit(samples, prior=self.cost)
-        if waits:
-            waits.sort()
-            self.cost = replace(self.cost, remote_latency_s=waits[len(waits) // 2])
+            self.calibrated = True
+        self._loans_pay = {r: self._would_pay(r) for r in list(self.instances)}
+
+    def _would_pay(self, rank: int) -> bool:
+        """Whether a loan admitting one more request of the sender's mean size would pay: the
+        heartbeat tells debtors, so that they do not ask (a blocking round trip) when not."""
+        if not self.calibrated or not self.policy.enabled:
+            return False
+        with self.lock:
+            me = self.instances.get(rank)
+            peers = [self._peer(s) for s in self.instances.values()]
+        if me is None:
+            return False
+        size = max(1, (me.total_blocks - me.free_blocks) // max(1, me.num_running))
+        plan_ = self.policy.borrow_plan(self._peer(me), size, peers)
+        return bool(plan_) and loan_gain(self.snapshot(), self.cost, rank, plan_, admits=True,
+                                         new_calls=len(plan_)) > self.pcfg.min_gain
 
     # ---- heartbeats --------------------------------------------------------------------------
     def on_heartbeat(self, beat: M.Heartbeat) -> M.HeartbeatReply:
@@ -97,8 +125,8 @@ class GManager:
                 self._moves_in_flight.pop(rid, None)
             if s.num_running and s.step_time_ms > 0:  # context as the planner counts it: blocks in use
                 used = (s.total_blocks - s.free_blocks) * self.block_size
-                self.samples.append(StepSample(s.num_running, used, s.step_time_ms / 1e3))
-            return M.HeartbeatReply(self._borrowable(s.rank))
+                self.samples.append(StepSample(s.num_running, used, s.step_time_ms / 1e3, s.remote_calls_per_step))
+            return M.HeartbeatReply(self._borrowable(s.rank), self._loans_pay.get(s.rank, False))
 
     def _peer(self, s: M.InstanceStats) -> Peer:
         return Peer(s.rank, s.total_blocks, s.free_blocks, s.lent_blocks, s.borrowed_blocks,
@@ -108,7 +136,26 @@ class GManager:
         me = self.instances.get(rank)
         if me is None or not self.policy.may_borrow(me.lent_blocks):
             return 0
-        return sum(self.policy.lendable(self._peer(s)) for r, s in self.instances.items() if r != rank)
+        return sum(self.policy.lendable(self._peer(s)) for r, s in self.instances.items()
+                   if r != rank and r in self.serving)
+
+    # ---- membership ------------------------------------------------------------------------
+    def set_serving(self, ranks: frozenset[int]) -> None:
+        with self.lock:
+            self.serving = frozenset(ranks)
+
+    def drop(self, rank: int) -> None:
+        """``rank`` is gone: forget its heartbeat, its requests, and every block it held for
+        others, so the ledger holds no debt to or from it (its requests are recomputed)."""
+        with self.lock:
+            self.instances.pop(rank, None)
+            self.pending.pop(rank, None)
+            self.serving = self.serving - {rank}
+            for rid in [rid for rid, p in self.requests.items() if p.home == rank]:
+                del self.requests[rid]
+                self._moves_in_flight.pop(rid, None)
+            for p in self.requests.values():
+                p.blocks.pop(rank, None)
 
     # ---- routing and on-demand borrowing ------------------------------------------------------
     def snapshot(self, with_requests: bool = True) -> ClusterSnapshot:
@@ -132,6 +179,7 @@ class GManager:
                     waiting_blocks=s.waiting_blocks,
                     waiting_requests=s.num_waiting,
                     borrowed_blocks=s.borrowed_blocks,
+                    alive=r in self.serving,
                 )
                 for r, s in sorted(self.instances.items())
             )
@@ -143,14 +191,17 @@ class GManager:
         return ClusterSnapshot(insts, reqs, self.block_size)
 
     def route(self, prompt_blocks: int) -> int:
-        """Home for a new request; round robin until every instance has reported."""
-        if len(self.instances) < self.world_size:
+        """Home for a new request; round robin until every serving instance has reported."""
+        serving = sorted(self.serving)
+        if not serving:
+            raise RuntimeError("no instance is serving")
+        if not set(serving) <= set(self.instances):
             self._rr += 1
-            return (self._rr - 1) % self.world_size
+            return serving[(self._rr - 1) % len(serving)]
         snap = self.snapshot()
         home = route(snap, self.pcfg, prompt_blocks)
-        if home is None:  # the front door checked the capacity; fall back to the most free
-            home = max(snap.instances, key=lambda i: i.free_blocks).rank
+        if home is None or home not in self.serving:  # the front door checked the capacity; take the most free
+            home = max((i for i in snap.instances if i.rank in self.serving), key=lambda i: i.free_blocks).rank
         with self.lock:
             self.pending[home] = self.pending.get(home, 0) + prompt_blocks
         return home
@@ -166,10 +217,10 @@ class GManager:
             placed = self.requests.get(msg.request_id)
             held = placed.blocks if placed is not None else {}
             plan_ = self.policy.borrow_plan(self._peer(me), msg.num_blocks,
-                                            [self._peer(s) for s in self.instances.values()], held)
+                                            [self._peer(s) for r, s in self.instances.items() if r in self.serving], held)
         if not plan_:
             return M.Borrowed([])
-        if msg.request_blocks <= me.total_blocks and not self._loan_pays(msg, plan_, held):
+        if msg.request_blocks <= me.total_blocks and not (self.calibrated and self._loan_pays(msg, plan_, held)):
             self.loans_refused += 1
             return M.Borrowed([])
         got: list[tuple[int, int]] = []
@@ -177,8 +228,10 @@ class GManager:
             try:
                 reply = self.transport.reserve(rank, M.Reserve(msg.debtor, msg.request_id, take),
                                                timeout=self.timeout_s).wait()
-            except Exception:  # noqa: BLE001
-                log.warning("reserve on rank %d failed", rank, exc_info=True)
+            except Exception as e:  # noqa: BLE001
+                log.warning("reserve on rank %d failed: %s", rank, e)
+                if self.on_unreachable is not None and not isinstance(e, PeerError):
+                    self.on_unreachable(rank, e)
                 break
             got.extend((rank, b) for b in reply.blocks)
             with self.lock:
@@ -226,7 +279,7 @@ class GManager:
 
     def plan_once(self) -> list[Move]:
         """Run the greedy placement on the current view and send move_kvcache to the homes."""
-        if not self.policy.enabled or len(self.instances) < self.world_size:
+        if not self.policy.enabled or not self.serving <= set(self.instances):
             return []
         self._calibrate()
         try:
@@ -235,7 +288,9 @@ class GManager:
             return []  # heartbeats disagree for a moment: plan on the next round
         now = time.monotonic()
         moves = []
-        for mv in plan(snap, self.cost, self.pcfg):
+        # Uncalibrated, only the moves that do not hang on the cost model (evacuating a leaver).
+        pcfg = self.pcfg if self.calibrated else replace(self.pcfg, min_gain=float("inf"))
+        for mv in plan(snap, self.cost, pcfg):
             placed = self.requests.get(mv.request_id)
             if placed is None or now - self._moves_in_flight.get(mv.request_id, -1e9) < 5.0:
                 continue  # one move per request until a heartbeat shows it

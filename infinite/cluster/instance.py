@@ -24,10 +24,13 @@ from infinite.cluster import messages as M
 from infinite.cluster.allocator import ClusterAllocator
 from infinite.cluster.counters import StepCounters
 from infinite.cluster.creditor import Creditor
+from infinite.cluster import recovery
+from infinite.cluster.instance_view import InstanceView
+from infinite.cluster.membership import PING_S, short_error
 from infinite.cluster.migration import Migrator
 from infinite.cluster.policy import LendingPolicy
 from infinite.cluster.step_runner import StepRunner
-from infinite.cluster.transport import Transport
+from infinite.cluster.transport import PeerError, Transport, to_asyncio
 from infinite.kv.rmanager import RBlock, blocks_for
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
@@ -37,6 +40,8 @@ from infinite.runtime.model_runner import LocalAttention, forward
 log = logging.getLogger(__name__)
 
 Inbox = M.AddRequest | M.AbortRequest | M.MoveKV
+
+STEP_RETRIES = 3  # a remote step that fails with every peer alive is retried this often, then its requests fail
 
 
 class Instance:
@@ -49,7 +54,7 @@ class Instance:
         self.policy = LendingPolicy.from_config(config, world_size)
 
         def allocator(rm):
-            # Every rank runs the same config, so the same pool size.
+            # Every rank runs the same config, so the same pool size; the view resizes it as ranks come and go.
             others = [rm.num_blocks] * (world_size - 1)
             return ClusterAllocator(rm, transport, self.policy, self.policy.request_capacity(rm.num_blocks, others),
                                     others, timeout_s)
@@ -69,6 +74,11 @@ class Instance:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-compute")
         self.stopping = False
         self._sent_placement: dict[str, tuple[int, tuple]] = {}
+        self._step_calls = 0  # remote calls per layer of the step being run
+        self.view = InstanceView(self)
+        self.draining = False  # leaving the cluster: takes no new request
+        self.leave_reason: str | None = None  # set when asked to leave (SIGTERM, the admin endpoint)
+        self.exit_code = 0  # non-zero when this rank stops because it lost the cluster
 
     # ---- inbox (filled from transport threads, applied on the compute thread) ---------------
     def enqueue(self, item: Inbox) -> None:
@@ -79,18 +89,40 @@ class Instance:
         self.stopping = True
         self._wake()
 
+    def request_leave(self, reason: str) -> None:
+        """Any thread: leave the cluster gracefully; the rank's main runs the drain (leave.py)."""
+        if self.leave_reason is None:
+            self.leave_reason = reason
+
+    def apply_view(self, view: M.ClusterView) -> None:
+        """Any thread: rank 0's membership changed; applied between two steps."""
+        if self.view.offer(view):
+            self._wake()
+
+    def fence(self, reason: str) -> None:
+        """The cluster has declared this rank gone (its work was recomputed elsewhere): stop."""
+        if not self.stopping:
+            log.error("rank %d: %s: stopping", self.rank, reason)
+            self.exit_code = 1
+            self.request_stop()
+
     def _wake(self) -> None:
         if self._loop is not None and self._wakeup is not None:
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
     def _apply_inbox(self) -> None:
         e = self.engine
+        self.view.apply()
         while self._inbox:
             item = self._inbox.popleft()
             if isinstance(item, M.AddRequest):
+                if self.draining:
+                    continue  # rank 0 moves every request homed here once it hears we are leaving
                 try:
-                    e.submit(e.build_request(item.request_id, item.prompt_token_ids, item.params, item.max_tokens,
-                                             item.prompt))
+                    req = e.build_request(item.request_id, item.prompt_token_ids, item.params, item.max_tokens,
+                                          item.prompt)
+                    recovery.restore_progress(req, item)
+                    e.submit(req)
                 except Exception as err:  # noqa: BLE001 - surfaced to the client as a failed request
                     log.exception("rank %d: cannot add %s", self.rank, item.request_id)
                     self._send(failures=[M.RequestFailure(item.request_id, f"cannot add the request: {err}",
@@ -127,7 +159,11 @@ class Instance:
             self.migrator.push(mv.request_id, old[:len(got)], [RBlock(mv.dst, b) for b in got])
 
     def own_demand(self) -> int:
-        """Free blocks this instance keeps for itself (its queue, its running requests' growth)."""
+        """Free blocks this instance keeps for itself (its queue, its running requests' growth).
+        The queue counts up to its first request larger than the whole pool (LendingPolicy.
+        queue_demand): only loans can run that one, and first come first served, nothing behind it
+        starts first; if every instance kept its pool for such a queue none would lend and none
+        would run (tests/test_liveness.py, tests/test_policy.py)."""
         sched = self.engine.scheduler
         bs = self.engine.block_size
         waiting = self.policy.queue_demand((blocks_for(r.num_tokens + 1, bs) for r in list(sched.waiting)),
@@ -147,6 +183,7 @@ class Instance:
         if not batch.requests:
             return None
         tables = [self.rm.table(r.request_id) for r in batch.requests]
+        self._step_calls = 0
         if all(ref.instance == self.rank for t in tables for ref in t):
             inputs = e.prepare(batch)
             logits = forward(e.model, inputs, LocalAttention(e.kv, inputs, e.scale))
@@ -155,13 +192,21 @@ class Instance:
         for req in batch.requests:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        return batch, self.runner.micro_batches(batch, tables), None
+        mbs = self.runner.micro_batches(batch, tables)
+        self._step_calls = sum(len(mb.parts) for mb in mbs)
+        if len(mbs) == 1:
+            try:
+                return batch, None, self.runner.run_blocking(batch, mbs[0])
+            except Exception as err:
+                raise RemoteStepFailed(mbs, err) from err
+        return batch, mbs, None
 
     async def run(self) -> None:
         """The instance's step loop; returns when stopped."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._wakeup = asyncio.Event()
+        failures = 0
         while not self.stopping:
             t0 = time.perf_counter()
             try:
@@ -177,24 +222,54 @@ class Instance:
                     continue
                 batch, mbs, outs = res
                 if mbs is not None:
-                    outs = await self.runner.run(batch, mbs, self.executor)
+                    try:
+                        outs = await self.runner.run(batch, mbs, self.executor)
+                    except Exception as err:
+                        raise RemoteStepFailed(mbs, err) from err
                 dt = time.perf_counter() - t0
                 self.engine.last_step_time = dt
-                self.counters.step_done(dt)
+                self.counters.step_done(dt, self._step_calls)
                 if outs:
                     self._send(outputs=outs)
-            except Exception:  # noqa: BLE001 - keep serving; the failed step's requests are failed
+                failures = 0
+            except Exception as err:  # noqa: BLE001 - keep serving
+                failures += 1
+                remote = isinstance(err, RemoteStepFailed) and _peer_unreachable(err.cause)
+                if remote and await self._survive(err.cause, err.creditors, failures):
+                    continue  # the next step recomputes what the lost rank held (or simply retries)
                 log.exception("rank %d: step failed", self.rank)
+                reason = "timeout" if remote else "internal"
                 await loop.run_in_executor(self.executor, self._fail_running, "the step failed on rank "
-                                           f"{self.rank}; see its log")
+                                           f"{self.rank}; see its log", reason)
 
-    def _fail_running(self, message: str) -> None:
+    async def _survive(self, err: BaseException, ranks: list[int], failures: int) -> bool:
+        """A remote step failed without an answer from a creditor (gone, or stalled past the
+        timeout): rank 0 checks the creditors; a dead one leaves the cluster and its blocks'
+        requests are recomputed at the next step. True if the step's requests live on."""
+        loop = asyncio.get_running_loop()
+        log.warning("rank %d: a remote step failed (%s); asking rank 0 to check ranks %s", self.rank,
+                    short_error(err), ranks)
+        try:
+            msg = M.Suspect(self.rank, ranks, short_error(err))
+            view = await to_asyncio(self.transport.suspect(msg, timeout=PING_S * len(ranks) + 5.0), loop)
+        except Exception:  # noqa: BLE001 - rank 0 unreachable too: this rank will stop on its own
+            log.warning("rank %d: rank 0 did not answer the suspicion", self.rank, exc_info=True)
+            return False
+        self.apply_view(view)
+        if set(ranks) & set(view.lost) or failures < STEP_RETRIES:
+            return True
+        return False
+
+    def _fail_running(self, message: str, reason: str = "internal") -> None:
         e = self.engine
         failed = [r.request_id for r in list(e.scheduler.running) + list(e.scheduler.waiting)]
         for rid in failed:
             e.abort_request(rid)
         if failed:
-            self._send(failures=[M.RequestFailure(rid, message, "internal") for rid in failed])
+            self._send(failures=[M.RequestFailure(rid, message, reason) for rid in failed])
+
+    def send_failures(self, failures: list[M.RequestFailure]) -> None:
+        self._send(failures=failures)
 
     def _send(self, outputs: list[RequestOutput] = (), failures: list[M.RequestFailure] = ()) -> None:
         fut = self.transport.outputs(M.Outputs(self.rank, list(outputs), list(failures)))
@@ -223,6 +298,11 @@ class Instance:
 
     def on_heartbeat_reply(self, reply: M.HeartbeatReply) -> None:
         self.allocator.borrowable = reply.borrowable
+        self.allocator.loans_pay = reply.loans_pay
+        if reply.evicted:
+            self.fence("rank 0 says this rank was removed from the cluster (declared dead)")
+        elif reply.view is not None:
+            self.apply_view(reply.view)
 
     def forget_sent_placement(self) -> None:
         """The last beat may not have arrived: the next one resends the whole placement."""
@@ -256,7 +336,25 @@ class Instance:
             torch_threads=torch.get_num_threads(),
             demand_blocks=self.own_demand(),
             remote_wait_per_call_ms=1e3 * c.recent_wait_per_call_s,
+            remote_calls_per_step=c.mean_calls_per_layer,
+            recomputed=self.view.recomputed,
+            **self.rm.walk(),
         )
+
+
+class RemoteStepFailed(Exception):
+    """A step with blocks on creditors failed; ``creditors`` are the ranks it called."""
+
+    def __init__(self, mbs: list, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.creditors = sorted({p.creditor for mb in mbs for p in mb.parts})
+        self.cause = cause
+
+
+def _peer_unreachable(err: BaseException) -> bool:
+    """A creditor gave no answer (gone, or stalled past the timeout) rather than an error of its own:
+    a transport failure, or a point-to-point stream that broke (PeerError "rank_lost")."""
+    return not isinstance(err, PeerError) or err.reason == "rank_lost"
 
 
 def _log_failure(what: str):

@@ -73,7 +73,7 @@ class LocalCluster:
         self._replies: dict[int, M.Msg] = {}
         self._unfinished: set[str] = set()
         self._lock = threading.Lock()
-        ready = self._wait_reply(-1, timeout=start_timeout_s)
+        ready = self._wait_reply(-1, timeout=start_timeout_s, all_ranks=True)  # every rank must come up
         self.model_name: str = config.served_model_name or ready.model_name
         self.max_model_len: int = ready.max_model_len
         self.capacity_tokens: int = ready.capacity_tokens
@@ -87,15 +87,18 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while t.is_alive():
             t.join(0.2)
-            self._check_ranks()
+            self._check_ranks(all_ranks=True)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank 0 did not connect in {timeout_s:.0f} s")
         if isinstance(box[0], BaseException):
             raise RuntimeError(f"rank 0 could not connect: {box[0]}")
         return box[0]
 
-    def _check_ranks(self) -> None:
-        dead = [(r, p.returncode) for r, p in enumerate(self.procs) if p.poll() is not None]
+    def _check_ranks(self, all_ranks: bool = False) -> None:
+        """A rank that died while starting is fatal; once running, only rank 0 is: a worker that dies
+        costs recomputation (its requests move to the survivors), not the run."""
+        procs = self.procs if all_ranks else self.procs[:1]
+        dead = [(r, p.returncode) for r, p in enumerate(procs) if p.poll() is not None]
         if dead:
             raise RuntimeError(f"rank {dead[0][0]} exited with code {dead[0][1]} (see its log above)")
 
@@ -104,10 +107,10 @@ class LocalCluster:
         with self._lock:
             self._conn.send_bytes(M.encode(msg))
 
-    def _pump(self, timeout: float) -> bool:
+    def _pump(self, timeout: float, all_ranks: bool = False) -> bool:
         """Read one message (waiting at most timeout); False if none came."""
         if not self._conn.poll(timeout):
-            self._check_ranks()
+            self._check_ranks(all_ranks)
             return False
         msg = M.decode(self._conn.recv_bytes())
         match msg:
@@ -123,12 +126,12 @@ class LocalCluster:
                 self._replies[msg.seq] = msg
         return True
 
-    def _wait_reply(self, seq: int, timeout: float = 120.0) -> Any:
+    def _wait_reply(self, seq: int, timeout: float = 120.0, all_ranks: bool = False) -> Any:
         deadline = time.monotonic() + timeout
         while seq not in self._replies:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank 0 did not answer in {timeout:.0f} s")
-            self._pump(0.5)
+            self._pump(0.5, all_ranks)
         msg = self._replies.pop(seq)
         if isinstance(msg, M.DriverError):
             raise _ERRORS.get(msg.kind, RuntimeError)(msg.message)

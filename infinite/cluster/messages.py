@@ -41,13 +41,18 @@ class Failed(Msg):
 
 
 class AddRequest(Msg):
-    """A request validated by the front door, for its home to run."""
+    """A request validated by the front door, for its home to run. A request moved off a rank
+    that died (or left) carries what it generated so far: its new home recomputes the KV of
+    prompt + those tokens and the stream goes on from there."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int
     prompt: str | None = None
+    output_token_ids: list[int] = []
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
 
 
 class AbortRequest(Msg):
@@ -127,7 +132,12 @@ class InstanceStats(Msg):
     lend_cap: int = 0
     demand_blocks: int = 0  # free blocks it keeps for its own queue and running requests' growth
     remote_wait_per_call_ms: float = 0.0  # exposed wait per remote MicroAttention call (recent)
+    remote_calls_per_step: float = 0.0  # remote calls per layer, over the steps step_time_ms averages
     torch_threads: int = 0  # intra-op threads of this rank's torch
+    # Walked, not derived from the free count: blocks in the request tables, blocks lent.
+    table_blocks: int = 0
+    lent_entries: int = 0
+    recomputed: int = 0  # requests recomputed here because a rank holding some of their blocks left
 
 
 class Heartbeat(Msg):
@@ -138,8 +148,56 @@ class Heartbeat(Msg):
     placement_removed: list[str] = []
 
 
+class ClusterView(Msg):
+    """Rank 0's membership decision (infinite.cluster.membership): pushed to every member on
+    each change and carried by every heartbeat reply; ``epoch`` orders views."""
+
+    epoch: int
+    serving: list[int]
+    draining: list[int] = []
+    lost: list[int] = []
+    left: list[int] = []
+
+
 class HeartbeatReply(Msg):
     borrowable: int  # blocks the rest of the cluster can still lend the sender
+    loans_pay: bool = False  # whether a loan for a request that fits the sender's pool would pay now
+    view: ClusterView | None = None
+    evicted: bool = False  # the sender was declared dead or removed: it must exit
+
+
+class Join(Msg):
+    """A rank announces itself to rank 0: at start-up, or joining a running cluster."""
+
+    rank: int
+    stats: InstanceStats
+
+
+class Leaving(Msg):
+    """A rank tells rank 0 it is draining (SIGTERM, or told to by Drain)."""
+
+    rank: int
+    reason: str
+
+
+class Left(Msg):
+    """A draining rank tells rank 0 it holds nothing any more and is exiting."""
+
+    rank: int
+
+
+class Drain(Msg):
+    """Rank 0 tells a rank to leave the cluster gracefully (the admin endpoint)."""
+
+    reason: str
+
+
+class Suspect(Msg):
+    """A rank whose call to ``ranks`` failed asks rank 0 to check them; the reply is a ClusterView."""
+
+    reporter: int
+    ranks: list[int]
+    error: str
 
 
 class Borrow(Msg):
@@ -325,7 +383,7 @@ Message = (
     | PlacementEntry | InstanceStats | Heartbeat | HeartbeatReply | Borrow | Borrowed | ClusterStop | Reserve
     | Reserved | Release | Released | WriteBlocks | ReadBlocks | StepKey | AttentionMeta | AttentionCall | AttentionResult
     | DriverReady | DriverMake | DriverMade | DriverAdd | DriverAbort | DriverQuery | DriverReply | DriverError
-    | DriverMove | DriverStop | DriverOutput
+    | DriverMove | DriverStop | DriverOutput | ClusterView | Join | Leaving | Left | Drain | Suspect
 )
 
 _encoder = msgspec.msgpack.Encoder()

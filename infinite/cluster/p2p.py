@@ -35,7 +35,9 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from infinite.attention import MAMetadata
 from infinite.cluster import messages as M
+from infinite.cluster.remote_attention import meta_of
 from infinite.cluster.rpc_transport import TorchRpcTransport
 from infinite.cluster.transport import Endpoint, Future, PeerError
 
@@ -50,6 +52,9 @@ CLOSE_STEP, PROBE_STEP = -1, -2  # header step ids of the close handshake and of
 class AttentionEndpoint(Endpoint, Protocol):
     def attention_shape(self) -> tuple[int, int, int, int, torch.dtype]:
         """(layers, query heads, head dim, KV heads, dtype) of this rank's model."""
+
+    def attend(self, layer: int, meta: MAMetadata, t: M.AttentionTensors) -> M.AttentionResultTensors:
+        """One layer of MicroAttention over lent blocks, on the calling (stream) thread."""
 
 
 def _tag(slot: int, kind: int) -> int:
@@ -66,7 +71,7 @@ class P2PTransport(TorchRpcTransport):
         self.data_timeout = datetime.timedelta(seconds=data_timeout_s)
         self._groups: list = []
         self._servers: list[threading.Thread] = []
-        self._waiters: dict[tuple[int, int], _Waiter] = {}
+        self._streams: dict[tuple[int, int], _Stream] = {}
         self._lock = threading.Lock()
         self.closed = False
 
@@ -96,8 +101,8 @@ class P2PTransport(TorchRpcTransport):
         if self.closed:
             return
         self.closed = True
-        for w in self._waiters.values():
-            w.stop()
+        for st in self._streams.values():
+            st.stop()
         if self._groups:
             bye = self._dev(torch.full((HEADER,), CLOSE_STEP, dtype=torch.int64))
             works = []
@@ -123,6 +128,17 @@ class P2PTransport(TorchRpcTransport):
     # ---- debtor side ---------------------------------------------------------------------------
     def attention(self, dst: int, call: M.AttentionCall, tensors: M.AttentionTensors,
                   timeout: float | None = None) -> Future:
+        if dst >= self.world_size:  # joined after start-up: outside the point-to-point group, on RPC
+            return super().attention(dst, call, tensors, timeout)
+        try:
+            return self._attention(dst, call, tensors)
+        except Exception as e:  # noqa: BLE001 - a send to a peer that is gone fails in the future,
+            # never in the caller: the step then finishes its other streams layer by layer, in step
+            fut: Future = torch.futures.Future()
+            fut.set_exception(PeerError(f"sending to rank {dst} failed: {e}", "rank_lost"))
+            return fut
+
+    def _attention(self, dst: int, call: M.AttentionCall, tensors: M.AttentionTensors) -> Future:
         slot = call.key.micro_batch
         group = self._groups[slot]
         sends = []
@@ -142,9 +158,7 @@ class P2PTransport(TorchRpcTransport):
         tc, nh, d = tensors.q.shape
         res = torch.empty(tc, nh, d + 1, dtype=torch.float32, device=tensors.q.device)
         recv = dist.irecv(res, dst, group, _tag(slot, RES))
-        fut: Future = torch.futures.Future()
-        self._waiter(dst, slot).put((sends, recv, res, tensors.q.dtype, fut))
-        return fut
+        return _Answer(self._stream_state(dst, slot), sends, recv, res, tensors.q.dtype, self.data_timeout)
 
     def probe(self, dst: int, timeout: float | None = None) -> float:
         """Seconds of one layer of remote MicroAttention with nothing to attend: the data plane's
@@ -160,12 +174,12 @@ class P2PTransport(TorchRpcTransport):
             f.wait()
         return (time.perf_counter() - t0) / layers
 
-    def _waiter(self, dst: int, slot: int) -> _Waiter:
+    def _stream_state(self, dst: int, slot: int) -> _Stream:
         with self._lock:
-            w = self._waiters.get((dst, slot))
-            if w is None:
-                w = self._waiters[(dst, slot)] = _Waiter(f"p2p-wait-{dst}.{slot}", self.data_timeout)
-            return w
+            st = self._streams.get((dst, slot))
+            if st is None:
+                st = self._streams[(dst, slot)] = _Stream(f"p2p-wait-{dst}.{slot}")
+            return st
 
     def _dev(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device) if self.backend == "nccl" else t
@@ -183,13 +197,16 @@ class P2PTransport(TorchRpcTransport):
                 ints = self._dev(torch.empty(nints, dtype=torch.int64))
                 self._recv(ints, debtor, group, _tag(slot, META))
                 meta, slots = _parse_meta(ints.cpu().tolist(), nreq, nblocks, writes)
-                self._serve_step(endpoint, debtor, slot, group, M.StepKey(debtor, step, slot), meta, slots, rows)
+                ma_meta = meta_of(meta, self.device) if step != PROBE_STEP else None
+                self._serve_step(endpoint, debtor, group, slot, ma_meta, slots, rows)
         except Exception as e:  # noqa: BLE001 - the debtor is gone, or the group was torn down
             if not self.closed:
                 log.warning("rank %d: stream from rank %d (slot %d) ended: %s", self.rank, debtor, slot, e)
 
-    def _serve_step(self, endpoint: AttentionEndpoint, debtor: int, slot: int, group, key: M.StepKey, meta: M.AttentionMeta,
+    def _serve_step(self, endpoint: AttentionEndpoint, debtor: int, group, slot: int, meta: MAMetadata | None,
                     slots: torch.Tensor | None, rows: int) -> None:
+        """Serve one step of a stream, computing on this thread: a hand-off to another thread
+        and back would cost more than the message."""
         layers, nh, d, nkv, dtype = endpoint.attention_shape()
         writes = 0 if slots is None else slots.numel()
         qn = rows * nh * d
@@ -201,76 +218,110 @@ class P2PTransport(TorchRpcTransport):
             if writes:
                 kv = data[qn:].view(2, writes, nkv, d)
                 t.k, t.v, t.slots = kv[0], kv[1], slots
-            call = M.AttentionCall(key, layer, meta if layer == 0 else None)
             res = torch.empty(rows, nh, d + 1, dtype=torch.float32, device=self.device)
-            self._attend(endpoint, debtor, call, t, res)
+            if meta is None:  # a probe: no request, nothing to attend
+                res[..., :d] = 0.0
+                res[..., d] = float("-inf")
+            else:
+                try:
+                    out = endpoint.attend(layer, meta, t)
+                    res[..., :d] = out.out
+                    res[..., d] = out.lse
+                except Exception:  # noqa: BLE001 - the debtor must get its answer to stay in step
+                    log.exception("rank %d: MicroAttention for rank %d failed", self.rank, debtor)
+                    res.fill_(float("nan"))
             if pending is not None:
                 pending.wait()
             pending = dist.isend(res, debtor, group, _tag(slot, RES))
         if pending is not None:
             pending.wait()
 
-    def _attend(self, endpoint: AttentionEndpoint, debtor: int, call: M.AttentionCall, t: M.AttentionTensors,
-                res: torch.Tensor) -> None:
-        """Fill res [rows, nh, d+1] with (out, LSE); NaN LSE tells the debtor it failed."""
-        d = res.shape[-1] - 1
-        if call.key.step < 0:  # a probe: no request, nothing to attend
-            res[..., :d] = 0.0
-            res[..., d] = float("-inf")
-            return
-        try:
-            reply, out = _settled(endpoint.handle(debtor, call, t))
-            if isinstance(reply, M.Failed):
-                raise PeerError(reply.message, reply.reason)
-            res[..., :d] = out.out
-            res[..., d] = out.lse
-        except Exception:  # noqa: BLE001 - the debtor must get its answer to stay in step
-            log.exception("rank %d: MicroAttention for rank %d failed", self.rank, debtor)
-            res.fill_(float("nan"))
-
     def _recv(self, t: torch.Tensor, src: int, group, tag: int) -> None:
         dist.irecv(t, src, group, tag).wait(self.data_timeout)
 
 
-class _Waiter:
-    """Completes one stream's futures in order: gloo's point-to-point works have no futures."""
+class _Stream:
+    """The debtor's side of one stream: whether it broke, and a thread that settles answers for
+    callers that asked to be called back (the asyncio path) instead of waiting."""
 
-    def __init__(self, name: str, timeout: datetime.timedelta) -> None:
-        self.timeout = timeout
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(self, name: str) -> None:
         self.broken: BaseException | None = None
-        threading.Thread(target=self._run, name=name, daemon=True).start()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._name = name
+        self._thread: threading.Thread | None = None
 
-    def put(self, job) -> None:
-        self.jobs.put(job)
+    def settle_later(self, answer: _Answer) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._jobs.put(answer)
 
     def stop(self) -> None:
-        self.jobs.put(None)
+        self._jobs.put(None)
 
     def _run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
+        while (answer := self._jobs.get()) is not None:
+            answer.settle()
+
+
+class _Answer:
+    """The (out, LSE) of one remote MicroAttention call, as a future: ``wait()`` receives it on the
+    caller's thread (the compute thread: no hand-off); ``add_done_callback`` has the stream's
+    thread receive it (gloo's point-to-point works have no futures of their own)."""
+
+    def __init__(self, stream: _Stream, sends: list, recv, res: torch.Tensor, dtype: torch.dtype,
+                 timeout: datetime.timedelta) -> None:
+        self.stream = stream
+        self._sends, self._recv, self._res, self._dtype, self._timeout = sends, recv, res, dtype, timeout
+        self._lock = threading.Lock()
+        self._settled = threading.Event()
+        self._value: M.AttentionResultTensors | None = None
+        self._error: BaseException | None = None
+        self._callbacks: list = []
+
+    def settle(self) -> None:
+        with self._lock:
+            if self._settled.is_set():
                 return
-            sends, recv, res, dtype, fut = job
             try:
-                if self.broken is not None:
-                    raise PeerError(f"the stream is broken: {self.broken}", "rank_lost")
-                recv.wait(self.timeout)
-                for work, _ in sends:
-                    work.wait(self.timeout)
-                lse = res[..., -1]
+                if self.stream.broken is not None:
+                    raise PeerError(f"the stream is broken: {self.stream.broken}", "rank_lost")
+                self._recv.wait(self._timeout)
+                for work, _ in self._sends:
+                    work.wait(self._timeout)
+                lse = self._res[..., -1]
                 if torch.isnan(lse).any():
                     raise PeerError("the creditor failed to compute MicroAttention (see its log)")
-                fut.set_result(M.AttentionResultTensors(res[..., :-1].to(dtype), lse.contiguous()))
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting step
+                self._value = M.AttentionResultTensors(self._res[..., :-1].to(self._dtype), lse)  # views: no copy
+            except BaseException as e:  # noqa: BLE001 - raised to whoever waits
                 if not isinstance(e, PeerError):
-                    self.broken = e
-                fut.set_exception(e if isinstance(e, PeerError) else PeerError(str(e), "rank_lost"))
+                    self.stream.broken = e  # a gloo timeout or a lost peer closes the pair for good
+                self._error = e if isinstance(e, PeerError) else PeerError(str(e), "rank_lost")
+            self._settled.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb(self)
 
+    def wait(self) -> M.AttentionResultTensors:
+        self.settle()
+        return self.value()
 
-def _settled(result) -> tuple:
-    return result.wait() if isinstance(result, torch.futures.Future) else result
+    def value(self) -> M.AttentionResultTensors:
+        self._settled.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def done(self) -> bool:
+        return self._settled.is_set()
+
+    def add_done_callback(self, cb) -> None:
+        with self._lock:
+            if not self._settled.is_set():
+                self._callbacks.append(cb)
+                self.stream.settle_later(self)
+                return
+        cb(self)
 
 
 def _meta_ints(meta: M.AttentionMeta, slots: torch.Tensor | None) -> torch.Tensor:

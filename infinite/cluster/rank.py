@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from infinite.cluster import messages as M
+from infinite.cluster.membership import HEARTBEAT_S, RANK0_LOST_S, short_error
 from infinite.cluster.transport import to_asyncio
 from infinite.runtime.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.1
-RANK0_LOST_S = 10.0
 
 # What rank 0 runs beside its instance: given a future of the ClusterEngine (set once the
 # cluster is up) and the stop event, it serves until told to stop and returns an exit code.
@@ -41,6 +41,8 @@ class RankOptions:
     local_world_size: int | None = None  # ranks on this host (threads are shared among them)
     log_level: str = "WARNING"
     watch_parent: bool = False  # exit when the launching process is gone (no orphans)
+    joining: bool = False  # joins a running cluster (infinite join) rather than starting with it
+    start_timeout_s: float = 600.0  # rank 0 waits this long for the initial ranks (they load the model)
 
 
 def setup_process(config: EngineConfig, opts: RankOptions) -> None:
@@ -65,9 +67,11 @@ def run_rank(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | None
 
 
 async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | None) -> int:
+    from infinite.cluster import rpc_membership
     from infinite.cluster.endpoint import RankEndpoint
     from infinite.cluster.frontdoor import ClusterEngine
     from infinite.cluster.instance import Instance
+    from infinite.cluster.leave import leave
     from infinite.cluster.p2p import P2PTransport
     from infinite.cluster.rpc_transport import TorchRpcTransport
 
@@ -77,36 +81,50 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
     ready: asyncio.Future = loop.create_future()
     # The front-end starts at once (an HTTP socket answers 503 until the cluster is up).
     front_task = asyncio.ensure_future(front_end(ready, stop)) if front_end is not None and rank == 0 else None
-    if config.data_plane == "p2p" and world > 1:
+    # The point-to-point group is fixed at start-up; a rank that joins later uses RPC for its data.
+    if config.data_plane == "p2p" and world > 1 and not opts.joining:
         transport = P2PTransport(rank, world, opts.init_method, opts.data_init_method, config.torch_device())
     else:
         transport = TorchRpcTransport(rank, world, opts.init_method)
     try:
         # Load the model (off the loop) before any peer can call us.
-        instance = await loop.run_in_executor(None, Instance, config, rank, world, transport)
+        instance = await loop.run_in_executor(None, Instance, config, rank, max(world, 2 if opts.joining else 1),
+                                              transport)
         front = ClusterEngine(instance, transport) if rank == 0 else None
         if front is not None:
             front.bind(loop, stop)
         await loop.run_in_executor(None, transport.start, RankEndpoint(instance, front))
-        if front is not None and world > 1:
-            rtt = await loop.run_in_executor(None, front.gmanager.calibrate_transport)
-            log.info("transport round trip %.0f us", rtt * 1e6)
+        if front is not None:
+            rpc_membership.publish(config, world)
+            front.supervisor.on_members = rpc_membership.publish_members
+            instance.apply_view(front.supervisor.on_join(M.Join(rank, instance.stats())))
+            await front.supervisor.wait_for_initial(opts.start_timeout_s)
+            if world > 1:
+                rtt = await loop.run_in_executor(None, front.gmanager.calibrate_transport)
+                log.info("transport round trip %.0f us", rtt * 1e6)
+        else:
+            instance.apply_view(await _join(instance, transport, opts.start_timeout_s))
     except BaseException as e:
         if front_task is not None:
             ready.set_exception(e)
             await asyncio.gather(front_task, return_exceptions=True)
+        if opts.joining:
+            _undo_join(opts, e)
         raise
     if not ready.done():
         ready.set_result(front)
+    signals = 0
 
     def on_signal() -> None:
+        nonlocal signals
+        signals += 1
         if front is not None:
             front.request_stop()
+        elif signals == 1:
+            instance.request_leave("a stop signal")  # a worker leaves gracefully: its work moves
         else:
-            try:
-                transport.cluster_stop()
-            except Exception:  # noqa: BLE001
-                pass
+            log.error("rank %d: a second stop signal: stopping without draining", rank)
+            instance.exit_code = 1
             instance.request_stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -116,6 +134,7 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
     tasks = [main_task, asyncio.ensure_future(heartbeat_loop(instance, transport))]
     if front is not None:
         tasks.append(asyncio.ensure_future(front.gmanager.run(lambda: instance.stopping)))
+        tasks.append(asyncio.ensure_future(front.supervisor.monitor(lambda: instance.stopping)))
     if opts.watch_parent:
         tasks.append(asyncio.ensure_future(_watch_parent(on_signal)))
     code = 0
@@ -125,8 +144,15 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
         elif front is not None:  # rank 0 without a front-end: run until told to stop
             await stop.wait()
         else:
+            leaving: asyncio.Task | None = None
             while not instance.stopping:
-                await asyncio.sleep(0.1)
+                if instance.leave_reason is not None and leaving is None:
+                    leaving = asyncio.ensure_future(leave(instance, transport, instance.leave_reason))
+                if leaving is not None and leaving.done():
+                    code = leaving.result()
+                    break
+                await asyncio.sleep(0.05)
+            code = code or instance.exit_code
     finally:
         if front is not None:
             await front.shutdown()
@@ -139,7 +165,45 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
         except Exception:  # noqa: BLE001
             log.debug("transport close", exc_info=True)
         instance.close()
+    if front is not None:
+        lost = front.supervisor.membership.lost
+        if lost and code == 0:
+            # Non-zero so that a launcher (torchrun) does not wait on peers that are gone.
+            log.error("stopping a cluster that lost rank(s) %s: exit status 1", [d.rank for d in lost])
+            code = 1
     return code
+
+
+def _undo_join(opts: RankOptions, err: BaseException) -> None:
+    """A join that failed midway must not leave torch's group token held (it would block every
+    later join and leave)."""
+    from infinite.cluster import rpc_membership
+
+    log.error("rank %d could not join the cluster: %s", opts.rank, err)
+    try:
+        rpc_membership.undo_failed_join(rpc_membership.store_address(opts.init_method), opts.rank)
+    except Exception:  # noqa: BLE001
+        log.warning("cleaning up after the failed join", exc_info=True)
+
+
+async def _join(instance, transport, timeout_s: float):
+    """Announce this rank to rank 0 (retrying while rank 0 starts); -> the cluster view."""
+    from infinite.cluster.transport import PeerError
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            return await to_asyncio(transport.join(M.Join(instance.rank, instance.stats()), timeout=10.0), loop)
+        except PeerError as e:
+            if "cannot rejoin" in str(e):
+                raise RuntimeError(f"rank 0 refused rank {instance.rank}: {e}") from None
+            err = e
+        except Exception as e:  # noqa: BLE001 - rank 0 not serving yet
+            err = e
+        if loop.time() > deadline:
+            raise RuntimeError(f"rank {instance.rank} could not join through rank 0 in {timeout_s:.0f} s: {err}")
+        await asyncio.sleep(0.3)
 
 
 async def heartbeat_loop(instance, transport) -> None:
@@ -147,14 +211,17 @@ async def heartbeat_loop(instance, transport) -> None:
     lost_since = None
     while not instance.stopping:
         try:
-            reply = await asyncio.wait_for(to_asyncio(transport.heartbeat(instance.heartbeat()), loop), timeout=5.0)
+            reply = await asyncio.wait_for(to_asyncio(transport.heartbeat(instance.heartbeat(), timeout=RANK0_LOST_S),
+                                                      loop), timeout=RANK0_LOST_S)
             instance.on_heartbeat_reply(reply)
             lost_since = None
-        except Exception:  # noqa: BLE001 - the next beat resends the whole placement
+        except Exception as e:  # noqa: BLE001 - the next beat resends the whole placement
             instance.forget_sent_placement()
             lost_since = lost_since or loop.time()
             if instance.rank != 0 and loop.time() - lost_since > RANK0_LOST_S:
-                log.error("rank 0 has not answered for %.0f s: stopping", RANK0_LOST_S)
+                log.error("rank 0 has not answered heartbeats for %.1f s (%s): it is gone; stopping this rank "
+                          "(exit status 1)", RANK0_LOST_S, short_error(e))
+                instance.exit_code = 1
                 instance.request_stop()
                 return
         await asyncio.sleep(HEARTBEAT_S)

@@ -5,6 +5,11 @@ TensorPipe moves them without pickling); tensors leave as contiguous CPU
 copies (a view would ship its whole storage) and each receiver moves them to
 its own device. Works under torchrun (``env://``) and with an explicit
 ``tcp://`` address (LocalCluster, ``infinite serve --num-instances``).
+
+The group is dynamic (``init_rpc(world_size=None)``): ranks can join a running
+cluster and gone ranks are evicted (infinite/cluster/rpc_membership.py). Every
+call has a timeout (``timeout_s`` unless the call names one), so a peer that
+stalls ends in an error, never a hang.
 """
 
 from __future__ import annotations
@@ -17,11 +22,9 @@ import torch
 import torch.distributed.rpc as rpc
 
 from infinite.cluster import messages as M
+from infinite.cluster import rpc_membership
+from infinite.cluster.rpc_membership import worker_name
 from infinite.cluster.transport import Endpoint, Future, Tensors, Transport, chain, failed_reply
-
-
-def worker_name(rank: int) -> str:
-    return f"rank{rank}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -35,7 +38,7 @@ class TorchRpcTransport(Transport):
     # finds this process's endpoint here; RPC allows one agent per process, hence one slot.
     _serving: ClassVar[Endpoint | None] = None
 
-    def __init__(self, rank: int, world_size: int, init_method: str = "env://", timeout_s: float = 120.0,
+    def __init__(self, rank: int, world_size: int, init_method: str = "env://", timeout_s: float = 30.0,
                  num_worker_threads: int = 32) -> None:
         self.rank = rank
         self.world_size = world_size
@@ -52,13 +55,22 @@ class TorchRpcTransport(Transport):
             init_method=self.init_method,
             _transports=["uv"],  # loopback and TCP alike; shm needs a shared /dev/shm setup
         )
-        rpc.init_rpc(worker_name(self.rank), rank=self.rank, world_size=self.world_size, rpc_backend_options=opts)
+        rpc.init_rpc(worker_name(self.rank), rank=self.rank, world_size=None, rpc_backend_options=opts)
         self._started = True
 
     def request(self, dst: int, msg: M.Msg, tensors: Tensors = None, timeout: float | None = None) -> Future:
-        fut = rpc.rpc_async(worker_name(dst), _deliver, args=(self.rank, M.encode(msg), _cpu(tensors)),
-                            timeout=timeout if timeout is not None and timeout > 0 else rpc.constants.UNSET_RPC_TIMEOUT)
+        try:
+            fut = rpc.rpc_async(worker_name(dst), _deliver, args=(self.rank, M.encode(msg), _cpu(tensors)),
+                                timeout=timeout if timeout is not None and timeout > 0 else rpc.constants.UNSET_RPC_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - e.g. a rank evicted from the group: the error is the future's
+            failed: Future = torch.futures.Future()
+            failed.set_exception(ConnectionError(f"rank {dst} is unreachable: {e}"))
+            return failed
         return fut.then(_decode_reply)
+
+    def evict(self, rank: int) -> None:
+        if self._started:
+            rpc_membership.evict(rank)
 
     def close(self) -> None:
         if self._started:

@@ -33,11 +33,12 @@ class RankSpec(msgspec.Struct):
     driver_authkey: bytes | None = None
 
 
-def local_rendezvous(world_size: int, *, log_level: str = "WARNING") -> list[RankOptions]:
-    """Options of every rank of a cluster on this host: two free loopback ports (RPC, point-to-point)."""
+def local_rendezvous(world_size: int, *, log_level: str = "WARNING", rpc_port: int = 0) -> list[RankOptions]:
+    """Options of every rank of a cluster on this host: two loopback ports (RPC, whose store new ranks
+    join through, and point-to-point), free ones unless ``rpc_port`` is given."""
     from infinite.cluster.rpc_transport import free_port
 
-    rpc_init, data_init = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    rpc_init, data_init = f"tcp://127.0.0.1:{rpc_port or free_port()}", f"tcp://127.0.0.1:{free_port()}"
     return [RankOptions(r, world_size, rpc_init, data_init, local_world_size=world_size, log_level=log_level)
             for r in range(world_size)]
 
@@ -53,7 +54,9 @@ def spawn_ranks(config: EngineConfig, opts: list[RankOptions],
         spec = RankSpec(config, replace(o, watch_parent=True))
         if o.rank == 0 and driver is not None:
             spec.driver_address, spec.driver_authkey = driver
-        p = subprocess.Popen([sys.executable, "-m", "infinite.cluster.spawn"], stdin=subprocess.PIPE, env=env)
+        # INFINITE_RANK names the process's rank for operators and tests (ps e, /proc/PID/environ).
+        p = subprocess.Popen([sys.executable, "-m", "infinite.cluster.spawn"], stdin=subprocess.PIPE,
+                             env={**env, "INFINITE_RANK": str(o.rank)})
         p.stdin.write(msgspec.msgpack.encode(spec))
         p.stdin.close()
         procs.append(p)

@@ -161,20 +161,38 @@ class StepRunner:
             await loop.run_in_executor(executor, gen.close)  # on the compute thread, like every hop
             raise
 
-    async def run(self, batch: ScheduledBatch, mbs: list[MicroBatch], executor: Executor) -> list[RequestOutput]:
-        """The whole remote step: forward every micro-batch, then sample on the compute thread."""
-        loop = asyncio.get_running_loop()
+    def run_blocking(self, batch: ScheduledBatch, mb: MicroBatch) -> list[RequestOutput]:
+        """A step of one micro-batch, start to end on the compute thread: nothing to overlap its
+        waits with, and no hand-off to the event loop and back."""
         t0 = time.perf_counter()
-        if len(mbs) == 1:
-            logits = [await loop.run_in_executor(executor, self.forward_blocking, mbs[0])]
-        else:
-            logits = await asyncio.gather(*(self.forward_async(mb, executor) for mb in mbs))
-        # Sampling rows of every micro-batch first, then their prompt-logprob rows.
-        merged, all_logits = merge_logits([mb.inputs for mb in mbs], list(logits))
-        outs = await loop.run_in_executor(executor, self.engine.postprocess, batch, merged, all_logits)
-        self.counters.remote_steps += 1
+        outs = self._sample(batch, [mb], [self.forward_blocking(mb)])
         self.counters.remote_step_s += time.perf_counter() - t0
         return outs
+
+    async def run(self, batch: ScheduledBatch, mbs: list[MicroBatch], executor: Executor) -> list[RequestOutput]:
+        """A step of several micro-batches: they interleave on the event loop (one's remote
+        MicroAttention in flight while another computes), then sampling on the compute thread."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        tasks = [asyncio.ensure_future(self.forward_async(mb, executor)) for mb in mbs]
+        try:
+            logits = await asyncio.gather(*tasks)
+        except BaseException:
+            # A micro-batch failed (a creditor gone): stop the others at their next hop, so that
+            # none writes KV after the step's requests were recomputed elsewhere.
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        outs = await loop.run_in_executor(executor, self._sample, batch, mbs, list(logits))
+        self.counters.remote_step_s += time.perf_counter() - t0
+        return outs
+
+    def _sample(self, batch: ScheduledBatch, mbs: list[MicroBatch], logits: list[torch.Tensor]) -> list[RequestOutput]:
+        # Sampling rows of every micro-batch first, then their prompt-logprob rows.
+        merged, all_logits = merge_logits([mb.inputs for mb in mbs], logits)
+        self.counters.remote_steps += 1
+        return self.engine.postprocess(batch, merged, all_logits)
 
 
 def _advance(gen: Forward, results: list | None) -> tuple[bool, object]:

@@ -126,6 +126,30 @@ class Transport(ABC):
         """-> Released"""
         return self._call(dst, msg, timeout=timeout)
 
+    # ---- membership (infinite/cluster/supervisor.py) ---------------------------------------------
+    def join(self, msg: M.Join, timeout: float | None = None) -> Future:
+        """-> ClusterView"""
+        return self._call(0, msg, timeout=timeout)
+
+    def leaving(self, msg: M.Leaving, timeout: float | None = None) -> Future:
+        return self._call(0, msg, timeout=timeout)
+
+    def left(self, msg: M.Left, timeout: float | None = None) -> Future:
+        return self._call(0, msg, timeout=timeout)
+
+    def suspect(self, msg: M.Suspect, timeout: float | None = None) -> Future:
+        """-> ClusterView, once rank 0 has checked the named ranks"""
+        return self._call(0, msg, timeout=timeout)
+
+    def cluster_view(self, dst: int, view: M.ClusterView) -> Future:
+        return self._call(dst, view)
+
+    def drain(self, dst: int, msg: M.Drain) -> Future:
+        return self._call(dst, msg)
+
+    def evict(self, rank: int) -> None:
+        """Rank 0: take a gone rank out of the group, so that new ranks can join (no-op here)."""
+
     # ---- data ------------------------------------------------------------------------------
     def attention(self, dst: int, call: M.AttentionCall, tensors: M.AttentionTensors,
                   timeout: float | None = None) -> Future:

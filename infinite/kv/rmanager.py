@@ -190,6 +190,23 @@ class RManager:
         return self.pool.num_blocks - self.pool.num_free - self._num_lent
 
     @_locked
+    def walk(self) -> dict[str, int]:
+        """Counts found by walking the block tables and the lent lists, not derived from the free
+        count: a leak check compares them with the pool's free list, three independent tallies."""
+        return {
+            "table_blocks": sum(len(t) for t in self.tables.values()),
+            "lent_entries": sum(len(b) for b in self.lent.values()),
+        }
+
+    @_locked
+    def release_debtor(self, debtor: int) -> int:
+        """Return every block lent to ``debtor`` (it died, or left owing them) to the pool."""
+        n = 0
+        for key in [k for k in self.lent if k[0] == debtor]:
+            n += self.release_lent(debtor, key[1])
+        return n
+
+    @_locked
     def stats(self) -> dict[str, int]:
         return {
             "rank": self.rank,

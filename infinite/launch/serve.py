@@ -36,7 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def listening(host: str, port: int) -> None:
         print(f"infinite: listening on http://{host}:{port} ({world} instances)", flush=True)
 
-    opts = RankOptions(rank, world, "env://", local_world_size=local_world, log_level=args.log_level)
+    # watch_parent: a worker whose torchrun agent was killed outright (SIGKILL: no chance to stop
+    # its workers) stops too instead of lingering as an orphan.
+    opts = RankOptions(rank, world, "env://", local_world_size=local_world, log_level=args.log_level,
+                       watch_parent=True)
     return run_rank(config, opts, http_front_end(server_settings(args), args.host, args.port, listening))
 
 

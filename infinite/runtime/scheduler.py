@@ -69,6 +69,14 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    def recompute(self, req: Request) -> bool:
+        """Free a running request's blocks and queue it first, to be recomputed from its prompt and
+        generated tokens (some of its KV was on an instance that is gone). False if not running."""
+        if req not in self.running:
+            return False
+        self._preempt(req)
+        return True
+
     # ---- one step ------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         out = ScheduledBatch()

@@ -77,5 +77,18 @@ class EngineFacts(ABC):
     def cluster_status(self) -> dict:
         """{"instances": stats(), "debts": [...], ...}: what /status and the dashboard show."""
 
+    def health(self) -> dict:
+        """What ``GET /health`` reports once the engine runs: ``{"status": "ok"}``, or for a
+        cluster that lost an instance ``{"status": "degraded", "lost": [...], ...}`` (a 503),
+        so that monitoring sees the loss while the survivors keep serving."""
+        return {"status": "ok"}
+
+    async def remove_instance(self, rank: int) -> dict:
+        """Drain instance ``rank`` out of the cluster (its requests move, the blocks it lent
+        come back, then it exits). One instance has nothing to remove."""
+        from infinite.errors import RequestError
+
+        raise RequestError("this server runs one instance: there is no instance to remove", "invalid")
+
     @abstractmethod
     async def shutdown(self) -> None: ...

@@ -3,7 +3,8 @@
 The HTTP socket opens at once and the engine loads behind it, so load
 balancers and tests can poll ``GET /health`` (503 while starting, 200 when
 ready). Routes under ``/v1`` need the API key when one is set; ``/health``,
-``/metrics``, ``/status`` and ``/dashboard`` do not, as with vLLM.
+``/metrics``, ``/status`` and ``/dashboard`` do not, as with vLLM. ``/admin``
+routes (an instance leaving the cluster) exist only with an API key and need it.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _count_error(request: web.Request, status: int) -> None:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     key = app_state(request.app).settings.api_key
-    if key and request.path.startswith("/v1") and request.method != "OPTIONS":
+    if key and request.path.startswith(("/v1", "/admin")) and request.method != "OPTIONS":
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
@@ -109,9 +110,25 @@ async def handle_models(request: web.Request) -> web.Response:
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    """200 {"status": "ok"}; 503 while starting or stopping; 503 {"status": "degraded", "lost":
+    [...]} while a cluster runs with fewer instances than it should (the API keeps serving)."""
     st = _state(request)
-    st.ready_engine()  # 503 while starting or stopping
-    return web.Response(status=200)
+    engine = st.ready_engine()  # 503 while starting or stopping
+    health = engine.health()
+    return web.json_response(health, status=200 if health.get("status") == "ok" else 503)
+
+
+async def handle_remove_instance(request: web.Request) -> web.Response:
+    """POST /admin/instances/{rank}/leave: drain that instance out of the cluster (API key required)."""
+    st = _state(request)
+    if not st.settings.api_key:
+        raise APIError("admin endpoints are off: start the server with --api-key to use them", status=403)
+    try:
+        rank = int(request.match_info["rank"])
+    except ValueError:
+        raise APIError(f"not an instance rank: {request.match_info['rank']!r}", status=400, param="rank") from None
+    result = await st.ready_engine().remove_instance(rank)
+    return web.json_response(result)
 
 
 async def handle_version(request: web.Request) -> web.Response:
@@ -145,6 +162,7 @@ def create_app(start_engine: EngineStarter, settings: ServerSettings | None = No
     app.router.add_post("/detokenize", tokenization.handle_detokenize)
     app.router.add_get("/tokenizer_info", tokenization.handle_tokenizer_info)
     app.router.add_get("/health", handle_health)
+    app.router.add_post("/admin/instances/{rank}/leave", handle_remove_instance)
     app.router.add_get("/version", handle_version)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/status", dashboard.handle_status)

@@ -35,6 +35,9 @@ def status_snapshot(st: ServerState) -> dict[str, Any]:
         view = engine.cluster_status()
         snap["instances"] = list(view.get("instances", []))
         snap["debts"] = list(view.get("debts", []))
+        snap["health"] = engine.health()
+        if "recovery" in view:
+            snap["recovery"] = view["recovery"]
         snap["max_model_len"] = engine.max_model_len
         snap["capacity_tokens"] = engine.capacity_tokens
     return snap

@@ -44,11 +44,13 @@ class APIError(Exception):
     the streaming code sends it as a final SSE event instead.
     """
 
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None) -> None:
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
+        self.retry_after = retry_after  # seconds, sent as Retry-After (503: come back later)
 
     @property
     def type(self) -> str:
@@ -58,7 +60,10 @@ class APIError(Exception):
         return ErrorBody(ErrorInfo(self.message, self.type, self.param, self.status))
 
     def response(self) -> web.Response:
-        return json_error(self.status, self.message, self.param)
+        resp = json_error(self.status, self.message, self.param)
+        if self.retry_after is not None:
+            resp.headers["Retry-After"] = str(self.retry_after)
+        return resp
 
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:

@@ -198,6 +198,8 @@ def decode_body(body: bytes, typ: type) -> Any:
         raise bad_request(f"invalid request: {e}", param=param or None) from None
     except msgspec.DecodeError as e:
         raise bad_request(f"malformed JSON body: {e}") from None
+    except UnicodeDecodeError as e:  # a JSON string holding bytes that are not UTF-8
+        raise bad_request(f"the body is not valid UTF-8: {e}") from None
 
 
 def decode_completion_request(body: bytes) -> CompletionRequest:

@@ -17,6 +17,7 @@ from infinite.server.errors import APIError
 from infinite.server.metrics import ServerMetrics
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # a 1M-token prompt as JSON token ids fits
+RETRY_AFTER_S = 1  # what a 503 tells clients to wait: the queue drains, or the engine finishes starting
 
 EngineStarter = Callable[[], Awaitable[EngineFacts]]
 
@@ -67,7 +68,8 @@ class ServerState:
             why = "is shutting down" if self.stopping else "is still starting (loading the model)"
             if self.start_error is not None:
                 why = f"failed to start: {self.start_error}"
-            raise APIError(f"the server {why}; retry later", status=503)
+            raise APIError(f"the server {why}; retry later", status=503,
+                           retry_after=None if self.start_error is not None else RETRY_AFTER_S)
         if not self.engine.is_running:
             raise APIError("the engine has stopped after an error; see the server log", status=503)
         return self.engine
@@ -84,6 +86,7 @@ class ServerState:
             raise APIError(
                 f"the server is overloaded: {self.in_flight} requests in flight, the limit is {limit}; retry later",
                 status=503,
+                retry_after=RETRY_AFTER_S,
             )
         self.in_flight += k
         self.metrics.labels(self.metrics.in_flight).inc(k)

@@ -1,0 +1,56 @@
+"""The cost model's starting point, measured on this rank's own model and device.
+
+Why: the gManager must not lend on a guess. Before the heartbeats' step times have been
+fitted, a prior whose per-request cost comes from a datacenter GPU would make every loan
+look cheap on a CPU (and the other way round). A few forward passes at start-up give the
+non-attention time at two batch sizes and the attention time per context token on the
+hardware that will run them; the runtime's own step times refine it from there.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from infinite.attention import MAMetadata, micro_attention
+from infinite.cluster.cost_model import CostModel
+
+
+def _best_of(fn, repeats: int = 5) -> float:
+    fn()  # warm-up (allocations, kernel selection)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.inference_mode()
+def measure_cost(model, block_size: int, dtype: torch.dtype, device: torch.device, batch: int = 16,
+                 context_blocks: int = 64) -> CostModel:
+    """A CostModel from timing ``model`` here: a + b·β from the non-attention layers at batch 1
+    and ``batch``, c from one decode MicroAttention over ``context_blocks`` blocks per layer."""
+    c = model.config
+    layers = c.num_layers
+
+    def non_attention(t: int) -> None:
+        ids = torch.zeros(t, dtype=torch.int64, device=device)
+        pos = torch.arange(t, dtype=torch.int64, device=device)
+        h = model.embed(ids)
+        for i in range(layers):
+            q, _, _ = model.pre_attention(i, h, pos)
+            h = model.post_attention(i, h, q)
+        model.compute_logits(h[-1:])
+
+    t1, tb = _best_of(lambda: non_attention(1)), _best_of(lambda: non_attention(batch))
+    per_request = max(0.0, (tb - t1) / (batch - 1))
+    base = max(1e-6, t1 - per_request)
+    k = torch.randn(context_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=dtype, device=device)
+    q = torch.randn(1, c.num_heads, c.head_dim, dtype=dtype, device=device)
+    tokens = context_blocks * block_size
+    meta = MAMetadata.build([1], [tokens - 1], [list(range(context_blocks))], device=device)
+    ta = _best_of(lambda: micro_attention(q, k, k, meta, c.head_dim ** -0.5))
+    return CostModel(base_s=base, per_request_s=per_request, per_context_token_s=layers * ta / tokens,
+                     num_layers=layers)

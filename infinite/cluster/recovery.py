@@ -1,0 +1,86 @@
+"""What a rank's death (or departure) costs, decided without I/O.
+
+A request's prompt and the tokens generated so far are always known at rank 0
+(the home sends cumulative outputs), so a lost rank costs recomputation, not
+requests:
+
+* a request whose *home* was on the rank is sent to a survivor with its prompt
+  and generated tokens (``resume_message``); the survivor prefills both and
+  generates on, so the stream continues with no text repeated or missing, and
+  greedy output is the same as in an undisturbed run;
+* a request whose home survives but some of whose *KV blocks* were on the rank
+  is preempted at home and recomputed there (the scheduler's own preemption:
+  blocks freed, the request back at the front of the queue);
+* a request that no survivor can ever hold (its prompt plus max_tokens is over
+  the shrunken cluster's capacity) ends with a ``rank_lost`` error instead of
+  waiting forever.
+
+The runtime (front door, instance) calls these and does the I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from infinite.cluster import messages as M
+from infinite.cluster.policy import LendingPolicy
+from infinite.kv.rmanager import RBlock, blocks_for
+from infinite.outputs import RequestOutput
+from infinite.runtime.request import Request
+
+
+def homed_on(homes: Mapping[str, int], rank: int) -> list[str]:
+    """Requests whose home is ``rank``: rank 0 moves them to survivors."""
+    return sorted(rid for rid, h in homes.items() if h == rank)
+
+
+def touching(tables: Mapping[str, Sequence[RBlock]], rank: int) -> list[str]:
+    """A home's requests with any block on ``rank``: recomputed at home."""
+    return sorted(rid for rid, t in tables.items() if any(ref.instance == rank for ref in t))
+
+
+def capacity_blocks(policy: LendingPolicy, pool_blocks: int, num_serving_peers: int) -> int:
+    """The most blocks one request can hold on a home of ``pool_blocks`` with that many serving
+    peers (every rank runs the same config, hence the same pool size)."""
+    return policy.request_capacity(pool_blocks, [pool_blocks] * max(0, num_serving_peers))
+
+
+def blocks_needed(num_prompt_tokens: int, max_tokens: int, block_size: int) -> int:
+    """What a request may come to hold: its prompt plus every token it may generate."""
+    return blocks_for(num_prompt_tokens + max_tokens, block_size)
+
+
+def fits(capacity: int, num_prompt_tokens: int, max_tokens: int, block_size: int) -> bool:
+    return blocks_needed(num_prompt_tokens, max_tokens, block_size) <= capacity
+
+
+def no_room_message(rid: str, need: int, capacity: int, gone: Iterable[int]) -> str:
+    ranks = ", ".join(str(r) for r in sorted(gone)) or "?"
+    return (f"request {rid} was running on instance(s) that left the cluster ({ranks}); it needs {need} KV blocks "
+            f"and the instances left can hold at most {capacity} for one request, so it cannot be recomputed")
+
+
+def resume_message(req: Request, last: RequestOutput | None) -> M.AddRequest:
+    """The request for its new home: the prompt and everything generated so far (``last`` is the
+    newest cumulative output rank 0 has; None when the home had produced nothing yet)."""
+    out = last.outputs[0] if last is not None else None
+    return M.AddRequest(
+        req.request_id, req.prompt_token_ids, req.params, req.max_tokens, req.prompt,
+        output_token_ids=list(out.token_ids) if out is not None else [],
+        logprobs=list(out.logprobs) if out is not None and out.logprobs is not None else None,
+        cumulative_logprob=out.cumulative_logprob or 0.0 if out is not None else 0.0,
+    )
+
+
+def restore_progress(req: Request, msg: M.AddRequest) -> None:
+    """Give a request built on its new home the tokens it had generated elsewhere: output ids,
+    the detokenizer state and text (rebuilt by feeding the same ids), logprobs. Its KV is
+    recomputed by the first prefill, which now covers prompt + those tokens."""
+    if not msg.output_token_ids:
+        return
+    req.output_token_ids = list(msg.output_token_ids)
+    if req.detokenizer is not None:
+        req.text = "".join(req.detokenizer.add_token(t) for t in msg.output_token_ids)
+    if req.logprobs is not None and msg.logprobs is not None:
+        req.logprobs = [dict(d) for d in msg.logprobs]
+        req.cumulative_logprob = msg.cumulative_logprob
