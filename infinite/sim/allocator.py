@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from infinite.cluster.allocator import REFUSAL_BACKOFF_S
 from infinite.kv.rmanager import blocks_for
 from infinite.runtime.allocator import BlockAllocator
 from infinite.runtime.request import Request, Status
@@ -30,11 +31,15 @@ LoanCheck = Callable[[int, list[tuple[int, int]], bool, int], bool]
 
 class SimAllocator(BlockAllocator):
     def __init__(self, mem: ClusterMemory, rank: int, capacity: int, loan_pays: LoanCheck | None = None,
-                 push_seconds: Callable[[int, int], float] | None = None) -> None:
+                 push_seconds: Callable[[int, int], float] | None = None, hint: Callable[[int], bool] | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.mem = mem
         self.rank = rank
         self.capacity = capacity
         self.loan_pays = loan_pays  # None: every loan the policy allows is made
+        self.hint = hint  # the heartbeat's "a loan would pay" (None: always ask)
+        self.clock = clock or (lambda: 0.0)
+        self.quiet_until = -1.0  # no loan requests before this time (after a refusal)
         self.push_seconds = push_seconds  # (creditor, blocks) -> seconds a synchronous copy takes
         self.reserve = 0  # home blocks set aside for a predicted run, used before the free pool
         self.borrowed_in_step = False  # a borrow pays a control-plane round trip in this step
@@ -81,11 +86,13 @@ class SimAllocator(BlockAllocator):
             return False
         rest = need - free
         running = req.status is Status.RUNNING
+        if held_n + need <= mem.pools[home].total and self.hint is not None and not self.hint(home):
+            return False  # it fits this pool in time, and the gManager said a loan would not pay
         full = req.num_computed_tokens // mem.block_size
         movable = min(lay.full_on(home, full), rest + CHUNK_BLOCKS) if lay is not None else 0
         if movable >= rest:  # local-first: the oldest full home blocks go out, the tail stays home
             plan = self._borrow(rid, movable, held_n + need, running) if movable > rest else []
-            plan = plan or self._borrow(rid, rest, held_n + need, running)
+            plan = plan or self._borrow(rid, rest, held_n + need, running, retry=True)  # fewer may still fit
             if not plan:
                 return False
             mem.push_out(rid, home, plan)
@@ -102,9 +109,20 @@ class SimAllocator(BlockAllocator):
         mem.borrow(rid, home, plan, at=held_n)
         return True
 
-    def _borrow(self, rid: str, n: int, request_blocks: int, running: bool) -> list[tuple[int, int]]:
+    def _borrow(self, rid: str, n: int, request_blocks: int, running: bool, retry: bool = False
+                ) -> list[tuple[int, int]]:
         """The gManager's borrow: the policy's plan over the creditors, all or nothing, made only if
-        the loan pays (or the request can never fit its home's pool); then reserved on them."""
+        the loan pays (or the request can never fit its home's pool); then reserved on them. After a
+        refusal the allocator asks nothing for REFUSAL_BACKOFF_S (ClusterAllocator._borrow)."""
+        now = self.clock()
+        if now < self.quiet_until and not retry:
+            return []
+        plan = self._plan(rid, n, request_blocks, running)
+        if not plan:
+            self.quiet_until = now + REFUSAL_BACKOFF_S
+        return plan
+
+    def _plan(self, rid: str, n: int, request_blocks: int, running: bool) -> list[tuple[int, int]]:
         mem = self.mem
         if mem.borrowable(self.rank) < n:
             return []

@@ -21,7 +21,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from infinite.cluster.cost_model import CostModel, StepSample
+from infinite.cluster.cost_model import StepSample
 from infinite.cluster.placement import ClusterSnapshot, InstanceState, PlacementConfig, capacities, route_key
 from infinite.cluster.policy import LendingPolicy
 from infinite.kv.rmanager import blocks_for
@@ -32,7 +32,7 @@ from infinite.sim.gpus import GpuSpec
 from infinite.sim.instance import SimInstance
 from infinite.sim.memory import ClusterMemory
 from infinite.sim.models import ModelSpec
-from infinite.sim.planning import MOVE, Planning
+from infinite.sim.planning import MOVE, Planning, probe_prior
 from infinite.sim.policies import node_groups, tp_pp
 from infinite.sim.traces import TraceRequest
 
@@ -123,12 +123,14 @@ class _Sim(Planning):
         caps = [by_rank[r] for r in range(len(totals))]
         self.capacity = max(caps)
         self.inst = [SimInstance(r, hw, self.hws, self.mem, caps[r], cfg.max_num_batched_tokens, cfg.max_num_seqs,
-                                 cfg.check, self.loan_pays) for r, hw in enumerate(self.hws)]
+                                 cfg.check, self.loan_pays, self.loans_pay_hint, lambda: self.now)
+                     for r, hw in enumerate(self.hws)]
         spans = len({n for hw in self.hws for n in hw.nodes}) > 1
-        self.cost = CostModel(num_layers=cfg.model.num_layers,
-                              remote_latency_s=cfg.gpu.inter_latency_s if spans else cfg.gpu.intra_latency_s)
-        self.samples: deque[StepSample] = deque(maxlen=512)
-        self.new_samples = 0
+        self.cost = probe_prior(self.hws[0], cfg.gpu.inter_latency_s if spans else cfg.gpu.intra_latency_s)
+        self.calibrated = False  # the cost model has been fitted to the steps (the gManager's flag)
+        self.fitted_at = -1e9
+        self.hints: dict[int, bool] = {}  # loans-pay answers since the last plan
+        self.samples: deque[StepSample] = deque(maxlen=128)  # GManager.samples
         self.heap: list[tuple] = []
         self.seq = itertools.count()
         self.queued: dict[str, int] = {}  # waiting request -> blocks counted in its home's demand
@@ -252,10 +254,9 @@ class _Sim(Planning):
             inst.begin(run)
             self.own_demand(r)
             first = run.end(1) - run.t0
-            if first > 0:  # the heartbeat's sample: context as the planner counts it, blocks in use
+            if first > 0:  # the heartbeat's sample: blocks in use as context, remote calls per layer
                 used = self.mem.pools[r].used * self.cfg.block_size
-                self.samples.append(StepSample(len(inst.sched.running), used, first))
-                self.new_samples += 1
+                self.samples.append(StepSample(len(inst.sched.running), used, first, inst.calls))
             self._push_end(r)
             if self.cfg.check:
                 inst.check_step(1)

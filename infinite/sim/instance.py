@@ -15,6 +15,7 @@ there when its blocks are remote).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from infinite.kv.rmanager import blocks_for
@@ -44,12 +45,13 @@ class _Plan:
 
 class SimInstance:
     def __init__(self, rank: int, hw: InstanceHW, hws: list[InstanceHW], mem: ClusterMemory, capacity: int,
-                 budget: int, max_seqs: int, check: bool = False, loan_pays: LoanCheck | None = None) -> None:
+                 budget: int, max_seqs: int, check: bool = False, loan_pays: LoanCheck | None = None,
+                 hint: Callable[[int], bool] | None = None, clock: Callable[[], float] | None = None) -> None:
         self.rank = rank
         self.hw = hw
         self.hws = hws
         self.mem = mem
-        self.alloc = SimAllocator(mem, rank, capacity, loan_pays, self._push_seconds)
+        self.alloc = SimAllocator(mem, rank, capacity, loan_pays, self._push_seconds, hint, clock)
         self.sched = Scheduler(self.alloc, max_seqs, budget)
         self.check = check
         self.run: StepRun | DecodeRun | None = None
@@ -60,7 +62,7 @@ class SimInstance:
         self.busy_s = 0.0
         self.steps = 0
         self._near_cache: dict[int, bool] = {}
-        self.wait_per_call_s = 0.0  # exposed remote wait per call and layer, last measured
+        self.calls = 0  # remote calls per layer of the last step costed (a heartbeat's remote_calls_per_step)
         self.high: dict[str, int] = {}  # most tokens each request has computed (shared by the cluster)
         self.window_end = float("inf")  # work counts until then (the last arrival)
         self.window_tokens = 0
@@ -116,8 +118,7 @@ class SimInstance:
         remote = tuple(RemotePart(hws[x], near(x), int(parts[x][0]), int(parts[x][1]), parts[x][2], parts[x][3])
                        for x in ranks)
         sc = step_cost(self.hw, tokens, sampled, read, pairs, remote, borrowed, len(entries))
-        if ranks:  # what a debtor measures of its remote calls: the wait they add, per call and layer
-            self.wait_per_call_s = max(0.0, sc.remote_layer_s - sc.local_layer_s) / len(ranks)
+        self.calls = len(ranks)
         return sc, dict(zip(ranks, sc.served_s))
 
     # ---- predicting a run ------------------------------------------------------------------------------

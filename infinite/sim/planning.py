@@ -12,12 +12,24 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from infinite.cluster.cost_model import fit
+from infinite.cluster.cost_model import CostModel, fit
+from infinite.cluster.gmanager import REFIT_S
 from infinite.cluster.placement import ClusterSnapshot, RequestState, loan_gain, plan
 from infinite.kv.rmanager import blocks_for
-from infinite.sim.costs import migration_time
+from infinite.sim.costs import InstanceHW, migration_time
 
 MOVE = 1  # the engine's event kind for a finished migration
+
+
+def probe_prior(hw: InstanceHW, latency_s: float) -> CostModel:
+    """The gManager's starting cost model, as cost_probe measures it on the rank's own model and
+    device: the non-attention time at batch 1 and 16 and decode attention per context token (here
+    from the same roofline the steps cost), the remote latency from the data-plane probe."""
+    one, sixteen = hw.base_s(1, 1), hw.base_s(16, 16)
+    per_request = max(0.0, (sixteen - one) / 15)
+    return CostModel(base_s=max(1e-6, one - per_request), per_request_s=per_request,
+                     per_context_token_s=hw.model.num_layers * hw.decode_token_s, remote_latency_s=latency_s,
+                     num_layers=hw.model.num_layers)
 
 
 class Planning:
@@ -39,26 +51,47 @@ class Planning:
 
     def loan_pays(self, debtor: int, plan_: list[tuple[int, int]], admits: bool, new_calls: int) -> bool:
         """The gManager's no-regret check of an on-demand loan (placement.loan_gain with the fitted
-        cost model), on the instances it involves."""
+        cost model), on the instances it involves; none before the model is fitted (no lending on
+        a guess)."""
+        if not self.calibrated:
+            return False
+        return self._gain(debtor, plan_, admits, new_calls) > self.pcfg.min_gain
+
+    def loans_pay_hint(self, r: int) -> bool:
+        """The heartbeat's word to a debtor: would a loan admitting one more request of its mean size
+        pay (GManager._would_pay)? Asked when the instance needs it and kept until the next plan, as
+        the runtime keeps the last heartbeat's answer."""
+        hint = self.hints.get(r)
+        if hint is None:
+            hint = self.hints[r] = self._would_pay(r)
+        return hint
+
+    def _would_pay(self, r: int) -> bool:
+        if not self.calibrated or not self.policy.enabled:
+            return False
+        p, mem = self.mem.pools[r], self.mem
+        size = max(1, p.used // max(1, len(self.inst[r].sched.running)))
+        plan_ = self.policy.borrow_plan(mem.peer(r), size, mem.candidates(r, size, {}))
+        return bool(plan_) and self._gain(r, plan_, True, len(plan_)) > self.pcfg.min_gain
+
+    def _gain(self, debtor: int, plan_: list[tuple[int, int]], admits: bool, new_calls: int) -> float:
         lays = self.mem.layouts
         reqs = tuple(RequestState(q.request_id, debtor, q.num_computed_tokens, dict(lays[q.request_id].held))
                      for q in self.inst[debtor].sched.running if q.request_id in lays and lays[q.request_id].remote_n)
         ranks = {debtor, *(c for c, _ in plan_), *(i for q in reqs for i in q.blocks)}
         states = tuple(self.state(r) for r in sorted(ranks))
-        gain = loan_gain(ClusterSnapshot(states, reqs, self.cfg.block_size), self.cost, debtor, plan_,
+        return loan_gain(ClusterSnapshot(states, reqs, self.cfg.block_size), self.cost, debtor, plan_,
                          admits=admits, new_calls=new_calls)
-        return gain > self.pcfg.min_gain
 
     # ---- the periodic placement ----------------------------------------------------------------------------
     def replan(self) -> None:
-        # The gManager refits on every run; here, once a quarter of the window is new (the fit is the
-        # costliest part of a tick and moves little between ticks).
-        if len(self.samples) >= 8 and self.new_samples >= max(8, self.samples.maxlen // 4):
+        # as GManager._calibrate: refit every REFIT_S once there are samples; the samples carry their
+        # remote calls, so the fit learns what remote calls add to a step
+        if len(self.samples) >= 8 and self.now - self.fitted_at >= REFIT_S:
+            self.fitted_at = self.now
             self.cost = fit(list(self.samples), prior=self.cost)
-            self.new_samples = 0
-        waits = sorted(i.wait_per_call_s for i in self.inst if i.wait_per_call_s > 0)
-        if waits:  # the remote latency the debtors measure, as the gManager calibrates it
-            self.cost = replace(self.cost, remote_latency_s=waits[len(waits) // 2])
+            self.calibrated = True
+        self.hints = {}
         cands = self._plan_candidates()
         if not cands:
             return  # no debtor by the planner's rule and no debt to bring home: plan would return []
@@ -71,7 +104,9 @@ class Planning:
                 if lay is not None and lay.total:
                     reqs.append(RequestState(q.request_id, r, q.num_computed_tokens, dict(lay.held)))
         self.flush()
-        for mv in plan(ClusterSnapshot(tuple(self.states), tuple(reqs), self.cfg.block_size), self.cost, self.pcfg):
+        # uncalibrated, only the moves that do not hang on the cost model (GManager.plan_once)
+        pcfg = self.pcfg if self.calibrated else replace(self.pcfg, min_gain=float("inf"))
+        for mv in plan(ClusterSnapshot(tuple(self.states), tuple(reqs), self.cfg.block_size), self.cost, pcfg):
             self._start_move(mv)
 
     def _plan_candidates(self) -> list[int]:
