@@ -82,9 +82,14 @@ def test_cluster_bench_main_tiny(tmp_path, capsys):
     ])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "(a) decode latency" in printed and "(b) trace" in printed and "tokens/s on/off-routed" in printed
+    assert "(0) remote MicroAttention round trip" in printed and "(a) decode latency" in printed and "(b) trace" in printed and "tokens/s on/off-routed" in printed
     res = json.loads(out.read_text())
     assert res["bench"] == "cluster" and {"torch", "cpu_count", "git_commit"} <= set(res["env"])
+
+    rt = res["roundtrip"]
+    for plane in ("p2p", "rpc"):
+        assert rt[plane]["probes"] == 20 and 0 < rt[plane]["min_us"] <= rt[plane]["median_us"] <= rt[plane]["p90_us"]
+    assert rt["rpc_over_p2p"] == pytest.approx(rt["rpc"]["median_us"] / rt["p2p"]["median_us"])
 
     a = res["split"]
     assert a["config"]["request_blocks"] == 13  # 206 tokens in blocks of 16

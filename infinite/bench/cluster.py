@@ -92,7 +92,8 @@ def _modes(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infinite.bench cluster", description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("split", "mixed", "all"), default="all", help="which benchmark (default all)")
+    p.add_argument("--part", choices=("roundtrip", "split", "mixed", "all"), default="all",
+                   help="which benchmark (default all)")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny Llama)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
     p.add_argument("--out", default="bench-results/cluster.json", help="JSON result path ('' to skip)")
@@ -243,6 +244,31 @@ def print_split(r: dict[str, Any]) -> None:
           f"{'met' if r['meets_target'] else 'NOT met'}); same greedy tokens: {r['same_tokens']}", flush=True)
 
 
+# ---- (0) round trip ------------------------------------------------------------------------------------------
+
+
+def run_roundtrip(args: argparse.Namespace) -> dict[str, Any]:
+    """One layer of remote MicroAttention with nothing to attend, rank 0 to rank 1, on each data
+    plane: the gManager's start-up probes (20 per plane), which are its remote-latency prior."""
+    out = {}
+    for plane in ("p2p", "rpc"):
+        eng = _cluster(args.model, 2, 16, True, data_plane=plane)
+        with _closing(eng):
+            probes = eng.cluster_status()["cost_model"]["probe_s"]
+        out[plane] = {"probes": len(probes), "median_us": 1e6 * statistics.median(probes),
+                      "p90_us": 1e6 * probes[int(0.9 * (len(probes) - 1))], "min_us": 1e6 * probes[0]}
+    out["rpc_over_p2p"] = out["rpc"]["median_us"] / out["p2p"]["median_us"]
+    return out
+
+
+def print_roundtrip(r: dict[str, Any]) -> None:
+    rows = [[plane, r[plane]["probes"], r[plane]["median_us"], r[plane]["p90_us"], r[plane]["min_us"]]
+            for plane in ("p2p", "rpc")]
+    print_table("(0) remote MicroAttention round trip per layer, nothing to attend (µs)",
+                ["data plane", "probes", "median", "p90", "min"], rows)
+    print(f"rpc / p2p = {r['rpc_over_p2p']:.1f}", flush=True)
+
+
 # ---- (b) mixed ----------------------------------------------------------------------------------------------
 
 
@@ -343,6 +369,9 @@ def main(argv: Sequence[str]) -> int:
     torch.set_num_threads(1)  # this process only drives; the ranks do the work
     payload: dict[str, Any] = {"bench": "cluster", "args": {k: (list(v) if isinstance(v, tuple) else v)
                                                              for k, v in vars(args).items()}}
+    if args.part in ("roundtrip", "all"):
+        payload["roundtrip"] = run_roundtrip(args)
+        print_roundtrip(payload["roundtrip"])
     if args.part in ("split", "all"):
         payload["split"] = run_split(args)
         print_split(payload["split"])

@@ -71,8 +71,8 @@ class ClusterAllocator(LocalAllocator):
         rest = need - free
         running = req.status is Status.RUNNING
         held = len(self.rm.table(rid))
-        if held + need <= self.rm.num_blocks and not self.loans_pay:
-            return False  # it fits this pool in time, and the gManager said a loan would not pay
+        if not running and held + need <= self.rm.num_blocks and not self.loans_pay:
+            return False  # a new request that fits this pool in time, and admitting it by a loan would not pay
         movable = self.migrator.oldest_full(rid, req.num_computed_tokens, self.rm.rank, rest + self.chunk_blocks)
         if len(movable) >= rest:
             # local-first: the oldest full local blocks go to borrowed ones, the tail stays home

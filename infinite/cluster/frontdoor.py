@@ -15,6 +15,7 @@ longer the request's home are dropped, so nothing is sent twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -97,6 +98,8 @@ class ClusterEngine(EngineFacts):
         return {"instances": self.stats(), "debts": self.gmanager.debts(),
                 "moves_issued": self.gmanager.moves_issued, "loans_refused": self.gmanager.loans_refused,
                 "requests": self.gmanager.placement_map(), "health": self.health(),
+                "cost_model": {**dataclasses.asdict(self.gmanager.cost), "calibrated": self.gmanager.calibrated,
+                               "probe_s": list(self.gmanager.probe_s)},
                 "recovery": {"moved": self.moved, "failed": self.failed_moves,
                              "recomputed_at_home": sum(s.get("recomputed", 0) for s in self.stats())}}
 

@@ -56,6 +56,7 @@ class GManager:
         self.pcfg = PlacementConfig(policy=policy)
         self.cost = prior or CostModel(num_layers=num_layers)
         self.calibrated = False  # the step-time model has been fitted to this cluster's heartbeats
+        self.probe_s: list[float] = []  # the data plane's measured round trips per layer, sorted
         self._loans_pay: dict[int, bool] = {}  # per rank, as of the last plan
         self.lock = threading.Lock()
         self.instances: dict[int, M.InstanceStats] = {}  # rank -> last heartbeat (adjusted by loans since)
@@ -72,12 +73,13 @@ class GManager:
         self.serving: frozenset[int] = frozenset(range(self.world_size))
         self.on_unreachable = None  # callable(rank, error): a call to a rank failed (the supervisor checks it)
 
-    def calibrate_transport(self, rounds: int = 5) -> float:
+    def calibrate_transport(self, rounds: int = 20) -> float:
         """Probe the data plane to every other rank: the cost model's remote-MA latency (per call,
         per layer) until real remote calls are measured. It differs by orders of magnitude between
         NVLink and loopback TCP, so no default fits."""
         rtts = sorted(self.transport.probe(r, timeout=self.timeout_s)
                       for r in sorted(self.serving - {self.transport.rank}) for _ in range(rounds))
+        self.probe_s = rtts
         if rtts:
             self.cost = replace(self.cost, remote_latency_s=rtts[len(rtts) // 2])
         return self.cost.remote_latency_s
