@@ -86,8 +86,8 @@ class SimAllocator(BlockAllocator):
             return False
         rest = need - free
         running = req.status is Status.RUNNING
-        if held_n + need <= mem.pools[home].total and self.hint is not None and not self.hint(home):
-            return False  # it fits this pool in time, and the gManager said a loan would not pay
+        if not running and held_n + need <= mem.pools[home].total and self.hint is not None and not self.hint(home):
+            return False  # a new request that fits this pool in time, and admitting it by a loan would not pay
         full = req.num_computed_tokens // mem.block_size
         movable = min(lay.full_on(home, full), rest + CHUNK_BLOCKS) if lay is not None else 0
         if movable >= rest:  # local-first: the oldest full home blocks go out, the tail stays home
