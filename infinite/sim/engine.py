@@ -2,7 +2,8 @@
 
 What runs is the project's own code: each instance's ``Scheduler`` (token
 budget, admission, preemption by recompute), borrowing on demand through
-``LendingPolicy.borrow_plan`` (``infinite.sim.memory``), ``placement.route``
+``LendingPolicy.borrow_plan`` with the gManager's no-regret check
+(``infinite.sim.allocator``, ``infinite.sim.planning``), ``placement.route``
 for every arrival and ``placement.plan`` every ``plan_interval_s`` on a
 snapshot of the cluster, with the cost model fitted from the simulated
 steps as the gManager fits it from heartbeats. What is simulated is time
@@ -302,7 +303,7 @@ class _Sim(Planning):
     def _admission(self, r: int) -> tuple[int | None, int]:
         """(last step to keep so the scheduler decides the next one, or None; key to watch with)."""
         inst = self.inst[r]
-        head_need, lend = inst._head()
+        head_need, lend = inst.head_need()
         p = self.mem.pools[r]
         own = self.mem.lendable(r)
         run = inst.run

@@ -122,7 +122,7 @@ class SimInstance:
         return sc, dict(zip(ranks, sc.served_s))
 
     # ---- predicting a run ------------------------------------------------------------------------------
-    def _head(self) -> tuple[int, int]:
+    def head_need(self) -> tuple[int, int]:
         """(blocks the queue's head needs to be admitted, blocks the cluster may lend us)."""
         if not self.sched.waiting:
             return 0, 0
@@ -146,7 +146,7 @@ class SimInstance:
             lay = self.mem.layouts.get(r.request_id)
             states.append(_Plan(r.num_computed_tokens, r.num_tokens, len(r.output_token_ids), r.max_tokens,
                                 lay.total if lay is not None else 0))
-        head_need, borrowable = self._head()
+        head_need, borrowable = self.head_need()
         free0 = self.mem.pools[self.rank].free
         if all(p.N - p.c == 1 for p in states) and len(states) <= self.sched.max_num_batched_tokens:
             run = self._plan_decode(t0, states, head_need, borrowable, free0)

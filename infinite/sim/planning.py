@@ -92,6 +92,9 @@ class Planning:
             self.cost = fit(list(self.samples), prior=self.cost)
             self.calibrated = True
         self.hints = {}
+        # an instance idle behind a head its loans were refused for asks again after a heartbeat, as
+        # the runtime's step loop does (the answer may have changed with the plan)
+        self.to_wake.update(r for r, i in enumerate(self.inst) if i.run is None and i.sched.waiting)
         cands = self._plan_candidates()
         if not cands:
             return  # no debtor by the planner's rule and no debt to bring home: plan would return []
