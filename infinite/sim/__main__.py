@@ -30,7 +30,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--plan-interval", type=float, default=0.5, help="seconds between placement runs")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                    help="token budget of a step (vLLM v1 default for its server on >= 70 GiB GPUs)")
+                    help="token budget of a step (vLLM v1's server default on large-memory GPUs)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--kv-blocks", type=int, default=None,
                     help="KV blocks per instance (default: what the devices hold after the weights)")
