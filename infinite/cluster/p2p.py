@@ -47,6 +47,11 @@ NUM_SLOTS = 2  # micro-batches a debtor interleaves
 HEADER = 8
 HDR, META, DATA, RES = range(4)
 CLOSE_STEP, PROBE_STEP = -1, -2  # header step ids of the close handshake and of a latency probe
+# A stream's groups wait for its next step without a deadline: a gloo wait that times out closes
+# the pair for both directions, so a creditor idle for longer than any timeout (a debtor that
+# has not borrowed for minutes) would break the peer's own sends. Every data wait passes its
+# own deadline (data_timeout_s) instead.
+IDLE_WAIT = datetime.timedelta(days=3650)
 
 
 class AttentionEndpoint(Endpoint, Protocol):
@@ -79,8 +84,9 @@ class P2PTransport(TorchRpcTransport):
     def start(self, endpoint: AttentionEndpoint) -> None:
         dist.init_process_group(self.backend, init_method=self.data_init_method, rank=self.rank,
                                 world_size=self.world_size, timeout=datetime.timedelta(seconds=self.timeout_s))
-        self._groups = [dist.group.WORLD] + [dist.new_group(list(range(self.world_size)))
-                                             for _ in range(NUM_SLOTS - 1)]
+        # WORLD keeps the start-up deadline (a missing peer fails the start); the streams get
+        # groups of their own that idle without one.
+        self._groups = [dist.new_group(list(range(self.world_size)), timeout=IDLE_WAIT) for _ in range(NUM_SLOTS)]
         super().start(endpoint)
         self._endpoint = endpoint
         self._servers = []
@@ -231,10 +237,10 @@ class P2PTransport(TorchRpcTransport):
                     log.exception("rank %d: MicroAttention for rank %d failed", self.rank, debtor)
                     res.fill_(float("nan"))
             if pending is not None:
-                pending.wait()
+                pending.wait(self.data_timeout)
             pending = dist.isend(res, debtor, group, _tag(slot, RES))
         if pending is not None:
-            pending.wait()
+            pending.wait(self.data_timeout)
 
     def _recv(self, t: torch.Tensor, src: int, group, tag: int) -> None:
         dist.irecv(t, src, group, tag).wait(self.data_timeout)
