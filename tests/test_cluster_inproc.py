@@ -115,9 +115,18 @@ async def test_gmanager_calibrates_the_transport_and_plans_moves(ckpt):
         gm.on_heartbeat(M.Heartbeat(stats, [M.PlacementEntry("long", 960, {0: 60})], []))
         sent = len(cl.hub.sent)
         assert gm.plan_once() == []  # no move for throughput before the cost model is fitted
-        from infinite.cluster.cost_model import CostModel
+        from infinite.cluster.cost_model import MIN_REMOTE_SAMPLES, CostModel, StepSample
 
-        gm.calibrated, gm.cost = True, CostModel(num_layers=3)  # a fast remote path: the move pays
+        # Fitted to steps that never called a creditor, the remote path's cost is still the idle
+        # probe's guess: no move for throughput on it.
+        gm.samples.extend(StepSample(1 + i % 4, 960, 0.01 + 0.001 * (i % 4)) for i in range(32))
+        gm._fitted_at = -1e9
+        assert gm.plan_once() == [] and not gm.calibrated
+        gm.samples.extend(StepSample(1, 960, 0.02, remote_calls=1) for _ in range(MIN_REMOTE_SAMPLES))
+        gm._fitted_at = -1e9
+        gm._calibrate()
+        assert gm.calibrated  # now the fit has seen what remote calls add
+        gm.cost = CostModel(num_layers=3)  # a fast remote path: the move pays
         moves = gm.plan_once()
         assert moves and all(m.src == 0 and m.dst == 1 and m.request_id == "long" for m in moves)
         issued = [msg for src, dst, msg in cl.hub.sent[sent:] if isinstance(msg, M.MoveKV)]

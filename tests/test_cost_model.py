@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from infinite.cluster.cost_model import CostModel, StepSample, fit
+from infinite.cluster.cost_model import CostModel, StepSample, fit, remote_measured
 
 
 def _samples(truth: CostModel, n: int, seed: int = 0, noise: float = 0.0) -> list[StepSample]:
@@ -84,3 +84,12 @@ def test_bad_input_raises():
     with pytest.raises(ValueError):
         CostModel().step_time(-1, 0)
     assert math.isfinite(CostModel().step_time(0, 0))
+
+
+def test_remote_cost_is_measured_only_by_steps_that_made_remote_calls():
+    local = [StepSample(4, 1000, 0.01) for _ in range(100)]
+    remote = [StepSample(4, 1000, 0.02, remote_calls=0.5) for _ in range(8)]
+    assert not remote_measured(local)
+    assert not remote_measured(local + remote[:7])
+    assert remote_measured(local + remote)
+    assert remote_measured(remote[:2], at_least=2)

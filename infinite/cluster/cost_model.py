@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-__all__ = ["StepSample", "CostModel", "fit"]
+__all__ = ["StepSample", "CostModel", "fit", "remote_measured", "MIN_REMOTE_SAMPLES"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,19 @@ class CostModel:
         if batch_size <= 0:
             return 0.0
         return batch_size / self.step_time(batch_size, context_tokens, remote_calls)
+
+
+MIN_REMOTE_SAMPLES = 8  # measured steps with remote calls before the remote path's cost is trusted
+
+
+def remote_measured(samples: Sequence[StepSample], at_least: int = MIN_REMOTE_SAMPLES) -> bool:
+    """Whether ``samples`` hold enough steps that made remote calls for a fit to know what the
+    remote path costs. Until they do, the remote latency is the idle probe's round trip, which
+    misses what a busy rank adds (thread wake-ups, both ranks' cores shared): on the 2-core CPU
+    the probe says ~0.3-0.7 ms per layer where loaded steps measure ~1-2 ms. Loans and moves made
+    for throughput wait for this; loans that admit a request no pool can hold do not (they are
+    what produce the first remote samples)."""
+    return sum(1 for s in samples if s.remote_calls > 0) >= at_least
 
 
 _FITTED = ("base_s", "per_request_s", "per_context_token_s", "remote_latency_s")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import msgspec
 
 from infinite.cluster import messages as M
-from infinite.cluster.cost_model import CostModel, StepSample, fit
+from infinite.cluster.cost_model import CostModel, StepSample, fit, remote_measured
 from infinite.cluster.placement import (ClusterSnapshot, InstanceState, Move, PlacementConfig, RequestState, loan_gain,
                                         plan, route)
 from infinite.cluster.policy import LendingPolicy, Peer
@@ -95,7 +95,8 @@ class GManager:
         if len(samples) >= 8 and now - self._fitted_at >= REFIT_S:
             self._fitted_at = now
             self.cost = fit(samples, prior=self.cost)
-            self.calibrated = True
+            # trusted for throughput loans and moves only once remote steps were measured
+            self.calibrated = remote_measured(samples)
         self._loans_pay = {r: self._would_pay(r) for r in list(self.instances)}
 
     def _would_pay(self, rank: int) -> bool:
@@ -251,6 +252,8 @@ class GManager:
     def _loan_pays(self, msg: M.Borrow, plan_: list[tuple[int, int]], held: dict[int, int]) -> bool:
         new_calls = sum(1 for c, _ in plan_ if held.get(c, 0) == 0)
         gain = loan_gain(self.snapshot(), self.cost, msg.debtor, plan_, admits=not msg.running, new_calls=new_calls)
+        log.info("loan for %s (rank %d, %s): %s, predicted gain %.1f tokens/s", msg.request_id, msg.debtor,
+                 "running" if msg.running else "new", plan_, gain)
         return gain > self.pcfg.min_gain
 
     def _give_back(self, debtor: int, request_id: str, refs: list[tuple[int, int]]) -> None:
@@ -299,6 +302,7 @@ class GManager:
             self._moves_in_flight[mv.request_id] = now
             self.transport.move(placed.home, M.MoveKV(mv.request_id, mv.num_blocks, mv.dst,
                                                       -1 if mv.src == placed.home else mv.src))
+            log.info("move %s: %d blocks %d -> %d", mv.request_id, mv.num_blocks, mv.src, mv.dst)
             moves.append(mv)
         self.moves_issued += len(moves)
         return moves

@@ -1,9 +1,10 @@
-"""``python -m infinite.sim``: simulate a deployment on a trace; ``paper``, ``sweep``, ``validate``.
+"""``python -m infinite.sim``: simulate a deployment on a trace; ``paper``, ``sweep``, ``validate``, ``tight``.
 
     python -m infinite.sim --gpus 32 --gpu a100 --model llama2-7b --trace short --policy infinite --json out.json
     python -m infinite.sim paper      # Llama2-7B on 32 A100s against the paper's figures (docs/sim.md)
     python -m infinite.sim sweep      # throughput and max context vs GPUs, plots in docs/
     python -m infinite.sim validate   # the simulator against LocalCluster on this machine's CPU
+    python -m infinite.sim tight      # where lending pays on this CPU when every request fits one pool
 
 Each prints a table and writes JSON.
 """
@@ -20,7 +21,7 @@ from infinite.sim.report import SUMMARY_COLUMNS, table_rows
 from infinite.sim.runner import make_trace, run_policy, setup_from
 from infinite.sim.traces import REPRESENTATIVE, TRACES
 
-COMMANDS = ("run", "paper", "sweep", "validate")
+COMMANDS = ("run", "paper", "sweep", "validate", "tight")
 
 
 def _common(ap: argparse.ArgumentParser) -> None:
@@ -103,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from infinite.sim.paper import sweep_main
 
         return sweep_main(rest)
+    if cmd == "tight":
+        from infinite.sim.tight import main as tight_main
+
+        return tight_main(rest)
     from infinite.sim.validate import main as validate_main
 
     return validate_main(rest)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from infinite.cluster.cost_model import CostModel, fit
+from infinite.cluster.cost_model import CostModel, fit, remote_measured
 from infinite.cluster.gmanager import REFIT_S
 from infinite.cluster.placement import ClusterSnapshot, RequestState, loan_gain, plan
 from infinite.kv.rmanager import blocks_for
@@ -90,7 +90,7 @@ class Planning:
         if len(self.samples) >= 8 and self.now - self.fitted_at >= REFIT_S:
             self.fitted_at = self.now
             self.cost = fit(list(self.samples), prior=self.cost)
-            self.calibrated = True
+            self.calibrated = remote_measured(self.samples)  # as GManager._calibrate
         self.hints = {}
         # an instance idle behind a head its loans were refused for asks again after a heartbeat, as
         # the runtime's step loop does (the answer may have changed with the plan)
