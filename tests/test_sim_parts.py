@@ -164,3 +164,25 @@ def test_gpu_specs_name_their_sources():
     with pytest.raises(ValueError):
         replace(A100, bw_eff=1.5)
     assert InstanceState(0, 10, 10, 0, 0, 0)  # the placement types the simulator builds stay importable
+
+
+def test_tight_search_traces_fit_one_pool_and_lending_leaves_idle_pools_alone():
+    from infinite.runtime.engine import resolve_model_dir
+    from infinite.sim.cpu import cpu_spec
+    from infinite.sim.models import ModelSpec
+    from infinite.sim.tight import TightPoint, evaluate, grid, point_trace
+
+    points = grid()
+    assert len(points) == len({(p.fill, p.num_long, p.rate, p.short_output) for p in points})
+    for p in points[::7]:
+        trace = point_trace(p, seed=1)
+        longs = [t for t in trace if t.request_id.startswith("long")]
+        assert len(longs) == p.num_long and len(trace) == p.num_long + p.num_short
+        # the family's point: every request fits one pool, so lending is never needed for capacity
+        assert all(t.prompt_len + t.output_len <= p.pool_blocks * 16 for t in trace)
+    spec, model = cpu_spec(), ModelSpec.from_dir(resolve_model_dir(None), dtype_bytes=4)
+    # a trickle of small requests never fills a pool: lending must not change anything
+    calm = evaluate(TightPoint(0.5, 2, 20, 1.0, (32, 96)), spec, model)
+    assert calm["on"]["blocks_borrowed"] == 0 and calm["on"]["blocks_moved"] == 0
+    assert calm["ratio"] == pytest.approx(1.0, abs=0.02)
+    assert calm["on"]["requests_completed"] == calm["off_routed"]["requests_completed"] == 22
