@@ -98,6 +98,10 @@ def test_cluster_bench_main_tiny(tmp_path, capsys):
     assert set(split_kv) == {"0", "1"} and sum(split_kv.values()) == 13 and min(split_kv.values()) >= 6
     assert a["same_tokens"] is True  # float32 greedy: splitting the KV must not change a token
     assert a["one"]["remote_calls"] == 0 and a["split"]["remote_calls"] >= 4 * 5  # 4 layers x 5 decode steps
+    # the prefill's calls are counted apart: a decode step of a request on 2 ranks calls its one
+    # creditor once per layer
+    assert a["split"]["prefill"]["remote_calls"] >= 4
+    assert a["split"]["remote_calls_per_decode_step"] == pytest.approx(4.0, abs=0.5)
     for cfg in ("one", "split"):
         assert all(0 < t < 5000 for t in a[cfg]["ms_per_token"])
     assert a["ratio"] == pytest.approx(a["split"]["median_ms_per_token"] / a["one"]["median_ms_per_token"])
