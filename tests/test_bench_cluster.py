@@ -102,6 +102,7 @@ def test_cluster_bench_main_tiny(tmp_path, capsys):
     # creditor once per layer
     assert a["split"]["prefill"]["remote_calls"] >= 4
     assert a["split"]["remote_calls_per_decode_step"] == pytest.approx(4.0, abs=0.5)
+    assert a["split"]["creditor_ms_per_call"] > 0 and a["one"]["creditor_ms_per_call"] == 0
     for cfg in ("one", "split"):
         assert all(0 < t < 5000 for t in a[cfg]["ms_per_token"])
     assert a["ratio"] == pytest.approx(a["split"]["median_ms_per_token"] / a["one"]["median_ms_per_token"])

@@ -192,7 +192,7 @@ def run_split(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, dict[str, Any]] = {n: {"pool_blocks": s["pool"], "ms_per_token": [], "kv_blocks": [],
                                           "token_ids": None} for n, s in setups.items()}
     with _closing(*engines.values()):
-        keys = ("remote_calls", "remote_wait_ms", "migrations")
+        keys = ("remote_calls", "remote_wait_ms", "served_calls", "served_ms", "migrations")
         prefill: dict[str, dict[str, float]] = {}
         for name, eng in engines.items():
             _run_alone(eng, warm, 8, f"warm-{name}", args.timeout)
@@ -224,6 +224,8 @@ def run_split(args: argparse.Namespace) -> dict[str, Any]:
             decode = {k: max(0.0, r[k] - args.repeats * prefill[name][k]) for k in keys}
             r["remote_calls_per_decode_step"] = decode["remote_calls"] / steps
             r["remote_wait_ms_per_token"] = decode["remote_wait_ms"] / steps
+            # the creditor's attention per call (queries in, (out, LSE) computed), decode steps only
+            r["creditor_ms_per_call"] = decode["served_ms"] / decode["served_calls"] if decode["served_calls"] else 0.0
             r["median_ms_per_token"] = statistics.median(r["ms_per_token"])
     one, split = res["one"], res["split"]
     ratio = split["median_ms_per_token"] / one["median_ms_per_token"]
@@ -245,11 +247,11 @@ def print_split(r: dict[str, Any]) -> None:
         kv = s["kv_blocks"][-1] if s["kv_blocks"] else {}
         rows.append([name, s["pool_blocks"], "/".join(f"{k}:{v}" for k, v in sorted(kv.items())),
                      s["median_ms_per_token"], min(s["ms_per_token"]), max(s["ms_per_token"]),
-                     s["remote_calls_per_decode_step"], s["remote_wait_ms_per_token"]])
+                     s["remote_calls_per_decode_step"], s["remote_wait_ms_per_token"], s["creditor_ms_per_call"]])
     c = r["config"]
     print_table(f"(a) decode latency, {c['context']}-token context, {c['decode_tokens']} tokens, "
                 f"median of {c['repeats']}", ["config", "pool", "KV blocks rank:n", "ms/token", "min", "max",
-                                             "remote calls/step", "remote wait ms/token"], rows)
+                                             "remote calls/step", "remote wait ms/token", "creditor ms/call"], rows)
     print("(remote calls and waits of decode steps: a prefill-only run of the same prompt is subtracted)")
     print(f"split / one = {r['ratio']:.2f} (target <= {r['target_ratio']}: "
           f"{'met' if r['meets_target'] else 'NOT met'}); same greedy tokens: {r['same_tokens']}", flush=True)
