@@ -57,6 +57,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-remote-fraction", type=float, default=_DEFAULTS.max_remote_fraction,
                    help="share of a request's blocks that throughput moves may place on other instances "
                         f"(default {_DEFAULTS.max_remote_fraction})")
+    p.add_argument("--eager-lending", action="store_true",
+                   help="lend for throughput from the cost model's first fit, before any remote step was "
+                        "measured (default: wait for measured remote steps; loans for requests no pool "
+                        "can hold are made either way)")
     p.add_argument("--cluster-port", type=int, default=0,
                    help="port of the cluster's store with --num-instances > 1 (0 = any free); "
                         "`infinite join --cluster HOST:PORT` adds instances through it")
@@ -90,6 +94,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_lending=args.enable_lending,
         max_lend_fraction=args.max_lend_fraction,
         max_remote_fraction=args.max_remote_fraction,
+        eager_lending=args.eager_lending,
     )
 
 

@@ -2,6 +2,7 @@
 migration and its failure path, without spawning a process."""
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -122,6 +123,11 @@ async def test_gmanager_calibrates_the_transport_and_plans_moves(ckpt):
         gm.samples.extend(StepSample(1 + i % 4, 960, 0.01 + 0.001 * (i % 4)) for i in range(32))
         gm._fitted_at = -1e9
         assert gm.plan_once() == [] and not gm.calibrated
+        plain, gm.policy = gm.policy, dataclasses.replace(gm.policy, eager=True)
+        gm._fitted_at = -1e9
+        gm._calibrate()
+        assert gm.calibrated  # --eager-lending: the first fit is enough
+        gm.policy, gm.calibrated = plain, False
         gm.samples.extend(StepSample(1, 960, 0.02, remote_calls=1) for _ in range(MIN_REMOTE_SAMPLES))
         gm._fitted_at = -1e9
         gm._calibrate()

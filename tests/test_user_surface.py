@@ -39,6 +39,14 @@ def test_serve_takes_the_model_as_a_positional_argument(tmp_path):
     from infinite.runtime.config import EngineConfig
 
     assert (defaults.max_lend_fraction, defaults.block_size) == (EngineConfig().max_lend_fraction, EngineConfig().block_size)
+    # --eager-lending reaches the lending policy the gManager applies
+    from infinite.cluster.policy import LendingPolicy
+
+    eager = engine_config(build_parser().parse_args(["serve", "--eager-lending"]))
+    assert not defaults.eager_lending and eager.eager_lending
+    assert LendingPolicy.from_config(eager, 2).eager and not LendingPolicy.from_config(defaults, 2).eager
+    with pytest.raises(ValueError, match="eager_lending"):
+        EngineConfig(eager_lending="yes")
 
 
 def test_a_script_without_a_main_guard_runs_a_cluster_once(tmp_path):

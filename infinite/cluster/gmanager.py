@@ -96,7 +96,7 @@ class GManager:
             self._fitted_at = now
             self.cost = fit(samples, prior=self.cost)
             # trusted for throughput loans and moves only once remote steps were measured
-            self.calibrated = remote_measured(samples)
+            self.calibrated = remote_measured(samples) or self.policy.eager
         self._loans_pay = {r: self._would_pay(r) for r in list(self.instances)}
 
     def _would_pay(self, rank: int) -> bool:

@@ -47,6 +47,7 @@ class LendingPolicy:
     max_lend_fraction: float = 0.95  # a creditor lends at most this share of its pool
     max_remote_fraction: float = 0.5  # throughput moves keep a request's remote share under this
     demand_horizon_tokens: int = 256  # growth of a creditor's running requests it keeps room for
+    eager: bool = False  # lend for throughput before remote steps were measured (cost_model.remote_measured)
 
     def __post_init__(self) -> None:
         for name in ("max_lend_fraction", "max_remote_fraction"):
@@ -61,6 +62,7 @@ class LendingPolicy:
             enabled=config.enable_lending and world_size > 1,
             max_lend_fraction=config.max_lend_fraction,
             max_remote_fraction=config.max_remote_fraction,
+            eager=config.eager_lending,
         )
 
     # ---- one creditor ---------------------------------------------------------------

@@ -33,6 +33,10 @@ class EngineConfig:
     enable_lending: bool = True  # let requests borrow KV blocks from other instances
     max_lend_fraction: float = 0.95  # a creditor lends at most this share of its pool (beyond its own demand)
     max_remote_fraction: float = 0.5  # throughput moves keep a request's remote share under this
+    # lend for throughput from the cost model's first fit, before remote steps were measured
+    # (the default waits for them: on hardware where the idle probe underestimates the remote
+    # path that first guess loses throughput; docs/distributed.md)
+    eager_lending: bool = False
     placement_interval_s: float = 0.5  # how often the gManager reruns the placement
     threads_per_rank: int | None = None  # torch CPU threads of each rank; None = cores / ranks on the host
     data_plane: str = "p2p"  # remote MicroAttention over torch.distributed point-to-point ("p2p") or RPC ("rpc")
@@ -45,6 +49,8 @@ class EngineConfig:
             isinstance(self.threads_per_rank, bool) or not isinstance(self.threads_per_rank, int) or self.threads_per_rank < 1
         ):
             raise ValueError(f"threads_per_rank must be a positive integer, got {self.threads_per_rank!r}")
+        if not isinstance(self.eager_lending, bool):
+            raise ValueError(f"eager_lending must be a bool, got {self.eager_lending!r}")
         if self.data_plane not in ("p2p", "rpc"):
             raise ValueError(f"data_plane must be 'p2p' or 'rpc', got {self.data_plane!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_instances"):

@@ -62,9 +62,6 @@ class SimConfig:
     kv_blocks: int | None = None  # pool per instance; None = what the devices hold after weights
     drain_s: float = 3600.0  # stop this long after the last arrival; what is left is reported unfinished
     check: bool = False  # schedule every predicted step for real and compare (tests)
-    # lend for throughput from the cost model's first fit, before any remote step was measured
-    # (the runtime waits for remote samples: cost_model.remote_measured); `sim tight` compares both
-    eager_lending: bool = False
 
     def lending_policy(self) -> LendingPolicy:
         return replace(self.policy, enabled=self.lending and len(self.sizes) > 1)

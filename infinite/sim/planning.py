@@ -90,7 +90,7 @@ class Planning:
         if len(self.samples) >= 8 and self.now - self.fitted_at >= REFIT_S:
             self.fitted_at = self.now
             self.cost = fit(list(self.samples), prior=self.cost)
-            self.calibrated = remote_measured(self.samples) or self.cfg.eager_lending  # as GManager._calibrate
+            self.calibrated = remote_measured(self.samples) or self.policy.eager  # as GManager._calibrate
         self.hints = {}
         # an instance idle behind a head its loans were refused for asks again after a heartbeat, as
         # the runtime's step loop does (the answer may have changed with the plan)

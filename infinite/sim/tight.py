@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from infinite.cluster.policy import LendingPolicy
 from infinite.sim.engine import SimConfig, simulate
 from infinite.bench.common import print_table
 from infinite.sim.report import summarize
@@ -73,7 +74,7 @@ def evaluate(p: TightPoint, spec, model, seed: int = 0) -> dict[str, Any]:
     runs = {}
     for name, lending, eager in (("on", True, False), ("eager", True, True), ("off_routed", False, False)):
         cfg = SimConfig(spec, model, (1,) * p.ranks, lending, kv_blocks=p.pool_blocks, max_num_batched_tokens=2048,
-                        max_num_seqs=64, drain_s=1e6, eager_lending=eager)
+                        max_num_seqs=64, drain_s=1e6, policy=LendingPolicy(eager=eager))
         runs[name] = summarize(simulate(trace, cfg))
     off = runs["off_routed"]["output_tokens_per_s"]
 
