@@ -16,15 +16,24 @@ class StepCounters:
     remote_step_s: float = 0.0  # wall time of those steps
     served_calls: int = 0  # MicroAttention calls served for debtors
     served_s: float = 0.0  # time spent serving them
+    # the same for decode steps alone (one query per request): prefill chunks send many rows and
+    # would hide what the steady decode path costs
+    decode_remote_calls: int = 0
+    decode_remote_wait_s: float = 0.0
+    decode_served_calls: int = 0
+    decode_served_s: float = 0.0
     migrations: int = 0
     migrated_blocks: int = 0
     step_times: deque = field(default_factory=lambda: deque(maxlen=32))
     recent_wait_per_call_s: float = 0.0  # exponential average of the exposed wait of one remote call
 
-    def remote_layer(self, calls: int, wait_s: float) -> None:
+    def remote_layer(self, calls: int, wait_s: float, decode: bool = False) -> None:
         """One layer's remote calls and the time the step waited on them after its local work."""
         self.remote_calls += calls
         self.remote_wait_s += wait_s
+        if decode:
+            self.decode_remote_calls += calls
+            self.decode_remote_wait_s += wait_s
         if calls:
             per = wait_s / calls
             a = 0.1 if self.recent_wait_per_call_s else 1.0
@@ -34,6 +43,14 @@ class StepCounters:
         """One step ended; ``calls_per_layer`` remote MicroAttention calls each of its layers made."""
         self.steps += 1
         self.step_times.append((seconds, calls_per_layer))
+
+    def served(self, seconds: float, decode: bool) -> None:
+        """One MicroAttention call served for a debtor."""
+        self.served_calls += 1
+        self.served_s += seconds
+        if decode:
+            self.decode_served_calls += 1
+            self.decode_served_s += seconds
 
     @property
     def mean_step_s(self) -> float:

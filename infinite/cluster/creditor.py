@@ -113,8 +113,7 @@ class Creditor:
             out, lse = micro_attention(t.q.to(dev), kc, vc, meta, self.scale)
             return M.AttentionResultTensors(out, lse)
         finally:
-            self.counters.served_calls += 1
-            self.counters.served_s += time.perf_counter() - t0
+            self.counters.served(time.perf_counter() - t0, meta.max_q_len <= 1)
 
     def forget_debtor(self, debtor: int) -> None:
         """Drop step metadata a (dead) debtor left behind."""

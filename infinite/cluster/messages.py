@@ -127,6 +127,10 @@ class InstanceStats(Msg):
     remote_compute_ms: float = 0.0
     served_calls: int = 0
     served_ms: float = 0.0
+    decode_remote_calls: int = 0  # remote calls, waits and served calls of decode steps alone
+    decode_remote_wait_ms: float = 0.0
+    decode_served_calls: int = 0
+    decode_served_ms: float = 0.0
     migrations: int = 0
     migrated_blocks: int = 0
     lend_cap: int = 0

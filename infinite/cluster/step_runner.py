@@ -111,7 +111,7 @@ class StepRunner:
                 self.counters.remote_compute_s += time.perf_counter() - t0
                 t1 = time.perf_counter()
                 results = yield futs
-                self.counters.remote_layer(len(futs), time.perf_counter() - t1)
+                self.counters.remote_layer(len(futs), time.perf_counter() - t1, mb.inputs.meta.max_q_len <= 1)
                 t0 = time.perf_counter()
                 dev = h.device
                 parts = [(r.out.to(dev), r.lse.to(dev)) for r in results]
