@@ -317,3 +317,33 @@ async def test_no_regret_loans_pay_or_serve_demand_no_home_can_hold(ckpt):
         assert len(gm.borrow(M.Borrow(0, "short2", 2, request_blocks=4, running=False)).blocks) == 2
     finally:
         await cl.stop()
+
+
+async def test_a_full_home_asks_for_no_loan_the_gmanager_would_refuse(ckpt):
+    """Until the gManager lends for throughput (its heartbeat replies say so), a request that fits
+    its home's pool does not ask for a loan when the pool is full: the answer would be no, and the
+    question is a blocking round trip on the step."""
+    cl = InProcessCluster(config(ckpt, 8), 2)
+    try:
+        home = cl.instances[0]
+        from infinite.runtime.request import Status
+
+        req = fake_running(home, "r", 6)  # 6 of 8 blocks
+        req.status = Status.RUNNING
+        fake_running(home, "other", 2)  # the pool is full
+        cl.beat()
+        assert not home.allocator.lends_for_throughput  # not fitted to measured remote steps yet
+
+        def borrows() -> int:
+            return sum(isinstance(msg, M.Borrow) for _, _, msg in cl.hub.sent)
+
+        before = borrows()
+        assert not home.allocator.grow(req, 16 * 6 + 1)  # one more block: fits the pool, none free
+        assert borrows() == before
+        cl.gmanager.calibrated = True
+        cl.beat()
+        assert home.allocator.lends_for_throughput
+        home.allocator.grow(req, 16 * 6 + 1)
+        assert borrows() > before  # now it asks (the cost model decides)
+    finally:
+        await cl.stop()

@@ -39,6 +39,7 @@ class ClusterAllocator(LocalAllocator):
         self.chunk_blocks = chunk_blocks
         self.borrowable = 0  # blocks the rest of the cluster can still lend us (the gManager's last word)
         self.loans_pay = False  # the gManager's last word on whether a loan for a request that fits would pay
+        self.lends_for_throughput = False  # ... and whether it lends for anything but capacity at all
         self.lost: set[int] = set()  # ranks that died: their blocks went with them, nothing to release there
         self.migrator: Migrator | None = None  # set by the Instance once its KV cache exists
         self._quiet_until = 0.0  # no loan requests before this time (after a refusal)
@@ -71,7 +72,10 @@ class ClusterAllocator(LocalAllocator):
         rest = need - free
         running = req.status is Status.RUNNING
         held = len(self.rm.table(rid))
-        if not running and held + need <= self.rm.num_blocks and not self.loans_pay:
+        fits = held + need <= self.rm.num_blocks
+        if fits and not self.lends_for_throughput:
+            return False  # the gManager would refuse: it lends only for requests no pool can hold
+        if not running and fits and not self.loans_pay:
             return False  # a new request that fits this pool in time, and admitting it by a loan would not pay
         movable = self.migrator.oldest_full(rid, req.num_computed_tokens, self.rm.rank, rest + self.chunk_blocks)
         if len(movable) >= rest:

@@ -129,7 +129,8 @@ class GManager:
             if s.num_running and s.step_time_ms > 0:  # context as the planner counts it: blocks in use
                 used = (s.total_blocks - s.free_blocks) * self.block_size
                 self.samples.append(StepSample(s.num_running, used, s.step_time_ms / 1e3, s.remote_calls_per_step))
-            return M.HeartbeatReply(self._borrowable(s.rank), self._loans_pay.get(s.rank, False))
+            return M.HeartbeatReply(self._borrowable(s.rank), self._loans_pay.get(s.rank, False),
+                                    lends_for_throughput=self.calibrated and self.policy.enabled)
 
     def _peer(self, s: M.InstanceStats) -> Peer:
         return Peer(s.rank, s.total_blocks, s.free_blocks, s.lent_blocks, s.borrowed_blocks,

@@ -299,6 +299,7 @@ class Instance:
     def on_heartbeat_reply(self, reply: M.HeartbeatReply) -> None:
         self.allocator.borrowable = reply.borrowable
         self.allocator.loans_pay = reply.loans_pay
+        self.allocator.lends_for_throughput = reply.lends_for_throughput
         if reply.evicted:
             self.fence("rank 0 says this rank was removed from the cluster (declared dead)")
         elif reply.view is not None:

@@ -166,6 +166,9 @@ class ClusterView(Msg):
 class HeartbeatReply(Msg):
     borrowable: int  # blocks the rest of the cluster can still lend the sender
     loans_pay: bool = False  # whether a loan for a request that fits the sender's pool would pay now
+    # whether the gManager lends for throughput at all (its cost model is trusted): when not, a loan
+    # for a request that fits its home's pool is refused for sure, and asking is a wasted round trip
+    lends_for_throughput: bool = False
     view: ClusterView | None = None
     evicted: bool = False  # the sender was declared dead or removed: it must exit
 

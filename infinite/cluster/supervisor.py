@@ -128,7 +128,7 @@ class Supervisor:
                 return M.HeartbeatReply(0, view=self.view())  # not joined yet: its Join is on the way
             self.watch.beat(rank, time.monotonic())
         reply = self.gmanager.on_heartbeat(beat)
-        return M.HeartbeatReply(reply.borrowable, reply.loans_pay, view=self.view())
+        return M.HeartbeatReply(reply.borrowable, reply.loans_pay, reply.lends_for_throughput, view=self.view())
 
     async def monitor(self, stopping: Callable[[], bool]) -> None:
         """Declare dead every rank silent for DEAD_AFTER_S (checked every MONITOR_S)."""
