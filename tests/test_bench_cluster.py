@@ -63,6 +63,8 @@ def test_decode_latency_and_bad_flags():
         with pytest.raises(SystemExit):
             cluster.parse_args(bad)
     assert cluster.parse_args(["--short-prompt", "4-9", "--modes", "on"]).short_prompt == (4, 9)
+    # a mode named twice runs twice: the A/A control beside the ratio being judged
+    assert cluster.parse_args(["--modes", "on,off-routed,off-routed"]).modes == ["on", "off-routed", "off-routed#2"]
     args = cluster.parse_args(["--trace", "long", "--rate", "3"])
     assert (args.num_long, args.pool_blocks, args.rate) == (TRACES["long"].num_long, TRACES["long"].pool_blocks, 3.0)
     # each named trace says what it is, and its long requests fit one pool or not as it says

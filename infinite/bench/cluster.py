@@ -83,11 +83,18 @@ def _int_range(text: str) -> tuple[int, int]:
 
 
 def _modes(text: str) -> list[str]:
+    """Mode labels; a mode named again runs again as ``MODE#2`` (an A/A control: how far two runs
+    of the same configuration differ on this machine, next to the ratio being judged)."""
     vals = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in vals if m not in MODES]
     if not vals or bad:
         raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(MODES)}, got {text!r}")
-    return vals
+    seen: dict[str, int] = {}
+    out = []
+    for m in vals:
+        seen[m] = seen.get(m, 0) + 1
+        out.append(m if seen[m] == 1 else f"{m}#{seen[m]}")
+    return out
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -292,7 +299,8 @@ def _deployment(args: argparse.Namespace, mode: str) -> tuple[list, str]:
     return [_cluster(args.model, n, args.pool_blocks, mode == "on", **kw)], "cluster"
 
 
-def run_mixed_mode(args: argparse.Namespace, mode: str, work) -> dict[str, Any]:
+def run_mixed_mode(args: argparse.Namespace, label: str, work) -> dict[str, Any]:
+    mode = label.split("#")[0]
     engines, route = _deployment(args, mode)
     with _closing(*engines):
         for i, e in enumerate(engines):  # first-call costs out of the clock, on every rank
@@ -303,7 +311,7 @@ def run_mixed_mode(args: argparse.Namespace, mode: str, work) -> dict[str, Any]:
         status = engines[0].cluster_status() if mode == "on" else {}
     summary = summarize(records)
     summary.update(
-        mode=mode, route="round robin" if route == "rr" else "gManager",
+        mode=label, route="round robin" if route == "rr" else "gManager",
         preemptions=sum(s.get("num_preemptions", 0) for s in stats),
         remote_calls=sum(s.get("remote_calls", 0) for s in stats),
         migrations=sum(s.get("migrations", 0) for s in stats),
@@ -343,6 +351,9 @@ def run_mixed(args: argparse.Namespace) -> dict[str, Any]:
     if on is not None:
         out["ratios"] = {f"on/{m}": on["tokens_per_s"] / s["tokens_per_s"]
                          for m, s in results.items() if m != "on" and s["tokens_per_s"] > 0}
+        for m in results:
+            if m.startswith("off-routed#"):  # the A/A control
+                out["ratios"][f"{m}/off-routed"] = results[m]["tokens_per_s"] / results["off-routed"]["tokens_per_s"]
         if "on/off-routed" in out["ratios"]:
             out["no_regret"] = out["ratios"]["on/off-routed"] >= NO_REGRET
     return out
