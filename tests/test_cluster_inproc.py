@@ -347,3 +347,21 @@ async def test_a_full_home_asks_for_no_loan_the_gmanager_would_refuse(ckpt):
         assert borrows() > before  # now it asks (the cost model decides)
     finally:
         await cl.stop()
+
+
+async def test_requests_routed_but_not_yet_taken_in_count_as_waiting(ckpt):
+    """The gManager forgets what it routed to an instance at each of its beats; a beat must
+    therefore count requests still in the instance's inbox, or a burst all goes to one home."""
+    cl = InProcessCluster(config(ckpt, 20), 2)
+    try:
+        inst = cl.instances[1]
+        before = inst.stats()
+        inst.enqueue(M.AddRequest("queued", list(range(3, 3 + 40)), GREEDY, max_tokens=4))
+        after = inst.stats()
+        assert after.num_waiting == before.num_waiting + 1
+        assert after.waiting_blocks == before.waiting_blocks + 3  # 40 prompt tokens + 1, blocks of 16
+        cl.beat()
+        snap = cl.gmanager.snapshot()
+        assert [i.waiting_blocks for i in snap.instances if i.rank == 1] == [after.waiting_blocks]
+    finally:
+        await cl.stop()

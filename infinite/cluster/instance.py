@@ -314,12 +314,17 @@ class Instance:
         rm = self.rm.stats()
         running = list(e.scheduler.running)
         waiting = list(e.scheduler.waiting)
+        # requests routed here that the step loop has not taken in yet count as waiting: the
+        # gManager forgets what it routed here at each beat, so a beat that missed them would
+        # make this instance look emptier than it is and draw a burst's requests to it
+        arrived = [i for i in list(self._inbox) if isinstance(i, M.AddRequest)]
         c = self.counters
         return M.InstanceStats(
             **rm,
             num_running=len(running),
-            num_waiting=len(waiting),
-            waiting_blocks=sum(blocks_for(r.num_tokens + 1, e.block_size) for r in waiting),
+            num_waiting=len(waiting) + len(arrived),
+            waiting_blocks=sum(blocks_for(r.num_tokens + 1, e.block_size) for r in waiting)
+            + sum(blocks_for(len(i.prompt_token_ids) + len(i.output_token_ids) + 1, e.block_size) for i in arrived),
             tokens_held=sum(r.num_computed_tokens for r in running),
             step_time_ms=1e3 * c.mean_step_s,
             num_preemptions=e.scheduler.num_preemptions,
