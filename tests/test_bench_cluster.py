@@ -112,6 +112,7 @@ def test_cluster_bench_main_tiny(tmp_path, capsys):
 
     b = res["mixed"]
     rr, routed, on = b["modes"]["round-robin"], b["modes"]["off-routed"], b["modes"]["on"]
+    assert sum(on["requests_by_home"].values()) == on["served"] and set(on["tokens_by_home"]) <= {"0", "1"}
     # The long request (19 blocks) is larger than one 16-block pool: only lending can serve it.
     for off in (rr, routed):
         assert (off["served"], off["rejected"]) == (5, 1) and off["by_kind"]["long"]["rejected"] == 1

@@ -299,6 +299,14 @@ def _deployment(args: argparse.Namespace, mode: str) -> tuple[list, str]:
     return [_cluster(args.model, n, args.pool_blocks, mode == "on", **kw)], "cluster"
 
 
+def _by_home(records, weight) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in records:
+        if r.home is not None:
+            out[str(r.home)] = out.get(str(r.home), 0) + weight(r)
+    return dict(sorted(out.items()))
+
+
 def run_mixed_mode(args: argparse.Namespace, label: str, work) -> dict[str, Any]:
     mode = label.split("#")[0]
     engines, route = _deployment(args, mode)
@@ -318,6 +326,9 @@ def run_mixed_mode(args: argparse.Namespace, label: str, work) -> dict[str, Any]
         migrated_blocks=sum(s.get("migrated_blocks", 0) for s in stats),
         moves_issued=status.get("moves_issued", 0), loans_refused=status.get("loans_refused", 0),
         long_kv_blocks={r.request_id: r.kv_blocks for r in records if r.kind == "long" and r.kv_blocks},
+        # how routing spread the work: requests and their tokens (prompt + max_tokens) per home
+        requests_by_home=_by_home(records, lambda r: 1),
+        tokens_by_home=_by_home(records, lambda r: r.prompt_tokens + r.max_tokens),
         rejected_errors=sorted({r.error for r in records if r.rejected and r.error}),
     )
     return summary
