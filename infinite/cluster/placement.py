@@ -291,10 +291,25 @@ def _best_move(work: _Work, cost: CostModel, cfg: PlacementConfig) -> Move | Non
             # fewest creditors per request: one that already holds it first, then most free
             cands.sort(key=lambda c: (r.blocks.get(c.rank, 0) == 0, -c.free, c.rank))
             failed = set()  # creditors in the same state give the same answer: ask one of them
+            # Exact bound per creditor: a move of k blocks gains at most the debtor's change at
+            # k (the creditor's is never positive), which grows with k; so a creditor that can
+            # take at most k_max cannot beat min_gain if the debtor's change at k_max does not,
+            # nor can any creditor with a smaller k_max and the same new-call count.
+            hopeless = {0: 0, 1: 0}  # new calls -> the largest k_max known not to pay
+            base = _value(d, cost, work.block_size)
             for c in cands:
                 sig = (c.total, c.free, c.lent, c.borrowed, c.batch, c.waiting, c.waiting_reqs, c.remote_calls,
                        c.alive, r.blocks.get(c.rank, 0) == 0)
                 if sig in failed:
+                    continue
+                new_call = 0 if r.blocks.get(c.rank, 0) > 0 else 1
+                k_max = min(_movable(r, cfg), work.lendable(c, cfg))
+                if k_max <= hopeless[new_call]:
+                    failed.add(sig)
+                    continue
+                if _value(d, cost, work.block_size, k_max, new_call) - base <= cfg.min_gain:
+                    hopeless[new_call] = k_max
+                    failed.add(sig)
                     continue
                 mv = _best_k(work, cost, cfg, d, c, r)
                 if mv is not None:
