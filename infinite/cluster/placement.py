@@ -285,11 +285,13 @@ def _best_move(work: _Work, cost: CostModel, cfg: PlacementConfig) -> Move | Non
             if creditors is None:
                 creditors = [i for i in live
                              if i.used < cfg.creditor_usage_threshold * i.total and work.lendable(i, cfg) > 0]
+                creditors.sort(key=lambda c: (-c.free, c.rank))  # nothing changes until a move is returned
             if not creditors:
                 return None
-            cands = [c for c in creditors if c.rank != d.rank]
             # fewest creditors per request: one that already holds it first, then most free
-            cands.sort(key=lambda c: (r.blocks.get(c.rank, 0) == 0, -c.free, c.rank))
+            cands = [c for c in creditors if c.rank != d.rank and r.blocks.get(c.rank, 0) > 0]
+            cands += [c for c in creditors if c.rank != d.rank and r.blocks.get(c.rank, 0) == 0]
+            movable = _movable(r, cfg)
             failed = set()  # creditors in the same state give the same answer: ask one of them
             # Exact bound per creditor: a move of k blocks gains at most the debtor's change at
             # k (the creditor's is never positive), which grows with k; so a creditor that can
@@ -303,7 +305,9 @@ def _best_move(work: _Work, cost: CostModel, cfg: PlacementConfig) -> Move | Non
                 if sig in failed:
                     continue
                 new_call = 0 if r.blocks.get(c.rank, 0) > 0 else 1
-                k_max = min(_movable(r, cfg), work.lendable(c, cfg))
+                if new_call and hopeless[1] >= movable:
+                    break  # the rest hold none of r and can take at most `movable`: none pays
+                k_max = min(movable, work.lendable(c, cfg))
                 if k_max <= hopeless[new_call]:
                     failed.add(sig)
                     continue
