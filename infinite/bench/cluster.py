@@ -38,8 +38,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from infinite.bench.common import print_table, write_json
-from infinite.bench.workload import (TRACES, _greedy, decode_ms_per_token, make_workload, model_vocab, random_prompt,
-                                     serve_workload, summarize)
+from infinite.bench.workload import (TRACES, _greedy, decode_ms_per_token, make_workload, model_vocab, percentile,
+                                     random_prompt, serve_workload, summarize)
 from infinite.kv.rmanager import blocks_for
 from infinite.runtime.config import EngineConfig
 
@@ -270,7 +270,7 @@ def run_roundtrip(args: argparse.Namespace) -> dict[str, Any]:
         with _closing(eng):
             probes = eng.cluster_status()["cost_model"]["probe_s"]
         out[plane] = {"probes": len(probes), "median_us": 1e6 * statistics.median(probes),
-                      "p90_us": 1e6 * probes[int(0.9 * (len(probes) - 1))], "min_us": 1e6 * probes[0]}
+                      "p90_us": 1e6 * percentile(probes, 90), "min_us": 1e6 * min(probes)}
     out["rpc_over_p2p"] = out["rpc"]["median_us"] / out["p2p"]["median_us"]
     return out
 
@@ -362,9 +362,10 @@ def run_mixed(args: argparse.Namespace) -> dict[str, Any]:
     if on is not None:
         out["ratios"] = {f"on/{m}": on["tokens_per_s"] / s["tokens_per_s"]
                          for m, s in results.items() if m != "on" and s["tokens_per_s"] > 0}
-        for m in results:
-            if m.startswith("off-routed#"):  # the A/A control
-                out["ratios"][f"{m}/off-routed"] = results[m]["tokens_per_s"] / results["off-routed"]["tokens_per_s"]
+        for m in results:  # A/A controls: a mode run again, against its first run
+            base = m.split("#")[0]
+            if m != base and results[base]["tokens_per_s"] > 0:
+                out["ratios"][f"{m}/{base}"] = results[m]["tokens_per_s"] / results[base]["tokens_per_s"]
         if "on/off-routed" in out["ratios"]:
             out["no_regret"] = out["ratios"]["on/off-routed"] >= NO_REGRET
     return out

@@ -300,11 +300,11 @@ def _best_move(work: _Work, cost: CostModel, cfg: PlacementConfig) -> Move | Non
             hopeless = {0: 0, 1: 0}  # new calls -> the largest k_max known not to pay
             base = _value(d, cost, work.block_size)
             for c in cands:
+                new_call = 0 if r.blocks.get(c.rank, 0) > 0 else 1
                 sig = (c.total, c.free, c.lent, c.borrowed, c.batch, c.waiting, c.waiting_reqs, c.remote_calls,
-                       c.alive, r.blocks.get(c.rank, 0) == 0)
+                       c.alive, new_call)
                 if sig in failed:
                     continue
-                new_call = 0 if r.blocks.get(c.rank, 0) > 0 else 1
                 if new_call and hopeless[1] >= movable:
                     break  # the rest hold none of r and can take at most `movable`: none pays
                 k_max = min(movable, work.lendable(c, cfg))

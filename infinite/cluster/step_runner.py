@@ -96,6 +96,7 @@ class StepRunner:
         e = self.engine
         model = e.model
         sent = 0  # layers whose queries went out
+        decode = mb.inputs.meta.max_q_len <= 1  # one query per request: counted apart (stats)
         try:
             h = model.embed(mb.inputs.input_ids)  # [T, H]
             for layer in range(e.model_config.num_layers):
@@ -111,7 +112,7 @@ class StepRunner:
                 self.counters.remote_compute_s += time.perf_counter() - t0
                 t1 = time.perf_counter()
                 results = yield futs
-                self.counters.remote_layer(len(futs), time.perf_counter() - t1, mb.inputs.meta.max_q_len <= 1)
+                self.counters.remote_layer(len(futs), time.perf_counter() - t1, decode)
                 t0 = time.perf_counter()
                 dev = h.device
                 parts = [(r.out.to(dev), r.lse.to(dev)) for r in results]
