@@ -22,6 +22,12 @@ latency ``ℓ``, and ``q`` query tokens per layer sent out and returned as
 partial (output, LSE) at ``τ`` seconds each. Overlap with local compute hides
 part of it; ``ℓ`` is fitted from measured steps, so it is whatever is left.
 
+Prefill is priced apart, for the choice of a prefill group
+(``infinite.cluster.sp_policy``): a prompt token costs ``p_tok`` of
+non-attention work and each (query, key) pair ``p_pair`` of attention, over
+all layers; both are compute rates, not fitted from decode heartbeats (they
+come from the probe, like ``τ``).
+
 All values are plain floats; no torch, so the gManager and the simulator
 share it.
 """
@@ -72,9 +78,12 @@ class CostModel:
     remote_latency_s: float = 1.5e-5  # ℓ: exposed latency of one remote MA call, per layer
     remote_token_s: float = 2e-6  # τ: send one query + return its partial, per layer
     num_layers: int = 32
+    prefill_token_s: float = 7e-5  # p_tok: non-attention time of one prompt token, all layers (~2·6.7 GFLOP)
+    prefill_pair_s: float = 3e-9  # p_pair: attention time of one (query, key) pair, all layers (4·4096·32 FLOP)
 
     def __post_init__(self) -> None:
-        for name in ("base_s", "per_request_s", "per_context_token_s", "remote_latency_s", "remote_token_s"):
+        for name in ("base_s", "per_request_s", "per_context_token_s", "remote_latency_s", "remote_token_s",
+                     "prefill_token_s", "prefill_pair_s"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {v}")
@@ -103,6 +112,13 @@ class CostModel:
             raise ValueError(f"batch_size and context_tokens must be >= 0, got {batch_size}, {context_tokens}")
         local = self.base_s + self.per_request_s * batch_size + self.per_context_token_s * context_tokens
         return local + self.remote_ma_time(remote_calls, query_tokens)
+
+    def prefill_time(self, tokens: float, pairs: float) -> float:
+        """Seconds of ``tokens`` prompt tokens whose queries make ``pairs`` (query, key) pairs, on
+        top of the step they ride in."""
+        if tokens < 0 or pairs < 0:
+            raise ValueError(f"tokens and pairs must be >= 0, got {tokens}, {pairs}")
+        return tokens * self.prefill_token_s + pairs * self.prefill_pair_s
 
     def layer_time(self, batch_size: float, context_tokens: float, remote_calls: int = 0) -> float:
         """``T_layer(β, S)``: one step's time spread evenly over the layers."""

@@ -1,0 +1,268 @@
+"""Sequence-parallel prefill: whether a prompt is prefilled by a group, by which members, what moves.
+
+Pure functions of plain states and the calibrated ``CostModel``; the
+gManager, the runtime and the cluster simulator ask the same ones. The
+layout (which member computes which tokens) is ``sp_layout``.
+
+**The group (``choose_group``).** A group runs in *rounds*: each member
+computes one stripe of the prompt per round as a guest chunk in its own
+step, beside its own requests (it keeps ``own_tokens`` of its step budget
+for them), and a round ends when its slowest member's step does (every
+layer waits for the other members' K/V or partial results). The estimate of
+a group of ``g`` is the sum over its rows of the slowest member's own step
+plus the row's prefill work (``CostModel.prefill_time``: the layout gives
+every member the same) plus the exchange of the row; the estimate of no
+group is the home computing the prompt alone, a budget's worth per step
+beside its own requests. The group size with the earliest end wins.
+
+No regret: a group only when it ends ``min_speedup`` times sooner than the
+home alone, for prompts of at least ``min_prompt_tokens``, and only on
+members with spare compute (``Candidate.idle``: in no other group and no
+queued request it could admit now, so the guest chunk takes step budget
+nobody else wanted) and the memory for their segment within the
+``LendingPolicy``'s caps (the caller passes what each may hold:
+``room_blocks``). A member keeps its segment's KV as blocks lent to the
+request's home, so the roles of lending hold: members lend nothing to be
+debtors (``may_lend``), the home lends nothing (``may_borrow``).
+
+**What moves (``choose_exchange``).** Per layer, a member's queries need
+the keys of earlier positions held by the others. Either the queries go to
+the holders, which run MicroAttention there and send back (output, LSE)
+partials (*pass-Q*, as decode does), or the holders send their K/V to the
+member (*pass-KV*; K/V are not kept, so every round fetches all earlier
+keys again). Pass-KV moves ``kv_bytes`` per key, pass-Q ``query_bytes +
+partial_bytes`` per query and holder: pass-KV wins in early rows and for
+GQA models (few KV heads), pass-Q once the keys before a chunk outnumber
+its queries by the ratio. The round takes whichever puts fewer bytes on the
+busiest member's link.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from infinite.cluster.cost_model import CostModel
+from infinite.cluster.sp_layout import SegmentLayout, striped_layout
+from infinite.kv.rmanager import blocks_for
+
+__all__ = ["ExchangeShape", "RoundTraffic", "round_traffic", "choose_exchange", "GroupPolicy", "Candidate",
+           "GroupPlan", "choose_group", "estimate_alone", "estimate_group"]
+
+PASS_Q, PASS_KV = "q", "kv"
+
+
+# --------------------------------------------------------------------------- what moves per layer
+
+
+@dataclass(frozen=True)
+class ExchangeShape:
+    """Bytes per token and layer of what a group member may send."""
+
+    query_bytes: int  # one query (all heads)
+    partial_bytes: int  # one partial output and its float32 LSE per head
+    kv_bytes: int  # one key and value (the KV heads)
+
+    def __post_init__(self) -> None:
+        if min(self.query_bytes, self.partial_bytes, self.kv_bytes) < 1:
+            raise ValueError(f"ExchangeShape: byte counts must be >= 1, got {self}")
+
+    @classmethod
+    def of(cls, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> ExchangeShape:
+        q = num_heads * head_dim * dtype_bytes
+        return cls(q, q + 4 * num_heads, 2 * num_kv_heads * head_dim * dtype_bytes)
+
+    @property
+    def kv_per_query(self) -> float:
+        """Bytes of one key's K/V over bytes of one query sent and answered."""
+        return self.kv_bytes / (self.query_bytes + self.partial_bytes)
+
+
+@dataclass(frozen=True)
+class RoundTraffic:
+    """One round of a group, per layer: ``sent[a][b]`` bytes member ``a`` sends member ``b``;
+    ``pairs[x]`` (query, key) pairs and ``reads[x]`` KV tokens member ``x``'s attention does."""
+
+    mode: str
+    sent: tuple[tuple[int, ...], ...]
+    pairs: tuple[float, ...]
+    reads: tuple[int, ...]
+
+    def out_bytes(self, a: int) -> int:
+        return sum(self.sent[a])
+
+    def in_bytes(self, b: int) -> int:
+        return sum(row[b] for row in self.sent)
+
+    @property
+    def busiest(self) -> int:
+        """Bytes on the busiest member's link (each direction on its own: links are full duplex)."""
+        return max((max(self.out_bytes(x), self.in_bytes(x)) for x in range(len(self.sent))), default=0)
+
+
+def round_traffic(layout: SegmentLayout, chunks: Sequence[tuple[int, int]], shape: ExchangeShape,
+                  mode: str) -> RoundTraffic:
+    """The traffic and attention work of one round in which member ``x`` computes segment offsets
+    ``chunks[x] = (start, end)`` (an empty range: it only serves the others)."""
+    if mode not in (PASS_Q, PASS_KV):
+        raise ValueError(f"mode must be {PASS_Q!r} or {PASS_KV!r}, got {mode!r}")
+    g = layout.size
+    if len(chunks) != g:
+        raise ValueError(f"round_traffic: {len(chunks)} chunks for a group of {g}")
+    sent = [[0] * g for _ in range(g)]
+    pairs = [0.0] * g
+    reads = [0] * g
+    for x, (a, b) in enumerate(chunks):
+        w = layout.chunk(x, a, b)
+        if not w.queries:
+            continue
+        for j in range(g):
+            if w.keys[j] == 0:
+                continue
+            if mode == PASS_Q:
+                pairs[j] += w.pairs[j]
+                reads[j] += w.keys[j]
+                if j != x:
+                    sent[x][j] += w.queries * shape.query_bytes
+                    sent[j][x] += w.queries * shape.partial_bytes
+            else:
+                pairs[x] += w.pairs[j]
+                reads[x] += w.keys[j]
+                if j != x:
+                    sent[j][x] += w.keys[j] * shape.kv_bytes
+    return RoundTraffic(mode, tuple(tuple(r) for r in sent), tuple(pairs), tuple(reads))
+
+
+def choose_exchange(layout: SegmentLayout, chunks: Sequence[tuple[int, int]], shape: ExchangeShape) -> RoundTraffic:
+    """Pass-Q or pass-KV for one round: the one with fewer bytes on the busiest link (pass-Q on a tie)."""
+    q = round_traffic(layout, chunks, shape, PASS_Q)
+    kv = round_traffic(layout, chunks, shape, PASS_KV)
+    return kv if kv.busiest < q.busiest else q
+
+
+# --------------------------------------------------------------------------- who prefills
+
+
+@dataclass(frozen=True)
+class GroupPolicy:
+    """The rules of prefill groups (see the module docstring)."""
+
+    enabled: bool = True
+    min_prompt_tokens: int = 32768  # shorter prompts are prefilled at home (a few steps: no group pays)
+    min_speedup: float = 1.2  # the group must end this many times sooner than the home alone
+    max_members: int = 64
+    own_tokens: int = 256  # step budget each member keeps for its own requests (its stripe is the rest)
+
+    def __post_init__(self) -> None:
+        if self.min_prompt_tokens < 1 or self.max_members < 1 or self.own_tokens < 0:
+            raise ValueError(f"GroupPolicy: min_prompt_tokens and max_members must be >= 1, own_tokens >= 0: {self}")
+        if not self.min_speedup >= 1.0:
+            raise ValueError(f"GroupPolicy.min_speedup must be >= 1, got {self.min_speedup!r}")
+
+    def stripe_blocks(self, step_budget: int, block_size: int) -> int:
+        """Blocks of a member's stripe: its step budget but what it keeps for its own requests."""
+        return max(1, (step_budget - self.own_tokens) // block_size)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An instance as the group choice sees it (its last heartbeat)."""
+
+    rank: int
+    batch_size: int  # requests it runs
+    context_tokens: int  # KV tokens they hold (what its decode step reads)
+    step_tokens: int  # tokens its own steps compute now (decodes and prefill chunks)
+    room_blocks: int  # blocks it may hold for a group (lendable as a member, free beyond its demand as home)
+    idle: bool  # spare compute: in no group, no queued request it could admit now
+    may_lend: bool = True  # it holds no borrowed blocks (a member becomes a creditor)
+    may_borrow: bool = True  # it lends nothing (the home becomes a debtor)
+
+    def own_step_s(self, cost: CostModel) -> float:
+        return cost.step_time(self.batch_size, self.context_tokens)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    home: int
+    layout: SegmentLayout
+    group_s: float  # the estimate of the group's prefill
+    alone_s: float  # the estimate of the home's alone
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        return self.layout.members
+
+
+def estimate_alone(prompt_tokens: int, home: Candidate, cost: CostModel, step_budget: int) -> float:
+    """Seconds for ``home`` to prefill the prompt itself, a step's free budget at a time."""
+    chunk = max(1, step_budget - home.step_tokens)
+    steps = math.ceil(prompt_tokens / chunk)
+    return steps * home.own_step_s(cost) + cost.prefill_time(prompt_tokens, prompt_tokens * (prompt_tokens + 1) / 2)
+
+
+def estimate_group(layout: SegmentLayout, own_step_s: Sequence[float], cost: CostModel,
+                   shape: ExchangeShape) -> float:
+    """Seconds of a group's prefill: per row, the slowest member's own step, the row's prefill work
+    of one member (the layout balances it) and the row's exchange, pass-Q or pass-KV, whichever the
+    cost model prices lower (remote MicroAttention calls: one per other member and layer)."""
+    g, L = layout.size, cost.num_layers
+    slow = max(own_step_s)
+    total, before = 0.0, 0
+    row_tokens: dict[int, int] = {}
+    for s in layout.stripes:
+        row_tokens[s.row] = row_tokens.get(s.row, 0) + s.end - s.start
+    for r in range(layout.rows):
+        width = row_tokens.get(r, 0)
+        n = width / g  # a member's tokens in this row
+        pairs = n * (before + width / 2)  # zig-zag: on average half the row is before a member's stripe
+        q = cost.remote_ma_time(g - 1, round((g - 1) * n))
+        kv = L * ((g - 1) * cost.remote_latency_s + (before + width / 2) * (g - 1) / g * shape.kv_per_query
+                  * cost.remote_token_s)
+        total += slow + cost.prefill_time(n, pairs) + min(q, kv)
+        before += width
+    return total
+
+
+def choose_group(prompt_tokens: int, candidates: Sequence[Candidate], cost: CostModel, policy: GroupPolicy,
+                 shape: ExchangeShape, step_budget: int, block_size: int, home: int | None = None) -> GroupPlan | None:
+    """The group that prefills a prompt soonest, or None when the home alone is as fast (within
+    ``min_speedup``), the prompt is short, or no member has spare compute and room.
+
+    ``home``: the request's home if it has one (a queued request), else None: the home is the idle
+    candidate with the most room that may borrow (a new request routed to the group).
+    """
+    if not policy.enabled or prompt_tokens < max(policy.min_prompt_tokens, 2 * block_size):
+        return None
+    by_rank = {c.rank: c for c in candidates}
+    if home is not None:
+        h = by_rank.get(home)
+        if h is None or not h.may_borrow:
+            return None
+    else:
+        homes = [c for c in candidates if c.idle and c.may_borrow]
+        if not homes:
+            return None
+        h = max(homes, key=lambda c: (c.room_blocks, -c.rank))
+    stripe = policy.stripe_blocks(step_budget, block_size)
+    joiners = sorted((c for c in candidates if c.rank != h.rank and c.idle and c.may_lend),
+                     key=lambda c: (c.own_step_s(cost), -c.room_blocks, c.rank))
+    nb = blocks_for(prompt_tokens, block_size)
+    alone = estimate_alone(prompt_tokens, h, cost, step_budget)
+    best: GroupPlan | None = None
+    for g in range(2, min(policy.max_members, nb, 1 + len(joiners)) + 1):
+        need = -(-nb // g) + 1  # blocks of the largest segment (the split is even to a block)
+        if h.room_blocks < need:
+            break
+        chosen = [c for c in joiners if c.room_blocks >= need][: g - 1]
+        if len(chosen) < g - 1:
+            continue
+        layout = striped_layout(prompt_tokens, (h.rank, *(c.rank for c in chosen)), block_size, stripe)
+        if any(layout.segment_blocks(i) > c.room_blocks for i, c in enumerate((h, *chosen))):
+            continue
+        t = estimate_group(layout, [c.own_step_s(cost) for c in (h, *chosen)], cost, shape)
+        if best is None or t < best.group_s:
+            best = GroupPlan(h.rank, layout, t, alone)
+    if best is None or alone < policy.min_speedup * best.group_s:
+        return None
+    return best

@@ -1,0 +1,98 @@
+"""The prefill-group policy: what moves per layer, and who prefills a prompt (no regret)."""
+
+import pytest
+
+from infinite.cluster.cost_model import CostModel
+from infinite.cluster.sp_layout import striped_layout
+from infinite.cluster.sp_policy import (Candidate, ExchangeShape, GroupPolicy, choose_exchange, choose_group,
+                                        estimate_alone, round_traffic)
+
+MHA = ExchangeShape.of(num_heads=32, num_kv_heads=32, head_dim=128, dtype_bytes=2)  # Llama2-7B
+GQA = ExchangeShape.of(num_heads=64, num_kv_heads=8, head_dim=128, dtype_bytes=2)  # Llama2-70B
+COST = CostModel()
+BUDGET, B = 8192, 16
+
+
+def row_chunks(lay, row):
+    return [lay.row_chunk(i, row) for i in range(lay.size)]
+
+
+def test_both_modes_compute_every_pair_once_and_count_their_bytes():
+    lay = striped_layout(60_000, (0, 1, 2, 3), B, 64)
+    for row in range(lay.rows):
+        chunks = row_chunks(lay, row)
+        want = sum(lay.chunk(i, a, b).total_pairs for i, (a, b) in enumerate(chunks))
+        q = round_traffic(lay, chunks, MHA, "q")
+        kv = round_traffic(lay, chunks, MHA, "kv")
+        assert sum(q.pairs) == pytest.approx(want) and sum(kv.pairs) == pytest.approx(want)
+        for x, (a, b) in enumerate(chunks):  # pass-KV: x receives every earlier key held elsewhere
+            w = lay.chunk(x, a, b)
+            assert kv.in_bytes(x) == sum(k for j, k in enumerate(w.keys) if j != x) * MHA.kv_bytes
+            holders = sum(1 for j, k in enumerate(w.keys) if j != x and k > 0)  # pass-Q: queries out to holders
+            assert q.out_bytes(x) >= holders * (b - a) * MHA.query_bytes
+
+
+def test_gqa_moves_kv_in_early_rows_and_queries_later_mha_always_queries():
+    lay = striped_layout(400_000, (0, 1, 2, 3), B, 496)
+    mha = [choose_exchange(lay, row_chunks(lay, r), MHA).mode for r in range(lay.rows)]
+    gqa = [choose_exchange(lay, row_chunks(lay, r), GQA).mode for r in range(lay.rows)]
+    # 8 KV heads of 64: a key's K/V is a fifth of a query and its partial, so while few keys come
+    # before a chunk they are cheaper to move; later rows see many keys and send the queries
+    assert gqa[0] == "kv" and gqa[-1] == "q"
+    # MHA: a key's K/V costs about a query and its partial, and the first holder of a row would send
+    # its K/V to every later member: the queries are never dearer on the busiest link
+    assert set(mha) == {"q"}
+    assert GQA.kv_per_query < 0.2 < 0.9 < MHA.kv_per_query
+
+
+def idle(rank, room=10_000, **kw):
+    return Candidate(rank, batch_size=kw.pop("batch", 0), context_tokens=kw.pop("ctx", 0),
+                     step_tokens=kw.pop("step", 0), room_blocks=room, idle=kw.pop("idle", True), **kw)
+
+
+def test_a_long_prompt_on_an_idle_cluster_is_grouped_and_a_short_one_is_not():
+    pol = GroupPolicy()
+    cands = [idle(r) for r in range(8)]
+    plan = choose_group(200_000, cands, COST, pol, MHA, BUDGET, B)
+    assert plan is not None and plan.layout.size >= 4
+    assert plan.alone_s >= pol.min_speedup * plan.group_s
+    assert plan.home == plan.members[0] and len(set(plan.members)) == plan.layout.size
+    assert choose_group(20_000, cands, COST, pol, MHA, BUDGET, B) is None  # under min_prompt_tokens
+    assert choose_group(200_000, cands, COST, GroupPolicy(enabled=False), MHA, BUDGET, B) is None
+
+
+def test_no_group_without_spare_compute_room_or_the_right_roles():
+    pol = GroupPolicy()
+    busy = [idle(r, idle=False) for r in range(8)]
+    assert choose_group(200_000, busy, COST, pol, MHA, BUDGET, B) is None
+    small = [idle(0)] + [idle(r, room=3) for r in range(1, 8)]  # nobody can keep a segment
+    assert choose_group(200_000, small, COST, pol, MHA, BUDGET, B) is None
+    debtors = [idle(0)] + [idle(r, may_lend=False) for r in range(1, 8)]  # debtors lend nothing
+    assert choose_group(200_000, debtors, COST, pol, MHA, BUDGET, B) is None
+    lender = [idle(0, may_borrow=False)] + [idle(r) for r in range(1, 8)]
+    assert choose_group(200_000, lender, COST, pol, MHA, BUDGET, B, home=0) is None  # a creditor is no home
+    plan = choose_group(200_000, lender, COST, pol, MHA, BUDGET, B)  # a new request: another home is chosen
+    assert plan is not None and plan.home != 0
+
+
+def test_members_are_the_least_loaded_and_hold_their_segment():
+    pol = GroupPolicy(max_members=3)
+    cands = [idle(0), idle(1, batch=200, ctx=2_000_000, step=200), idle(2), idle(3, room=50), idle(4)]
+    plan = choose_group(200_000, cands, COST, pol, MHA, BUDGET, B, home=0)
+    assert plan is not None and set(plan.members) == {0, 2, 4}
+    room = {c.rank: c.room_blocks for c in cands}
+    assert all(plan.layout.segment_blocks(i) <= room[r] for i, r in enumerate(plan.members))
+
+
+def test_the_speedup_bar_is_no_regret():
+    """A group is chosen only when its estimate beats the home alone by min_speedup; raise the bar
+    above what the best group can give and the home prefills alone."""
+    cands = [idle(r) for r in range(4)]
+    plan = choose_group(100_000, cands, COST, GroupPolicy(), MHA, BUDGET, B)
+    assert plan is not None
+    speedup = plan.alone_s / plan.group_s
+    assert choose_group(100_000, cands, COST, GroupPolicy(min_speedup=speedup * 1.01), MHA, BUDGET, B) is None
+    assert plan.alone_s == pytest.approx(estimate_alone(100_000, cands[0], COST, BUDGET))
+    # a busy home prefills slower alone, so the group pays more
+    loaded = [idle(0, batch=100, ctx=500_000, step=4000)] + cands[1:]
+    assert choose_group(100_000, loaded, COST, GroupPolicy(), MHA, BUDGET, B, home=0).alone_s > plan.alone_s
