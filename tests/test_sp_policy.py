@@ -70,9 +70,44 @@ def test_no_group_without_spare_compute_room_or_the_right_roles():
     debtors = [idle(0)] + [idle(r, may_lend=False) for r in range(1, 8)]  # debtors lend nothing
     assert choose_group(200_000, debtors, COST, pol, MHA, BUDGET, B) is None
     lender = [idle(0, may_borrow=False)] + [idle(r) for r in range(1, 8)]
-    assert choose_group(200_000, lender, COST, pol, MHA, BUDGET, B, home=0) is None  # a creditor is no home
-    plan = choose_group(200_000, lender, COST, pol, MHA, BUDGET, B)  # a new request: another home is chosen
+    strict = GroupPolicy(creditor_homes=False)  # lending's roles: a creditor borrows nothing
+    assert choose_group(200_000, lender, COST, strict, MHA, BUDGET, B, home=0) is None
+    plan = choose_group(200_000, lender, COST, strict, MHA, BUDGET, B)  # a new request: another home is chosen
     assert plan is not None and plan.home != 0
+    assert choose_group(200_000, lender, COST, pol, MHA, BUDGET, B, home=0).home == 0  # the default allows it
+
+
+def test_groups_keep_the_debts_acyclic():
+    """Random groups formed with creditor homes: every debt points to an instance that owed nothing
+    when it was made, so the graph of debts (home -> member) never has a cycle."""
+    import random
+
+    rng = random.Random(5)
+    for _ in range(200):
+        n = 6
+        debts: dict[int, set[int]] = {r: set() for r in range(n)}  # borrower -> lenders
+        for _ in range(rng.randint(1, 12)):
+            if rng.random() < 0.3:  # a group's request finishes: its debts end
+                r = rng.randrange(n)
+                debts[r].clear()
+                continue
+            cands = [Candidate(r, 0, 0, 0, 10_000, True, may_lend=not debts[r],
+                               may_borrow=not any(r in d for d in debts.values())) for r in range(n)]
+            plan = choose_group(100_000, cands, COST, GroupPolicy(max_members=rng.randint(2, 4)), MHA, BUDGET, B,
+                                home=rng.randrange(n))
+            if plan is not None:
+                debts[plan.home] |= set(plan.members[1:])
+        seen: dict[int, int] = {}
+
+        def cyclic(r: int) -> bool:  # depth-first search for a back edge
+            seen[r] = 1
+            for x in debts[r]:
+                if seen.get(x) == 1 or (x not in seen and cyclic(x)):
+                    return True
+            seen[r] = 2
+            return False
+
+        assert not any(cyclic(r) for r in range(n) if r not in seen)
 
 
 def test_members_are_the_least_loaded_and_hold_their_segment():

@@ -22,8 +22,12 @@ queued request it could admit now, so the guest chunk takes step budget
 nobody else wanted) and the memory for their segment within the
 ``LendingPolicy``'s caps (the caller passes what each may hold:
 ``room_blocks``). A member keeps its segment's KV as blocks lent to the
-request's home, so the roles of lending hold: members lend nothing to be
-debtors (``may_lend``), the home lends nothing (``may_borrow``).
+request's home, so a member must owe nothing (``may_lend``: no debtor lends).
+The home may be a creditor itself (``creditor_homes``, on by default): on
+long traces most instances lend to someone, and their long queue heads could
+otherwise neither borrow nor be grouped. The debts stay acyclic: every new
+debt points to an instance that owes nothing, so the debt that would close a
+cycle would point to an instance that owes (``tests/test_sp_policy.py``).
 
 **What moves (``choose_exchange``).** Per layer, a member's queries need
 the keys of earlier positions held by the others. Either the queries go to
@@ -153,6 +157,7 @@ class GroupPolicy:
     min_speedup: float = 1.2  # the group must end this many times sooner than the home alone
     max_members: int = 64
     own_tokens: int = 256  # step budget each member keeps for its own requests (its stripe is the rest)
+    creditor_homes: bool = True  # the home may lend to others (its members owe nothing: still acyclic)
 
     def __post_init__(self) -> None:
         if self.min_prompt_tokens < 1 or self.max_members < 1 or self.own_tokens < 0:
@@ -176,7 +181,7 @@ class Candidate:
     room_blocks: int  # blocks it may hold for a group (lendable as a member, free beyond its demand as home)
     idle: bool  # spare compute: in no group, no queued request it could admit now
     may_lend: bool = True  # it holds no borrowed blocks (a member becomes a creditor)
-    may_borrow: bool = True  # it lends nothing (the home becomes a debtor)
+    may_borrow: bool = True  # it lends nothing (lending's rule for a debtor; GroupPolicy.creditor_homes waives it)
 
     def own_step_s(self, cost: CostModel) -> float:
         return cost.step_time(self.batch_size, self.context_tokens)
@@ -237,10 +242,10 @@ def choose_group(prompt_tokens: int, candidates: Sequence[Candidate], cost: Cost
     by_rank = {c.rank: c for c in candidates}
     if home is not None:
         h = by_rank.get(home)
-        if h is None or not h.may_borrow:
+        if h is None or not (h.may_borrow or policy.creditor_homes):
             return None
     else:
-        homes = [c for c in candidates if c.idle and c.may_borrow]
+        homes = [c for c in candidates if c.idle and (c.may_borrow or policy.creditor_homes)]
         if not homes:
             return None
         h = max(homes, key=lambda c: (c.room_blocks, -c.rank))

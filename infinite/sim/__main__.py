@@ -35,12 +35,16 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--kv-blocks", type=int, default=None,
                     help="KV blocks per instance (default: what the devices hold after the weights)")
+    ap.add_argument("--groups", choices=("on", "off"), default="on",
+                    help="infinite: prefill long prompts on groups of idle instances (sp_policy)")
     ap.add_argument("--json", default=None, help="write the results here")
 
 
 def _knobs(args: argparse.Namespace) -> dict:
     out = dict(block_size=args.block_size, plan_interval_s=args.plan_interval,
                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+    if args.groups == "off":
+        out["groups"] = None
     if getattr(args, "drain", None) is not None:
         out["drain_s"] = args.drain
     if args.kv_blocks is not None:

@@ -154,7 +154,8 @@ def decode_coeffs(hw: InstanceHW, requests: int) -> tuple[float, float]:
 
 
 def step_cost(hw: InstanceHW, tokens: int, sampled: int, read_tokens: float, pairs: float,
-              remote: tuple[RemotePart, ...] = (), borrowed: bool = False, requests: int = 1) -> StepCost:
+              remote: tuple[RemotePart, ...] = (), borrowed: bool = False, requests: int = 1,
+              extra_attention_s: float = 0.0, extra_wait_s: float = 0.0) -> StepCost:
     """Seconds of one step and the attention work it hands to each creditor.
 
     ``read_tokens``/``pairs`` are the local attention's KV tokens read and (query, key) pairs
@@ -162,6 +163,8 @@ def step_cost(hw: InstanceHW, tokens: int, sampled: int, read_tokens: float, pai
     Local and remote attention of a layer run at once, so the layer waits for the slower.
     A pipeline (pp > 1) advances every request once per round: a round lasts as long as one
     micro-batch (1/m of the batch) takes through all stages, the stages working on the others.
+    ``extra_attention_s``/``extra_wait_s``: per layer, a prefill group's attention done here and
+    its exchange with the other members (awaited with the rest of the layer's attention).
     """
     L = hw.model.num_layers
     if hw.pp > 1:
@@ -175,8 +178,9 @@ def step_cost(hw: InstanceHW, tokens: int, sampled: int, read_tokens: float, pai
         wait, work = remote_layer_s(hw, part)
         slow = max(slow, wait)
         served.append(L * work)
-    local = hw.attention_s(read_tokens, pairs)
-    seconds = hw.base_s(tokens, sampled) + L * max(local, slow) + (hw.gpu.control_rtt_s if borrowed else 0.0)
+    local = hw.attention_s(read_tokens, pairs) + extra_attention_s
+    seconds = (hw.base_s(tokens, sampled) + L * max(local, slow, extra_wait_s)
+               + (hw.gpu.control_rtt_s if borrowed else 0.0))
     return StepCost(seconds, slow, tuple(served), local)
 
 

@@ -11,7 +11,8 @@ steps as the gManager fits it from heartbeats. What is simulated is time
 take link time and hold memory on both ends while they run) and the block
 counts. Runs of steps are fast-forwarded (``infinite.sim.segments``); an
 event that could change what the scheduler does next stops a run at its
-next step boundary.
+next step boundary. Long prompts may be prefilled by a group of instances
+(``infinite.sim.grouping``, with ``SimConfig.groups``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from dataclasses import dataclass, field, replace
 from infinite.cluster.cost_model import StepSample
 from infinite.cluster.placement import ClusterSnapshot, InstanceState, PlacementConfig, capacities, route_key
 from infinite.cluster.policy import LendingPolicy
+from infinite.cluster.sp_policy import GroupPolicy
 from infinite.kv.rmanager import blocks_for
 from infinite.runtime.request import Request
 from infinite.sampling.params import SamplingParams
 from infinite.sim.costs import InstanceHW, kv_pool_blocks
 from infinite.sim.gpus import GpuSpec
+from infinite.sim.grouping import GROUP, Grouping
 from infinite.sim.instance import SimInstance
 from infinite.sim.memory import ClusterMemory
 from infinite.sim.models import ModelSpec
@@ -62,6 +65,7 @@ class SimConfig:
     kv_blocks: int | None = None  # pool per instance; None = what the devices hold after weights
     drain_s: float = 3600.0  # stop this long after the last arrival; what is left is reported unfinished
     check: bool = False  # schedule every predicted step for real and compare (tests)
+    groups: GroupPolicy | None = None  # prefill groups for long prompts (needs lending); None: none
 
     def lending_policy(self) -> LendingPolicy:
         return replace(self.policy, enabled=self.lending and len(self.sizes) > 1)
@@ -103,9 +107,12 @@ class SimResult:
     events: int
     window_s: float  # first to last arrival
     window_tokens: int  # tokens computed for the first time in steps that ended inside the window
+    groups: int = 0  # prompts prefilled by a group
+    group_members: int = 0  # members over all groups
+    group_blocks: int = 0  # blocks members kept for the requests they prefilled
 
 
-class _Sim(Planning):
+class _Sim(Planning, Grouping):
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
         self.policy = cfg.lending_policy()
@@ -158,6 +165,7 @@ class _Sim(Planning):
             lst.sort()
         self.mem.dirty.clear()
         self.rr = 0
+        self.init_groups(cfg.groups)
 
     # ---- events --------------------------------------------------------------------------------------
     def push(self, t: float, kind: int, *payload) -> None:
@@ -183,6 +191,8 @@ class _Sim(Planning):
         req = Request(tr.request_id, range(tr.prompt_len), _PARAMS, max_tokens=tr.output_len)  # type: ignore[arg-type]
         req.metrics.arrival_time = tr.arrival_s
         self.requests[tr.request_id] = req
+        if self.try_group(req, None):  # the gManager routes a long prompt to a prefill group
+            return
         inst = self.inst[home]
         inst.sched.add(req)
         self._enqueue(home, req)
@@ -233,10 +243,12 @@ class _Sim(Planning):
     def start(self, r: int) -> None:
         """Schedule instance ``r``'s next run, or leave it idle (and watch for the memory it waits on)."""
         inst = self.inst[r]
+        self.head_group(r)
         for _ in range(len(inst.sched.running) + 2):  # a real step that only preempted is retried
-            if not inst.sched.running and not inst.sched.waiting:
+            if not inst.sched.running and not inst.sched.waiting and inst.guest is None:
                 return
             t0 = self.now + inst.pending_served
+            inst.busy_s += inst.pending_served
             inst.pending_served = 0.0
             run = inst.plan(t0)
             if run is None:
@@ -254,6 +266,10 @@ class _Sim(Planning):
                     return
             inst.begin(run)
             self.own_demand(r)
+            if inst.guest is not None:  # a group's round: it ends when every member's step is known
+                self.group_step(r, t0)
+                self._watch(r)
+                return
             first = run.end(1) - run.t0
             if first > 0:  # the heartbeat's sample: blocks in use as context, remote calls per layer
                 used = self.mem.pools[r].used * self.cfg.block_size
@@ -267,6 +283,8 @@ class _Sim(Planning):
     def _push_end(self, r: int) -> None:
         inst = self.inst[r]
         run = inst.run
+        if run.pending:  # the group's round ends it
+            return
         first = inst.tok_done + 1 if self.cfg.check else run.num_steps
         for s in range(max(first, 1), run.num_steps + 1):
             self.push(run.end(s), END, r, inst.version, s)
@@ -282,8 +300,10 @@ class _Sim(Planning):
         finished, served, _ = inst.finish_run()
         self.mem.dirty.add(r)
         for c, w in served.items():
-            if self.inst[c].run is not None:  # an idle creditor did the work in its idle time
+            if self.inst[c].run is not None:
                 self.inst[c].pending_served += w
+            else:  # an idle creditor did the work in its idle time
+                self.inst[c].busy_s += w
         for q in finished:
             self.finish(r, q)
         self.start(r)
@@ -321,7 +341,8 @@ class _Sim(Planning):
 
     def wake(self, r: int) -> None:
         inst = self.inst[r]
-        if not inst.sched.waiting:
+        self.head_group(r)
+        if not inst.sched.waiting and (inst.guest is None or inst.run is not None):
             return
         if inst.run is None:
             self.start(r)
@@ -389,9 +410,12 @@ class _Sim(Planning):
                 self.arrive(*payload)
             elif kind == MOVE:
                 self.end_move(*payload)
+            elif kind == GROUP:
+                self.end_round(*payload)
             else:
                 busy = any(i.run is not None for i in self.inst) or self.moving
                 if busy or pending_arrivals:
+                    self.group_epoch += 1
                     self.replan()
                     self.push(t + self.cfg.plan_interval_s, PLAN)
             self.settle()
@@ -406,7 +430,8 @@ class _Sim(Planning):
             blocks_borrowed=self.mem.borrowed_blocks, capacity_tokens=self.capacity * self.cfg.block_size,
             busy_s=sum(i.busy_s for i in self.inst), instances=len(self.inst), steps=sum(i.steps for i in self.inst),
             events=self.events, window_s=last_arrival - first_arrival,
-            window_tokens=sum(i.window_tokens for i in self.inst))
+            window_tokens=sum(i.window_tokens for i in self.inst), groups=self.groups_formed,
+            group_members=self.group_members, group_blocks=self.mem.group_blocks)
 
 
 def simulate(trace: list[TraceRequest], cfg: SimConfig) -> SimResult:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from infinite.kv.rmanager import blocks_for
 from infinite.runtime.request import Request
@@ -26,7 +27,7 @@ from infinite.sim.allocator import LoanCheck, SimAllocator
 from infinite.sim.memory import ClusterMemory
 from infinite.sim.segments import DecodeRun, Step, StepRun
 
-__all__ = ["SimInstance", "MAX_RUN_STEPS"]
+__all__ = ["SimInstance", "GuestWork", "MAX_RUN_STEPS"]
 
 MAX_RUN_STEPS = 1 << 20  # a bound on one predicted run (a decode run ends at a finish long before)
 MAX_CHUNK_STEPS = 4096  # steps kept one by one in a single run
@@ -41,6 +42,17 @@ class _Plan:
     outs: int
     maxo: int
     b: int  # blocks held (incl. predicted)
+
+
+@dataclass(frozen=True)
+class GuestWork:
+    """A prefill group's part of one member's step: its chunk of the prompt, the group's attention
+    this member does (its keys, or its queries, by the exchange), the exchange's wait per layer."""
+
+    tokens: int
+    reads: float
+    pairs: float
+    wait_s: float
 
 
 class SimInstance:
@@ -66,6 +78,9 @@ class SimInstance:
         self.high: dict[str, int] = {}  # most tokens each request has computed (shared by the cluster)
         self.window_end = float("inf")  # work counts until then (the last arrival)
         self.window_tokens = 0
+        self.guest: Any = None  # the prefill group this instance is a member of (infinite.sim.grouping)
+        self.guest_tokens = 0  # its chunk of the prompt in the group's next round
+        self._round: tuple[list, bool, float] | None = None  # a round's own entries, borrowed, copy seconds
 
     @property
     def block_size(self) -> int:
@@ -82,8 +97,10 @@ class SimInstance:
         return v
 
     # ---- costs -------------------------------------------------------------------------------------
-    def cost(self, entries: list[tuple[Request, int, int, bool]], borrowed: bool = False) -> tuple[StepCost, dict]:
-        """Cost of a step computing ``n`` tokens from ``c`` for each (request, c, n, samples)."""
+    def cost(self, entries: list[tuple[Request, int, int, bool]], borrowed: bool = False,
+             guest: GuestWork | None = None) -> tuple[StepCost, dict]:
+        """Cost of a step computing ``n`` tokens from ``c`` for each (request, c, n, samples), plus a
+        prefill group's chunk (``guest``) when this instance is a member."""
         bs, home = self.block_size, self.rank
         tokens = sampled = 0
         read = pairs = 0.0
@@ -117,7 +134,11 @@ class SimInstance:
         hws, near = self.hws, self._near
         remote = tuple(RemotePart(hws[x], near(x), int(parts[x][0]), int(parts[x][1]), parts[x][2], parts[x][3])
                        for x in ranks)
-        sc = step_cost(self.hw, tokens, sampled, read, pairs, remote, borrowed, len(entries))
+        extra_attn = extra_wait = 0.0
+        if guest is not None:
+            tokens += guest.tokens
+            extra_attn, extra_wait = self.hw.attention_s(guest.reads, guest.pairs), guest.wait_s
+        sc = step_cost(self.hw, tokens, sampled, read, pairs, remote, borrowed, len(entries), extra_attn, extra_wait)
         self.calls = len(ranks)
         return sc, dict(zip(ranks, sc.served_s))
 
@@ -139,7 +160,7 @@ class SimInstance:
         """Predict the steps from ``t0`` until something only the scheduler can decide; None if the
         very first step is such a step."""
         running = self.sched.running
-        if not running:
+        if not running or self.guest is not None:  # a group's round: the real scheduler, a step at a time
             return None
         states = []
         for r in running:
@@ -247,6 +268,8 @@ class SimInstance:
     # ---- a step the scheduler decides ----------------------------------------------------------------
     def real_step(self, t0: float) -> tuple[StepRun | None, ScheduledBatch]:
         self.alloc.borrowed_in_step, self.alloc.push_s = False, 0.0
+        if self.guest is not None:
+            return self._round_step(t0)
         batch = self.sched.schedule()
         if not batch.requests:
             return None, batch
@@ -256,6 +279,29 @@ class SimInstance:
         seconds = sc.seconds + self.alloc.push_s  # local-first growth copied blocks out before the step
         step = Step(t0 + seconds, [(i, n) for i, n in enumerate(batch.num_new_tokens)], [], served, 0, seconds)
         return StepRun(t0, list(batch.requests), [step], 0, real=True), batch
+
+    def _round_step(self, t0: float) -> tuple[StepRun, ScheduledBatch]:
+        """A step of a prefill group's round: the group's chunk takes ``guest_tokens`` of the budget,
+        the scheduler the rest for this instance's own requests. Its end is pending until every
+        member's step is known (``round_cost``, called by the group)."""
+        budget = self.sched.max_num_batched_tokens
+        self.sched.max_num_batched_tokens = max(0, budget - self.guest_tokens)
+        try:
+            batch = self.sched.schedule()
+        finally:
+            self.sched.max_num_batched_tokens = budget
+        entries = [(r, r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens)
+                   for r, n in zip(batch.requests, batch.num_new_tokens)]
+        self._round = (entries, self.alloc.borrowed_in_step, self.alloc.push_s)
+        step = Step(float("inf"), [(i, n) for i, n in enumerate(batch.num_new_tokens)], [], {}, 0, 0.0)
+        return StepRun(t0, list(batch.requests), [step], 0, real=True), batch
+
+    def round_cost(self, guest: GuestWork) -> tuple[float, dict[int, float]]:
+        """(seconds, remote work per creditor) of this member's pending round step with its group part."""
+        entries, borrowed, push_s = self._round
+        self._round = None
+        sc, served = self.cost(entries, borrowed, guest)
+        return sc.seconds + push_s, served
 
     # ---- applying a run ------------------------------------------------------------------------------
     def begin(self, run: StepRun | DecodeRun) -> None:
@@ -358,7 +404,7 @@ class SimInstance:
         if self.check and self.alloc.reserve:
             raise AssertionError(f"instance {self.rank}: {self.alloc.reserve} reserved blocks left unused")
         served = run.served(0, k)
-        busy = run.end(k) - run.t0
+        busy = run.busy_s()
         self.busy_s += busy
         self.run = None
         return finished, served, busy

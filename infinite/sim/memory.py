@@ -52,6 +52,7 @@ class ClusterMemory:
         self.dirty: set[int] = set()  # instances whose pool or demand changed (the engine's routing index)
         self.borrowed_blocks = 0  # on-demand borrows, for the report
         self.borrows = 0
+        self.group_blocks = 0  # blocks prefill groups' members kept for the requests they prefilled
         self.released_to: set[int] = set()  # instances that got blocks back since the engine last looked
         self.moving: dict[int, tuple[int, int, int, int]] = {}  # move id -> (src, dst, home, blocks held at dst)
         self._move_ids = 0
@@ -162,6 +163,24 @@ class ClusterMemory:
                 at += n
             self.borrowed_blocks += n
         self.borrows += 1
+        self.refresh(home)
+
+    def place(self, rid: str, home: int, runs: list[tuple[int, int]]) -> None:
+        """A prefill group's layout: the request's blocks, oldest first, on the members that compute
+        them (``sp_layout.SegmentLayout.runs``); the members' blocks are lent to the home."""
+        if rid in self.layouts:
+            raise RuntimeError(f"request {rid} already holds blocks")
+        lay = self.layout(rid, home)
+        for inst, n in runs:
+            if inst == home:
+                p = self.pools[home]
+                if n > p.free:
+                    raise MemoryError(f"instance {home}: {n} blocks wanted, {p.free} free")
+                p.free -= n
+            else:
+                self._lend(inst, home, n)
+                self.group_blocks += n
+            lay.append(inst, n)
         self.refresh(home)
 
     def push_out(self, rid: str, home: int, plan: list[tuple[int, int]]) -> None:

@@ -13,8 +13,9 @@
 * ``best-static``: the mix of instance sizes that serves the trace best
   (``candidates`` lists the mixes; the CLI simulates each and keeps the
   best), requests routed to the smallest instance that can hold them.
-* ``infinite``: the vllm-multi instances with lending on demand and the
-  periodic debtor/creditor placement.
+* ``infinite``: the vllm-multi instances with lending on demand, the
+  periodic debtor/creditor placement, and prefill groups for long prompts
+  (``sp_policy``: a long prompt's prefill spread over idle instances).
 
 Pure: no simulation here, only layouts and why one is impossible.
 """
@@ -42,6 +43,7 @@ class Deployment:
     gpus_per_node: int = 8
     round_robin: bool = False
     pipeline: bool = True  # instances beyond a node: pipeline stages across nodes (else one TP group)
+    groups: bool = False  # long prompts may be prefilled by a group of instances (infinite)
 
     @property
     def gpus(self) -> int:
@@ -93,7 +95,7 @@ def deployment(policy: str, gpu: GpuSpec, model: ModelSpec, gpus: int) -> Deploy
         if gpus % k:
             raise ValueError(f"{gpus} GPUs do not split into TP{k} instances")
         return Deployment(policy, (k,) * (gpus // k), lending=policy == "infinite", gpus_per_node=gpn,
-                          round_robin=policy == "vllm-multi")
+                          round_robin=policy == "vllm-multi", groups=policy == "infinite")
     if policy in ("vllm-single", "vllm-single-tp"):
         pipeline = policy == "vllm-single"
         tp = tp_pp(gpus, gpn)[0] if pipeline else gpus

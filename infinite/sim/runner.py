@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+from infinite.cluster.sp_policy import GroupPolicy
 from infinite.sim.engine import SimConfig, simulate
 from infinite.sim.gpus import GPUS, GpuSpec, gpu_spec
 from infinite.sim.models import MODELS, ModelSpec, model_spec
@@ -30,9 +31,11 @@ class Setup:
     knobs: tuple[tuple[str, Any], ...] = ()  # SimConfig overrides (block_size, plan_interval_s, kv_blocks, ...)
 
     def config(self, dep: Deployment, **extra: Any) -> SimConfig:
+        knobs = {**dict(self.knobs), **extra}
+        groups = knobs.pop("groups", GroupPolicy())  # a knob: GroupPolicy(...), or None for none
         return SimConfig(self.gpu, self.model, dep.sizes, dep.lending, route_by_size=dep.route_by_size,
                          round_robin=dep.round_robin, pipeline=dep.pipeline,
-                         **{**dict(self.knobs), **extra})
+                         groups=groups if dep.groups else None, **knobs)
 
 
 def resolve_gpu(name: str) -> GpuSpec:

@@ -91,6 +91,22 @@ class StepRun:
                 out[c] = out.get(c, 0.0) + w
         return out
 
+    def busy_s(self) -> float:
+        """Seconds the instance computed (a group's step may end later than its work: the round's
+        slowest member ends it)."""
+        return sum(st.seconds for st in self.steps)
+
+    def settle(self, end: float, seconds: float, served: dict[int, float]) -> None:
+        """A group round's one step, costed once every member's step was known: it ends at ``end``."""
+        st = self.steps[0]
+        st.end, st.seconds, st.served = end, seconds, served
+        self._ends[0] = end
+
+    @property
+    def pending(self) -> bool:
+        """A group round's step whose end is not known yet (other members still to schedule theirs)."""
+        return bool(self._ends) and self._ends[-1] == float("inf")
+
     def truncate(self, s: int) -> int:
         """Keep steps ``1..s``; returns the reserved blocks the dropped steps no longer need."""
         drop = self.reserved - self.blocks_upto(s) if not self.real else 0
@@ -157,6 +173,11 @@ class DecodeRun:
 
     def step_seconds(self, s: int) -> float:
         return self.base + self.layers * max(self.g * (self.x1 + self.beta * (s - 1)), self.remote)
+
+    def busy_s(self) -> float:
+        return self.elapsed(self.num_steps)
+
+    pending = False
 
     def end(self, s: int) -> float:
         return self.t0 + self.elapsed(s)
