@@ -18,10 +18,18 @@ def owners(layout):
     return out
 
 
-@pytest.mark.parametrize("L,g,B,stripe", [(1000, 3, 16, 4), (1024, 4, 16, 2), (777, 2, 16, 8), (100, 5, 4, 1),
-                                          (5000, 7, 16, 3), (48, 3, 16, 1)])
-def test_every_position_once_block_aligned_and_the_last_block_at_home(L, g, B, stripe):
-    lay = striped_layout(L, tuple(range(10, 10 + g)), B, stripe)
+def narrowing(pos):
+    return 1.0 / (1.0 + pos / 500)  # rows deep in the prompt a fraction of the first
+
+
+@pytest.mark.parametrize("L,g,B,stripe,shrink", [(1000, 3, 16, 4, None), (1024, 4, 16, 2, None), (777, 2, 16, 8, None),
+                                                 (100, 5, 4, 1, None), (5000, 7, 16, 3, None), (48, 3, 16, 1, None),
+                                                 (5000, 3, 16, 8, narrowing), (3000, (0, 1, 2), 16, (8, 2, 5), None),
+                                                 (9000, (0, 1, 2), 16, (8, 2, 5), narrowing)])
+def test_every_position_once_block_aligned_and_the_last_block_at_home(L, g, B, stripe, shrink):
+    members = tuple(range(10, 10 + g)) if isinstance(g, int) else tuple(10 + m for m in g)
+    g = len(members)
+    lay = striped_layout(L, members, B, stripe, shrink)
     own = owners(lay)
     assert None not in own
     for s in lay.stripes:  # stripes start on block boundaries; only the prompt's end may cut a block
@@ -66,11 +74,12 @@ def test_chunk_pairs_equal_counting_every_pair():
             assert list(w.keys) == [sum(1 for k in range(last + 1) if own[k] == j) for j in range(g)]
 
 
-@pytest.mark.parametrize("L,g,stripe", [(200_000, 8, 32), (2_000_000, 32, 496), (200_000, 32, 496),
-                                        (40_000, 32, 496), (70_000, 2, 496)])
-def test_zigzag_rows_balance_the_causal_work_and_contiguous_cuts_do_not(L, g, stripe):
+@pytest.mark.parametrize("L,g,stripe,shrink", [(200_000, 8, 32, None), (2_000_000, 32, 496, None),
+                                               (200_000, 32, 496, None), (40_000, 32, 496, None), (70_000, 2, 496, None),
+                                               (2_000_000, 16, 496, lambda p: 7e-5 / (7e-5 + p * 2.8e-9))])
+def test_zigzag_rows_balance_the_causal_work_and_contiguous_cuts_do_not(L, g, stripe, shrink):
     B = 16  # full rows in zig-zag pairs, then two half rows (a prompt shorter than a row too)
-    lay = striped_layout(L, tuple(range(g)), B, stripe)
+    lay = striped_layout(L, tuple(range(g)), B, stripe, shrink)
     work = [lay.chunk(i, 0, lay.segment_len(i)).total_pairs for i in range(g)]
     assert sum(work) == pytest.approx(L * (L + 1) / 2)  # every causal pair once
     # what is left is block rounding: a member may get a few blocks more than another, at the prompt's end
@@ -94,6 +103,18 @@ def test_chunks_of_a_segment_add_up_and_bad_ranges_are_refused():
         striped_layout(20, (0, 1, 2), 16, 1)
     with pytest.raises(ValueError, match="distinct"):
         striped_layout(1000, (0, 0), 16, 1)
+
+
+def test_unequal_stripes_give_segments_and_work_in_proportion_and_rows_narrow_with_shrink():
+    lay = striped_layout(400_000, (0, 1, 2), 16, (100, 50, 25))
+    segs = [lay.segment_len(i) for i in range(3)]
+    assert segs[0] / segs[1] == pytest.approx(2, rel=0.02) and segs[1] / segs[2] == pytest.approx(2, rel=0.02)
+    work = [lay.chunk(i, 0, segs[i]).total_pairs for i in range(3)]
+    assert work[0] / work[1] == pytest.approx(2, rel=0.03) and work[1] / work[2] == pytest.approx(2, rel=0.03)
+    narrow = striped_layout(400_000, (0, 1, 2), 16, 100, lambda p: 1.0 / (1.0 + p / 50_000))
+    first = [s.end - s.start for s in narrow.stripes if s.row == 0]
+    deep = [s.end - s.start for s in narrow.stripes if s.row == narrow.rows // 2]
+    assert first == [1600] * 3 and max(deep) < 400 and narrow.rows > 4 * striped_layout(400_000, (0, 1, 2), 16, 100).rows
 
 
 def test_row_chunks_cover_each_members_segment_in_order():

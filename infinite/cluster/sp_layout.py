@@ -10,7 +10,9 @@ its segment attends to. No I/O; the gManager, the runtime and the simulator
 share it.
 
 **Zig-zag striped rows, block-aligned.** The prompt is cut into *rows*; a
-row is one *stripe* of ``stripe_blocks`` blocks per member, side by side.
+row is one *stripe* per member, side by side: ``stripe_blocks[i]`` blocks of
+member ``i`` (equal stripes give equal segments; a member with less memory
+to spare gets a narrower stripe, so a smaller segment and less work).
 
 * Why not equal contiguous cuts: under the causal mask the token at
   position ``p`` attends to ``p + 1`` keys, so the member holding the last
@@ -24,6 +26,10 @@ row is one *stripe* of ``stripe_blocks`` blocks per member, side by side.
   members before it). A whole-prompt zig-zag (ring attention's two chunks
   per member), cut into steps the same way, would make every member but the
   first wait for the members before it to finish their whole chunks.
+* Why narrower rows deeper in the prompt (``shrink``): a stripe's queries
+  attend to every earlier key, so at a fixed width a round's step grows with
+  the position, and the members' own requests wait that long for their next
+  token; the policy narrows rows so that every round costs about as much.
 * Why zig-zag: the member first in a row has fewer keys before its stripe
   than the member last in it; the member order reverses every row, so over
   each pair of rows every member's attention work is the same (to within
@@ -40,6 +46,7 @@ row is one *stripe* of ``stripe_blocks`` blocks per member, side by side.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from infinite.kv.rmanager import blocks_for
@@ -79,7 +86,7 @@ class SegmentLayout:
     prompt_len: int
     block_size: int
     members: tuple[int, ...]  # instance ranks; members[0] is the request's home
-    stripe_blocks: int
+    stripe_blocks: tuple[int, ...]  # per member: blocks of its stripe in a full row
     stripes: tuple[Stripe, ...]  # in position order
     _starts: list[int] = field(init=False, repr=False, compare=False)
     _before: list[tuple[int, ...]] = field(init=False, repr=False, compare=False)  # tokens per member before stripe s
@@ -178,35 +185,51 @@ class SegmentLayout:
 
 
 def striped_layout(prompt_len: int, members: tuple[int, ...] | list[int], block_size: int,
-                   stripe_blocks: int) -> SegmentLayout:
-    """The zig-zag striped layout of a prompt over ``members`` (``members[0]`` the home); see the
-    module docstring. Every member gets at least one block."""
+                   stripe_blocks: int | Sequence[int], shrink: Callable[[int], float] | None = None) -> SegmentLayout:
+    """The zig-zag striped layout of a prompt over ``members`` (``members[0]`` the home), with
+    ``stripe_blocks`` blocks per member and row (one count for all, or one per member); see the
+    module docstring. ``shrink(position)``: the share of those widths a pair of rows starting at
+    that prompt position takes (rows deep in a long prompt attend to many keys: narrower stripes
+    keep a round's step as long as an early one). Every member gets at least one block."""
     members = tuple(members)
     g = len(members)
     if g < 1 or len(set(members)) != g:
         raise ValueError(f"a group needs distinct members, got {members}")
-    if prompt_len < 1 or block_size < 1 or stripe_blocks < 1:
+    widths = (stripe_blocks,) * g if isinstance(stripe_blocks, int) else tuple(stripe_blocks)
+    if len(widths) != g:
+        raise ValueError(f"{len(widths)} stripe widths for {g} members")
+    if prompt_len < 1 or block_size < 1 or min(widths) < 1:
         raise ValueError(f"prompt_len, block_size and stripe_blocks must be >= 1, got {prompt_len}, {block_size}, "
                          f"{stripe_blocks}")
     nb = blocks_for(prompt_len, block_size)
     if nb < g:
         raise ValueError(f"a {prompt_len}-token prompt has {nb} blocks: too few for {g} members")
-    per_row = g * stripe_blocks
-    full, rem = divmod(nb, per_row)
-    if full % 2 and rem:  # an even number of full rows pairs them all; the odd one joins the half rows
-        full, rem = full - 1, rem + per_row
-    sizes: list[list[int]] = [[stripe_blocks] * g for _ in range(full)]  # blocks per member, row by row
-    # The last, partial row is cut in two half rows (a zig-zag pair of their own) when each can give
-    # every member a block: one even split would be contiguous cuts (the last member doing the most).
+    sizes: list[list[int]] = []  # blocks per member index, row by row: zig-zag pairs of equal rows
+    done = 0
+    while True:
+        f = 1.0 if shrink is None else min(1.0, max(0.0, shrink(done * block_size)))
+        row = [max(1, int(w * f)) for w in widths]
+        if nb - done < 2 * sum(row):
+            break
+        sizes += [row, list(row)]
+        done += 2 * sum(row)
+    # What is left (less than a pair of rows) is cut in two half rows, a zig-zag pair of their own,
+    # when each can give every member a block: one split would be contiguous cuts.
+    rem = nb - done
     halves = [rem // 2, rem - rem // 2] if rem >= 2 * g else ([rem] if rem else [])
     for h in halves:
-        base, extra = divmod(h, g)
-        sizes.append([base + (1 if k >= g - extra else 0) for k in range(g)])  # extras to the row's last
+        sizes.append(_split(h, widths))
+    if sizes[-1][0] == 0:  # the home ends the prompt: decode appends at home
+        k = max(range(g), key=lambda m: sizes[-1][m])
+        sizes[-1][k] -= 1
+        sizes[-1][0] += 1
+    if any(sum(row[m] for row in sizes) == 0 for m in range(g)):
+        raise ValueError(f"a {prompt_len}-token prompt leaves a member of {members} (stripes {widths}) no block")
     rows: list[list[tuple[int, int]]] = []  # (member index, blocks) in the row's order
     n = len(sizes)
     for r, row in enumerate(sizes):  # orders alternate, the last row reversed so that the home ends it
         order = list(range(g - 1, -1, -1)) if (n - 1 - r) % 2 == 0 else list(range(g))
-        rows.append([(m, row[k]) for k, m in enumerate(order)])
+        rows.append([(m, row[m]) for m in order])
     stripes, pos, offs = [], 0, [0] * g
     for r, row in enumerate(rows):
         for m, nblk in row:
@@ -216,4 +239,15 @@ def striped_layout(prompt_len: int, members: tuple[int, ...] | list[int], block_
             stripes.append(Stripe(m, pos, end, offs[m], r))
             offs[m] += end - pos
             pos = end
-    return SegmentLayout(prompt_len, block_size, members, stripe_blocks, tuple(stripes))
+    return SegmentLayout(prompt_len, block_size, members, widths, tuple(stripes))
+
+
+def _split(total: int, weights: Sequence[int]) -> list[int]:
+    """``total`` blocks in proportion to ``weights`` (largest remainders; ties to the later members,
+    which come last in the final row)."""
+    w = sum(weights)
+    exact = [total * x / w for x in weights]
+    out = [int(e) for e in exact]
+    for m in sorted(range(len(weights)), key=lambda m: (out[m] - exact[m], -m))[: total - sum(out)]:
+        out[m] += 1
+    return out

@@ -44,7 +44,7 @@ busiest member's link.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from infinite.cluster.cost_model import CostModel
@@ -52,7 +52,7 @@ from infinite.cluster.sp_layout import SegmentLayout, striped_layout
 from infinite.kv.rmanager import blocks_for
 
 __all__ = ["ExchangeShape", "RoundTraffic", "round_traffic", "choose_exchange", "GroupPolicy", "Candidate",
-           "GroupPlan", "choose_group", "estimate_alone", "estimate_group"]
+           "GroupPlan", "choose_group", "estimate_alone", "estimate_group", "stripe_widths", "row_shrink"]
 
 PASS_Q, PASS_KV = "q", "kv"
 
@@ -158,6 +158,7 @@ class GroupPolicy:
     max_members: int = 64
     own_tokens: int = 256  # step budget each member keeps for its own requests (its stripe is the rest)
     creditor_homes: bool = True  # the home may lend to others (its members owe nothing: still acyclic)
+    even_rounds: bool = True  # narrower stripes deeper in the prompt, so every round costs about the same
 
     def __post_init__(self) -> None:
         if self.min_prompt_tokens < 1 or self.max_members < 1 or self.own_tokens < 0:
@@ -199,6 +200,14 @@ class GroupPlan:
         return self.layout.members
 
 
+def row_shrink(cost: CostModel) -> Callable[[int], float]:
+    """The share of a full stripe a row starting at prompt position ``p`` takes: a token there
+    costs ``p_tok + p·p_pair``, a token of the first row ``p_tok``, so the row's step costs what
+    the first row's does (and a member's own requests wait no longer for their next token)."""
+    a, b = cost.prefill_token_s, cost.prefill_pair_s
+    return lambda pos: a / (a + pos * b) if a > 0 else 1.0
+
+
 def estimate_alone(prompt_tokens: int, home: Candidate, cost: CostModel, step_budget: int) -> float:
     """Seconds for ``home`` to prefill the prompt itself, a step's free budget at a time."""
     chunk = max(1, step_budget - home.step_tokens)
@@ -208,34 +217,55 @@ def estimate_alone(prompt_tokens: int, home: Candidate, cost: CostModel, step_bu
 
 def estimate_group(layout: SegmentLayout, own_step_s: Sequence[float], cost: CostModel,
                    shape: ExchangeShape) -> float:
-    """Seconds of a group's prefill: per row, the slowest member's own step, the row's prefill work
-    of one member (the layout balances it) and the row's exchange, pass-Q or pass-KV, whichever the
-    cost model prices lower (remote MicroAttention calls: one per other member and layer)."""
+    """Seconds of a group's prefill: per row, the slowest member's own step plus its stripe's
+    prefill work and its exchange, pass-Q or pass-KV, whichever the cost model prices lower
+    (remote MicroAttention calls: one per other member and layer)."""
     g, L = layout.size, cost.num_layers
-    slow = max(own_step_s)
-    total, before = 0.0, 0
-    row_tokens: dict[int, int] = {}
+    rows: dict[int, list[tuple[int, int]]] = {}
     for s in layout.stripes:
-        row_tokens[s.row] = row_tokens.get(s.row, 0) + s.end - s.start
+        rows.setdefault(s.row, []).append((s.member, s.end - s.start))
+    total, before = 0.0, 0
     for r in range(layout.rows):
-        width = row_tokens.get(r, 0)
-        n = width / g  # a member's tokens in this row
-        pairs = n * (before + width / 2)  # zig-zag: on average half the row is before a member's stripe
-        q = cost.remote_ma_time(g - 1, round((g - 1) * n))
-        kv = L * ((g - 1) * cost.remote_latency_s + (before + width / 2) * (g - 1) / g * shape.kv_per_query
-                  * cost.remote_token_s)
-        total += slow + cost.prefill_time(n, pairs) + min(q, kv)
+        row = rows.get(r, [])
+        width = sum(n for _, n in row)
+        keys = before + width / 2  # zig-zag: on average half the row is before a stripe
+        slow = 0.0
+        for x, n in row:
+            q = cost.remote_ma_time(g - 1, (g - 1) * n)
+            others = keys * (1 - layout.segment_len(x) / layout.prompt_len)  # earlier keys held by the others
+            kv = L * ((g - 1) * cost.remote_latency_s + others * shape.kv_per_query * cost.remote_token_s)
+            slow = max(slow, own_step_s[x] + cost.prefill_time(n, n * keys) + min(q, kv))
+        total += slow
         before += width
     return total
+
+
+def stripe_widths(blocks: int, rooms: Sequence[int], stripe: int) -> list[int] | None:
+    """Stripe widths that give each member a segment its room holds: segments fill the rooms
+    evenly up to a common level (water-filling), so the members with the most room get full
+    stripes and the others narrower ones in proportion; None when the rooms cannot hold the
+    prompt. Two blocks of each room are kept for the rounding of the last rows."""
+    caps = [max(0, r - 2) for r in rooms]
+    if sum(caps) < blocks or min(caps) < 1:
+        return None
+    level, left, k = 0.0, blocks, len(caps)
+    for c in sorted(caps):  # the level at which the capped rooms and k members at the level hold it all
+        if c * k >= left:
+            level = left / k
+            break
+        left -= c
+        k -= 1
+    return [max(1, int(stripe * min(c, level) / level)) for c in caps]
 
 
 def choose_group(prompt_tokens: int, candidates: Sequence[Candidate], cost: CostModel, policy: GroupPolicy,
                  shape: ExchangeShape, step_budget: int, block_size: int, home: int | None = None) -> GroupPlan | None:
     """The group that prefills a prompt soonest, or None when the home alone is as fast (within
-    ``min_speedup``), the prompt is short, or no member has spare compute and room.
+    ``min_speedup``), the prompt is short, or the members with spare compute lack the room.
 
     ``home``: the request's home if it has one (a queued request), else None: the home is the idle
-    candidate with the most room that may borrow (a new request routed to the group).
+    candidate with the most room (a new request routed to the group). Members: the idle ones with
+    the most room, each holding a share of the prompt in proportion to its stripe.
     """
     if not policy.enabled or prompt_tokens < max(policy.min_prompt_tokens, 2 * block_size):
         return None
@@ -250,22 +280,24 @@ def choose_group(prompt_tokens: int, candidates: Sequence[Candidate], cost: Cost
             return None
         h = max(homes, key=lambda c: (c.room_blocks, -c.rank))
     stripe = policy.stripe_blocks(step_budget, block_size)
-    joiners = sorted((c for c in candidates if c.rank != h.rank and c.idle and c.may_lend),
-                     key=lambda c: (c.own_step_s(cost), -c.room_blocks, c.rank))
+    joiners = sorted((c for c in candidates if c.rank != h.rank and c.idle and c.may_lend and c.room_blocks > 2),
+                     key=lambda c: (-c.room_blocks, c.own_step_s(cost), c.rank))
     nb = blocks_for(prompt_tokens, block_size)
     alone = estimate_alone(prompt_tokens, h, cost, step_budget)
     best: GroupPlan | None = None
     for g in range(2, min(policy.max_members, nb, 1 + len(joiners)) + 1):
-        need = -(-nb // g) + 1  # blocks of the largest segment (the split is even to a block)
-        if h.room_blocks < need:
-            break
-        chosen = [c for c in joiners if c.room_blocks >= need][: g - 1]
-        if len(chosen) < g - 1:
+        group = (h, *joiners[: g - 1])
+        widths = stripe_widths(nb, [c.room_blocks for c in group], stripe)
+        if widths is None:
             continue
-        layout = striped_layout(prompt_tokens, (h.rank, *(c.rank for c in chosen)), block_size, stripe)
-        if any(layout.segment_blocks(i) > c.room_blocks for i, c in enumerate((h, *chosen))):
+        try:
+            layout = striped_layout(prompt_tokens, tuple(c.rank for c in group), block_size, widths,
+                                    row_shrink(cost) if policy.even_rounds else None)
+        except ValueError:  # a member too narrow to get a block
             continue
-        t = estimate_group(layout, [c.own_step_s(cost) for c in (h, *chosen)], cost, shape)
+        if any(layout.segment_blocks(i) > c.room_blocks for i, c in enumerate(group)):
+            continue
+        t = estimate_group(layout, [c.own_step_s(cost) for c in group], cost, shape)
         if best is None or t < best.group_s:
             best = GroupPlan(h.rank, layout, t, alone)
     if best is None or alone < policy.min_speedup * best.group_s:

@@ -69,7 +69,7 @@ class Grouping:
         self.groups: dict[int, SimGroup] = {}
         self.gids = itertools.count()
         self.group_epoch = 0  # bumped at every placement run: a refused head is asked about again after it
-        self.group_refused: dict[str, int] = {}
+        self.group_refused: dict[str, tuple[int, int]] = {}  # head -> (epoch, cluster's lendable) when refused
         self.groups_formed = self.group_members = 0
         self._gcost: tuple[CostModel, CostModel] | None = None
 
@@ -132,15 +132,17 @@ class Grouping:
         return True
 
     def head_group(self, r: int) -> None:
-        """The home's question for its queue head, once between two placement runs."""
+        """The home's question for its queue head: again after a placement run, or once the cluster
+        may lend more than when it was last refused (its heartbeat shows both)."""
         s = self.inst[r].sched
         if self.gpolicy is None or not s.waiting:
             return
         head = s.waiting[0]
-        if self.group_refused.get(head.request_id) == self.group_epoch:
+        last = self.group_refused.get(head.request_id)
+        if last is not None and last[0] == self.group_epoch and self.mem.total_lendable <= last[1]:
             return
         if not self.try_group(head, r):
-            self.group_refused[head.request_id] = self.group_epoch
+            self.group_refused[head.request_id] = (self.group_epoch, self.mem.total_lendable)
 
     def _form(self, req: Request, plan: GroupPlan, queued_at: int | None) -> None:
         rid = req.request_id
