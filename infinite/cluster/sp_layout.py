@@ -89,23 +89,46 @@ class SegmentLayout:
     stripe_blocks: tuple[int, ...]  # per member: blocks of its stripe in a full row
     stripes: tuple[Stripe, ...]  # in position order
     _starts: list[int] = field(init=False, repr=False, compare=False)
-    _before: list[tuple[int, ...]] = field(init=False, repr=False, compare=False)  # tokens per member before stripe s
+    _row_first: list[int] = field(init=False, repr=False, compare=False)  # first stripe of each row
+    _row_before: list[tuple[int, ...]] = field(init=False, repr=False, compare=False)  # per member, before each row
     _mine: list[list[int]] = field(init=False, repr=False, compare=False)  # per member: its stripe indices
     _mine_off: list[list[int]] = field(init=False, repr=False, compare=False)  # per member: their segment offsets
+    _by_row: list[dict[int, int]] = field(init=False, repr=False, compare=False)  # per member: row -> stripe
+    _blocks: list[int] = field(init=False, repr=False, compare=False)  # per member: blocks it keeps
 
     def __post_init__(self) -> None:
         g = len(self.members)
-        before, acc = [], [0] * g
+        acc = [0] * g
+        row_first: list[int] = []
+        row_before: list[tuple[int, ...]] = []
         mine: list[list[int]] = [[] for _ in range(g)]
+        by_row: list[dict[int, int]] = [{} for _ in range(g)]
+        blocks = [0] * g
         for i, s in enumerate(self.stripes):
-            before.append(tuple(acc))
+            while len(row_first) <= s.row:
+                row_first.append(i)
+                row_before.append(tuple(acc))
             acc[s.member] += s.end - s.start
             mine[s.member].append(i)
-        before.append(tuple(acc))
+            by_row[s.member][s.row] = i
+            blocks[s.member] += blocks_for(s.end - s.start, self.block_size)
+        row_before.append(tuple(acc))
         object.__setattr__(self, "_starts", [s.start for s in self.stripes])
-        object.__setattr__(self, "_before", before)
+        object.__setattr__(self, "_row_first", row_first)
+        object.__setattr__(self, "_row_before", row_before)
         object.__setattr__(self, "_mine", mine)
         object.__setattr__(self, "_mine_off", [[self.stripes[i].offset for i in ix] for ix in mine])
+        object.__setattr__(self, "_by_row", by_row)
+        object.__setattr__(self, "_blocks", blocks)
+
+    def _before(self, s: int) -> list[int]:
+        """Tokens per member before stripe ``s``."""
+        st = self.stripes[s]
+        out = list(self._row_before[st.row])
+        for x in range(self._row_first[st.row], s):
+            o = self.stripes[x]
+            out[o.member] += o.end - o.start
+        return out
 
     # ---- shape ---------------------------------------------------------------------------------
     @property
@@ -118,11 +141,11 @@ class SegmentLayout:
 
     def segment_len(self, i: int) -> int:
         """Prompt tokens member ``i`` computes."""
-        return self._before[-1][i]
+        return self._row_before[-1][i]
 
     def segment_blocks(self, i: int) -> int:
         """Blocks member ``i`` keeps (its stripes are block-aligned; only the last may be partial)."""
-        return sum(blocks_for(s.end - s.start, self.block_size) for s in (self.stripes[x] for x in self._mine[i]))
+        return self._blocks[i]
 
     def runs(self) -> list[tuple[int, int]]:
         """The request's block table as (instance rank, blocks) runs, oldest first."""
@@ -137,13 +160,11 @@ class SegmentLayout:
 
     def row_chunk(self, i: int, row: int) -> tuple[int, int]:
         """Segment offsets ``[start, end)`` of member ``i``'s stripe in ``row`` (empty if none)."""
-        for x, off in zip(self._mine[i], self._mine_off[i]):
-            s = self.stripes[x]
-            if s.row == row:
-                return off, off + s.end - s.start
-            if s.row > row:
-                break
-        return 0, 0
+        x = self._by_row[i].get(row)
+        if x is None:
+            return 0, 0
+        s = self.stripes[x]
+        return s.offset, s.offset + s.end - s.start
 
     # ---- attention accounting ------------------------------------------------------------------
     def keys_before(self, pos: int) -> tuple[int, ...]:
@@ -152,7 +173,7 @@ class SegmentLayout:
         if s < 0:
             return (0,) * self.size
         st = self.stripes[s]
-        row = list(self._before[s])
+        row = self._before(s)
         row[st.member] += min(pos, st.end) - st.start
         return tuple(row)
 
@@ -174,7 +195,7 @@ class SegmentLayout:
             a = max(start, offs[k]) - offs[k] + s.start  # absolute positions [a, b) of this piece
             b = min(end, offs[k] + s.end - s.start) - offs[k] + s.start
             n = b - a
-            before = self._before[ix[k]]
+            before = self._before(ix[k])
             for j in range(g):
                 pairs[j] += n * before[j]
             pairs[i] += n * (a - s.start) + n * (n + 1) / 2  # own earlier tokens of the stripe, then causal

@@ -8,12 +8,22 @@ layout (which member computes which tokens) is ``sp_layout``.
 computes one stripe of the prompt per round as a guest chunk in its own
 step, beside its own requests (it keeps ``own_tokens`` of its step budget
 for them), and a round ends when its slowest member's step does (every
-layer waits for the other members' K/V or partial results). The estimate of
-a group of ``g`` is the sum over its rows of the slowest member's own step
-plus the row's prefill work (``CostModel.prefill_time``: the layout gives
-every member the same) plus the exchange of the row; the estimate of no
-group is the home computing the prompt alone, a budget's worth per step
-beside its own requests. The group size with the earliest end wins.
+layer waits for the other members' K/V or partial results). Each member
+keeps its segment's KV, so segments follow the members' room: they fill the
+rooms evenly up to a common level (``stripe_widths``), the members with the
+most room computing full stripes and the others narrower ones. Deeper in
+the prompt the stripes narrow (``row_shrink``: a token there attends to
+more keys), so that every round's step costs about what the first one's
+does and the members' own requests never wait longer than that for a
+token. The estimate of a group is the sum over its rows of the slowest
+member's own step, stripe of prefill work (``CostModel.prefill_time``) and
+exchange; the estimate of no group is the home computing the prompt alone,
+a budget's worth per step beside its own requests. The group size with the
+earliest end wins. A long prompt that no group can take now (the members
+are in other groups) may wait for one (``worth_waiting``): the gManager
+knows when its running groups should end, and waiting is chosen only when
+the wait plus the group that could then form still beats the home alone by
+``min_speedup``.
 
 No regret: a group only when it ends ``min_speedup`` times sooner than the
 home alone, for prompts of at least ``min_prompt_tokens``, and only on
@@ -52,7 +62,8 @@ from infinite.cluster.sp_layout import SegmentLayout, striped_layout
 from infinite.kv.rmanager import blocks_for
 
 __all__ = ["ExchangeShape", "RoundTraffic", "round_traffic", "choose_exchange", "GroupPolicy", "Candidate",
-           "GroupPlan", "choose_group", "estimate_alone", "estimate_group", "stripe_widths", "row_shrink"]
+           "GroupPlan", "choose_group", "estimate_alone", "estimate_group", "stripe_widths", "row_shrink", "quick_estimate",
+           "worth_waiting"]
 
 PASS_Q, PASS_KV = "q", "kv"
 
@@ -159,6 +170,7 @@ class GroupPolicy:
     own_tokens: int = 256  # step budget each member keeps for its own requests (its stripe is the rest)
     creditor_homes: bool = True  # the home may lend to others (its members owe nothing: still acyclic)
     even_rounds: bool = True  # narrower stripes deeper in the prompt, so every round costs about the same
+    hold: bool = True  # a long prompt may wait for a running group's members rather than prefill alone
 
     def __post_init__(self) -> None:
         if self.min_prompt_tokens < 1 or self.max_members < 1 or self.own_tokens < 0:
@@ -240,6 +252,24 @@ def estimate_group(layout: SegmentLayout, own_step_s: Sequence[float], cost: Cos
     return total
 
 
+def quick_estimate(prompt_tokens: int, widths: Sequence[int], own_step_s: float, cost: CostModel,
+                   even_rounds: bool) -> float:
+    """Closed form of ``estimate_group`` for comparing group sizes (stripe ``widths`` in tokens, the
+    slowest member's own step), exchanging queries: with even rounds a row at position ``p`` is
+    ``f(p) = p_tok / (p_tok + p·p_pair)`` of a full one, so ``∫ dp / (S·f(p))`` rows, each costing a
+    full stripe's first-row work; without, ``L / S`` rows whose work grows with their position."""
+    L, S, n0 = prompt_tokens, sum(widths), max(widths)
+    a, b, layers, g = cost.prefill_token_s, cost.prefill_pair_s, cost.num_layers, len(widths)
+    if even_rounds and a > 0:
+        rows = (L + L * L * b / (2 * a)) / S
+        work = rows * n0 * a
+    else:
+        rows = L / S
+        work = rows * n0 * a + n0 * b * S * rows * rows / 2
+    exchange = layers * (g - 1) * (rows * cost.remote_latency_s + L * n0 / S * cost.remote_token_s)
+    return rows * own_step_s + work + exchange
+
+
 def stripe_widths(blocks: int, rooms: Sequence[int], stripe: int) -> list[int] | None:
     """Stripe widths that give each member a segment its room holds: segments fill the rooms
     evenly up to a common level (water-filling), so the members with the most room get full
@@ -256,6 +286,15 @@ def stripe_widths(blocks: int, rooms: Sequence[int], stripe: int) -> list[int] |
         left -= c
         k -= 1
     return [max(1, int(stripe * min(c, level) / level)) for c in caps]
+
+
+def worth_waiting(alone_s: float, wait_s: float, later: GroupPlan | None, policy: GroupPolicy) -> bool:
+    """Whether a long prompt no group can take now should wait for one (``later``: the group that
+    could form once a running group ends, in ``wait_s``) instead of being prefilled alone at a
+    home (``alone_s``): only when waiting and then the group still ends ``min_speedup`` times
+    sooner."""
+    return policy.enabled and policy.hold and later is not None and \
+        wait_s + later.group_s <= alone_s / policy.min_speedup
 
 
 def choose_group(prompt_tokens: int, candidates: Sequence[Candidate], cost: CostModel, policy: GroupPolicy,
@@ -284,12 +323,19 @@ def choose_group(prompt_tokens: int, candidates: Sequence[Candidate], cost: Cost
                      key=lambda c: (-c.room_blocks, c.own_step_s(cost), c.rank))
     nb = blocks_for(prompt_tokens, block_size)
     alone = estimate_alone(prompt_tokens, h, cost, step_budget)
-    best: GroupPlan | None = None
+    # Sizes are compared on a closed-form estimate (building a layout per size costs rows x members);
+    # the layouts of the best few are built and checked, the first that holds is priced exactly.
+    sized = []
     for g in range(2, min(policy.max_members, nb, 1 + len(joiners)) + 1):
         group = (h, *joiners[: g - 1])
         widths = stripe_widths(nb, [c.room_blocks for c in group], stripe)
-        if widths is None:
-            continue
+        if widths is not None:
+            quick = quick_estimate(prompt_tokens, [w * block_size for w in widths],
+                                   max(c.own_step_s(cost) for c in group), cost, policy.even_rounds)
+            sized.append((quick, g, group, widths))
+    sized.sort(key=lambda x: (x[0], x[1]))
+    best: GroupPlan | None = None
+    for _, _, group, widths in sized[:3]:
         try:
             layout = striped_layout(prompt_tokens, tuple(c.rank for c in group), block_size, widths,
                                     row_shrink(cost) if policy.even_rounds else None)
@@ -297,9 +343,9 @@ def choose_group(prompt_tokens: int, candidates: Sequence[Candidate], cost: Cost
             continue
         if any(layout.segment_blocks(i) > c.room_blocks for i, c in enumerate(group)):
             continue
-        t = estimate_group(layout, [c.own_step_s(cost) for c in group], cost, shape)
-        if best is None or t < best.group_s:
-            best = GroupPlan(h.rank, layout, t, alone)
+        best = GroupPlan(h.rank, layout, estimate_group(layout, [c.own_step_s(cost) for c in group], cost, shape),
+                         alone)
+        break
     if best is None or alone < policy.min_speedup * best.group_s:
         return None
     return best

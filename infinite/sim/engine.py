@@ -110,6 +110,7 @@ class SimResult:
     groups: int = 0  # prompts prefilled by a group
     group_members: int = 0  # members over all groups
     group_blocks: int = 0  # blocks members kept for the requests they prefilled
+    groups_waited: int = 0  # groups formed for requests that waited at the gManager for one
 
 
 class _Sim(Planning, Grouping):
@@ -181,6 +182,9 @@ class _Sim(Planning, Grouping):
                              borrowed_blocks=p.borrowed)
 
     # ---- arrivals ------------------------------------------------------------------------------------
+    def request_blocks(self, req: Request) -> int:
+        return blocks_for(req.num_prompt_tokens + req.max_tokens, self.cfg.block_size)
+
     def arrive(self, tr: TraceRequest) -> None:
         blocks = blocks_for(tr.prompt_len + tr.output_len, self.cfg.block_size)
         home = self.route(blocks)
@@ -191,8 +195,14 @@ class _Sim(Planning, Grouping):
         req = Request(tr.request_id, range(tr.prompt_len), _PARAMS, max_tokens=tr.output_len)  # type: ignore[arg-type]
         req.metrics.arrival_time = tr.arrival_s
         self.requests[tr.request_id] = req
-        if self.try_group(req, None):  # the gManager routes a long prompt to a prefill group
+        if not self.held and self.try_group(req, None):  # the gManager routes a long prompt to a group
             return
+        if self.held and req.num_tokens >= self.gpolicy.min_prompt_tokens or self.hold_for_group(req, home):
+            self.held.append(req)  # first come first served behind the long prompts already waiting
+            return
+        self.enqueue_new(req, home)
+
+    def enqueue_new(self, req: Request, home: int) -> None:
         inst = self.inst[home]
         inst.sched.add(req)
         self._enqueue(home, req)
@@ -411,12 +421,14 @@ class _Sim(Planning, Grouping):
             elif kind == MOVE:
                 self.end_move(*payload)
             elif kind == GROUP:
-                self.end_round(*payload)
+                if self.end_round(*payload):
+                    self.retry_held(True)
             else:
-                busy = any(i.run is not None for i in self.inst) or self.moving
+                busy = any(i.run is not None for i in self.inst) or self.moving or self.held
                 if busy or pending_arrivals:
                     self.group_epoch += 1
                     self.replan()
+                    self.retry_held(not self.groups)
                     self.push(t + self.cfg.plan_interval_s, PLAN)
             self.settle()
         for rid in self.requests:
@@ -431,7 +443,7 @@ class _Sim(Planning, Grouping):
             busy_s=sum(i.busy_s for i in self.inst), instances=len(self.inst), steps=sum(i.steps for i in self.inst),
             events=self.events, window_s=last_arrival - first_arrival,
             window_tokens=sum(i.window_tokens for i in self.inst), groups=self.groups_formed,
-            group_members=self.group_members, group_blocks=self.mem.group_blocks)
+            group_members=self.group_members, group_blocks=self.mem.group_blocks, groups_waited=self.groups_waited)
 
 
 def simulate(trace: list[TraceRequest], cfg: SimConfig) -> SimResult:

@@ -7,8 +7,11 @@ it, ``sp_layout`` for who computes and keeps which tokens, and
 the engine's ``_Sim`` simulates the rest:
 
 * A group forms for a new long request (the gManager routes it to a group)
-  or for a long request at the head of its home's queue (its home asks, at
-  most once between two placement runs). Its blocks are placed at once
+  or for a long request at the head of its home's queue (its home asks
+  again after a placement run, or once the cluster may lend more). A new
+  long request no group can take yet may wait at the gManager for a running
+  group's members (``worth_waiting``), first come first served; the others
+  are routed. Its blocks are placed at once
   (``ClusterMemory.place``): each member's stripes in its own pool, lent to
   the home. The request waits aside, in no scheduler, until its prefill ends.
 * A member's step in a round (``SimInstance._round_step``) carries its
@@ -31,11 +34,12 @@ the engine's ``_Sim`` simulates the rest:
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 from infinite.cluster.cost_model import CostModel
 from infinite.cluster.sp_policy import (Candidate, ExchangeShape, GroupPlan, GroupPolicy, RoundTraffic,
-                                        choose_exchange, choose_group)
+                                        choose_exchange, choose_group, estimate_alone, worth_waiting)
 from infinite.runtime.request import Request, Status
 from infinite.sim.instance import GuestWork
 
@@ -48,6 +52,7 @@ class SimGroup:
     req: Request
     plan: GroupPlan
     started_s: float
+    ends_s: float  # when the estimate says its prefill ends (the gManager's view)
     row: int = 0  # the round in progress: the layout's row
     pending: dict[int, float] = field(default_factory=dict)  # member index -> start of its round step
 
@@ -70,8 +75,9 @@ class Grouping:
         self.gids = itertools.count()
         self.group_epoch = 0  # bumped at every placement run: a refused head is asked about again after it
         self.group_refused: dict[str, tuple[int, int]] = {}  # head -> (epoch, cluster's lendable) when refused
-        self.groups_formed = self.group_members = 0
+        self.groups_formed = self.group_members = self.groups_waited = 0
         self._gcost: tuple[CostModel, CostModel] | None = None
+        self.held: deque[Request] = deque()  # new long requests waiting at the gManager for a group
 
     def group_cost(self) -> CostModel:
         """The cost model the choice prices with: the gManager's fitted one, with the prefill and
@@ -89,17 +95,26 @@ class Grouping:
         return cost
 
     # ---- forming a group ----------------------------------------------------------------------------
-    def _candidates(self, home: int | None) -> list[Candidate]:
+    def _idle_ranks(self) -> set[int]:
+        return {c.rank for c in self._candidates(None)}
+
+    def _candidates_of(self, ranks: set[int]) -> list[Candidate]:
+        """``ranks`` as candidates with spare compute (members of a group about to end)."""
+        return [c for c in self._candidates(None, only=ranks)]
+
+    def _candidates(self, home: int | None, only: set[int] | None = None) -> list[Candidate]:
         """Every instance with spare compute (and the request's home, if it has one), as its heartbeat
         would show it: a member may keep what it may lend; a queued request's home what is free beyond
-        its running requests' growth (the request is its queue's head: nothing before it)."""
+        its running requests' growth (the request is its queue's head: nothing before it). ``only``:
+        those instances, taken as having spare compute whatever they do now."""
         out = []
         bs = self.cfg.block_size
-        for r, inst in enumerate(self.inst):
+        for r in (sorted(only) if only is not None else range(len(self.inst))):
+            inst = self.inst[r]
             s, p = inst.sched, self.mem.pools[r]
             head_need = inst.head_need()[0]
             admits = bool(s.waiting) and head_need <= p.free and len(s.running) < s.max_num_seqs
-            idle = inst.guest is None and not admits
+            idle = only is not None or (inst.guest is None and not admits)
             if not idle and r != home:
                 continue
             budget = s.max_num_batched_tokens
@@ -131,15 +146,54 @@ class Grouping:
         self._form(req, plan, home)
         return True
 
+    def hold_for_group(self, req: Request, home: int) -> bool:
+        """Whether a new long request no group took should wait for one (rather than be prefilled
+        alone at ``home``, where routing sends it): the running group that should end first frees
+        its members; the group that could then form with them and the idle instances, after that
+        wait, must still beat the home alone."""
+        gp = self.gpolicy
+        if gp is None or not gp.hold or not self.groups or req.num_tokens < gp.min_prompt_tokens:
+            return False
+        first = min(self.groups.values(), key=lambda g: g.ends_s)
+        # Memory is the same for both ways (prefilled alone or by a group, the request needs its
+        # blocks): the comparison is of compute, so the later group is priced on whole pools.
+        cands = [replace(c, room_blocks=self.mem.pools[c.rank].total)
+                 for c in self._candidates(None, only=set(first.members) | self._idle_ranks())]
+        cost, budget = self.group_cost(), self.cfg.max_num_batched_tokens
+        later = choose_group(req.num_tokens, cands, cost, gp, self.shape, budget, self.cfg.block_size)
+        home_c = self._candidates_of({home})[0]
+        alone = estimate_alone(req.num_tokens, home_c, cost, budget)
+        return worth_waiting(alone, max(0.0, first.ends_s - self.now), later, gp)
+
+    def retry_held(self, group_ended: bool) -> None:
+        """The gManager's queue of long requests waiting for a group, first come first served: the
+        first one forms a group when it can; when a group ended, one for which waiting no longer pays
+        is routed (the estimate of the wait changes only then)."""
+        while self.held:
+            req = self.held[0]
+            if self.try_group(req, None):
+                self.held.popleft()
+                self.groups_waited += 1
+                continue
+            if not group_ended:
+                return
+            home = self.route(self.request_blocks(req))
+            if home is not None and self.hold_for_group(req, home):
+                return
+            self.held.popleft()
+            self.enqueue_new(req, home)
+
     def head_group(self, r: int) -> None:
-        """The home's question for its queue head: again after a placement run, or once the cluster
-        may lend more than when it was last refused (its heartbeat shows both)."""
+        """The home's question for its queue head: again after a placement run, after a group ended
+        (its members are free), or once the cluster may lend an eighth of the request more than when
+        it was last refused (its heartbeat shows all three)."""
         s = self.inst[r].sched
         if self.gpolicy is None or not s.waiting:
             return
         head = s.waiting[0]
         last = self.group_refused.get(head.request_id)
-        if last is not None and last[0] == self.group_epoch and self.mem.total_lendable <= last[1]:
+        if last is not None and last[0] == self.group_epoch and \
+                self.mem.total_lendable < last[1] + self.request_blocks(head) // 8:
             return
         if not self.try_group(head, r):
             self.group_refused[head.request_id] = (self.group_epoch, self.mem.total_lendable)
@@ -151,7 +205,7 @@ class Grouping:
             self.mem.pools[queued_at].demand -= self.queued.pop(rid, 0)
             self.group_refused.pop(rid, None)
         self.mem.place(rid, plan.home, plan.layout.runs())
-        grp = SimGroup(next(self.gids), req, plan, self.now)
+        grp = SimGroup(next(self.gids), req, plan, self.now, self.now + plan.group_s)
         self.groups[grp.gid] = grp
         self.groups_formed += 1
         self.group_members += plan.layout.size
@@ -209,8 +263,9 @@ class Grouping:
         grp.pending.clear()
         self.push(end, GROUP, grp.gid)
 
-    def end_round(self, gid: int) -> None:
-        """A round ended: the next row's chunks, or, after the last, the request's first token."""
+    def end_round(self, gid: int) -> bool:
+        """A round ended: the next row's chunks, or, after the last, the request's first token (and
+        True: its members are free for another group)."""
         grp = self.groups[gid]
         grp.row += 1
         lay = grp.plan.layout
@@ -218,8 +273,9 @@ class Grouping:
             for i, m in enumerate(grp.members):
                 a, b = grp.chunk(i)
                 self.inst[m].guest_tokens = b - a
-            return
+            return False
         del self.groups[gid]
+        self.group_refused.clear()  # its members are free: every refused head may ask again
         for m in grp.members:
             self.inst[m].guest, self.inst[m].guest_tokens = None, 0
         req, home = grp.req, grp.plan.home
@@ -232,3 +288,4 @@ class Grouping:
         self.mem.dirty.add(home)
         if len(req.output_token_ids) >= req.max_tokens:
             self.finish(home, req)
+        return True

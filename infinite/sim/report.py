@@ -62,6 +62,7 @@ def summarize(res: SimResult) -> dict[str, Any]:
         "prefill_groups": res.groups,
         "mean_group_size": res.group_members / res.groups if res.groups else 0.0,
         "group_blocks": res.group_blocks,
+        "groups_after_waiting": res.groups_waited,
         "makespan_s": makespan,
         "busy_fraction": res.busy_s / (res.instances * makespan) if makespan > 0 else 0.0,
         "instances": res.instances,
