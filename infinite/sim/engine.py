@@ -66,6 +66,7 @@ class SimConfig:
     drain_s: float = 3600.0  # stop this long after the last arrival; what is left is reported unfinished
     check: bool = False  # schedule every predicted step for real and compare (tests)
     groups: GroupPolicy | None = None  # prefill groups for long prompts (needs lending); None: none
+    v0_scheduler: bool = False  # vLLM before chunked prefill (infinite.sim.v0_scheduler): vllm-multi-paper
 
     def lending_policy(self) -> LendingPolicy:
         return replace(self.policy, enabled=self.lending and len(self.sizes) > 1)
@@ -132,7 +133,7 @@ class _Sim(Planning, Grouping):
         caps = [by_rank[r] for r in range(len(totals))]
         self.capacity = max(caps)
         self.inst = [SimInstance(r, hw, self.hws, self.mem, caps[r], cfg.max_num_batched_tokens, cfg.max_num_seqs,
-                                 cfg.check, self.loan_pays, self.loans_pay_hint, lambda: self.now)
+                                 cfg.check, self.loan_pays, self.loans_pay_hint, lambda: self.now, cfg.v0_scheduler)
                      for r, hw in enumerate(self.hws)]
         spans = len({n for hw in self.hws for n in hw.nodes}) > 1
         self.cost = probe_prior(self.hws[0], cfg.gpu.inter_latency_s if spans else cfg.gpu.intra_latency_s)

@@ -26,6 +26,7 @@ from infinite.sim.costs import InstanceHW, RemotePart, StepCost, decode_coeffs, 
 from infinite.sim.allocator import LoanCheck, SimAllocator
 from infinite.sim.memory import ClusterMemory
 from infinite.sim.segments import DecodeRun, Step, StepRun
+from infinite.sim.v0_scheduler import V0Scheduler
 
 __all__ = ["SimInstance", "GuestWork", "MAX_RUN_STEPS"]
 
@@ -58,13 +59,17 @@ class GuestWork:
 class SimInstance:
     def __init__(self, rank: int, hw: InstanceHW, hws: list[InstanceHW], mem: ClusterMemory, capacity: int,
                  budget: int, max_seqs: int, check: bool = False, loan_pays: LoanCheck | None = None,
-                 hint: Callable[[int], bool] | None = None, clock: Callable[[], float] | None = None) -> None:
+                 hint: Callable[[int], bool] | None = None, clock: Callable[[], float] | None = None,
+                 v0: bool = False) -> None:
         self.rank = rank
         self.hw = hw
         self.hws = hws
         self.mem = mem
         self.alloc = SimAllocator(mem, rank, capacity, loan_pays, self._push_seconds, hint, clock)
-        self.sched = Scheduler(self.alloc, max_seqs, budget)
+        # v0: vLLM before chunked prefill (the paper's baseline); its step budget holds any prompt it accepts
+        self.sched = V0Scheduler(self.alloc, max_seqs, max(budget, capacity * mem.block_size)) if v0 else \
+            Scheduler(self.alloc, max_seqs, budget)
+        self.v0 = v0
         self.check = check
         self.run: StepRun | DecodeRun | None = None
         self.version = 0  # bumped whenever the run's end moves (stale end events are dropped)
@@ -149,10 +154,14 @@ class SimInstance:
             return 0, 0
         head = self.sched.waiting[0]
         lend = self.mem.borrowable(self.rank) if self.mem.policy.enabled else 0
-        return blocks_for(head.num_tokens + 1, self.block_size), lend
+        need = self.sched.admission_blocks(head) if self.v0 else blocks_for(head.num_tokens + 1, self.block_size)
+        return need, lend
 
     def _admits(self, head_need: int, borrowable: int, budget_left: int, free: int) -> bool:
         s = self.sched
+        if self.v0:  # a prefill step of its own: the whole budget, whatever the decodes take
+            return bool(s.waiting) and len(s.running) < s.max_num_seqs and head_need <= free + borrowable and \
+                s.waiting[0].num_tokens - s.waiting[0].num_computed_tokens <= s.max_num_batched_tokens
         return bool(s.waiting) and budget_left > 0 and len(s.running) < s.max_num_seqs and \
             head_need <= free + borrowable
 

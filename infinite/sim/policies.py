@@ -3,6 +3,10 @@
 * ``vllm-multi``: N/k instances of the smallest tensor-parallel degree k that
   holds the model, each on its own (no lending) behind a round-robin load
   balancer, as independent vLLM servers are deployed.
+* ``vllm-multi-paper``: the vllm-multi instances as the vLLM the paper
+  measured ran them: no chunked prefill (a step prefills whole prompts or
+  decodes), admission only when one instance has a whole prompt's memory
+  (``infinite.sim.v0_scheduler``).
 * ``vllm-multi-routed``: the same instances, routed by the gManager's
   memory-aware ``route`` but never lending: what routing alone buys.
 * ``vllm-single``: one instance over all N GPUs: tensor parallel inside a
@@ -31,7 +35,8 @@ from infinite.sim.models import ModelSpec
 __all__ = ["POLICIES", "Deployment", "valid_tp", "min_tp", "tp_pp", "deployment", "best_static_candidates",
            "node_groups"]
 
-POLICIES = ("infinite", "vllm-multi", "vllm-single", "best-static", "vllm-multi-routed", "vllm-single-tp")
+POLICIES = ("infinite", "vllm-multi", "vllm-single", "best-static", "vllm-multi-routed", "vllm-single-tp",
+            "vllm-multi-paper")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class Deployment:
     round_robin: bool = False
     pipeline: bool = True  # instances beyond a node: pipeline stages across nodes (else one TP group)
     groups: bool = False  # long prompts may be prefilled by a group of instances (infinite)
+    v0: bool = False  # vLLM before chunked prefill (vllm-multi-paper)
 
     @property
     def gpus(self) -> int:
@@ -91,11 +97,12 @@ def deployment(policy: str, gpu: GpuSpec, model: ModelSpec, gpus: int) -> Deploy
         raise ValueError(f"unknown policy {policy!r}: expected one of {', '.join(POLICIES)}")
     k = min_tp(gpu, model, gpus)
     gpn = gpu.gpus_per_node
-    if policy in ("infinite", "vllm-multi", "vllm-multi-routed"):
+    if policy in ("infinite", "vllm-multi", "vllm-multi-routed", "vllm-multi-paper"):
         if gpus % k:
             raise ValueError(f"{gpus} GPUs do not split into TP{k} instances")
         return Deployment(policy, (k,) * (gpus // k), lending=policy == "infinite", gpus_per_node=gpn,
-                          round_robin=policy == "vllm-multi", groups=policy == "infinite")
+                          round_robin=policy in ("vllm-multi", "vllm-multi-paper"), groups=policy == "infinite",
+                          v0=policy == "vllm-multi-paper")
     if policy in ("vllm-single", "vllm-single-tp"):
         pipeline = policy == "vllm-single"
         tp = tp_pp(gpus, gpn)[0] if pipeline else gpus

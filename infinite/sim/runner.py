@@ -35,7 +35,7 @@ class Setup:
         groups = knobs.pop("groups", GroupPolicy())  # a knob: GroupPolicy(...), or None for none
         return SimConfig(self.gpu, self.model, dep.sizes, dep.lending, route_by_size=dep.route_by_size,
                          round_robin=dep.round_robin, pipeline=dep.pipeline,
-                         groups=groups if dep.groups else None, **knobs)
+                         groups=groups if dep.groups else None, v0_scheduler=dep.v0, **knobs)
 
 
 def resolve_gpu(name: str) -> GpuSpec:
