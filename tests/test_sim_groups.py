@@ -67,21 +67,22 @@ def test_fast_forward_equals_stepping_with_groups():
 
 
 def test_rounds_wait_for_the_slowest_member_and_busy_time_is_only_the_work():
-    """A member busy with its own request makes every round longer; the others wait for it, and
-    the wait is not counted as their busy time."""
+    """A member also decoding its own request makes every round a little longer; the others wait
+    for it, and the wait is not counted as their busy time: they did the same work as without it."""
     long0 = TraceRequest("long0", 0.5, 200_000, 5)
     light = engine._Sim(cfg(n=3, blocks=16384))
     light.run([long0])
     loaded = engine._Sim(cfg(n=3, blocks=16384))
-    res = loaded.run([TraceRequest("own", 0.0, 2000, 3000), long0])  # decoding on one instance throughout
+    res = loaded.run([TraceRequest("own", 0.0, 30_000, 3000), long0])  # decoding on one member throughout
     assert res.groups == light.groups_formed == 1
     done = {c.request_id: c for c in res.completed}
-    group_s = done["long0"].first_token_s - long0.arrival_s
-    assert group_s > light.completed[0].first_token_s - long0.arrival_s  # its own steps slow the rounds
+    assert done["long0"].first_token_s > light.completed[0].first_token_s  # its own steps slow the rounds
     own = done["own"].home
-    others = [i.busy_s for i in loaded.inst if i.rank != own]
-    assert max(others) < loaded.inst[own].busy_s
-    assert max(others) < group_s  # they waited for the busy member in every round
+    light_busy = [i.busy_s for i in light.inst]
+    for i in loaded.inst:  # the same work as some member of the light group (the home decodes long0 too)
+        if i.rank != own:
+            assert min(abs(i.busy_s / b - 1) for b in light_busy) < 1e-6
+    assert loaded.inst[own].busy_s > max(light_busy)
 
 
 def test_groups_are_off_without_lending_or_for_short_prompts():

@@ -117,10 +117,10 @@ def test_unequal_stripes_give_segments_and_work_in_proportion_and_rows_narrow_wi
     assert first == [1600] * 3 and max(deep) < 400 and narrow.rows > 4 * striped_layout(400_000, (0, 1, 2), 16, 100).rows
 
 
-def test_row_chunks_cover_each_members_segment_in_order():
+def test_round_chunks_cover_each_members_segment_in_order():
     lay = striped_layout(9_000, (0, 5, 7), 16, 10)
     for i in range(3):
-        spans = [lay.row_chunk(i, r) for r in range(lay.rows)]
+        spans = [lay.round_chunk(i, r) for r in range(lay.rounds)]
         spans = [s for s in spans if s[1] > s[0]]
         assert spans[0][0] == 0 and spans[-1][1] == lay.segment_len(i)
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))

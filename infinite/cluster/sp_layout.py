@@ -18,12 +18,11 @@ to spare gets a narrower stripe, so a smaller segment and less work).
   position ``p`` attends to ``p + 1`` keys, so the member holding the last
   of ``g`` contiguous cuts does ``2g - 1`` times the attention work of the
   first, and the group waits for it.
-* Why rows: a member computes its segment as a chunk of its own steps, one
-  stripe per step (its *round*), so that it keeps serving its own batch. All
-  members advance through the prompt a row per round; a row's queries need
-  only the KV of earlier rows (computed in earlier rounds) and of the
-  row's earlier stripes (computed in the same round, the same layer, by the
-  members before it). A whole-prompt zig-zag (ring attention's two chunks
+* Why rows: a member computes its segment as chunks of its own steps, so
+  that it keeps serving its own batch. All members advance through the
+  prompt together, a pair of rows per step (a *round*); a row's queries need
+  only the KV of earlier rows and of the row's earlier stripes (computed
+  earlier in the same round, at the same layer, by the members before it). A whole-prompt zig-zag (ring attention's two chunks
   per member), cut into steps the same way, would make every member but the
   first wait for the members before it to finish their whole chunks.
 * Why narrower rows deeper in the prompt (``shrink``): a stripe's queries
@@ -64,6 +63,7 @@ class Stripe:
     end: int
     offset: int
     row: int
+    round: int  # rows come in zig-zag pairs, and a pair is one round: every member's work in it is even
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class SegmentLayout:
     _row_before: list[tuple[int, ...]] = field(init=False, repr=False, compare=False)  # per member, before each row
     _mine: list[list[int]] = field(init=False, repr=False, compare=False)  # per member: its stripe indices
     _mine_off: list[list[int]] = field(init=False, repr=False, compare=False)  # per member: their segment offsets
-    _by_row: list[dict[int, int]] = field(init=False, repr=False, compare=False)  # per member: row -> stripe
+    _by_round: list[dict[int, list[int]]] = field(init=False, repr=False, compare=False)  # per member: round -> stripes
     _blocks: list[int] = field(init=False, repr=False, compare=False)  # per member: blocks it keeps
 
     def __post_init__(self) -> None:
@@ -102,7 +102,7 @@ class SegmentLayout:
         row_first: list[int] = []
         row_before: list[tuple[int, ...]] = []
         mine: list[list[int]] = [[] for _ in range(g)]
-        by_row: list[dict[int, int]] = [{} for _ in range(g)]
+        by_round: list[dict[int, list[int]]] = [{} for _ in range(g)]
         blocks = [0] * g
         for i, s in enumerate(self.stripes):
             while len(row_first) <= s.row:
@@ -110,7 +110,7 @@ class SegmentLayout:
                 row_before.append(tuple(acc))
             acc[s.member] += s.end - s.start
             mine[s.member].append(i)
-            by_row[s.member][s.row] = i
+            by_round[s.member].setdefault(s.round, []).append(i)
             blocks[s.member] += blocks_for(s.end - s.start, self.block_size)
         row_before.append(tuple(acc))
         object.__setattr__(self, "_starts", [s.start for s in self.stripes])
@@ -118,7 +118,7 @@ class SegmentLayout:
         object.__setattr__(self, "_row_before", row_before)
         object.__setattr__(self, "_mine", mine)
         object.__setattr__(self, "_mine_off", [[self.stripes[i].offset for i in ix] for ix in mine])
-        object.__setattr__(self, "_by_row", by_row)
+        object.__setattr__(self, "_by_round", by_round)
         object.__setattr__(self, "_blocks", blocks)
 
     def _before(self, s: int) -> list[int]:
@@ -139,6 +139,10 @@ class SegmentLayout:
     def rows(self) -> int:
         return self.stripes[-1].row + 1 if self.stripes else 0
 
+    @property
+    def rounds(self) -> int:
+        return self.stripes[-1].round + 1 if self.stripes else 0
+
     def segment_len(self, i: int) -> int:
         """Prompt tokens member ``i`` computes."""
         return self._row_before[-1][i]
@@ -158,13 +162,14 @@ class SegmentLayout:
                 out.append([rank, n])
         return [(r, n) for r, n in out]
 
-    def row_chunk(self, i: int, row: int) -> tuple[int, int]:
-        """Segment offsets ``[start, end)`` of member ``i``'s stripe in ``row`` (empty if none)."""
-        x = self._by_row[i].get(row)
-        if x is None:
+    def round_chunk(self, i: int, k: int) -> tuple[int, int]:
+        """Segment offsets ``[start, end)`` of member ``i``'s stripes in round ``k`` (consecutive in
+        its segment; empty if it has none)."""
+        xs = self._by_round[i].get(k)
+        if not xs:
             return 0, 0
-        s = self.stripes[x]
-        return s.offset, s.offset + s.end - s.start
+        first, last = self.stripes[xs[0]], self.stripes[xs[-1]]
+        return first.offset, last.offset + last.end - last.start
 
     # ---- attention accounting ------------------------------------------------------------------
     def keys_before(self, pos: int) -> tuple[int, ...]:
@@ -257,7 +262,7 @@ def striped_layout(prompt_len: int, members: tuple[int, ...] | list[int], block_
             if nblk == 0:
                 continue
             end = min(prompt_len, pos + nblk * block_size)
-            stripes.append(Stripe(m, pos, end, offs[m], r))
+            stripes.append(Stripe(m, pos, end, offs[m], r, r // 2))
             offs[m] += end - pos
             pos = end
     return SegmentLayout(prompt_len, block_size, members, widths, tuple(stripes))

@@ -179,8 +179,9 @@ class GroupPolicy:
             raise ValueError(f"GroupPolicy.min_speedup must be >= 1, got {self.min_speedup!r}")
 
     def stripe_blocks(self, step_budget: int, block_size: int) -> int:
-        """Blocks of a member's stripe: its step budget but what it keeps for its own requests."""
-        return max(1, (step_budget - self.own_tokens) // block_size)
+        """Blocks of a member's stripe in a row: half its step budget but what it keeps for its own
+        requests (a round is a zig-zag pair of rows)."""
+        return max(1, (step_budget - self.own_tokens) // (2 * block_size))
 
 
 @dataclass(frozen=True)
@@ -229,20 +230,21 @@ def estimate_alone(prompt_tokens: int, home: Candidate, cost: CostModel, step_bu
 
 def estimate_group(layout: SegmentLayout, own_step_s: Sequence[float], cost: CostModel,
                    shape: ExchangeShape) -> float:
-    """Seconds of a group's prefill: per row, the slowest member's own step plus its stripe's
+    """Seconds of a group's prefill: per round, the slowest member's own step plus its stripes'
     prefill work and its exchange, pass-Q or pass-KV, whichever the cost model prices lower
     (remote MicroAttention calls: one per other member and layer)."""
     g, L = layout.size, cost.num_layers
-    rows: dict[int, list[tuple[int, int]]] = {}
+    rounds: dict[int, dict[int, int]] = {}  # round -> member -> tokens
     for s in layout.stripes:
-        rows.setdefault(s.row, []).append((s.member, s.end - s.start))
+        row = rounds.setdefault(s.round, {})
+        row[s.member] = row.get(s.member, 0) + s.end - s.start
     total, before = 0.0, 0
-    for r in range(layout.rows):
-        row = rows.get(r, [])
-        width = sum(n for _, n in row)
-        keys = before + width / 2  # zig-zag: on average half the row is before a stripe
+    for k in range(layout.rounds):
+        work = rounds.get(k, {})
+        width = sum(work.values())
+        keys = before + width / 2  # zig-zag: on average half the round is before a stripe
         slow = 0.0
-        for x, n in row:
+        for x, n in work.items():
             q = cost.remote_ma_time(g - 1, (g - 1) * n)
             others = keys * (1 - layout.segment_len(x) / layout.prompt_len)  # earlier keys held by the others
             kv = L * ((g - 1) * cost.remote_latency_s + others * shape.kv_per_query * cost.remote_token_s)
@@ -257,7 +259,8 @@ def quick_estimate(prompt_tokens: int, widths: Sequence[int], own_step_s: float,
     """Closed form of ``estimate_group`` for comparing group sizes (stripe ``widths`` in tokens, the
     slowest member's own step), exchanging queries: with even rounds a row at position ``p`` is
     ``f(p) = p_tok / (p_tok + p·p_pair)`` of a full one, so ``∫ dp / (S·f(p))`` rows, each costing a
-    full stripe's first-row work; without, ``L / S`` rows whose work grows with their position."""
+    full stripe's first-row work; without, ``L / S`` rows whose work grows with their position.
+    A round is two rows."""
     L, S, n0 = prompt_tokens, sum(widths), max(widths)
     a, b, layers, g = cost.prefill_token_s, cost.prefill_pair_s, cost.num_layers, len(widths)
     if even_rounds and a > 0:
@@ -266,8 +269,9 @@ def quick_estimate(prompt_tokens: int, widths: Sequence[int], own_step_s: float,
     else:
         rows = L / S
         work = rows * n0 * a + n0 * b * S * rows * rows / 2
-    exchange = layers * (g - 1) * (rows * cost.remote_latency_s + L * n0 / S * cost.remote_token_s)
-    return rows * own_step_s + work + exchange
+    rounds = max(1.0, rows / 2)
+    exchange = layers * (g - 1) * (rounds * cost.remote_latency_s + L * n0 / S * cost.remote_token_s)
+    return rounds * own_step_s + work + exchange
 
 
 def stripe_widths(blocks: int, rooms: Sequence[int], stripe: int) -> list[int] | None:

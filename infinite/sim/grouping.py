@@ -15,9 +15,10 @@ the engine's ``_Sim`` simulates the rest:
   (``ClusterMemory.place``): each member's stripes in its own pool, lent to
   the home. The request waits aside, in no scheduler, until its prefill ends.
 * A member's step in a round (``SimInstance._round_step``) carries its
-  stripe of the round's row beside its own requests, which get the rest of
-  its step budget from the real scheduler. Members' runs are cut at their
-  step in progress, so each joins at its next step.
+  stripes of the round's two rows beside its own requests, which get
+  ``GroupPolicy.own_tokens`` of its step budget from the real scheduler.
+  Members' runs are cut at their step in progress, so each joins at its
+  next step.
 * A round ends when its slowest member's step ends: every layer waits for
   the other members' K/V or partial results. Once every member's step is
   known, each is costed with its share of the round's attention
@@ -53,7 +54,7 @@ class SimGroup:
     plan: GroupPlan
     started_s: float
     ends_s: float  # when the estimate says its prefill ends (the gManager's view)
-    row: int = 0  # the round in progress: the layout's row
+    round: int = 0  # the round in progress (a zig-zag pair of the layout's rows)
     pending: dict[int, float] = field(default_factory=dict)  # member index -> start of its round step
 
     @property
@@ -61,7 +62,7 @@ class SimGroup:
         return self.plan.layout.members
 
     def chunk(self, i: int) -> tuple[int, int]:
-        return self.plan.layout.row_chunk(i, self.row)
+        return self.plan.layout.round_chunk(i, self.round)
 
 
 class Grouping:
@@ -212,6 +213,7 @@ class Grouping:
         for i, m in enumerate(plan.members):
             inst = self.inst[m]
             inst.guest, inst.guest_tokens = grp, grp.chunk(i)[1] - grp.chunk(i)[0]
+            inst.guest_own = self.gpolicy.own_tokens
             if inst.run is not None:  # it joins at its next step
                 inst.truncate(inst.run.steps_done(self.now) + 1)
                 self._push_end(m)
@@ -264,12 +266,12 @@ class Grouping:
         self.push(end, GROUP, grp.gid)
 
     def end_round(self, gid: int) -> bool:
-        """A round ended: the next row's chunks, or, after the last, the request's first token (and
+        """A round ended: the next round's chunks, or, after the last, the request's first token (and
         True: its members are free for another group)."""
         grp = self.groups[gid]
-        grp.row += 1
+        grp.round += 1
         lay = grp.plan.layout
-        if grp.row < lay.rows:
+        if grp.round < lay.rounds:
             for i, m in enumerate(grp.members):
                 a, b = grp.chunk(i)
                 self.inst[m].guest_tokens = b - a

@@ -85,6 +85,7 @@ class SimInstance:
         self.window_tokens = 0
         self.guest: Any = None  # the prefill group this instance is a member of (infinite.sim.grouping)
         self.guest_tokens = 0  # its chunk of the prompt in the group's next round
+        self.guest_own = 0  # step budget its own requests keep during a round (GroupPolicy.own_tokens)
         self._round: tuple[list, bool, float] | None = None  # a round's own entries, borrowed, copy seconds
 
     @property
@@ -290,11 +291,12 @@ class SimInstance:
         return StepRun(t0, list(batch.requests), [step], 0, real=True), batch
 
     def _round_step(self, t0: float) -> tuple[StepRun, ScheduledBatch]:
-        """A step of a prefill group's round: the group's chunk takes ``guest_tokens`` of the budget,
-        the scheduler the rest for this instance's own requests. Its end is pending until every
-        member's step is known (``round_cost``, called by the group)."""
+        """A step of a prefill group's round: the group's chunk (``guest_tokens``), and the scheduler's
+        step for this instance's own requests within what the group leaves them (``guest_own``: any
+        more would make every member wait). Its end is pending until every member's step is known
+        (``round_cost``, called by the group)."""
         budget = self.sched.max_num_batched_tokens
-        self.sched.max_num_batched_tokens = max(0, budget - self.guest_tokens)
+        self.sched.max_num_batched_tokens = max(0, min(budget - self.guest_tokens, self.guest_own))
         try:
             batch = self.sched.schedule()
         finally:
