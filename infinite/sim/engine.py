@@ -258,9 +258,12 @@ class _Sim(Planning, Grouping):
         for _ in range(len(inst.sched.running) + 2):  # a real step that only preempted is retried
             if not inst.sched.running and not inst.sched.waiting and inst.guest is None:
                 return
-            t0 = self.now + inst.pending_served
-            inst.busy_s += inst.pending_served
-            inst.pending_served = 0.0
+            if inst.guest is None:  # a group's member pays it in its round steps, at the rate it came
+                t0 = self.now + inst.pending_served
+                inst.busy_s += inst.pending_served
+                inst.pending_served = 0.0
+            else:
+                t0 = self.now
             run = inst.plan(t0)
             if run is None:
                 run, batch = inst.real_step(t0)
@@ -308,9 +311,15 @@ class _Sim(Planning, Grouping):
             inst.apply_tokens(s)
             inst.check_step(s + 1)
             return
+        span = inst.run.end(inst.run.num_steps) - inst.run.t0
         finished, served, _ = inst.finish_run()
         self.mem.dirty.add(r)
+        for c in inst.serves_on - served.keys():
+            self.inst[c].serve_rates.pop(r, None)
+        inst.serves_on = set(served)
         for c, w in served.items():
+            if span > 0:  # the rate at which this debtor's steps asked c for work (a group round paces by it)
+                self.inst[c].serve_rates[r] = w / span
             if self.inst[c].run is not None:
                 self.inst[c].pending_served += w
             else:  # an idle creditor did the work in its idle time

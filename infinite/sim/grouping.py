@@ -55,6 +55,7 @@ class SimGroup:
     started_s: float
     ends_s: float  # when the estimate says its prefill ends (the gManager's view)
     round: int = 0  # the round in progress (a zig-zag pair of the layout's rows)
+    last_s: float = 0.0  # how long the last round took
     pending: dict[int, float] = field(default_factory=dict)  # member index -> start of its round step
 
     @property
@@ -254,8 +255,11 @@ class Grouping:
         costs = []
         for i, m in enumerate(members):
             n = chunks[i][1] - chunks[i][0]
-            costs.append(self.inst[m].round_cost(GuestWork(n, tr.reads[i], tr.pairs[i], self._exchange_s(grp, i, tr))))
+            work = GuestWork(n, tr.reads[i], tr.pairs[i], self._exchange_s(grp, i, tr))
+            costs.append(self.inst[m].round_cost(work, grp.last_s))
+        start = max(grp.pending.values())
         end = max(grp.pending[i] + sec for i, (sec, _) in enumerate(costs))
+        grp.last_s = end - start
         for i, m in enumerate(members):
             inst = self.inst[m]
             inst.run.settle(end, *costs[i])

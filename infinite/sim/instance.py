@@ -76,6 +76,8 @@ class SimInstance:
         self.tok_done = 0  # steps of the run whose tokens are applied
         self.alloc_done = 0  # steps of the run whose blocks are in the layouts (FF mode)
         self.pending_served = 0.0  # remote attention owed to debtors, done before the next run
+        self.serve_rates: dict[int, float] = {}  # debtor -> seconds of its work per second, as last seen
+        self.serves_on: set[int] = set()  # creditors this instance's last run asked for work
         self.busy_s = 0.0
         self.steps = 0
         self._near_cache: dict[int, bool] = {}
@@ -307,12 +309,17 @@ class SimInstance:
         step = Step(float("inf"), [(i, n) for i, n in enumerate(batch.num_new_tokens)], [], {}, 0, 0.0)
         return StepRun(t0, list(batch.requests), [step], 0, real=True), batch
 
-    def round_cost(self, guest: GuestWork) -> tuple[float, dict[int, float]]:
-        """(seconds, remote work per creditor) of this member's pending round step with its group part."""
+    def round_cost(self, guest: GuestWork, span_s: float) -> tuple[float, dict[int, float]]:
+        """(seconds, remote work per creditor) of this member's pending round step with its group part,
+        and the work it owes debtors that came in over about ``span_s`` at the rate its debtors ask
+        (its serving runs beside the step; paid at once, the owed work of a debtor's long run would
+        hold every member of the group up at one round)."""
         entries, borrowed, push_s = self._round
         self._round = None
         sc, served = self.cost(entries, borrowed, guest)
-        return sc.seconds + push_s, served
+        owed = min(self.pending_served, sum(self.serve_rates.values()) * span_s)
+        self.pending_served -= owed
+        return sc.seconds + push_s + owed, served
 
     # ---- applying a run ------------------------------------------------------------------------------
     def begin(self, run: StepRun | DecodeRun) -> None:
