@@ -186,3 +186,31 @@ def test_tight_search_traces_fit_one_pool_and_lending_leaves_idle_pools_alone():
     assert calm["on"]["blocks_borrowed"] == 0 and calm["on"]["blocks_moved"] == 0
     assert calm["ratio"] == pytest.approx(1.0, abs=0.02)
     assert calm["on"]["requests_completed"] == calm["off_routed"]["requests_completed"] == 22
+
+
+def test_mixed_steps_pay_decode_bytes_and_prefill_flops_and_the_cpu_pads_decode_rows():
+    hw = InstanceHW(A100, L7, 1, (0,))
+    decode_only = step_cost(hw, 8, 8, 0, 0, decode_read=8 * 4000).seconds
+    prefill_only = step_cost(hw, 2000, 1, 2000, 2000 * 2001 / 2).seconds
+    mixed = step_cost(hw, 2008, 9, 2000, 2000 * 2001 / 2, decode_read=8 * 4000).seconds
+    attn_d = L7.num_layers * hw.attention_s(8 * 4000, 8 * 4000)
+    assert mixed == pytest.approx(prefill_only + attn_d + (hw.base_s(2008, 9) - hw.base_s(2000, 1)))
+    assert decode_only < mixed
+    # the torch path (cpu) gathers a decode batch padded to its longest row; paged kernels do not
+    from infinite.sim.memory import ClusterMemory
+    from infinite.sim.instance import SimInstance
+    from infinite.cluster.policy import LendingPolicy
+    from infinite.runtime.request import Request
+    from infinite.sampling.params import SamplingParams
+
+    reqs = [Request(f"q{i}", range(c), SamplingParams(max_tokens=None, ignore_eos=True), max_tokens=5)
+            for i, c in enumerate((100, 100, 1000))]
+    entries = [(r, r.num_tokens, 1, True) for r in reqs]
+    costs = {}
+    for pads in (False, True):
+        spec = replace(A100, decode_pads=pads)
+        h = InstanceHW(spec, L7, 1, (0,))
+        inst = SimInstance(0, h, [h], ClusterMemory([100], 16, LendingPolicy(enabled=False)), 100, 2048, 8)
+        costs[pads] = inst.cost(entries)[0].seconds
+        read = 3 * 1001 if pads else 1200 + 3
+        assert costs[pads] == pytest.approx(h.base_s(3, 3) + L7.num_layers * h.attention_s(read, read))

@@ -155,7 +155,7 @@ def decode_coeffs(hw: InstanceHW, requests: int) -> tuple[float, float]:
 
 def step_cost(hw: InstanceHW, tokens: int, sampled: int, read_tokens: float, pairs: float,
               remote: tuple[RemotePart, ...] = (), borrowed: bool = False, requests: int = 1,
-              extra_attention_s: float = 0.0, extra_wait_s: float = 0.0) -> StepCost:
+              extra_attention_s: float = 0.0, extra_wait_s: float = 0.0, decode_read: float = 0.0) -> StepCost:
     """Seconds of one step and the attention work it hands to each creditor.
 
     ``read_tokens``/``pairs`` are the local attention's KV tokens read and (query, key) pairs
@@ -165,12 +165,15 @@ def step_cost(hw: InstanceHW, tokens: int, sampled: int, read_tokens: float, pai
     micro-batch (1/m of the batch) takes through all stages, the stages working on the others.
     ``extra_attention_s``/``extra_wait_s``: per layer, a prefill group's attention done here and
     its exchange with the other members (awaited with the rest of the layer's attention).
+    ``decode_read``: KV tokens the batch's decode rows read here (one query each), apart from the
+    prefill rows in ``read_tokens``/``pairs``: decode rows are bound by bytes, prefill rows by FLOPs,
+    and a mixed step pays both (their max would price a decode riding along a prefill at nothing).
     """
     L = hw.model.num_layers
     if hw.pp > 1:
         m = hw.microbatches(requests)
         base = hw.base_s(tokens / m, sampled / m) + hw.handoff_s(tokens / m)
-        local = hw.attention_s(read_tokens / m, pairs / m)
+        local = hw.attention_s(read_tokens / m, pairs / m) + hw.attention_s(decode_read / m, decode_read / m)
         return StepCost(base + L * local, 0.0, ())
     slow = 0.0
     served = []
@@ -178,7 +181,7 @@ def step_cost(hw: InstanceHW, tokens: int, sampled: int, read_tokens: float, pai
         wait, work = remote_layer_s(hw, part)
         slow = max(slow, wait)
         served.append(L * work)
-    local = hw.attention_s(read_tokens, pairs) + extra_attention_s
+    local = hw.attention_s(read_tokens, pairs) + hw.attention_s(decode_read, decode_read) + extra_attention_s
     seconds = (hw.base_s(tokens, sampled) + L * max(local, slow, extra_wait_s)
                + (hw.gpu.control_rtt_s if borrowed else 0.0))
     return StepCost(seconds, slow, tuple(served), local)

@@ -39,6 +39,7 @@ class GpuSpec:
     request_overhead_s: float  # per step and request that samples a token: sampling, detokenizing, bookkeeping
     control_rtt_s: float  # one control-plane round trip (a borrow's reservation on a creditor)
     attn_flops_eff: float | None = None  # achieved share in attention kernels (None: as flops_eff)
+    decode_pads: bool = False  # decode attention gathers every row's KV padded to the batch's longest (torch path)
     mem_utilization: float = 0.9  # share of hbm the engine may use (vLLM's gpu_memory_utilization default)
     workspace_bytes: float = 2 * GIB  # activations and workspace per device, kept out of the KV pool
     sources: dict[str, str] = field(default_factory=dict, compare=False)
@@ -123,6 +124,7 @@ _SOURCES = {
     "control_rtt_s": "assumption: one RPC round trip to rank 0 and a creditor for a borrow, ~200 us",
     "mem_utilization": "vLLM's default gpu_memory_utilization (0.9)",
     "workspace_bytes": "assumption: activations of a 2048-token step plus CUDA/NCCL workspace, ~2 GiB per device",
+    "decode_pads": "paged decode kernels (Triton, FlashAttention) read each row's own KV: no padding",
 }
 
 GPUS: dict[str, GpuSpec] = {

@@ -111,33 +111,39 @@ class SimInstance:
         prefill group's chunk (``guest``) when this instance is a member."""
         bs, home = self.block_size, self.rank
         tokens = sampled = 0
-        read = pairs = 0.0
+        read = pairs = 0.0  # prefill rows: KV tokens read and (query, key) pairs, here
+        dec_n, dec_sum, dec_max = 0, 0, 0  # decode rows: how many, their KV tokens here, the longest
         parts: dict[int, list[float]] = {}  # creditor -> [query, write, read, pairs]
         for req, c, n, samples in entries:
             tokens += n
             sampled += samples
             lay = self.mem.layouts.get(req.request_id)
             if lay is None or not lay.remote_n:
-                read += c + n
-                pairs += n * c + n * (n + 1) / 2
-                continue
-            before = lay.tokens_at(0, c, bs)
-            inside = lay.tokens_at(c, c + n, bs)
-            rb = ri = 0
-            for x in set(before) | set(inside):
-                if x == home:
-                    continue
-                b, i = before.get(x, 0), inside.get(x, 0)
-                rb += b
-                ri += i
-                p = parts.setdefault(x, [0, 0, 0.0, 0.0])
-                p[0] += n
-                p[1] += i
-                p[2] += b + i
-                p[3] += n * b + i * (n + 1) / 2
-            hb, hi = c - rb, n - ri
-            read += hb + hi
-            pairs += n * hb + hi * (n + 1) / 2
+                hb, hi = c, n
+            else:
+                before = lay.tokens_at(0, c, bs)
+                inside = lay.tokens_at(c, c + n, bs)
+                rb = ri = 0
+                for x in set(before) | set(inside):
+                    if x == home:
+                        continue
+                    b, i = before.get(x, 0), inside.get(x, 0)
+                    rb += b
+                    ri += i
+                    p = parts.setdefault(x, [0, 0, 0.0, 0.0])
+                    p[0] += n
+                    p[1] += i
+                    p[2] += b + i
+                    p[3] += n * b + i * (n + 1) / 2
+                hb, hi = c - rb, n - ri
+            if n == 1:
+                dec_n += 1
+                dec_sum += hb + hi
+                dec_max = max(dec_max, hb + hi)
+            else:
+                read += hb + hi
+                pairs += n * hb + hi * (n + 1) / 2
+        dec_read = dec_n * dec_max if self.hw.gpu.decode_pads else dec_sum
         ranks = sorted(parts)
         hws, near = self.hws, self._near
         remote = tuple(RemotePart(hws[x], near(x), int(parts[x][0]), int(parts[x][1]), parts[x][2], parts[x][3])
@@ -146,7 +152,8 @@ class SimInstance:
         if guest is not None:
             tokens += guest.tokens
             extra_attn, extra_wait = self.hw.attention_s(guest.reads, guest.pairs), guest.wait_s
-        sc = step_cost(self.hw, tokens, sampled, read, pairs, remote, borrowed, len(entries), extra_attn, extra_wait)
+        sc = step_cost(self.hw, tokens, sampled, read, pairs, remote, borrowed, len(entries), extra_attn, extra_wait,
+                       dec_read)
         self.calls = len(ranks)
         return sc, dict(zip(ranks, sc.served_s))
 
@@ -225,11 +232,14 @@ class SimInstance:
         k = lo
         entries = [(r, p.c, 1, True) for r, p in zip(self.sched.running, states)]
         sc, served = self.cost(entries)
-        x1 = 0
+        x1 = x1_max = 0
         for r, p in zip(self.sched.running, states):
             lay = self.mem.layouts.get(r.request_id)
             rem = sum(n for i, n in lay.held.items() if i != self.rank) * bs if lay is not None else 0
             x1 += p.c + 1 - rem
+            x1_max = max(x1_max, p.c + 1 - rem)
+        if self.hw.gpu.decode_pads:  # the batch's KV gathered padded to its longest local context
+            x1 = beta * x1_max
         base, g = decode_coeffs(self.hw, beta)
         run = DecodeRun(t0, list(self.sched.running), k, base, self.hw.model.num_layers, g, x1, sc.remote_layer_s,
                         served, need(k), budget_left, bs, [p.c for p in states], [p.b for p in states])
