@@ -214,3 +214,35 @@ def test_mixed_steps_pay_decode_bytes_and_prefill_flops_and_the_cpu_pads_decode_
         costs[pads] = inst.cost(entries)[0].seconds
         read = 3 * 1001 if pads else 1200 + 3
         assert costs[pads] == pytest.approx(h.base_s(3, 3) + L7.num_layers * h.attention_s(read, read))
+
+
+def test_remote_waits_hide_behind_the_other_micro_batch():
+    """As the runtime's StepRunner: requests with remote blocks apart from local-only ones; while one
+    micro-batch waits on its creditors the compute thread runs the other, so a layer waits only for
+    what the other's compute does not cover."""
+    from infinite.cluster.policy import LendingPolicy
+    from infinite.runtime.request import Request
+    from infinite.sampling.params import SamplingParams
+    from infinite.sim.instance import SimInstance
+    from infinite.sim.memory import ClusterMemory
+
+    near = InstanceHW(A100, L7, 1, (0,))
+    mem = ClusterMemory([4000, 4000], 16, LendingPolicy())
+    inst = SimInstance(0, near, [near, near], mem, 8000, 8192, 64)
+    mk = lambda rid, n: Request(rid, range(n), SamplingParams(max_tokens=None, ignore_eos=True), max_tokens=4)
+    far = mk("far", 32_000)
+    mem.borrow("far", 0, [(1, 1000)], at=0)  # its oldest 16,000 tokens on instance 1
+    mem.take_local("far", 0, 1000)
+    locals_ = [mk(f"l{i}", 500) for i in range(6)]
+    for r in locals_:
+        mem.take_local(r.request_id, 0, 32)
+    L = L7.num_layers
+    alone, _ = inst.cost([(far, far.num_tokens, 1, True)])
+    both, _ = inst.cost([(far, far.num_tokens, 1, True)] + [(r, r.num_tokens, 1, True) for r in locals_])
+    g = near.gpu
+    wait = alone.remote_layer_s  # a lone micro-batch hides nothing
+    nb = (near.base_s(6, 6) - g.step_overhead_s - g.request_overhead_s * 6) / L
+    local = near.attention_s(16_001 + 6 * 501, 16_001 + 6 * 501)
+    assert both.remote_layer_s == pytest.approx(max(0.0, wait - nb))
+    assert both.seconds == pytest.approx(near.base_s(1, 1) + near.base_s(6, 6) - g.step_overhead_s
+                                         + L * max(local, wait - nb))

@@ -155,7 +155,8 @@ def decode_coeffs(hw: InstanceHW, requests: int) -> tuple[float, float]:
 
 def step_cost(hw: InstanceHW, tokens: int, sampled: int, read_tokens: float, pairs: float,
               remote: tuple[RemotePart, ...] = (), borrowed: bool = False, requests: int = 1,
-              extra_attention_s: float = 0.0, extra_wait_s: float = 0.0, decode_read: float = 0.0) -> StepCost:
+              extra_attention_s: float = 0.0, extra_wait_s: float = 0.0, decode_read: float = 0.0,
+              base_s: float | None = None, overlap_s: float = 0.0) -> StepCost:
     """Seconds of one step and the attention work it hands to each creditor.
 
     ``read_tokens``/``pairs`` are the local attention's KV tokens read and (query, key) pairs
@@ -168,6 +169,9 @@ def step_cost(hw: InstanceHW, tokens: int, sampled: int, read_tokens: float, pai
     ``decode_read``: KV tokens the batch's decode rows read here (one query each), apart from the
     prefill rows in ``read_tokens``/``pairs``: decode rows are bound by bytes, prefill rows by FLOPs,
     and a mixed step pays both (their max would price a decode riding along a prefill at nothing).
+    ``base_s``/``overlap_s``: a step cut in micro-batches (``SimInstance._micro_batches``): its
+    non-attention seconds, and the seconds per layer of one micro-batch's compute that hide the
+    other's remote waits (``remote_layer_s`` is then what stays exposed).
     """
     L = hw.model.num_layers
     if hw.pp > 1:
@@ -181,9 +185,10 @@ def step_cost(hw: InstanceHW, tokens: int, sampled: int, read_tokens: float, pai
         wait, work = remote_layer_s(hw, part)
         slow = max(slow, wait)
         served.append(L * work)
+    slow = max(0.0, slow - overlap_s)
     local = hw.attention_s(read_tokens, pairs) + hw.attention_s(decode_read, decode_read) + extra_attention_s
-    seconds = (hw.base_s(tokens, sampled) + L * max(local, slow, extra_wait_s)
-               + (hw.gpu.control_rtt_s if borrowed else 0.0))
+    base = hw.base_s(tokens, sampled) if base_s is None else base_s
+    seconds = base + L * max(local, slow, extra_wait_s) + (hw.gpu.control_rtt_s if borrowed else 0.0)
     return StepCost(seconds, slow, tuple(served), local)
 
 

@@ -111,6 +111,7 @@ class SimInstance:
         prefill group's chunk (``guest``) when this instance is a member."""
         bs, home = self.block_size, self.rank
         tokens = sampled = 0
+        mb_tokens, mb_sampled, mb_n = [0, 0], [0, 0], [0, 0]  # requests with remote blocks / local only
         read = pairs = 0.0  # prefill rows: KV tokens read and (query, key) pairs, here
         dec_n, dec_sum, dec_max = 0, 0, 0  # decode rows: how many, their KV tokens here, the longest
         parts: dict[int, list[float]] = {}  # creditor -> [query, write, read, pairs]
@@ -118,7 +119,11 @@ class SimInstance:
             tokens += n
             sampled += samples
             lay = self.mem.layouts.get(req.request_id)
-            if lay is None or not lay.remote_n:
+            far = int(lay is None or not lay.remote_n)
+            mb_tokens[far] += n
+            mb_sampled[far] += samples
+            mb_n[far] += 1
+            if far:
                 hb, hi = c, n
             else:
                 before = lay.tokens_at(0, c, bs)
@@ -151,11 +156,31 @@ class SimInstance:
         extra_attn = extra_wait = 0.0
         if guest is not None:
             tokens += guest.tokens
+            mb_tokens[0] += guest.tokens
             extra_attn, extra_wait = self.hw.attention_s(guest.reads, guest.pairs), guest.wait_s
+        base, overlap = self._micro_batches(mb_tokens, mb_sampled, mb_n) if remote else (None, 0.0)
         sc = step_cost(self.hw, tokens, sampled, read, pairs, remote, borrowed, len(entries), extra_attn, extra_wait,
-                       dec_read)
+                       dec_read, base, overlap)
         self.calls = len(ranks)
         return sc, dict(zip(ranks, sc.served_s))
+
+    def _micro_batches(self, tokens: list[int], sampled: list[int], count: list[int]) -> tuple[float | None, float]:
+        """(non-attention seconds, seconds per layer that hide remote waits) of a step with remote
+        MicroAttention, cut as the runtime's StepRunner cuts it: requests with remote blocks apart from
+        local-only ones, or an all-remote batch in two halves. The compute thread runs one micro-batch's
+        layer while the other waits on its creditors, so a layer waits only for what the other's
+        non-attention work does not cover; each micro-batch reads the weights (None, 0: a lone one)."""
+        hw, g = self.hw, self.hw.gpu
+        if count[1]:
+            parts = [(tokens[0], sampled[0]), (tokens[1], sampled[1])]
+        elif count[0] >= 2:
+            parts = [(tokens[0] / 2, sampled[0] / 2)] * 2
+        else:
+            return None, 0.0
+        bases = [hw.base_s(t, s) for t, s in parts]
+        other = parts[1]
+        overlap = (bases[1] - g.step_overhead_s - g.request_overhead_s * other[1]) / hw.model.num_layers
+        return sum(bases) - g.step_overhead_s, max(0.0, overlap)
 
     # ---- predicting a run ------------------------------------------------------------------------------
     def head_need(self) -> tuple[int, int]:
@@ -240,7 +265,8 @@ class SimInstance:
             x1_max = max(x1_max, p.c + 1 - rem)
         if self.hw.gpu.decode_pads:  # the batch's KV gathered padded to its longest local context
             x1 = beta * x1_max
-        base, g = decode_coeffs(self.hw, beta)
+        _, g = decode_coeffs(self.hw, beta)
+        base = sc.seconds - self.hw.model.num_layers * max(g * x1, sc.remote_layer_s)  # all but attention
         run = DecodeRun(t0, list(self.sched.running), k, base, self.hw.model.num_layers, g, x1, sc.remote_layer_s,
                         served, need(k), budget_left, bs, [p.c for p in states], [p.b for p in states])
         return run
