@@ -18,24 +18,29 @@ def row_chunks(lay, k):
 
 
 def test_both_modes_compute_every_pair_once_and_count_their_bytes():
-    lay = striped_layout(60_000, (0, 1, 2, 3), B, 64)
-    for row in range(lay.rounds):
-        chunks = row_chunks(lay, row)
-        want = sum(lay.chunk(i, a, b).total_pairs for i, (a, b) in enumerate(chunks))
-        q = round_traffic(lay, chunks, MHA, "q")
-        kv = round_traffic(lay, chunks, MHA, "kv")
-        assert sum(q.pairs) == pytest.approx(want) and sum(kv.pairs) == pytest.approx(want)
-        for x, (a, b) in enumerate(chunks):  # pass-KV: x receives every earlier key held elsewhere
-            w = lay.chunk(x, a, b)
-            assert kv.in_bytes(x) == sum(k for j, k in enumerate(w.keys) if j != x) * MHA.kv_bytes
-            holders = sum(1 for j, k in enumerate(w.keys) if j != x and k > 0)  # pass-Q: queries out to holders
-            assert q.out_bytes(x) >= holders * (b - a) * MHA.query_bytes
+    for lay in (striped_layout(60_000, (0, 1, 2, 3), B, 64), striped_layout(9_000, (5, 1, 2), B, (8, 3, 5)),
+                striped_layout(30_000, (0, 1, 2), B, 40, lambda p: 1 / (1 + p / 5000))):
+        for k in range(lay.rounds):
+            chunks = row_chunks(lay, k)
+            work = [lay.chunk(x, a, b) for x, (a, b) in enumerate(chunks)]  # member by member
+            q = round_traffic(lay, k, MHA, "q")
+            kv = round_traffic(lay, k, MHA, "kv")
+            for j in range(lay.size):  # pass-Q: the holder computes; pass-KV: the asker
+                assert q.pairs[j] == pytest.approx(sum(w.pairs[j] for w in work))
+                assert kv.pairs[j] == pytest.approx(work[j].total_pairs)
+                assert q.reads[j] == pytest.approx(sum(w.keys[j] for w in work if w.queries))
+            for x, w in enumerate(work):
+                assert kv.in_bytes(x) == pytest.approx(sum(n for j, n in enumerate(w.keys) if j != x) * MHA.kv_bytes)
+                holders = sum(1 for j, n in enumerate(w.keys) if j != x and n > 0)  # pass-Q: queries to holders
+                assert q.out_bytes(x) >= holders * w.queries * MHA.query_bytes
+                assert q.sent[x].sum() - holders * w.queries * MHA.query_bytes == pytest.approx(
+                    sum(work[y].queries for y in range(lay.size) if y != x and work[y].keys[x] > 0) * MHA.partial_bytes)
 
 
 def test_gqa_moves_kv_in_early_rounds_and_queries_later_mha_always_queries():
     lay = striped_layout(400_000, (0, 1, 2, 3), B, 64)
-    mha = [choose_exchange(lay, row_chunks(lay, r), MHA).mode for r in range(lay.rounds)]
-    gqa = [choose_exchange(lay, row_chunks(lay, r), GQA).mode for r in range(lay.rounds)]
+    mha = [choose_exchange(lay, r, MHA).mode for r in range(lay.rounds)]
+    gqa = [choose_exchange(lay, r, GQA).mode for r in range(lay.rounds)]
     # 8 KV heads of 64: a key's K/V is a fifth of a query and its partial, so while few keys come
     # before a chunk they are cheaper to move; later rounds see many keys and send the queries
     assert gqa[0] == "kv" and gqa[-1] == "q"

@@ -95,6 +95,7 @@ class SegmentLayout:
     _mine_off: list[list[int]] = field(init=False, repr=False, compare=False)  # per member: their segment offsets
     _by_round: list[dict[int, list[int]]] = field(init=False, repr=False, compare=False)  # per member: round -> stripes
     _blocks: list[int] = field(init=False, repr=False, compare=False)  # per member: blocks it keeps
+    _round_first: list[int] = field(init=False, repr=False, compare=False)  # first stripe of each round
 
     def __post_init__(self) -> None:
         g = len(self.members)
@@ -104,7 +105,10 @@ class SegmentLayout:
         mine: list[list[int]] = [[] for _ in range(g)]
         by_round: list[dict[int, list[int]]] = [{} for _ in range(g)]
         blocks = [0] * g
+        round_first: list[int] = []
         for i, s in enumerate(self.stripes):
+            while len(round_first) <= s.round:
+                round_first.append(i)
             while len(row_first) <= s.row:
                 row_first.append(i)
                 row_before.append(tuple(acc))
@@ -120,6 +124,7 @@ class SegmentLayout:
         object.__setattr__(self, "_mine_off", [[self.stripes[i].offset for i in ix] for ix in mine])
         object.__setattr__(self, "_by_round", by_round)
         object.__setattr__(self, "_blocks", blocks)
+        object.__setattr__(self, "_round_first", round_first + [len(self.stripes)])
 
     def _before(self, s: int) -> list[int]:
         """Tokens per member before stripe ``s``."""
@@ -170,6 +175,14 @@ class SegmentLayout:
             return 0, 0
         first, last = self.stripes[xs[0]], self.stripes[xs[-1]]
         return first.offset, last.offset + last.end - last.start
+
+    def round_stripes(self, k: int) -> range:
+        """Indices of round ``k``'s stripes, in position order."""
+        return range(self._round_first[k], self._round_first[k + 1])
+
+    def round_before(self, k: int) -> tuple[int, ...]:
+        """Tokens each member holds before round ``k``."""
+        return self._row_before[self.stripes[self._round_first[k]].row]
 
     # ---- attention accounting ------------------------------------------------------------------
     def keys_before(self, pos: int) -> tuple[int, ...]:

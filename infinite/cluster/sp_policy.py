@@ -57,6 +57,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from infinite.cluster.cost_model import CostModel
 from infinite.cluster.sp_layout import SegmentLayout, striped_layout
 from infinite.kv.rmanager import blocks_for
@@ -96,63 +98,66 @@ class ExchangeShape:
 
 @dataclass(frozen=True)
 class RoundTraffic:
-    """One round of a group, per layer: ``sent[a][b]`` bytes member ``a`` sends member ``b``;
+    """One round of a group, per layer: ``sent[a, b]`` bytes member ``a`` sends member ``b``;
     ``pairs[x]`` (query, key) pairs and ``reads[x]`` KV tokens member ``x``'s attention does."""
 
     mode: str
-    sent: tuple[tuple[int, ...], ...]
-    pairs: tuple[float, ...]
-    reads: tuple[int, ...]
+    sent: np.ndarray  # [g, g] float
+    pairs: np.ndarray  # [g]
+    reads: np.ndarray  # [g]
 
-    def out_bytes(self, a: int) -> int:
-        return sum(self.sent[a])
+    def out_bytes(self, a: int) -> float:
+        return float(self.sent[a].sum())
 
-    def in_bytes(self, b: int) -> int:
-        return sum(row[b] for row in self.sent)
+    def in_bytes(self, b: int) -> float:
+        return float(self.sent[:, b].sum())
 
     @property
-    def busiest(self) -> int:
+    def busiest(self) -> float:
         """Bytes on the busiest member's link (each direction on its own: links are full duplex)."""
-        return max((max(self.out_bytes(x), self.in_bytes(x)) for x in range(len(self.sent))), default=0)
+        return float(max(self.sent.sum(1).max(), self.sent.sum(0).max())) if self.sent.size else 0.0
 
 
-def round_traffic(layout: SegmentLayout, chunks: Sequence[tuple[int, int]], shape: ExchangeShape,
-                  mode: str) -> RoundTraffic:
-    """The traffic and attention work of one round in which member ``x`` computes segment offsets
-    ``chunks[x] = (start, end)`` (an empty range: it only serves the others)."""
+def round_traffic(layout: SegmentLayout, k: int, shape: ExchangeShape, mode: str) -> RoundTraffic:
+    """The traffic and attention work of round ``k``: each member computes its stripes of the round
+    (``layout.round_chunk``; a member without one only serves the others). Whole-round arrays: the
+    keys each member holds before each of the round's stripes, and from them every member's pairs
+    with every holder (``SegmentLayout.chunk``, counted at once)."""
     if mode not in (PASS_Q, PASS_KV):
         raise ValueError(f"mode must be {PASS_Q!r} or {PASS_KV!r}, got {mode!r}")
     g = layout.size
-    if len(chunks) != g:
-        raise ValueError(f"round_traffic: {len(chunks)} chunks for a group of {g}")
-    sent = [[0] * g for _ in range(g)]
-    pairs = [0.0] * g
-    reads = [0] * g
-    for x, (a, b) in enumerate(chunks):
-        w = layout.chunk(x, a, b)
-        if not w.queries:
-            continue
-        for j in range(g):
-            if w.keys[j] == 0:
-                continue
-            if mode == PASS_Q:
-                pairs[j] += w.pairs[j]
-                reads[j] += w.keys[j]
-                if j != x:
-                    sent[x][j] += w.queries * shape.query_bytes
-                    sent[j][x] += w.queries * shape.partial_bytes
-            else:
-                pairs[x] += w.pairs[j]
-                reads[x] += w.keys[j]
-                if j != x:
-                    sent[j][x] += w.keys[j] * shape.kv_bytes
-    return RoundTraffic(mode, tuple(tuple(r) for r in sent), tuple(pairs), tuple(reads))
+    stripes = [layout.stripes[i] for i in layout.round_stripes(k)]
+    who = np.array([s.member for s in stripes])
+    n = np.array([s.end - s.start for s in stripes], dtype=float)
+    own = np.zeros((len(stripes), g))
+    own[np.arange(len(stripes)), who] = n
+    before = np.asarray(layout.round_before(k), dtype=float) + np.cumsum(own, 0) - own  # [S, g] keys before each
+    pairs_by = np.zeros((g, g))  # [x, j]: pairs of x's queries with the keys j holds
+    np.add.at(pairs_by, who, n[:, None] * before)
+    causal = np.zeros(g)
+    np.add.at(causal, who, n * (n + 1) / 2)
+    pairs_by[np.arange(g), np.arange(g)] += causal
+    queries = np.zeros(g)
+    np.add.at(queries, who, n)
+    keys = np.zeros((g, g))  # [x, j]: keys on j that x's last query sees
+    last = np.full(g, -1)
+    last[who] = np.arange(len(stripes))  # the later stripe of a member wins
+    has = last >= 0
+    keys[has] = before[last[has]]
+    keys[np.flatnonzero(has), np.flatnonzero(has)] += n[last[has]]
+    other = ~np.eye(g, dtype=bool)
+    if mode == PASS_Q:
+        ask = (keys > 0) & other  # x asks j: its queries out, the partials back
+        sent = ask * queries[:, None] * shape.query_bytes + (ask * queries[:, None] * shape.partial_bytes).T
+        return RoundTraffic(mode, sent, pairs_by.sum(0), keys.sum(0))
+    sent = (keys * other).T * shape.kv_bytes  # j sends x the keys x's queries see
+    return RoundTraffic(mode, sent, pairs_by.sum(1), keys.sum(1))
 
 
-def choose_exchange(layout: SegmentLayout, chunks: Sequence[tuple[int, int]], shape: ExchangeShape) -> RoundTraffic:
-    """Pass-Q or pass-KV for one round: the one with fewer bytes on the busiest link (pass-Q on a tie)."""
-    q = round_traffic(layout, chunks, shape, PASS_Q)
-    kv = round_traffic(layout, chunks, shape, PASS_KV)
+def choose_exchange(layout: SegmentLayout, k: int, shape: ExchangeShape) -> RoundTraffic:
+    """Pass-Q or pass-KV for round ``k``: fewer bytes on the busiest link (pass-Q on a tie)."""
+    q = round_traffic(layout, k, shape, PASS_Q)
+    kv = round_traffic(layout, k, shape, PASS_KV)
     return kv if kv.busiest < q.busiest else q
 
 

@@ -38,6 +38,8 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from infinite.cluster.cost_model import CostModel
 from infinite.cluster.sp_policy import (Candidate, ExchangeShape, GroupPlan, GroupPolicy, RoundTraffic,
                                         choose_exchange, choose_group, estimate_alone, worth_waiting)
@@ -56,6 +58,7 @@ class SimGroup:
     ends_s: float  # when the estimate says its prefill ends (the gManager's view)
     round: int = 0  # the round in progress (a zig-zag pair of the layout's rows)
     last_s: float = 0.0  # how long the last round took
+    near: np.ndarray | None = None  # [g, g] members on the same node (NVLink)
     pending: dict[int, float] = field(default_factory=dict)  # member index -> start of its round step
 
     @property
@@ -230,32 +233,30 @@ class Grouping:
         if len(grp.pending) == len(grp.members):
             self._close_round(grp)
 
-    def _exchange_s(self, grp: SimGroup, i: int, tr: RoundTraffic) -> float:
-        """Seconds per layer member ``i``'s exchange takes: per link kind (NVLink inside its node,
+    def _exchange_s(self, grp: SimGroup, tr: RoundTraffic) -> np.ndarray:
+        """Seconds per layer each member's exchange takes: per link kind (NVLink inside its node,
         InfiniBand to other nodes), a message's latency and the larger direction's bytes."""
-        members = grp.members
-        inst = self.inst[members[i]]
-        links = {True: [0, 0], False: [0, 0]}
-        for j, mj in enumerate(members):
-            if j != i:
-                near = inst._near(mj)
-                links[near][0] += tr.sent[i][j]
-                links[near][1] += tr.sent[j][i]
-        t = 0.0
-        for near, (out, into) in links.items():
-            if out or into:
-                lat, bw = inst.hw.gpu.link(near)
-                t = max(t, lat + max(out, into) / (inst.hw.tp * bw))
+        if grp.near is None:
+            m = grp.members
+            grp.near = np.array([[a != b and self.inst[a]._near(b) for b in m] for a in m])
+        hw = self.inst[grp.members[0]].hw
+        t = np.zeros(len(grp.members))
+        for near, mask in ((True, grp.near), (False, ~grp.near & ~np.eye(len(grp.members), dtype=bool))):
+            out, into = (tr.sent * mask).sum(1), (tr.sent * mask).sum(0)
+            lat, bw = hw.gpu.link(near)
+            busy = np.maximum(out, into)
+            t = np.maximum(t, np.where(busy > 0, lat + busy / (hw.tp * bw), 0.0))
         return t
 
     def _close_round(self, grp: SimGroup) -> None:
         members = grp.members
         chunks = [grp.chunk(i) for i in range(len(members))]
-        tr = choose_exchange(grp.plan.layout, chunks, self.shape)
+        tr = choose_exchange(grp.plan.layout, grp.round, self.shape)
+        wait = self._exchange_s(grp, tr)
         costs = []
         for i, m in enumerate(members):
             n = chunks[i][1] - chunks[i][0]
-            work = GuestWork(n, tr.reads[i], tr.pairs[i], self._exchange_s(grp, i, tr))
+            work = GuestWork(n, float(tr.reads[i]), float(tr.pairs[i]), float(wait[i]))
             costs.append(self.inst[m].round_cost(work, grp.last_s))
         start = max(grp.pending.values())
         end = max(grp.pending[i] + sec for i, (sec, _) in enumerate(costs))
