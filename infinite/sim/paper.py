@@ -3,7 +3,9 @@
 ``paper``: Llama2-7B on 32 A100s (4 nodes x 8), every trace, each policy;
 throughput of infinite over vllm-multi on the short traces and over
 vllm-single on the long ones, and the longest request each can hold, beside
-the paper's figures (1.35-1.73x, 1.4-3.4x, 2-19x).
+the paper's figures (1.35-1.73x, 1.4-3.4x, 2-19x); also over the paper's own
+baselines (vllm-multi-paper: no chunked prefill; vllm-single-tp) and the
+busy fraction of infinite's GPUs.
 
 ``sweep``: throughput and the longest request that fits against the number
 of GPUs, per policy, as a table, JSON and (with matplotlib) two plots.
@@ -66,7 +68,7 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
         spec = TRACES[name]
         trace, info = make_trace(name, setup, _duration(args, spec.family), args.seed)
         runs = {}
-        for p in ("infinite", "vllm-multi", "vllm-multi-routed", "vllm-single", "vllm-single-tp") + \
+        for p in ("infinite", "vllm-multi", "vllm-multi-routed", "vllm-multi-paper", "vllm-single", "vllm-single-tp") + \
                 (("best-static",) if name in best else ()):
             runs[p] = run_policy(p, setup, trace)
             r = runs[p]
@@ -93,14 +95,16 @@ def main(argv: Sequence[str]) -> int:
     args = _args(argv, sweep=False)
     rows = compare(args)
     cols = ["trace", "baseline", "infinite tok/s", "baseline tok/s", "ratio", "paper", "x multi", "x routed",
-            "x single", "x single-tp", "inf served", "base served", "inf max ctx", "multi capacity", "ctx ratio"]
+            "x multi-paper", "x single", "x single-tp", "inf busy", "inf groups", "inf served", "base served",
+            "inf max ctx", "multi capacity", "ctx ratio"]
     table = []
     for r in rows:
         inf, base = r["runs"]["infinite"], r["runs"][r["baseline"]]
         x = r["ratios"]
         table.append([r["trace"], r["baseline"], inf["throughput_tokens_per_s"], base["throughput_tokens_per_s"],
-                      r["ratio"], r["paper"], x["vllm-multi"], x["vllm-multi-routed"], x["vllm-single"],
-                      x["vllm-single-tp"], f"{inf['requests_completed']}/{inf['requests_offered']}",
+                      r["ratio"], r["paper"], x["vllm-multi"], x["vllm-multi-routed"], x["vllm-multi-paper"],
+                      x["vllm-single"], x["vllm-single-tp"], inf["busy_fraction"], inf["prefill_groups"],
+                      f"{inf['requests_completed']}/{inf['requests_offered']}",
                       f"{base['requests_completed']}/{base['requests_offered']}", inf["max_context_served"],
                       r["runs"]["vllm-multi"]["capacity_tokens"], r["max_context_ratio"]])
     print_table(f"{args.gpus} x {args.gpu}, {args.model}: infinite against the paper's baselines", cols, table)
