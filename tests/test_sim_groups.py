@@ -18,7 +18,7 @@ def cfg(n=4, blocks=4096, groups=GroupPolicy(), **kw):
     return SimConfig(A100, L7, (1,) * n, True, kv_blocks=blocks, max_num_batched_tokens=8192, groups=groups, **kw)
 
 
-def trace(seed=0, n=30, longs=((0.5, 60_000, 40), (2.0, 90_000, 20))):
+def trace(seed=0, n=30, longs=((0.5, 70_000, 40), (6.0, 90_000, 20))):
     rng = random.Random(seed)
     out, t = [], 0.0
     for i in range(n):

@@ -49,6 +49,11 @@ def test_gqa_moves_kv_in_early_rounds_and_queries_later_mha_always_queries():
     assert GQA.kv_per_query < 0.2 < 0.9 < MHA.kv_per_query
 
 
+def choose(*args, busy_share=0.0, **kw):
+    """choose_group on a cluster whose other instances are idle unless said otherwise."""
+    return choose_group(*args, busy_share=busy_share, **kw)
+
+
 def idle(rank, room=10_000, **kw):
     return Candidate(rank, batch_size=kw.pop("batch", 0), context_tokens=kw.pop("ctx", 0),
                      step_tokens=kw.pop("step", 0), room_blocks=room, idle=kw.pop("idle", True), **kw)
@@ -57,28 +62,28 @@ def idle(rank, room=10_000, **kw):
 def test_a_long_prompt_on_an_idle_cluster_is_grouped_and_a_short_one_is_not():
     pol = GroupPolicy()
     cands = [idle(r) for r in range(8)]
-    plan = choose_group(200_000, cands, COST, pol, MHA, BUDGET, B)
+    plan = choose(200_000, cands, COST, pol, MHA, BUDGET, B)
     assert plan is not None and plan.layout.size >= 4
     assert plan.alone_s >= pol.min_speedup * plan.group_s
     assert plan.home == plan.members[0] and len(set(plan.members)) == plan.layout.size
-    assert choose_group(20_000, cands, COST, pol, MHA, BUDGET, B) is None  # under min_prompt_tokens
-    assert choose_group(200_000, cands, COST, GroupPolicy(enabled=False), MHA, BUDGET, B) is None
+    assert choose(20_000, cands, COST, pol, MHA, BUDGET, B) is None  # under min_prompt_tokens
+    assert choose(200_000, cands, COST, GroupPolicy(enabled=False), MHA, BUDGET, B) is None
 
 
 def test_no_group_without_spare_compute_room_or_the_right_roles():
     pol = GroupPolicy()
     busy = [idle(r, idle=False) for r in range(8)]
-    assert choose_group(200_000, busy, COST, pol, MHA, BUDGET, B) is None
+    assert choose(200_000, busy, COST, pol, MHA, BUDGET, B) is None
     small = [idle(0)] + [idle(r, room=3) for r in range(1, 8)]  # nobody can keep a segment
-    assert choose_group(200_000, small, COST, pol, MHA, BUDGET, B) is None
+    assert choose(200_000, small, COST, pol, MHA, BUDGET, B) is None
     debtors = [idle(0)] + [idle(r, may_lend=False) for r in range(1, 8)]  # debtors lend nothing
-    assert choose_group(200_000, debtors, COST, pol, MHA, BUDGET, B) is None
+    assert choose(200_000, debtors, COST, pol, MHA, BUDGET, B) is None
     lender = [idle(0, may_borrow=False)] + [idle(r) for r in range(1, 8)]
     strict = GroupPolicy(creditor_homes=False)  # lending's roles: a creditor borrows nothing
-    assert choose_group(200_000, lender, COST, strict, MHA, BUDGET, B, home=0) is None
-    plan = choose_group(200_000, lender, COST, strict, MHA, BUDGET, B)  # a new request: another home is chosen
+    assert choose(200_000, lender, COST, strict, MHA, BUDGET, B, home=0) is None
+    plan = choose(200_000, lender, COST, strict, MHA, BUDGET, B)  # a new request: another home is chosen
     assert plan is not None and plan.home != 0
-    assert choose_group(200_000, lender, COST, pol, MHA, BUDGET, B, home=0).home == 0  # the default allows it
+    assert choose(200_000, lender, COST, pol, MHA, BUDGET, B, home=0).home == 0  # the default allows it
 
 
 def test_groups_keep_the_debts_acyclic():
@@ -97,7 +102,7 @@ def test_groups_keep_the_debts_acyclic():
                 continue
             cands = [Candidate(r, 0, 0, 0, 10_000, True, may_lend=not debts[r],
                                may_borrow=not any(r in d for d in debts.values())) for r in range(n)]
-            plan = choose_group(100_000, cands, COST, GroupPolicy(max_members=rng.randint(2, 4)), MHA, BUDGET, B,
+            plan = choose(100_000, cands, COST, GroupPolicy(max_members=rng.randint(2, 4)), MHA, BUDGET, B,
                                 home=rng.randrange(n))
             if plan is not None:
                 debts[plan.home] |= set(plan.members[1:])
@@ -117,7 +122,7 @@ def test_groups_keep_the_debts_acyclic():
 def test_members_are_the_least_loaded_and_hold_their_segment():
     pol = GroupPolicy(max_members=3)
     cands = [idle(0), idle(1, batch=200, ctx=2_000_000, step=200), idle(2), idle(3, room=50), idle(4)]
-    plan = choose_group(200_000, cands, COST, pol, MHA, BUDGET, B, home=0)
+    plan = choose(200_000, cands, COST, pol, MHA, BUDGET, B, home=0)
     assert plan is not None and set(plan.members) == {0, 2, 4}
     room = {c.rank: c.room_blocks for c in cands}
     assert all(plan.layout.segment_blocks(i) <= room[r] for i, r in enumerate(plan.members))
@@ -127,11 +132,16 @@ def test_the_speedup_bar_is_no_regret():
     """A group is chosen only when its estimate beats the home alone by min_speedup; raise the bar
     above what the best group can give and the home prefills alone."""
     cands = [idle(r) for r in range(4)]
-    plan = choose_group(100_000, cands, COST, GroupPolicy(), MHA, BUDGET, B)
+    plan = choose(100_000, cands, COST, GroupPolicy(), MHA, BUDGET, B)
     assert plan is not None
     speedup = plan.alone_s / plan.group_s
-    assert choose_group(100_000, cands, COST, GroupPolicy(min_speedup=speedup * 1.01), MHA, BUDGET, B) is None
+    assert choose(100_000, cands, COST, GroupPolicy(min_speedup=speedup * 1.01), MHA, BUDGET, B) is None
     assert plan.alone_s == pytest.approx(estimate_alone(100_000, cands[0], COST, BUDGET))
+    # a group must not waste a busy cluster's compute: members x its time within 1/min_efficiency of alone
+    eff = plan.alone_s / (plan.layout.size * plan.group_s)
+    tight = GroupPolicy(min_efficiency=min(1.0, eff * 1.01))
+    assert choose(100_000, cands, COST, tight, MHA, BUDGET, B, busy_share=1.0) is None
+    assert choose(100_000, cands, COST, tight, MHA, BUDGET, B, busy_share=0.9) is not None  # a tenth idle
     # a busy home prefills slower alone, so the group pays more
     loaded = [idle(0, batch=100, ctx=500_000, step=4000)] + cands[1:]
-    assert choose_group(100_000, loaded, COST, GroupPolicy(), MHA, BUDGET, B, home=0).alone_s > plan.alone_s
+    assert choose(100_000, loaded, COST, GroupPolicy(), MHA, BUDGET, B, home=0).alone_s > plan.alone_s

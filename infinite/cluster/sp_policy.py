@@ -26,7 +26,11 @@ the wait plus the group that could then form still beats the home alone by
 ``min_speedup``.
 
 No regret: a group only when it ends ``min_speedup`` times sooner than the
-home alone, for prompts of at least ``min_prompt_tokens``, and only on
+home alone, for prompts of at least ``min_prompt_tokens``; only when its
+members' time (members x the group's time) is at most ``1 / min_efficiency``
+of the home alone's, a bar lowered in proportion to the cluster's idle
+instances (the exchange and the rounds' waits cost nothing on compute that
+would idle, and throughput on compute that would not); and only on
 members with spare compute (``Candidate.idle``: in no other group and no
 queued request it could admit now, so the guest chunk takes step budget
 nobody else wanted) and the memory for their segment within the
@@ -169,8 +173,9 @@ class GroupPolicy:
     """The rules of prefill groups (see the module docstring)."""
 
     enabled: bool = True
-    min_prompt_tokens: int = 32768  # shorter prompts are prefilled at home (a few steps: no group pays)
+    min_prompt_tokens: int = 65536  # shorter prompts are prefilled at home (a few steps: no group pays)
     min_speedup: float = 1.2  # the group must end this many times sooner than the home alone
+    min_efficiency: float = 0.7  # in a busy cluster, members x the group's time <= the home alone's / this
     max_members: int = 64
     own_tokens: int = 256  # step budget each member keeps for its own requests (its stripe is the rest)
     creditor_homes: bool = True  # the home may lend to others (its members owe nothing: still acyclic)
@@ -182,6 +187,8 @@ class GroupPolicy:
             raise ValueError(f"GroupPolicy: min_prompt_tokens and max_members must be >= 1, own_tokens >= 0: {self}")
         if not self.min_speedup >= 1.0:
             raise ValueError(f"GroupPolicy.min_speedup must be >= 1, got {self.min_speedup!r}")
+        if not 0.0 <= self.min_efficiency <= 1.0:
+            raise ValueError(f"GroupPolicy.min_efficiency must be in [0, 1], got {self.min_efficiency!r}")
 
     def stripe_blocks(self, step_budget: int, block_size: int) -> int:
         """Blocks of a member's stripe in a row: half its step budget but what it keeps for its own
@@ -196,7 +203,7 @@ class Candidate:
     rank: int
     batch_size: int  # requests it runs
     context_tokens: int  # KV tokens they hold (what its decode step reads)
-    step_tokens: int  # tokens its own steps compute now (decodes and prefill chunks)
+    step_tokens: int  # tokens its own steps take every step (its decodes: prompts in flight end, decodes stay)
     room_blocks: int  # blocks it may hold for a group (lendable as a member, free beyond its demand as home)
     idle: bool  # spare compute: in no group, no queued request it could admit now
     may_lend: bool = True  # it holds no borrowed blocks (a member becomes a creditor)
@@ -228,7 +235,7 @@ def row_shrink(cost: CostModel) -> Callable[[int], float]:
 
 def estimate_alone(prompt_tokens: int, home: Candidate, cost: CostModel, step_budget: int) -> float:
     """Seconds for ``home`` to prefill the prompt itself, a step's free budget at a time."""
-    chunk = max(1, step_budget - home.step_tokens)
+    chunk = max(1, step_budget - min(home.step_tokens, step_budget // 2))
     steps = math.ceil(prompt_tokens / chunk)
     return steps * home.own_step_s(cost) + cost.prefill_time(prompt_tokens, prompt_tokens * (prompt_tokens + 1) / 2)
 
@@ -307,9 +314,12 @@ def worth_waiting(alone_s: float, wait_s: float, later: GroupPlan | None, policy
 
 
 def choose_group(prompt_tokens: int, candidates: Sequence[Candidate], cost: CostModel, policy: GroupPolicy,
-                 shape: ExchangeShape, step_budget: int, block_size: int, home: int | None = None) -> GroupPlan | None:
+                 shape: ExchangeShape, step_budget: int, block_size: int, home: int | None = None,
+                 busy_share: float = 1.0) -> GroupPlan | None:
     """The group that prefills a prompt soonest, or None when the home alone is as fast (within
-    ``min_speedup``), the prompt is short, or the members with spare compute lack the room.
+    ``min_speedup``), the group would waste the cluster's compute (``min_efficiency``, scaled by
+    ``busy_share``: the share of instances with work of their own), the prompt is short, or the
+    members with spare compute lack the room.
 
     ``home``: the request's home if it has one (a queued request), else None: the home is the idle
     candidate with the most room (a new request routed to the group). Members: the idle ones with
@@ -355,6 +365,7 @@ def choose_group(prompt_tokens: int, candidates: Sequence[Candidate], cost: Cost
         best = GroupPlan(h.rank, layout, estimate_group(layout, [c.own_step_s(cost) for c in group], cost, shape),
                          alone)
         break
-    if best is None or alone < policy.min_speedup * best.group_s:
+    if best is None or alone < policy.min_speedup * best.group_s or \
+            alone < policy.min_efficiency * busy_share * best.layout.size * best.group_s:
         return None
     return best

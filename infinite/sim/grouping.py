@@ -122,8 +122,7 @@ class Grouping:
             idle = only is not None or (inst.guest is None and not admits)
             if not idle and r != home:
                 continue
-            budget = s.max_num_batched_tokens
-            step = min(budget, sum(min(q.num_tokens - q.num_computed_tokens, budget) for q in s.running))
+            step = sum(1 for q in s.running if q.num_tokens - q.num_computed_tokens <= 1)  # its decodes
             ctx = sum(q.num_computed_tokens for q in s.running)
             if r == home:
                 lays = self.mem.layouts
@@ -144,8 +143,10 @@ class Grouping:
             return False
         if home is not None and self.inst[home].guest is not None:
             return False
-        plan = choose_group(req.num_tokens, self._candidates(home), self.group_cost(), gp, self.shape,
-                            self.cfg.max_num_batched_tokens, self.cfg.block_size, home)
+        cands = self._candidates(home)
+        busy = 1.0 - sum(c.idle for c in cands) / len(self.inst)
+        plan = choose_group(req.num_tokens, cands, self.group_cost(), gp, self.shape,
+                            self.cfg.max_num_batched_tokens, self.cfg.block_size, home, busy)
         if plan is None:
             return False
         self._form(req, plan, home)
