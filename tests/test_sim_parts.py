@@ -246,3 +246,22 @@ def test_remote_waits_hide_behind_the_other_micro_batch():
     assert both.remote_layer_s == pytest.approx(max(0.0, wait - nb))
     assert both.seconds == pytest.approx(near.base_s(1, 1) + near.base_s(6, 6) - g.step_overhead_s
                                          + L * max(local, wait - nb))
+
+
+def test_the_grouped_validation_trace_waits_for_the_runtime_and_groups_in_the_simulator():
+    """sim validate's hook for issue 17: the grouped trace runs once EngineConfig has the group knobs;
+    its simulated side (the same trace and policy) does form groups on the cpu device."""
+    from infinite.runtime.config import EngineConfig
+    from infinite.sim.engine import simulate
+    from infinite.sim.validate import (BUDGET, GROUP_FIELDS, VALIDATION_GROUPS, runtime_prefills_in_groups,
+                                       validation_trace)
+
+    assert runtime_prefills_in_groups() == all(f in EngineConfig.__dataclass_fields__ for f in GROUP_FIELDS)
+    # the embedded model's shapes and constants of the order validate fits on a 2-core CPU
+    spec = replace(CPU_BASE, peak_flops=3e10, hbm_bw=1e10, step_overhead_s=2e-3, request_overhead_s=4e-4)
+    _, trace = validation_trace(40, 4, 5.0, 1024, 2, (10, 1000), (4096, 8192))
+    small = replace(model_spec("llama2-7b"), num_layers=4, hidden=512, num_heads=8, num_kv_heads=2, head_dim=64,
+                    intermediate=1024, vocab=32000, dtype_bytes=4)
+    res = simulate(trace, SimConfig(spec, small, (1, 1), True, kv_blocks=1024, max_num_batched_tokens=BUDGET,
+                                    groups=VALIDATION_GROUPS))
+    assert res.groups > 0 and len(res.completed) == len(trace)

@@ -13,6 +13,9 @@
    pool that must borrow (on the second); simulate each with the fitted
    constants and the cluster's settings, and print predicted against
    measured tokens/s and TPOT with the relative errors (target: within 20%).
+4. A trace whose long prompts are prefilled by groups, once the runtime has
+   them (issue 17): ``runtime_prefills_in_groups`` looks for the EngineConfig
+   knobs ``GROUP_FIELDS``; until they exist the trace is reported as not run.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 from infinite.bench.workload import WorkItem, model_vocab, percentile, random_prompt, serve_workload
 from infinite.bench.common import print_table, write_json
+from infinite.cluster.sp_policy import GroupPolicy
 from infinite.sim.cpu import Probe, fit_cpu, front_door_s, predict, save_cpu_spec
 from infinite.sim.engine import SimConfig, simulate
 from infinite.sim.models import ModelSpec
@@ -34,6 +38,11 @@ from infinite.sim.traces import TraceRequest
 
 TARGET = 0.20
 BUDGET = 2048  # EngineConfig.max_num_batched_tokens, the LocalCluster's step budget
+# The EngineConfig knobs issue 17's runtime is to add (GroupPolicy's fields); the grouped trace groups every
+# prompt of two steps or more that the members have room for (it checks the cost of rounds, not the policy).
+GROUP_FIELDS = ("prefill_groups", "group_min_prompt_tokens", "group_min_speedup", "group_min_efficiency")
+GROUP_MIN_TOKENS = 2 * BUDGET
+VALIDATION_GROUPS = GroupPolicy(min_prompt_tokens=GROUP_MIN_TOKENS, min_speedup=1.0, min_efficiency=0.0)
 PROBES = (  # per rank: both ranks run the same probe at once, as both run during the trace
     Probe("tpot", 1, 64, 48), Probe("tpot", 8, 64, 48), Probe("tpot", 24, 64, 48),
     Probe("tpot", 1, 1000, 48), Probe("tpot", 3, 300, 48), Probe("tpot", 1, 2000, 48),
@@ -113,9 +122,10 @@ def simulate_probe(spec, model: ModelSpec, probe: Probe, pool: int, ranks: int) 
     return (c.finish_s - c.first_token_s) / (c.output_len - 1)
 
 
-def validation_trace(n_short: int, n_long: int, rate: float, pool: int, seed: int, vocab: tuple[int, int]
-                     ) -> tuple[list[WorkItem], list[TraceRequest]]:
-    """Poisson arrivals of short requests, with ``n_long`` longer than one rank's pool spread among them."""
+def validation_trace(n_short: int, n_long: int, rate: float, pool: int, seed: int, vocab: tuple[int, int],
+                     long_tokens: tuple[int, int] | None = None) -> tuple[list[WorkItem], list[TraceRequest]]:
+    """Poisson arrivals of short requests, with ``n_long`` long ones spread among them: longer than one
+    rank's pool, or with prompts in ``long_tokens``."""
     rng = random.Random(seed)
     n = n_short + n_long
     long_at = {round((j + 0.5) * n / n_long) for j in range(n_long)} if n_long else set()
@@ -124,7 +134,8 @@ def validation_trace(n_short: int, n_long: int, rate: float, pool: int, seed: in
         if i:
             t += rng.expovariate(rate)
         if i in long_at:
-            plen, olen = rng.randint(pool * 16 + 200, pool * 16 + 1200), rng.randint(24, 48)
+            lo, hi = long_tokens or (pool * 16 + 200, pool * 16 + 1200)
+            plen, olen = rng.randint(lo, hi), rng.randint(24, 48)
         else:
             plen, olen = rng.randint(32, 600), rng.randint(16, 96)
         work.append(WorkItem(f"v{i}", "long" if i in long_at else "short", t, random_prompt(rng, plen, vocab), olen))
@@ -164,10 +175,18 @@ def predicted_summary(res) -> dict[str, Any]:
             "makespan_s": s["makespan_s"], "blocks_borrowed": s["blocks_borrowed"], "blocks_moved": s["blocks_moved"]}
 
 
+def runtime_prefills_in_groups() -> bool:
+    """Whether the runtime can prefill a prompt over a group yet (its EngineConfig has GROUP_FIELDS)."""
+    from infinite.runtime.config import EngineConfig
+
+    return all(f in EngineConfig.__dataclass_fields__ for f in GROUP_FIELDS)
+
+
 def compare(name: str, records, trace: list[TraceRequest], spec, model: ModelSpec, ranks: int, pool: int,
-            lending: bool) -> dict[str, Any]:
+            lending: bool, groups: GroupPolicy | None = None) -> dict[str, Any]:
     """Simulate ``trace`` as the cluster that served ``records`` was set up; measured vs predicted."""
-    res = simulate(trace, SimConfig(spec, model, (1,) * ranks, lending, kv_blocks=pool, max_num_batched_tokens=BUDGET))
+    res = simulate(trace, SimConfig(spec, model, (1,) * ranks, lending, kv_blocks=pool, max_num_batched_tokens=BUDGET,
+                                    groups=groups))
     runs = [measured_summary(rs) for rs in records]
     meas = min(runs, key=lambda r: r["makespan_s"])  # the least disturbed repetition, as timeit takes the min
     pred = predicted_summary(res)
@@ -219,6 +238,16 @@ def main(argv: Sequence[str]) -> int:
             probes.append(p)
             measured.append(m)
         mixed_records = serve_repeated(eng, mixed_work, args.repeats, args.timeout)
+    # 3. long prompts that fit a pool (a quarter to half of one), prefilled by groups: once the runtime has them
+    # (at a quarter of the rate: members need idle steps to join)
+    grouped_work, grouped_trace = validation_trace(args.short // 2, 2 * args.long, args.rate / 4, big, args.seed + 2,
+                                                   vocab, (big * 4, big * 8))
+    grouped_records = None
+    if runtime_prefills_in_groups():
+        knobs = dict(zip(GROUP_FIELDS, (True, GROUP_MIN_TOKENS, 1.0, 0.0)))
+        with _closing(_cluster(None, args.ranks, big, True, threads=1, **knobs)) as (eng,):
+            warm(eng)
+            grouped_records = serve_repeated(eng, grouped_work, args.repeats, args.timeout)
     spec = fit_cpu(model, probes, measured, remote=lambda sp, p: simulate_probe(sp, model, p, args.pool_blocks,
                                                                                args.ranks))
     door = front_door_s(spec)
@@ -232,6 +261,12 @@ def main(argv: Sequence[str]) -> int:
                        big, False),
                compare("mixed (long requests borrow)", mixed_records, mixed_trace, spec, model, args.ranks,
                        args.pool_blocks, True)]
+    if grouped_records is not None:
+        results.append(compare("grouped (long prompts prefilled by groups)", grouped_records, grouped_trace, spec,
+                               model, args.ranks, big, True, VALIDATION_GROUPS))
+    else:
+        print("grouped trace: not run, the runtime does not prefill over groups yet "
+              f"(EngineConfig has no {', '.join(GROUP_FIELDS)}; issue 17)")
     for r in results:
         rows = [[k, r["measured"][k], r["predicted"][k], r["errors"].get(k)]
                 for k in ("completed_tokens_per_s", "tpot_mean", "tpot_p50", "ttft_p50", "makespan_s")]
