@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from infinite.bench.common import print_table, write_json
+from infinite.cluster.sp_policy import GroupPolicy
 from infinite.sim.policies import POLICIES
 from infinite.sim.report import SUMMARY_COLUMNS, table_rows
 from infinite.sim.runner import make_trace, run_policy, setup_from
@@ -37,6 +38,11 @@ def _common(ap: argparse.ArgumentParser) -> None:
                     help="KV blocks per instance (default: what the devices hold after the weights)")
     ap.add_argument("--groups", choices=("on", "off"), default="on",
                     help="infinite: prefill long prompts on groups of idle instances (sp_policy)")
+    d = GroupPolicy()
+    ap.add_argument("--group-min-tokens", type=int, default=d.min_prompt_tokens, help="GroupPolicy.min_prompt_tokens")
+    ap.add_argument("--group-min-speedup", type=float, default=d.min_speedup, help="GroupPolicy.min_speedup")
+    ap.add_argument("--group-min-efficiency", type=float, default=d.min_efficiency,
+                    help="GroupPolicy.min_efficiency")
     ap.add_argument("--json", default=None, help="write the results here")
 
 
@@ -45,6 +51,11 @@ def _knobs(args: argparse.Namespace) -> dict:
                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
     if args.groups == "off":
         out["groups"] = None
+    else:
+        pol = GroupPolicy(min_prompt_tokens=args.group_min_tokens, min_speedup=args.group_min_speedup,
+                          min_efficiency=args.group_min_efficiency)
+        if pol != GroupPolicy():
+            out["groups"] = pol
     if getattr(args, "drain", None) is not None:
         out["drain_s"] = args.drain
     if args.kv_blocks is not None:
@@ -88,8 +99,9 @@ def cmd_run(argv: Sequence[str]) -> int:
     print_table(title, SUMMARY_COLUMNS + ["wall_s"], table_rows(rows, SUMMARY_COLUMNS + ["wall_s"]))
     if args.json:
         out = rows[0] if len(rows) == 1 else {"runs": rows}
+        knobs = {k: (v.__dict__ if isinstance(v, GroupPolicy) else v) for k, v in _knobs(args).items()}
         path = write_json(args.json, {**out, "trace": info, "gpus": args.gpus, "gpu": setup.gpu.to_dict(),
-                                      "model": setup.model.name, "config": _knobs(args)})
+                                      "model": setup.model.name, "config": knobs})
         print(f"wrote {path}")
     return 0 if rows else 1
 
