@@ -100,13 +100,6 @@ class Grouping:
         return cost
 
     # ---- forming a group ----------------------------------------------------------------------------
-    def _idle_ranks(self) -> set[int]:
-        return {c.rank for c in self._candidates(None)}
-
-    def _candidates_of(self, ranks: set[int]) -> list[Candidate]:
-        """``ranks`` as candidates with spare compute (members of a group about to end)."""
-        return [c for c in self._candidates(None, only=ranks)]
-
     def _candidates(self, home: int | None, only: set[int] | None = None) -> list[Candidate]:
         """Every instance with spare compute (and the request's home, if it has one), as its heartbeat
         would show it: a member may keep what it may lend; a queued request's home what is free beyond
@@ -163,11 +156,11 @@ class Grouping:
         first = min(self.groups.values(), key=lambda g: g.ends_s)
         # Memory is the same for both ways (prefilled alone or by a group, the request needs its
         # blocks): the comparison is of compute, so the later group is priced on whole pools.
-        cands = [replace(c, room_blocks=self.mem.pools[c.rank].total)
-                 for c in self._candidates(None, only=set(first.members) | self._idle_ranks())]
+        spare = {c.rank for c in self._candidates(None)} | set(first.members)
+        cands = [replace(c, room_blocks=self.mem.pools[c.rank].total) for c in self._candidates(None, only=spare)]
         cost, budget = self.group_cost(), self.cfg.max_num_batched_tokens
         later = choose_group(req.num_tokens, cands, cost, gp, self.shape, budget, self.cfg.block_size)
-        home_c = self._candidates_of({home})[0]
+        home_c = self._candidates(None, only={home})[0]
         alone = estimate_alone(req.num_tokens, home_c, cost, budget)
         return worth_waiting(alone, max(0.0, first.ends_s - self.now), later, gp)
 
