@@ -147,7 +147,7 @@ def _grid(lo: float, hi: float, n: int) -> list[float]:
 
 def _points() -> list[tuple[float, float, float]]:
     """(log10 FLOP/s, log10 bytes/s, attention's share of the FLOP/s) to try."""
-    return [(f, b, a) for f in _grid(9.5, 11.5, 17) for b in _grid(9.0, 12.0, 13) for a in (1.0, 0.7, 0.5, 0.35, 0.25)]
+    return [(f, b, a) for f in _grid(9.5, 11.5, 17) for b in _grid(9.0, 12.0, 25) for a in (1.0, 0.7, 0.5, 0.35, 0.25)]
 
 
 def _nnls(rows: list[tuple[float, ...]], ys: list[float]) -> tuple[float, ...]:

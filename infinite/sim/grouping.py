@@ -8,7 +8,8 @@ the engine's ``_Sim`` simulates the rest:
 
 * A group forms for a new long request (the gManager routes it to a group)
   or for a long request at the head of its home's queue (its home asks
-  again after a placement run, or once the cluster may lend more). A new
+  again after a placement run, after a group ends, or once the cluster may
+  lend an eighth of the request more). A new
   long request no group can take yet may wait at the gManager for a running
   group's members (``worth_waiting``), first come first served; the others
   are routed. Its blocks are placed at once

@@ -46,7 +46,7 @@ VALIDATION_GROUPS = GroupPolicy(min_prompt_tokens=GROUP_MIN_TOKENS, min_speedup=
 PROBES = (  # per rank: both ranks run the same probe at once, as both run during the trace
     Probe("tpot", 1, 64, 48), Probe("tpot", 8, 64, 48), Probe("tpot", 24, 64, 48),
     Probe("tpot", 1, 1000, 48), Probe("tpot", 3, 300, 48), Probe("tpot", 1, 2000, 48),
-    Probe("tpot", 16, 128, 320),  # a large batch at long contexts: decode attention's cost per KV token
+    Probe("tpot", 16, 100, 400), Probe("tpot", 6, 300, 400),  # batches at long contexts: decode attention per KV token
     Probe("ttft", 1, 400, 1), Probe("ttft", 1, 1000, 1), Probe("ttft", 1, 2000, 1), Probe("ttft", 1, 3800, 1),
 )  # a batch's prompts fit one step's budget (2048 tokens), so TPOT sees decode steps only
 
