@@ -40,7 +40,11 @@ def write_kv(
     v: torch.Tensor,  # [T, nkv, d]
     slot_mapping: torch.Tensor,  # [T] int64, slot = block * B + offset
 ) -> None:
+    """Slots < 0 (tokens whose KV lives elsewhere, padding rows) are skipped."""
     nkv, d = k_cache.shape[2], k_cache.shape[3]
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:  # a sync on a GPU: this is the reference path
+        keep = (slot_mapping >= 0).nonzero().flatten()
+        k, v, slot_mapping = k.index_select(0, keep), v.index_select(0, keep), slot_mapping.index_select(0, keep)
     k_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -121,7 +125,7 @@ def _plan(meta: MAMetadata, bsz: int) -> _Plan:
     cached = meta.__dict__.get("_torch_ops_plan")
     if cached is not None and cached.key == key:
         return cached
-    if meta.max_q_len <= 1:
+    if meta.max_q_len <= 1 and meta.q_pos.shape[0] == meta.num_requests:  # one query per row
         plan = _Plan(key, _decode_plan(meta.q_pos, meta.block_tables, meta.block_idx, meta.num_blocks,
                                        bsz, None, None), [])
     else:
