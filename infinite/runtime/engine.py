@@ -20,8 +20,11 @@ from infinite.kv.rmanager import RManager, blocks_for
 from infinite.outputs import CompletionOutput, RequestOutput
 from infinite.runtime.allocator import BlockAllocator, LocalAllocator
 from infinite.runtime.config import EngineConfig
+from infinite.runtime.graph_runner import CaptureReport, GraphRunner
 from infinite.runtime.input_batch import InputBatch
-from infinite.runtime.model_runner import LocalAttention, StepInputs, forward, prepare_inputs
+from infinite.runtime.memory import MemoryPlan, profile_peaks
+from infinite.runtime.model_runner import (DecodeBuffers, LocalAttention, StepInputs, forward, prepare_decode,
+                                           prepare_inputs)
 from infinite.runtime.request import Request
 from infinite.runtime.scheduler import ScheduledBatch, Scheduler
 from infinite.runtime.stop import check_stop, visible_text
@@ -114,16 +117,34 @@ class LLMEngine:
         self.eos_token_ids = tuple(mcfg.eos_token_ids)
         c = self.model_config
         self.block_size = config.block_size
-        num_blocks = config.num_kv_blocks or auto_num_blocks(
-            bytes_per_block(c.num_layers, self.block_size, c.num_kv_heads, c.head_dim, self.dtype),
-            self.device, config.gpu_memory_utilization,
-        )
+        block_bytes = bytes_per_block(c.num_layers, self.block_size, c.num_kv_heads, c.head_dim, self.dtype)
+        self.memory_plan: MemoryPlan | None = None
+        if config.num_kv_blocks:
+            num_blocks = config.num_kv_blocks
+        elif self.device.type == "cuda":
+            self.memory_plan = profile_peaks(self.model, config.max_num_batched_tokens, config.max_num_seqs,
+                                             self.block_size, self.dtype, self.device, config.gpu_memory_utilization)
+            num_blocks = self.memory_plan.kv_bytes // block_bytes
+            if num_blocks < 1:
+                raise ValueError(f"no GPU memory is left for the KV cache: {self.memory_plan} "
+                                 "(raise --gpu-memory-utilization or lower --max-num-batched-tokens)")
+            log.info("KV pool: %d blocks (%.2f GiB) from %s", num_blocks, num_blocks * block_bytes / 2**30,
+                     self.memory_plan)
+        else:
+            num_blocks = auto_num_blocks(block_bytes, self.device)
         self.kv = KVCache(c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
         self.rm = RManager(rank, num_blocks, self.block_size)
         self.model.rope.reserve(self.max_model_len)
         self.input_batch = InputBatch(self.rm, config.max_num_seqs,
                                       min(num_blocks, blocks_for(self.max_model_len, self.block_size)), self.device)
+        self.decode_buffers = DecodeBuffers(config.max_num_seqs, self.device)
         self.timing = StepTiming()
+        self.graphs: GraphRunner | None = None
+        self.graph_report: CaptureReport | None = None
+        if self.device.type == "cuda" and not config.enforce_eager and self._graphs_safe():
+            self.graphs = GraphRunner(self.model, self.kv, self.input_batch, self.decode_buffers, self.scale,
+                                      config.max_num_seqs, self.max_model_len - 1)
+            self.graph_report = self.graphs.capture()
         self.allocator = make_allocator(self.rm)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.grammars = GrammarCompiler(self.tokenizer, c.vocab_size, self.eos_token_ids)
@@ -132,6 +153,12 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.last_step_time = 0.0
+
+    def _graphs_safe(self) -> bool:
+        """A captured step must not depend on host values: dynamic NTK RoPE past the model's positions
+        depends on the longest position of the step."""
+        c = self.model_config
+        return not (c.rope_type == "dynamic" and self.max_model_len > c.max_position_embeddings)
 
     # ---- capacity --------------------------------------------------------------
     @property
@@ -279,7 +306,10 @@ class LLMEngine:
         t1 = time.perf_counter()
         inputs = self.prepare(batch)
         t2 = time.perf_counter()
-        logits = forward(self.model, inputs, LocalAttention(self.kv, inputs, self.scale))
+        if inputs.padded is not None:
+            logits = self.graphs.run(len(inputs.sample_requests))
+        else:
+            logits = forward(self.model, inputs, LocalAttention(self.kv, inputs, self.scale))
         t3 = time.perf_counter()
         outs = self.postprocess(batch, inputs, logits)
         t4 = time.perf_counter()
@@ -289,9 +319,16 @@ class LLMEngine:
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The persistent batch brought up to date (O(changed rows)), then the step's inputs."""
-        self.input_batch.sync(batch.requests)
+        ib = self.input_batch
+        ib.sync(batch.requests)
+        if len(batch.requests) == ib.num_rows and batch.num_tokens == ib.num_rows:  # one token per row
+            pad = self.graphs.bucket(ib.num_rows) if self.graphs is not None else None
+            inputs = prepare_decode(ib, self.decode_buffers, pad)
+            if inputs is not None:
+                inputs.padded = pad
+                return inputs
         num_new = {r.request_id: n for r, n in zip(batch.requests, batch.num_new_tokens)}
-        return prepare_inputs(self.input_batch, num_new, self.device)
+        return prepare_inputs(ib, num_new, self.device)
 
     def postprocess(self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor) -> list[RequestOutput]:
         """``logits``: the sampling rows, then the prompt-logprob rows (``inputs.prompt_spans``)."""

@@ -52,6 +52,7 @@ class StepInputs:
     prompt_spans: list[PromptLogprobSpan] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)  # per row of the step
     rows: list[int] = field(default_factory=list)  # the InputBatch row of each step row
+    padded: int | None = None  # a decode step padded to this graph size (GraphRunner runs it)
 
     @property
     def is_decode(self) -> bool:
@@ -169,6 +170,80 @@ def prepare_inputs(
         prompt_spans=spans,
         requests=reqs,
         rows=rows,
+    )
+
+
+class DecodeBuffers:
+    """Inputs of a pure decode step, [3, max_rows] int64 (token ids, positions, slots), on the host and
+    on the device; one copy per step moves them. A captured CUDA graph reads the device rows as its
+    static inputs, so a decode step writes its inputs exactly where every replay reads them."""
+
+    def __init__(self, max_rows: int, device: torch.device) -> None:
+        self.device = device
+        pin = device.type == "cuda"
+        self.host_t = torch.zeros(3, max_rows, dtype=torch.int64, pin_memory=pin)
+        self.host = self.host_t.numpy()
+        self.dev = self.host_t if device.type == "cpu" else self.host_t.to(device)  # [3, max_rows]
+        self.host[2] = -1  # padding rows write no KV
+        self.cu_q = torch.arange(max_rows + 1, dtype=torch.int32, device=device)  # one query per row
+        self.arange = torch.arange(max_rows, dtype=torch.int64, device=device)
+
+    def upload(self, width: int) -> None:
+        if self.dev is not self.host_t:
+            self.dev[:, :width].copy_(self.host_t[:, :width], non_blocking=True)
+
+
+def prepare_decode(ib: InputBatch, buf: DecodeBuffers, pad_to: int | None = None) -> StepInputs | None:
+    """The step's inputs when every row decodes one token and samples it, and every block is local
+    (the common step); None when that is not the case. Writes ``buf`` rows ``0..n-1`` (and pads
+    ``n..pad_to-1`` with rows that see no key and write no KV): O(rows), a few numpy ops."""
+    reqs = ib.requests
+    n = len(reqs)
+    toks: list[int] = []
+    pos: list[int] = []
+    for r in reqs:
+        p = r.num_computed_tokens
+        out = r.output_token_ids
+        prompt = r.prompt_token_ids
+        if p + 1 != len(prompt) + len(out):
+            return None  # a prefill chunk, or a row without a query
+        toks.append(out[-1] if out else prompt[-1])
+        pos.append(p)
+    h = buf.host
+    h[0, :n] = toks
+    h[1, :n] = pos
+    posn = h[1, :n]
+    bs = ib.block_size
+    h[2, :n] = ib.bt_np[np.arange(n), posn // bs].astype(np.int64) * bs + posn % bs
+    width = n
+    if pad_to is not None and pad_to > n:
+        h[0, n:pad_to] = 0
+        h[1, n:pad_to] = 0
+        h[2, n:pad_to] = -1
+        width = pad_to
+    ib.upload()
+    buf.upload(width)
+    dev = buf.dev
+    meta = MAMetadata(
+        cu_q=buf.cu_q[: n + 1],
+        q_pos=dev[1, :n],
+        block_tables=ib.block_tables[:n, : max(1, int(ib.nb_np[:n].max()))],
+        block_idx=ib.block_idx[:n, : max(1, int(ib.nb_np[:n].max()))],
+        num_blocks=ib.num_blocks[:n],
+        max_q_len=1,
+    )
+    return StepInputs(
+        input_ids=dev[0, :n],
+        positions=dev[1, :n],
+        slot_mapping=dev[2, :n],
+        meta=meta,
+        logits_indices=buf.arange[:n],
+        sample_requests=list(reqs),
+        q_lens=[1] * n,
+        q_starts=pos,
+        max_position=max(pos),
+        requests=list(reqs),
+        rows=list(range(n)),
     )
 
 
