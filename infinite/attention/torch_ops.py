@@ -19,8 +19,9 @@ Speed notes (CPU, where this path is the engine's hot loop):
 
 from __future__ import annotations
 
+import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -78,22 +79,35 @@ class _DecodePlan:
     bias: torch.Tensor  # [Rd, 1, M * B] float32: 0 where visible, -inf elsewhere (padding too)
     empty: torch.Tensor  # [Rd] bool: the row sees no key in this pool
     any_empty: bool
-    # Gather targets reused by every layer of the step: a fresh multi-MB tensor per layer
-    # costs page faults on top of the copy (about 1.6x the copy's time on CPU). One pair per
-    # thread, so concurrent calls on the same metadata (cluster executors) never share one.
-    bufs: dict[tuple[torch.dtype, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [Rd * M, B, nkv, d] of the rows' blocks, in the cache dtype."""
-        key = (k_cache.dtype, threading.get_ident())
-        kv = self.bufs.get(key)
-        if kv is None:
-            shape = (self.flat.shape[0], *k_cache.shape[1:])
-            kv = (torch.empty(shape, dtype=k_cache.dtype, device=k_cache.device),
-                  torch.empty(shape, dtype=v_cache.dtype, device=v_cache.device))
-            self.bufs[key] = kv
-        return (torch.index_select(k_cache, 0, self.flat, out=kv[0]),
-                torch.index_select(v_cache, 0, self.flat, out=kv[1]))
+        """k, v [Rd * M, B, nkv, d] of the rows' blocks, in the cache dtype (views of the workspace)."""
+        shape = (self.flat.shape[0], *k_cache.shape[1:])
+        kb, vb = _workspace(k_cache.dtype, k_cache.device, shape)
+        return (torch.index_select(k_cache, 0, self.flat, out=kb),
+                torch.index_select(v_cache, 0, self.flat, out=vb))
+
+
+# Gather targets reused by every layer and every step: a fresh multi-MB tensor per layer costs page
+# faults on top of the copy (about 1.6x the copy's time on CPU), and one per step costs an munmap of
+# all of it when the step ends (ms at a few hundred MB). One pair per thread, so concurrent calls
+# (cluster executors) never share one; grown geometrically, never shrunk.
+_WORKSPACES = threading.local()
+
+
+def _workspace(dtype: torch.dtype, device: torch.device, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    numel = math.prod(shape)
+    spaces = getattr(_WORKSPACES, "by_key", None)
+    if spaces is None:
+        spaces = _WORKSPACES.by_key = {}
+    key = (dtype, device)
+    kv = spaces.get(key)
+    if kv is None or kv[0].numel() < numel:
+        size = max(numel, 2 * kv[0].numel() if kv is not None else 0)
+        with torch.inference_mode(False):  # normal tensors: written in and out of inference mode alike
+            kv = spaces[key] = (torch.empty(size, dtype=dtype, device=device),
+                                torch.empty(size, dtype=dtype, device=device))
+    return kv[0][:numel].view(shape), kv[1][:numel].view(shape)
 
 
 @dataclass

@@ -347,8 +347,10 @@ class LLMEngine:
         now = time.time()
         outs = []
         lps = res.logprobs
+        # This loop runs for every request of every step: its common path is a few attribute reads.
         for i, (req, tok) in enumerate(zip(reqs, res.token_ids)):
-            req.output_token_ids.append(tok)
+            out = req.output_token_ids
+            out.append(tok)
             m = req.metrics
             if m.first_token_time is None:
                 m.first_token_time = now
@@ -357,13 +359,30 @@ class LLMEngine:
                 req.logprobs.append(lps[i])
                 req.cumulative_logprob += lps[i][tok]
             delta = req.detokenizer.add_token(tok) if req.detokenizer is not None else ""
-            req.append_text(delta)
-            grammar_done = req.matcher is not None and advance(req.matcher, tok)
-            if check_stop(req, len(delta), self.eos_token_ids, self.max_model_len, grammar_done):
+            if delta:
+                req.text_pieces.append(delta)
+                req.text_len += len(delta)
+            quick = req.quick_stop
+            if quick is None:
+                quick = req.quick_stop = self._quick_stop(req)
+            if quick and tok not in quick[0] and len(out) < quick[1]:
+                pass  # goes on: no stop token, under its length, nothing else can stop it
+            elif check_stop(req, len(delta), self.eos_token_ids, self.max_model_len,
+                            req.matcher is not None and advance(req.matcher, tok)):
                 outs.append(self._finish(req, delta, now))
-            elif not req.final_only:
+                continue
+            if not req.final_only:
                 outs.append(self.make_output(req))
         return outs
+
+    def _quick_stop(self, req: Request) -> tuple[frozenset[int], int] | tuple[()]:
+        """(token ids that may stop the request, output length at which it stops) when nothing else can
+        stop it (no stop strings, min_tokens or grammar), so that most steps skip check_stop; () else."""
+        p = req.params
+        if p.stop or p.min_tokens or req.matcher is not None:
+            return ()
+        ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.eos_token_ids))
+        return ids, min(req.max_tokens, self.max_model_len - len(req.prompt_token_ids))
 
     def _finish(self, req: Request, delta: str, now: float) -> RequestOutput:
         if isinstance(req.stop_reason, int) and not req.params.include_stop_str_in_output:
@@ -381,8 +400,7 @@ class LLMEngine:
     def _sample_row(self, req: Request) -> SampleRow:
         """The request's SampleRow, made once (it holds references to the request's own lists)."""
         row = req.sample_row
-        if row is None or row.output_ids is not req.output_token_ids or row.matcher is not req.matcher \
-                or row.generator is not req.generator:
+        if row is None or row.output_ids is not req.output_token_ids:  # made, or the request was restored
             eos = self.eos_token_ids[0] if self.eos_token_ids else None
             row = req.sample_row = SampleRow(req.params, req.prompt_token_ids, req.output_token_ids,
                                              req.generator, eos, req.matcher)

@@ -46,6 +46,7 @@ class Request:
     # Only the finished output is wanted (offline generate): no output is built while it runs.
     final_only: bool = False
     sample_row: object | None = None  # the sampler's view of the request, made once (engine-side only)
+    quick_stop: tuple | None = None  # the engine's fast stop check of the request, made once
     # The output text as the pieces it was detokenized in: appending is O(1), joined when read.
     text_pieces: list[str] = field(default_factory=list)
     text_len: int = 0

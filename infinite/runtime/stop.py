@@ -18,12 +18,13 @@ def check_stop(
     ``grammar_done``: the request's structured-output grammar admits no further token, so
     it ends here ("stop") rather than spending a step on the EOS the grammar would force."""
     p = req.params
-    last = req.output_token_ids[-1]
-    n_out = len(req.output_token_ids)
+    out = req.output_token_ids
+    n_out = len(out)
     if grammar_done:
         req.finish_reason, req.stop_reason = "stop", None
         return True
     if n_out >= p.min_tokens:
+        last = out[-1]
         if not p.ignore_eos and last in eos_token_ids:
             req.finish_reason, req.stop_reason = "stop", None
             return True
@@ -40,7 +41,7 @@ def check_stop(
                 req.text = req.text[: idx + len(s)] if p.include_stop_str_in_output else req.text[:idx]
                 req.finish_reason, req.stop_reason = "stop", s
                 return True
-    if n_out >= req.max_tokens or req.num_tokens >= max_model_len:
+    if n_out >= req.max_tokens or len(req.prompt_token_ids) + n_out >= max_model_len:
         req.finish_reason = "length"
         return True
     return False
