@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+import infinite.attention as attention
 from helpers_hf import make_hf_checkpoint
 from infinite import LLM, SamplingParams
 
@@ -20,9 +21,13 @@ def test_triton_backend_matches_torch_end_to_end(ckpt, monkeypatch):
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     # A small pool and token budget: chunked prefill, mixed prefill+decode steps and block reuse.
     args = dict(model=ckpt, dtype="float32", num_kv_blocks=16, max_num_batched_tokens=24)
+    # The backend variable is read once per process: restore the cached choice afterwards too.
+    monkeypatch.setattr(attention, "_forced", attention._forced)
     monkeypatch.setenv("INFINITE_ATTENTION_BACKEND", "torch")
+    attention.reload_backend()
     ref = [o.outputs[0].token_ids for o in LLM(**args).generate(prompts, params, use_tqdm=False)]
     monkeypatch.setenv("INFINITE_ATTENTION_BACKEND", "triton")
+    attention.reload_backend()
     import infinite.attention.triton as kernels
 
     calls = {"n": 0}
