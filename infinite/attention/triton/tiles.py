@@ -74,9 +74,9 @@ def _fill_table() -> None:
         TABLE["prefill", 9, 128, dt] = PrefillTile(128, 64, 8, 3)
         TABLE["prefill", 9, 256, dt] = PrefillTile(64, 32, 8, 2)
         # Ampere / Ada (major 8): 2 stages fit the 100-164 KB of shared memory of every sm8x part.
-        TABLE["decode", 8, 64, dt] = DecodeTile(64, 4, 2)
-        TABLE["decode", 8, 128, dt] = DecodeTile(64, 4, 2)
-        TABLE["decode", 8, 256, dt] = DecodeTile(32, 4, 2)
+        TABLE["decode", 8, 64, dt] = DecodeTile(64, 4, 3)
+        TABLE["decode", 8, 128, dt] = DecodeTile(64, 4, 3)
+        TABLE["decode", 8, 256, dt] = DecodeTile(32, 4, 3)
         TABLE["prefill", 8, 64, dt] = PrefillTile(128, 64, 4, 2)
         TABLE["prefill", 8, 128, dt] = PrefillTile(64, 64, 4, 2)
         TABLE["prefill", 8, 256, dt] = PrefillTile(64, 32, 4, 1)
