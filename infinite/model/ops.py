@@ -91,6 +91,25 @@ def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm_torch(h, weight, eps), h
 
 
+def rope_qkv_torch(
+    qkv: torch.Tensor,  # [T, (nh + 2 nkv) d]
+    cos: torch.Tensor,  # [P, d/2] float32
+    sin: torch.Tensor,
+    positions: torch.Tensor | None,  # [T] int64 or None (row t)
+    nh: int,
+    nkv: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pre_attention``'s RoPE: tables cast to the model dtype, q and k rotated in one call -> q, k, v contiguous."""
+    t = qkv.shape[0]
+    qk = qkv[:, :(nh + nkv) * head_dim].view(t, nh + nkv, head_dim)  # [T, nh+nkv, d]
+    v = qkv[:, (nh + nkv) * head_dim:].reshape(t, nkv, head_dim).contiguous()  # [T, nkv, d]
+    if positions is not None:
+        cos, sin = cos[positions], sin[positions]  # [T, d/2]
+    qk = apply_rotary(qk, cos.to(qkv.dtype), sin.to(qkv.dtype))
+    return qk[:, :nh].contiguous(), qk[:, nh:].contiguous(), v
+
+
 def rope_qkv_write_torch(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -102,15 +121,8 @@ def rope_qkv_write_torch(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``pre_attention``'s RoPE (tables cast to the model dtype, q and k rotated in one call) + ``write_kv``."""
-    t = qkv.shape[0]
-    d = k_cache.shape[-1]
-    qk = qkv[:, :(nh + nkv) * d].view(t, nh + nkv, d)  # [T, nh+nkv, d]
-    v = qkv[:, (nh + nkv) * d:].reshape(t, nkv, d).contiguous()  # [T, nkv, d]
-    if positions is not None:
-        cos, sin = cos[positions], sin[positions]  # [T, d/2]
-    qk = apply_rotary(qk, cos.to(qkv.dtype), sin.to(qkv.dtype))
-    q, k = qk[:, :nh].contiguous(), qk[:, nh:].contiguous()
+    """:func:`rope_qkv_torch` + ``write_kv`` of the tokens with a slot here (one host sync for the check)."""
+    q, k, v = rope_qkv_torch(qkv, cos, sin, positions, nh, nkv, k_cache.shape[-1])
     keep = slot_mapping >= 0
     if bool(keep.all()):
         torch_ops.write_kv(k_cache, v_cache, k, v, slot_mapping)
