@@ -61,6 +61,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="lend for throughput from the cost model's first fit, before any remote step was "
                         "measured (default: wait for measured remote steps; loans for requests no pool "
                         "can hold are made either way)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly: no CUDA graphs for decode (as vLLM's flag; CPU is always eager)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=_DEFAULTS.gpu_memory_utilization,
+                   help="share of the GPU's memory the instance may use: weights, activations, graphs "
+                        f"and the KV pool, which gets what is left (default {_DEFAULTS.gpu_memory_utilization})")
     p.add_argument("--cluster-port", type=int, default=0,
                    help="port of the cluster's store with --num-instances > 1 (0 = any free); "
                         "`infinite join --cluster HOST:PORT` adds instances through it")
@@ -95,6 +100,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_lend_fraction=args.max_lend_fraction,
         max_remote_fraction=args.max_remote_fraction,
         eager_lending=args.eager_lending,
+        enforce_eager=args.enforce_eager,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
 
 

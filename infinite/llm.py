@@ -71,7 +71,9 @@ class LLM:
         for i, (p, sp) in enumerate(zip(prompts, params)):
             for j in range(sp.n):
                 sub = sp if sp.n == 1 else sp.clone(n=1, seed=None if sp.seed is None else sp.seed + j)
-                jobs.append((i, j, eng.make_request(p, sub)))  # validate everything before any work
+                req = eng.make_request(p, sub)  # validate everything before any work
+                req.final_only = True  # only finished outputs are read: none is built while it runs
+                jobs.append((i, j, req))
         where = {}
         for i, j, r in jobs:
             eng.submit(r)

@@ -94,8 +94,9 @@ def capture_all(shapes=SHAPES, dtypes=(torch.bfloat16, torch.float32), generatio
             qkv = torch.zeros(2, (nh + 2 * nkv) * d, dtype=dtype)
             tab = torch.zeros(64, d // 2)
             pos = torch.zeros(2, dtype=torch.int64)
-            triton_ops.rope_qkv_write(qkv, tab, tab, pos, nh, nkv, kc, kc, pos)
-            triton_ops.rope_qkv_write(qkv, tab, tab, None, nh, nkv, kc, kc, pos)
+            triton_ops.rope_qkv_write(qkv, tab, tab, pos, nh, nkv, (kc, kc, pos))
+            triton_ops.rope_qkv_write(qkv, tab, tab, None, nh, nkv, (kc, kc, pos))
+            triton_ops.rope_qkv_write(qkv, tab, tab, None, nh, nkv)
 
 
 def source(fn, args: tuple, kwargs: dict) -> tuple[ASTSource, dict]:

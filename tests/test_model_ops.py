@@ -1,5 +1,5 @@
-"""infinite.model.ops: the torch twins equal the model's unfused math bit for bit (float32), and the
-Triton kernels (interpreted on CPU) equal the twins to rounding, against a float64 reference too."""
+"""infinite.model.ops: the torch twins equal transformers' math bit for bit (float32), and the Triton
+kernels (interpreted on CPU) equal the twins to rounding, against a float64 reference too."""
 
 import os
 
@@ -7,12 +7,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers_hf import make_hf_checkpoint  # noqa: E402
 
 import infinite.attention as attention  # noqa: E402
 from infinite.attention import torch_ops  # noqa: E402
-from infinite.model import load_model, ops, triton_ops  # noqa: E402
-from infinite.model.rope import apply_rotary  # noqa: E402
+from infinite.model import ops, triton_ops  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -22,45 +20,39 @@ torch.set_num_threads(1)
 TOL = {torch.float32: dict(rtol=2e-6, atol=2e-6), torch.bfloat16: dict(rtol=2**-6, atol=2**-6)}
 
 
-@pytest.fixture(scope="module", params=["llama_gqa", "qwen2"])
-def model(request, tmp_path_factory):
-    return load_model(make_hf_checkpoint(tmp_path_factory.mktemp(request.param), request.param))
+def test_torch_twins_equal_transformers_math_bit_for_bit():
+    """float32: the twins give transformers' LlamaRMSNorm and rotate_half RoPE bit for bit, and write
+    exactly the rotated k / the v rows into the kept slots."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
-
-def test_torch_twins_equal_the_model_bit_for_bit(model):
-    """pre_attention and the first half of post_attention, rebuilt from the ops, give the same bits."""
-    cfg = model.config
     gen = torch.Generator().manual_seed(0)
-    t = 9
-    h = torch.randn(t, cfg.hidden_size, generator=gen) * 3
-    pos = torch.tensor([0, 1, 2, 17, 18, 40, 41, 42, 43])
-    q_ref, k_ref, v_ref = model.pre_attention(1, h, pos)
-    layer = model.layers[1]
-    x = ops.rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.eps)
-    assert torch.equal(x, layer.input_layernorm(h))
-    qkv = layer.qkv_proj(x)
-    model.rope._ensure(64)
-    bsz, nblk = 4, 16
-    kc = torch.full((nblk, bsz, cfg.num_kv_heads, cfg.head_dim), float("nan"))
-    vc = kc.clone()
-    slots = torch.tensor([5, 6, 7, 20, 21, -1, -1, 50, 51])
-    q, k, v = ops.rope_qkv_write(qkv, model.rope._cos, model.rope._sin, pos, cfg.num_heads, cfg.num_kv_heads,
-                                 kc, vc, slots)
-    assert torch.equal(q, q_ref) and torch.equal(k, k_ref) and torch.equal(v, v_ref)
-    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
-    ref_kc = torch.full_like(kc, float("nan"))
-    ref_vc = ref_kc.clone()
-    keep = slots >= 0
-    torch_ops.write_kv(ref_kc, ref_vc, k_ref[keep], v_ref[keep], slots[keep])
-    assert torch.equal(kc.nan_to_num(7.0), ref_kc.nan_to_num(7.0))
-    assert torch.equal(vc.nan_to_num(7.0), ref_vc.nan_to_num(7.0))
+    t, hid, nh, nkv, d, eps = 9, 96, 6, 2, 16, 1e-6
+    hf_norm = LlamaRMSNorm(hid, eps)
+    with torch.no_grad():
+        hf_norm.weight.copy_(torch.rand(hid, generator=gen) + 0.5)
+    w = hf_norm.weight.detach()
+    x = torch.randn(t, hid, generator=gen) * 3
+    res = torch.randn(t, hid, generator=gen)
+    assert torch.equal(ops.rms_norm(x, w, eps), hf_norm(x))
+    normed, h = ops.add_rms_norm(x, res, w, eps)
+    assert torch.equal(h, res + x) and torch.equal(normed, hf_norm(res + x))
 
-    attn = torch.randn(t, cfg.num_heads, cfg.head_dim, generator=gen)
-    o = layer.o_proj(attn.reshape(t, cfg.q_size))
-    h_ref = h + o
-    normed, h_out = ops.add_rms_norm(o, h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
-    assert torch.equal(h_out, h_ref)
-    assert torch.equal(normed, layer.post_attention_layernorm(h_ref))
+    qkv, cos, sin, pos, slots, kc, vc = _rope_inputs(t, nh, nkv, d, torch.float32, gen)
+    q, k, v = ops.rope_qkv_write(qkv, cos, sin, pos, nh, nkv, (kc, vc, slots))
+    c, s = torch.cat((cos[pos], cos[pos]), -1)[:, None], torch.cat((sin[pos], sin[pos]), -1)[:, None]  # [T,1,d]
+    x3 = qkv.view(t, nh + 2 * nkv, d)
+    hf = x3[:, :nh + nkv] * c + rotate_half(x3[:, :nh + nkv]) * s
+    assert torch.equal(q, hf[:, :nh]) and torch.equal(k, hf[:, nh:]) and torch.equal(v, x3[:, nh + nkv:])
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    keep = slots >= 0
+    ref_kc, ref_vc = torch.zeros_like(kc), torch.zeros_like(vc)
+    ref_kc.view(-1, nkv, d)[slots[keep]] = k[keep]
+    ref_vc.view(-1, nkv, d)[slots[keep]] = v[keep]
+    assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)
+    # Without a cache: the same q/k/v, nothing written.
+    kc.zero_()
+    q2, k2, v2 = ops.rope_qkv_write(qkv, cos, sin, pos, nh, nkv)
+    assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v) and not kc.any()
 
 
 def _rope_inputs(t, nh, nkv, d, dtype, gen, nblk=8, bsz=4):
@@ -75,13 +67,9 @@ def _rope_inputs(t, nh, nkv, d, dtype, gen, nblk=8, bsz=4):
     return qkv, cos, sin, pos, slots, kc, kc.clone()
 
 
-def _rope_f64(qkv, cos, sin, pos, nh, nkv, d):
+def _rope_f64(qkv, cos, sin, pos, nh, nkv):
     """q, k, v in float64 from the stored qkv values and the float32 tables."""
-    t = qkv.shape[0]
-    x = qkv.double().view(t, nh + 2 * nkv, d)
-    c, s = cos[pos].double(), sin[pos].double()
-    qk = apply_rotary(x[:, :nh + nkv], c, s)
-    return qk[:, :nh], qk[:, nh:], x[:, nh + nkv:]
+    return ops.rope_qkv_torch(qkv.double(), cos.double(), sin.double(), pos, nh, nkv)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -89,10 +77,10 @@ def _rope_f64(qkv, cos, sin, pos, nh, nkv, d):
 def test_rope_kernel_matches_twin_and_float64(dtype, nh, nkv, d):
     gen = torch.Generator().manual_seed(nh * 100 + d)
     qkv, cos, sin, pos, slots, kc, vc = _rope_inputs(7, nh, nkv, d, dtype, gen)
-    q, k, v = triton_ops.rope_qkv_write(qkv, cos, sin, pos, nh, nkv, kc, vc, slots)
+    q, k, v = triton_ops.rope_qkv_write(qkv, cos, sin, pos, nh, nkv, (kc, vc, slots))
     kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
-    q2, k2, v2 = ops.rope_qkv_write_torch(qkv, cos, sin, pos, nh, nkv, kc2, vc2, slots)
-    qr, kr, vr = _rope_f64(qkv, cos, sin, pos, nh, nkv, d)
+    q2, k2, v2 = ops.rope_qkv_write_torch(qkv, cos, sin, pos, nh, nkv, (kc2, vc2, slots))
+    qr, kr, vr = _rope_f64(qkv, cos, sin, pos, nh, nkv)
     # The bf16 twin rounds cos/sin and each product before subtracting: where the two terms nearly
     # cancel its error is an ulp of the terms, not of the result, so compare it on the inputs' scale.
     twin_tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=0, atol=2**-6 * qkv.float().abs().max().item())
@@ -115,10 +103,16 @@ def test_rope_without_positions_uses_row_t():
     qkv, cos, sin, pos, slots, kc, vc = _rope_inputs(5, nh, nkv, d, torch.float32, gen)
     per_token_cos, per_token_sin = cos[pos].contiguous(), sin[pos].contiguous()  # [T, d/2]
     for impl in (triton_ops.rope_qkv_write, ops.rope_qkv_write_torch):
-        a = impl(qkv, cos, sin, pos, nh, nkv, kc.clone(), vc.clone(), slots)
-        b = impl(qkv, per_token_cos, per_token_sin, None, nh, nkv, kc.clone(), vc.clone(), slots)
-        for x, y in zip(a, b):
+        caches = [(kc.clone(), vc.clone(), slots) for _ in range(2)]
+        a = impl(qkv, cos, sin, pos, nh, nkv, caches[0])
+        b = impl(qkv, per_token_cos, per_token_sin, None, nh, nkv, caches[1])
+        for x, y in zip(a + caches[0][:2], b + caches[1][:2]):
             assert torch.equal(x, y)
+    # No cache: the kernel returns the same rows and writes nothing.
+    q, k, v = triton_ops.rope_qkv_write(qkv, cos, sin, pos, nh, nkv)
+    q2, k2, v2 = ops.rope_qkv_write_torch(qkv, cos, sin, pos, nh, nkv)
+    torch.testing.assert_close(q, q2, **TOL[torch.float32])
+    assert torch.equal(v, v2) and not kc.any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -156,7 +150,7 @@ def test_empty_batches():
     assert n.shape == h.shape == (0, 32)
     kc = torch.zeros(2, 4, 1, 8)
     q, k, v = triton_ops.rope_qkv_write(torch.empty(0, 32), torch.zeros(4, 4), torch.zeros(4, 4), None, 2, 1,
-                                        kc, kc.clone(), torch.empty(0, dtype=torch.int64))
+                                        (kc, kc.clone(), torch.empty(0, dtype=torch.int64)))
     assert q.shape == (0, 2, 8) and k.shape == v.shape == (0, 1, 8)
 
 

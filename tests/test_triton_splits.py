@@ -122,6 +122,9 @@ def test_build_names_decode_and_prefill_rows():
     assert m.decode_rows.tolist() == [0, 3] and m.prefill_rows.tolist() == [1, 4]
     assert m.decode_rows.dtype == m.prefill_rows.dtype == torch.int32
     assert m.max_prefill_q_len == 5 and m.max_q_len == 5
+    dec, pre, longest = MAMetadata.mixed_rows([1, 5, 0, 1, 3])  # what build used, for tensor-built metadata
+    assert torch.equal(dec, m.decode_rows) and torch.equal(pre, m.prefill_rows) and longest == 5
+    assert MAMetadata.mixed_rows([1, 0, 1]) == (None, None, 0)
     d = MAMetadata.build([1, 1], [3, 4], [[0], [1]])
     assert d.decode_rows is None and d.prefill_rows is None and d.max_prefill_q_len == 0
     with pytest.raises(ValueError, match="strictly ascending"):

@@ -47,6 +47,25 @@ class MAMetadata:
         return int(self.num_blocks.shape[0])
 
     @staticmethod
+    def mixed_rows(q_lens: list[int], device: torch.device | str = "cpu"
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        """(decode_rows, prefill_rows, max_prefill_q_len) for a batch with these q_lens.
+
+        None, None, 0 unless some row has more than one query (a pure decode batch
+        runs every row on the decode kernel). Both row lists are views of one
+        int32 tensor: one host-to-device copy. Rows with no query are in neither.
+        For callers that build MAMetadata from tensors (the runtime's persistent
+        batch); ``build`` uses it too.
+        """
+        max_q_len = max(q_lens, default=0)
+        if max_q_len <= 1:
+            return None, None, 0
+        dec = [i for i, n in enumerate(q_lens) if n == 1]
+        pre = [i for i, n in enumerate(q_lens) if n > 1]
+        both = torch.tensor(dec + pre, dtype=torch.int32, device=device)
+        return both[:len(dec)], both[len(dec):], max_q_len
+
+    @staticmethod
     def build(
         q_lens: list[int],
         q_starts: list[int],
@@ -90,22 +109,14 @@ class MAMetadata:
         for n, s in zip(q_lens, q_starts):
             cu.append(cu[-1] + n)
             pos.extend(range(s, s + n))
-        max_q_len = max(q_lens, default=0)
-        decode_rows = prefill_rows = None
-        max_prefill = 0
-        if max_q_len > 1:
-            dec = [i for i, n in enumerate(q_lens) if n == 1]
-            pre = [i for i, n in enumerate(q_lens) if n > 1]
-            both = torch.tensor(dec + pre, dtype=torch.int32, device=device)  # one copy, two views
-            decode_rows, prefill_rows = both[:len(dec)], both[len(dec):]
-            max_prefill = max_q_len
+        decode_rows, prefill_rows, max_prefill = MAMetadata.mixed_rows(q_lens, device)
         return MAMetadata(
             cu_q=torch.tensor(cu, dtype=torch.int32, device=device),
             q_pos=torch.tensor(pos, dtype=torch.int64, device=device),
             block_tables=torch.tensor(bt, dtype=torch.int32, device=device).view(r, m),
             block_idx=torch.tensor(bi, dtype=torch.int32, device=device).view(r, m),
             num_blocks=torch.tensor([len(b) for b in blocks], dtype=torch.int32, device=device),
-            max_q_len=max_q_len,
+            max_q_len=max(q_lens, default=0),
             decode_rows=decode_rows,
             prefill_rows=prefill_rows,
             max_prefill_q_len=max_prefill,

@@ -31,6 +31,24 @@ from infinite.attention.metadata import MAMetadata
 _MASK_ELEMS = 1 << 22
 _NEG_INF = float("-inf")
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_DEVICES = ("cpu",)  # where ATen's LSE-returning flash kernel runs; elsewhere the math below
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp: q [..., Lq, d], k/v [..., S, d], additive mask broadcast to
+    [..., Lq, S] -> (out [..., Lq, d], lse [..., Lq]) in float32.
+
+    On CPU, ATen's flash kernel (it returns the LSE and reads strided K/V in place); elsewhere (this
+    path on a GPU is the reference the Triton kernels are checked against) the same math spelled
+    out. A query that sees no key comes out with lse -inf here and 0 from flash: callers mask it."""
+    if q.device.type in _FLASH_DEVICES:
+        return _flash_cpu(q, k, v, attn_mask=attn_mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + attn_mask  # [..., Lq, S]
+    lse = torch.logsumexp(scores, dim=-1)  # [..., Lq]
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = torch.matmul(torch.exp(scores - safe.unsqueeze(-1)), v)
+    return out, lse
 
 
 def write_kv(
@@ -40,7 +58,11 @@ def write_kv(
     v: torch.Tensor,  # [T, nkv, d]
     slot_mapping: torch.Tensor,  # [T] int64, slot = block * B + offset
 ) -> None:
+    """Slots < 0 (tokens whose KV lives elsewhere, padding rows) are skipped."""
     nkv, d = k_cache.shape[2], k_cache.shape[3]
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:  # a sync on a GPU: this is the reference path
+        keep = (slot_mapping >= 0).nonzero().flatten()
+        k, v, slot_mapping = k.index_select(0, keep), v.index_select(0, keep), slot_mapping.index_select(0, keep)
     k_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -121,7 +143,7 @@ def _plan(meta: MAMetadata, bsz: int) -> _Plan:
     cached = meta.__dict__.get("_torch_ops_plan")
     if cached is not None and cached.key == key:
         return cached
-    if meta.max_q_len <= 1:
+    if meta.max_q_len <= 1 and meta.q_pos.shape[0] == meta.num_requests:  # one query per row
         plan = _Plan(key, _decode_plan(meta.q_pos, meta.block_tables, meta.block_idx, meta.num_blocks,
                                        bsz, None, None), [])
     else:
@@ -175,7 +197,7 @@ def _decode_rows(
     k = kb.view(r, s, nkv, d).float().transpose(1, 2)  # [Rd, nkv, S, d]
     v = vb.view(r, s, nkv, d).float().transpose(1, 2)
     qg = q.float().reshape(r, nkv, nh // nkv, d)  # [Rd, nkv, g, d]
-    o, l = _flash_cpu(qg, k, v, attn_mask=plan.bias.view(r, 1, 1, s), scale=scale)
+    o, l = _attend(qg, k, v, plan.bias.view(r, 1, 1, s), scale)
     out, lse = o.reshape(r, nh, d), l.reshape(r, nh)
     if plan.any_empty:  # flash reports lse 0 for a row that sees no key
         lse = lse.masked_fill(plan.empty.unsqueeze(1), _NEG_INF)
@@ -218,8 +240,7 @@ def _prefill_row(
             continue
         visible = row.kpos[:ks].unsqueeze(0) <= qp.unsqueeze(1)  # [c, ks]
         bias = torch.zeros(b - a, ks, dtype=torch.float32, device=q.device).masked_fill_(~visible, _NEG_INF)
-        o, l = _flash_cpu(qg[:, :, a:b], k[:, :, :ks], v[:, :, :ks], attn_mask=bias.view(1, 1, b - a, ks),
-                          scale=scale)
+        o, l = _attend(qg[:, :, a:b], k[:, :, :ks], v[:, :, :ks], bias.view(1, 1, b - a, ks), scale)
         out[a:b] = o.permute(2, 1, 0, 3)  # [c, nkv, g, d]
         lse[a:b] = l.permute(2, 1, 0)
         empty = ~visible.any(-1)  # flash reports lse 0 for a query that sees no key

@@ -336,9 +336,8 @@ def _ops_correctness(args, device, dtype, gen, tol) -> list[CorrectnessRow]:
     normed, h = ops.add_rms_norm(x, res, w, eps)
     rows.append(CorrectnessRow("add_rms_norm", dt, max(max_rel_err(h, x.double() + res.double()),
                                                       max_rel_err(normed, norm64(h))), None, tol, False))
-    q, k, v = ops.rope_qkv_write(qkv, cos, sin, pos, args.heads, args.kv_heads, kc, vc, slots)
-    q64, k64, v64 = ops.rope_qkv_torch(qkv.double(), cos.double(), sin.double(), pos, args.heads, args.kv_heads,
-                                       args.head_dim)
+    q, k, v = ops.rope_qkv_write(qkv, cos, sin, pos, args.heads, args.kv_heads, (kc, vc, slots))
+    q64, k64, v64 = ops.rope_qkv_torch(qkv.double(), cos.double(), sin.double(), pos, args.heads, args.kv_heads)
     cache_k = kc.view(-1, args.kv_heads, args.head_dim)[slots]
     err = max(max_rel_err(q, q64), max_rel_err(k, k64), max_rel_err(v, v64), max_rel_err(cache_k, k64))
     rows.append(CorrectnessRow("rope_qkv_write", dt, err, None, tol, False))
@@ -357,13 +356,14 @@ def run_ops(args, device: torch.device, dtype: torch.dtype, token_counts) -> lis
         x, res, w, qkv, cos, sin, pos, slots, kc, vc = _ops_inputs(args, device, dtype, t, gen)
 
         def rope_unfused():
-            q, k, v = ops.rope_qkv_torch(qkv, cos, sin, pos, nh, nkv, d)
+            q, k, v = ops.rope_qkv_torch(qkv, cos, sin, pos, nh, nkv)
             torch_ops.write_kv(kc, vc, k, v, slots)
 
         pairs = [
             ("rms_norm", lambda: ops.rms_norm(x, w, eps), lambda: ops.rms_norm_torch(x, w, eps)),
             ("add_rms_norm", lambda: ops.add_rms_norm(x, res, w, eps), lambda: ops.add_rms_norm_torch(x, res, w, eps)),
-            ("rope_qkv_write", lambda: ops.rope_qkv_write(qkv, cos, sin, pos, nh, nkv, kc, vc, slots), rope_unfused),
+            ("rope_qkv_write", lambda: ops.rope_qkv_write(qkv, cos, sin, pos, nh, nkv, (kc, vc, slots)),
+             rope_unfused),
         ]
         for name, fused, unfused in pairs:
             fe = time_call(fused, device, method="events" if device.type == "cuda" else None).seconds

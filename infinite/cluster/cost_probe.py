@@ -38,11 +38,12 @@ def measure_cost(model, block_size: int, dtype: torch.dtype, device: torch.devic
     def non_attention(t: int) -> None:
         ids = torch.zeros(t, dtype=torch.int64, device=device)
         pos = torch.arange(t, dtype=torch.int64, device=device)
-        h = model.embed(ids)
+        h, res = model.embed(ids), None
+        rot = model.rotary(pos, t - 1)
         for i in range(layers):
-            q, _, _ = model.pre_attention(i, h, pos)
-            h = model.post_attention(i, h, q)
-        model.compute_logits(h[-1:])
+            q, _, _, res = model.pre_attention(i, h, res, rot)
+            h, res = model.post_attention(i, q, res)
+        model.compute_logits(h[-1:], res[-1:])
 
     t1, tb = _best_of(lambda: non_attention(1)), _best_of(lambda: non_attention(batch))
     per_request = max(0.0, (tb - t1) / (batch - 1))

@@ -35,7 +35,6 @@ from infinite.kv.rmanager import RBlock, blocks_for
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.engine import LLMEngine
-from infinite.runtime.model_runner import LocalAttention, forward
 
 log = logging.getLogger(__name__)
 
@@ -182,17 +181,12 @@ class Instance:
         batch = e.scheduler.schedule()
         if not batch.requests:
             return None
-        tables = [self.rm.table(r.request_id) for r in batch.requests]
         self._step_calls = 0
-        if all(ref.instance == self.rank for t in tables for ref in t):
-            inputs = e.prepare(batch)
-            logits = forward(e.model, inputs, LocalAttention(e.kv, inputs, e.scale))
-            return batch, None, e.postprocess(batch, inputs, logits)
-        now = time.time()
-        for req in batch.requests:
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
-        mbs = self.runner.micro_batches(batch, tables)
+        e.mark_scheduled(batch)
+        e.input_batch.sync(batch.requests)
+        if self.rm.num_borrowed == 0 or not any(e.input_batch.has_remote(r.request_id) for r in batch.requests):
+            return batch, None, e.execute(batch)
+        mbs = self.runner.micro_batches(batch)
         self._step_calls = sum(len(mb.parts) for mb in mbs)
         if len(mbs) == 1:
             try:

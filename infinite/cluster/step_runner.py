@@ -26,12 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from infinite.attention import micro_attention, write_kv
+from infinite.attention import micro_attention
 from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
 from infinite.cluster.remote_attention import RemotePart, merge_parts, remote_parts
 from infinite.cluster.transport import Future, Transport, to_asyncio, wait_all
-from infinite.kv.rmanager import RBlock
 from infinite.outputs import RequestOutput
 from infinite.runtime.engine import LLMEngine
 from infinite.runtime.model_runner import StepInputs, merge_logits, prepare_inputs
@@ -44,8 +43,6 @@ Forward = Generator[list[Future], list[M.AttentionResultTensors], torch.Tensor]
 class MicroBatch:
     inputs: StepInputs
     parts: list[RemotePart]
-    local_rows: torch.Tensor  # [Tl] rows whose new K/V go to the local pool
-    local_slots: torch.Tensor  # [Tl]
     key: M.StepKey  # names this micro-batch's metadata on its creditors
 
 
@@ -59,10 +56,15 @@ class StepRunner:
         self.timeout_s = timeout_s
         self._step_ids = itertools.count()
 
-    def micro_batches(self, batch: ScheduledBatch, tables: list[list[RBlock]]) -> list[MicroBatch]:
+    def micro_batches(self, batch: ScheduledBatch) -> list[MicroBatch]:
         """Requests with remote blocks apart from local-only ones (those never wait on a creditor);
         a batch that is all remote is cut in two, so one half's FFN overlaps the other's remote MA."""
-        n = len(batch.requests)
+        e = self.engine
+        ib = e.input_batch
+        num_new = {r.request_id: n for r, n in zip(batch.requests, batch.num_new_tokens)}
+        rows = [ib.row_of[r.request_id] for r in batch.requests]
+        tables = [ib.refs(row) for row in rows]
+        n = len(rows)
         remote = [i for i, t in enumerate(tables) if any(ref.instance != self.rank for ref in t)]
         local = sorted(set(range(n)) - set(remote))
         if remote and local:
@@ -71,19 +73,14 @@ class StepRunner:
             groups = [list(range(0, (n + 1) // 2)), list(range((n + 1) // 2, n))]
         else:
             groups = [list(range(n))]
-        e = self.engine
         step = next(self._step_ids)
         out = []
         for gi, g in enumerate(groups):
-            reqs = [batch.requests[i] for i in g]
-            tabs = [tables[i] for i in g]
-            inputs = prepare_inputs(reqs, [batch.num_new_tokens[i] for i in g], tabs, self.rank, e.block_size, e.device)
-            parts = remote_parts(inputs.q_lens, inputs.q_starts, tabs, self.rank, e.block_size)
+            inputs = prepare_inputs(ib, num_new, e.device, rows=[rows[i] for i in g])
+            parts = remote_parts(inputs.q_lens, inputs.q_starts, [tables[i] for i in g], self.rank, e.block_size)
             if e.device.type != "cpu":
                 parts = [p.to(e.device) for p in parts]
-            rows = (inputs.slot_mapping >= 0).nonzero().flatten()
-            out.append(MicroBatch(inputs, parts, rows, inputs.slot_mapping.index_select(0, rows),
-                                  M.StepKey(self.rank, step, gi)))
+            out.append(MicroBatch(inputs, parts, M.StepKey(self.rank, step, gi)))
         return out
 
     # ---- the one forward ----------------------------------------------------------------------
@@ -98,13 +95,13 @@ class StepRunner:
         sent = 0  # layers whose queries went out
         decode = mb.inputs.meta.max_q_len <= 1  # one query per request: counted apart (stats)
         try:
-            h = model.embed(mb.inputs.input_ids)  # [T, H]
+            h, res = model.embed(mb.inputs.input_ids), None  # [T, H]
+            rot = model.rotary(mb.inputs.positions, mb.inputs.max_position)
+            cache_write = mb.inputs.slot_mapping  # -1 where the token's block is on a creditor
             for layer in range(e.model_config.num_layers):
                 t0 = time.perf_counter()
-                q, k, v = model.pre_attention(layer, h, mb.inputs.positions)  # [T,nh,d], [T,nkv,d], [T,nkv,d]
-                if mb.local_rows.numel():
-                    write_kv(e.kv.k[layer], e.kv.v[layer], k.index_select(0, mb.local_rows),
-                             v.index_select(0, mb.local_rows), mb.local_slots)
+                q, k, v, res = model.pre_attention(layer, h, res, rot,
+                                                   (e.kv.k[layer], e.kv.v[layer], cache_write))
                 futs = [self.transport.attention(p.creditor, *p.call(mb.key, layer, q, k, v), timeout=self.timeout_s)
                         for p in mb.parts]
                 sent = layer + 1
@@ -116,12 +113,12 @@ class StepRunner:
                 t0 = time.perf_counter()
                 dev = h.device
                 parts = [(r.out.to(dev), r.lse.to(dev)) for r in results]
-                h = model.post_attention(layer, h, merge_parts(local, mb.parts, parts))
+                h, res = model.post_attention(layer, merge_parts(local, mb.parts, parts), res)
                 self.counters.remote_compute_s += time.perf_counter() - t0
             idx = mb.inputs.logits_indices
             if idx.numel() == 0:
                 return torch.empty(0, e.model_config.vocab_size, device=h.device)
-            return model.compute_logits(h.index_select(0, idx))
+            return model.compute_logits(h.index_select(0, idx), res.index_select(0, idx))
         except BaseException:
             if 0 < sent < e.model_config.num_layers:
                 self._finish_streams(mb, sent)

@@ -33,12 +33,11 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
     return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
 
 
-def auto_num_blocks(block_bytes: int, device: torch.device, gpu_memory_utilization: float = 0.9) -> int:
-    """Blocks that fit: on a GPU the free memory times the utilization; on CPU a modest share of RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * gpu_memory_utilization)
-    else:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        budget = min(avail // 10, 1 << 30)
+def auto_num_blocks(block_bytes: int, device: torch.device) -> int:
+    """Blocks that fit on a CPU device: a modest share of RAM (a GPU's pool is sized by profiling,
+    infinite.runtime.memory)."""
+    if device.type != "cpu":
+        raise ValueError(f"auto_num_blocks sizes CPU pools; {device} is profiled (infinite.runtime.memory)")
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    budget = min(avail // 10, 1 << 30)
     return max(1, budget // block_bytes)

@@ -12,6 +12,7 @@ point into other instances' pools (borrowed blocks).
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 from collections.abc import Callable
 from typing import NamedTuple
@@ -47,6 +48,12 @@ class RManager:
         self.lent: dict[tuple[int, str], list[int]] = {}  # (debtor rank, request) -> local blocks
         self._num_lent = 0
         self._num_borrowed = 0
+        # Change tracking for the engine's persistent batch (infinite.runtime.input_batch): every
+        # request whose table changed since the last take_changed(), and an epoch per table that moves
+        # on every change other than an append (so a mirror knows when appending is not enough).
+        self._changed: set[str] = set()
+        self._epoch: dict[str, int] = {}
+        self._epochs = itertools.count(1)
 
     # ---- local requests -------------------------------------------------
     @property
@@ -61,6 +68,35 @@ class RManager:
     def table(self, request_id: str) -> list[RBlock]:
         return list(self.tables.get(request_id, ()))
 
+    def _table_for(self, request_id: str) -> list[RBlock]:
+        table = self.tables.get(request_id)
+        if table is None:
+            table = self.tables[request_id] = []
+            self._epoch[request_id] = next(self._epochs)
+        return table
+
+    def _moved(self, request_id: str) -> None:
+        """A change other than an append: mirrors of the table must rebuild it."""
+        self._epoch[request_id] = next(self._epochs)
+        self._changed.add(request_id)
+
+    @_locked
+    def num_table_blocks(self, request_id: str) -> int:
+        return len(self.tables.get(request_id, ()))
+
+    @_locked
+    def take_changed(self) -> set[str]:
+        """Requests whose tables changed since the last call (appended, replaced, shrunk or freed)."""
+        out, self._changed = self._changed, set()
+        return out
+
+    @_locked
+    def live_table(self, request_id: str) -> tuple[list[RBlock] | None, int]:
+        """The request's table itself (not a copy: read it, never change it) and its epoch; (None, 0)
+        when it has none. The list stays the request's until its epoch moves."""
+        table = self.tables.get(request_id)
+        return (table, self._epoch[request_id]) if table is not None else (None, 0)
+
     @_locked
     def num_needed(self, request_id: str, num_tokens: int) -> int:
         """More local blocks the request needs to hold num_tokens tokens."""
@@ -69,7 +105,8 @@ class RManager:
     @_locked
     def allocate(self, request_id: str, n: int) -> list[RBlock]:
         new = [RBlock(self.rank, b) for b in self.pool.allocate(n)]
-        self.tables.setdefault(request_id, []).extend(new)
+        self._table_for(request_id).extend(new)
+        self._changed.add(request_id)
         return new
 
     @_locked
@@ -82,8 +119,10 @@ class RManager:
         if any(r.instance != self.rank for r in tail):
             raise RuntimeError("free_tail only undoes local allocations")
         del table[-n:]
+        self._moved(request_id)
         if not table:
             del self.tables[request_id]
+            self._epoch.pop(request_id, None)
         self.pool.free([r.block for r in tail])
 
     @_locked
@@ -100,14 +139,18 @@ class RManager:
     def append_remote(self, request_id: str, refs: list[RBlock], at: int | None = None) -> None:
         """Record blocks creditors reserved for this request, at the end of its table or at
         logical position ``at`` (before the blocks that follow it)."""
-        table = self.tables.setdefault(request_id, [])
+        table = self._table_for(request_id)
+        if at is not None and at != len(table):
+            self._moved(request_id)
         table[len(table) if at is None else at:len(table) if at is None else at] = refs
+        self._changed.add(request_id)
         self._num_borrowed += len(refs)
 
     @_locked
     def replace_blocks(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> None:
         """After a migration: swap old refs for new ones at the same logical positions."""
         table = self.tables[request_id]
+        self._moved(request_id)
         where = {ref: i for i, ref in enumerate(table)}
         for o, n in zip(old, new, strict=True):
             table[where[o]] = n
@@ -137,6 +180,8 @@ class RManager:
     def free_request(self, request_id: str) -> list[RBlock]:
         """Free the request's local blocks; return its remote refs for the caller to release."""
         table = self.tables.pop(request_id, [])
+        self._epoch.pop(request_id, None)
+        self._changed.add(request_id)
         local = [r.block for r in table if r.instance == self.rank]
         remote = [r for r in table if r.instance != self.rank]
         self.pool.free(local)

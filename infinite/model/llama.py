@@ -14,12 +14,15 @@ which is the case in a decode step of a real model.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .config import ModelConfig
-from .rope import RotaryEmbedding, apply_rotary
+from .rope import RotaryEmbedding
 
 
 # From this many tokens in a step on, post_attention runs gate and up as two GEMMs (see there).
@@ -35,9 +38,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm: fewer dispatches than the spelled-out ops, and bit-identical to them in float32.
-        xf = F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, self.eps)
-        return self.weight * xf.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch.device | str) -> nn.Linear:
@@ -45,6 +46,16 @@ def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch
     lin = torch.nn.utils.skip_init(nn.Linear, n_in, n_out, bias=bias, dtype=dtype, device=device)
     lin.requires_grad_(False)
     return lin
+
+
+class Rotary(NamedTuple):
+    """cos/sin [T, d/2] float32 of one step's positions."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+KVWrite = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # k_cache, v_cache [N,B,nkv,d], slots [T] int64
 
 
 class DecoderLayer(nn.Module):
@@ -82,9 +93,8 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
         self.rope = RotaryEmbedding(cfg, "cpu" if str(device) == "meta" else device)
-        # cos/sin of the last positions tensor: every layer of a step reuses them.
-        self._rope_key: tuple[torch.Tensor, int, torch.dtype] | None = None
-        self._rope_val: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Two GEMMs for gate/up on long batches is a CPU (MKL) win only (see post_attention).
+        self._split_mlp = torch.device(device).type == "cpu"
 
     # --- plumbing -----------------------------------------------------------------
 
@@ -98,18 +108,8 @@ class LlamaForCausalLM(nn.Module):
         dev = self.embed_tokens.weight.device
         if dev.type != "meta" and dev != self.rope.device:
             self.rope.to(dev)
-            self._rope_key = self._rope_val = None
+            self._split_mlp = dev.type == "cpu"
         return out
-
-    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # Inference tensors have no version counter; the engine never edits positions in place.
-        version = None if positions.is_inference() else positions._version
-        key = self._rope_key
-        if key is not None and key[0] is positions and key[1] == version and key[2] == dtype:
-            return self._rope_val  # type: ignore[return-value]
-        val = self.rope.cos_sin(positions, dtype)
-        self._rope_key, self._rope_val = (positions, version, dtype), val
-        return val
 
     # --- the contract of docs/architecture.md -------------------------------------
 
@@ -117,39 +117,55 @@ class LlamaForCausalLM(nn.Module):
         """input_ids [T] int64 -> residual stream [T, H]."""
         return F.embedding(input_ids, self.embed_tokens.weight)
 
-    def pre_attention(self, i: int, h: torch.Tensor, positions: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Layer i up to attention: h [T,H], positions [T] -> q [T,nh,d], k [T,nkv,d], v [T,nkv,d] (RoPE on q, k)."""
+    def rotary(self, positions: torch.Tensor, max_position: int) -> Rotary:
+        """The step's cos/sin for ``positions`` [T] (every layer reuses them). ``max_position`` is the
+        largest position, known on the host: no device sync (it picks dynamic NTK's stretch)."""
+        return Rotary(*self.rope.cos_sin(positions, max_position))
+
+    def pre_attention(self, i: int, h: torch.Tensor, residual: torch.Tensor | None, rot: Rotary,
+                      cache: KVWrite | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer i up to attention -> (q [T,nh,d], k [T,nkv,d], v [T,nkv,d], residual [T,H]).
+
+        ``h`` is the last layer's output and ``residual`` the stream before it (None at layer 0,
+        where h is the embedding): their sum is the residual stream, added in the same kernel as the
+        norm. With ``cache`` = (k_cache, v_cache, slots [T]) the new K/V are written there (slot < 0:
+        not here) in the same kernel as RoPE."""
         cfg = self.config
         layer = self.layers[i]
-        T = h.shape[0]
-        x = layer.input_layernorm(h)
+        norm = layer.input_layernorm
+        if residual is None:
+            x, residual = norm(h), h
+        else:
+            x, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps)
         qkv = layer.qkv_proj(x)  # [T, (nh + 2 nkv) d]
-        nh = cfg.num_heads
-        # q and k sit side by side in qkv: rotate them in one call (half the small ops of a decode step).
-        qk = qkv[:, :cfg.q_size + cfg.kv_size].view(T, nh + cfg.num_kv_heads, cfg.head_dim)  # [T, nh+nkv, d]
-        v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(T, cfg.num_kv_heads, cfg.head_dim).contiguous()  # [T, nkv, d]
-        cos, sin = self._cos_sin(positions, qkv.dtype)  # [T, d/2]
-        qk = apply_rotary(qk, cos, sin)
-        return qk[:, :nh].contiguous(), qk[:, nh:], v  # [T, nh, d] contiguous, [T, nkv, d] a view
+        q, k, v = ops.rope_qkv_write(qkv, rot.cos, rot.sin, None, cfg.num_heads, cfg.num_kv_heads, cache)
+        return q, k, v, residual
 
-    def post_attention(self, i: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Layer i after attention: h [T,H] residual in, attn [T,nh,d] -> residual out [T,H]."""
+    def post_attention(self, i: int, attn: torch.Tensor, residual: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i after attention: attn [T,nh,d] -> (h [T,H] the MLP's output, residual [T,H]).
+        The MLP output is added to the residual by the next layer's norm (or compute_logits)."""
         layer = self.layers[i]
-        T = h.shape[0]
-        h = h + layer.o_proj(attn.reshape(T, self.config.q_size))
-        x = layer.post_attention_layernorm(h)
-        if T >= _SPLIT_MLP_MIN_TOKENS:
-            # Long batches (prefill): two GEMMs on the row halves of the fused weight (views, no copy)
-            # beat one wide GEMM by ~15% on CPU and give contiguous gate/up. Same numbers bit for bit.
+        T = attn.shape[0]
+        o = layer.o_proj(attn.reshape(T, self.config.q_size))
+        norm = layer.post_attention_layernorm
+        x, residual = ops.add_rms_norm(o, residual, norm.weight, norm.eps)
+        if self._split_mlp and T >= _SPLIT_MLP_MIN_TOKENS:
+            # Long batches on CPU (prefill): two GEMMs on the row halves of the fused weight (views, no
+            # copy) beat one wide GEMM by ~15% with MKL and give contiguous gate/up. Same numbers bit for bit.
             I = self.config.intermediate_size
             w, b = layer.gate_up_proj.weight, layer.gate_up_proj.bias
             gate = F.linear(x, w[:I], None if b is None else b[:I])  # [T, I]
             up = F.linear(x, w[I:], None if b is None else b[I:])
         else:
             gate, up = layer.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
-        return h + layer.down_proj(F.silu(gate) * up)
+        return layer.down_proj(F.silu(gate) * up), residual
 
-    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + lm_head: h [N,H] -> logits [N,V] float32."""
-        return F.linear(self.norm(h), self.lm_head_weight).float()
+    def compute_logits(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm + lm_head: h [N,H] (plus the residual it belongs to) -> logits [N,V] float32."""
+        if residual is None:
+            x = self.norm(h)
+        else:
+            x, _ = ops.add_rms_norm(h, residual, self.norm.weight, self.norm.eps)
+        return F.linear(x, self.lm_head_weight).float()

@@ -51,7 +51,7 @@ def _rope_qkv_kernel(
     stride_kcn, stride_kcb, stride_kch, stride_vcn, stride_vcb, stride_vch,
     NH: tl.constexpr, NKV: tl.constexpr, HEAD_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    HAS_POS: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_CACHE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = HEAD_D // 2
@@ -75,14 +75,9 @@ def _rope_qkv_kernel(
     tl.store(dst, (x1 * c - x2 * s).to(QO.dtype.element_ty), mask=mq)
     tl.store(dst + HALF, (x2 * c + x1 * s).to(QO.dtype.element_ty), mask=mq)
 
-    # k heads: rotate; v heads: copy. Both to the returned rows and, with a slot, to the cache.
-    slot = tl.load(SLOT + t).to(tl.int64)
-    blk = slot // PAGE
-    off = slot % PAGE
+    # k heads: rotate; v heads: copy. Both to the returned rows and, with a slot here, to the cache.
     hk = tl.arange(0, BLOCK_KH)
     mk = (hk[:, None] < NKV) & f_mask[None, :]
-    # slot < 0 masks every head (one comparison: the interpreter turns `bool & bool_scalar` into int32).
-    mc = (hk[:, None] < tl.where(slot >= 0, NKV, 0)) & f_mask[None, :]
     src = row + (NH + hk[:, None]) * HEAD_D + offs_f[None, :]
     x1 = tl.load(src, mask=mk, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mk, other=0.0).to(tl.float32)
@@ -91,19 +86,25 @@ def _rope_qkv_kernel(
     dst = KO + t * stride_kt + hk[:, None] * stride_kh + offs_f[None, :]
     tl.store(dst, k1, mask=mk)
     tl.store(dst + HALF, k2, mask=mk)
-    cdst = KC + blk * stride_kcn + off * stride_kcb + hk[:, None] * stride_kch + offs_f[None, :]
-    tl.store(cdst, k1.to(KC.dtype.element_ty), mask=mc)
-    tl.store(cdst + HALF, k2.to(KC.dtype.element_ty), mask=mc)
-
     src = row + (NH + NKV + hk[:, None]) * HEAD_D + offs_f[None, :]
-    v1 = tl.load(src, mask=mk, other=0.0)
-    v2 = tl.load(src + HALF, mask=mk, other=0.0)
+    v1 = tl.load(src, mask=mk, other=0.0).to(VO.dtype.element_ty)
+    v2 = tl.load(src + HALF, mask=mk, other=0.0).to(VO.dtype.element_ty)
     dst = VO + t * stride_vt + hk[:, None] * stride_vh + offs_f[None, :]
-    tl.store(dst, v1.to(VO.dtype.element_ty), mask=mk)
-    tl.store(dst + HALF, v2.to(VO.dtype.element_ty), mask=mk)
-    cdst = VC + blk * stride_vcn + off * stride_vcb + hk[:, None] * stride_vch + offs_f[None, :]
-    tl.store(cdst, v1.to(VO.dtype.element_ty).to(VC.dtype.element_ty), mask=mc)
-    tl.store(cdst + HALF, v2.to(VO.dtype.element_ty).to(VC.dtype.element_ty), mask=mc)
+    tl.store(dst, v1, mask=mk)
+    tl.store(dst + HALF, v2, mask=mk)
+
+    if HAS_CACHE:
+        slot = tl.load(SLOT + t).to(tl.int64)
+        blk = slot // PAGE
+        off = slot % PAGE
+        # slot < 0 masks every head (one comparison: the interpreter turns `bool & bool_scalar` into int32).
+        mc = (hk[:, None] < tl.where(slot >= 0, NKV, 0)) & f_mask[None, :]
+        cdst = KC + blk * stride_kcn + off * stride_kcb + hk[:, None] * stride_kch + offs_f[None, :]
+        tl.store(cdst, k1.to(KC.dtype.element_ty), mask=mc)
+        tl.store(cdst + HALF, k2.to(KC.dtype.element_ty), mask=mc)
+        cdst = VC + blk * stride_vcn + off * stride_vcb + hk[:, None] * stride_vch + offs_f[None, :]
+        tl.store(cdst, v1.to(VC.dtype.element_ty), mask=mc)
+        tl.store(cdst + HALF, v2.to(VC.dtype.element_ty), mask=mc)
 
 
 def _warps(block: int) -> int:
@@ -145,33 +146,37 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 def rope_qkv_write(
     qkv: torch.Tensor,  # [T, (nh + 2 nkv) d], last dim contiguous
-    cos: torch.Tensor,  # [P, d/2] float32
+    cos: torch.Tensor,  # [P, d/2] float32, last dim contiguous
     sin: torch.Tensor,  # [P, d/2] float32
-    positions: torch.Tensor | None,  # [T] int64 (rows of cos/sin must exist: not checked here)
+    positions: torch.Tensor | None,  # [T] int64 (rows of cos/sin must exist: not checked here); None: row t
     nh: int,
     nkv: int,
-    k_cache: torch.Tensor,  # [N, B, nkv, d], last dim contiguous
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,  # [T] int64; < 0: skip the cache write
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # k/v caches [N,B,nkv,d], slots [T]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoPE on q and k, k/v to their slots (slot < 0: skipped) -> q [T,nh,d], k, v [T,nkv,d] contiguous."""
     t = qkv.shape[0]
-    _, page, _, d = k_cache.shape
+    d = qkv.shape[1] // (nh + 2 * nkv)
     q = torch.empty(t, nh, d, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(t, nkv, d, dtype=qkv.dtype, device=qkv.device)
     v = torch.empty(t, nkv, d, dtype=qkv.dtype, device=qkv.device)
     if t == 0:
         return q, k, v
-    pos = positions if positions is not None else slot_mapping  # unused pointer without positions
+    if cache is not None:
+        k_cache, v_cache, slots = cache
+        page = k_cache.shape[1]
+    else:  # unused pointers and strides
+        k_cache, v_cache, slots, page = k, v, qkv, 1
+    kcs = k_cache.stride()
+    vcs = v_cache.stride()
     block_half = max(1, next_pow2(d // 2))
     _rope_qkv_kernel.on(qkv.device)[(t,)](
-        qkv, cos, sin, pos, q, k, v, k_cache, v_cache, slot_mapping,
+        qkv, cos, sin, positions if positions is not None else qkv, q, k, v, k_cache, v_cache, slots,
         qkv.stride(0), cos.stride(0), sin.stride(0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
         NH=nh, NKV=nkv, HEAD_D=d, PAGE=page,
         BLOCK_QH=next_pow2(nh), BLOCK_KH=next_pow2(nkv), BLOCK_HALF=block_half,
-        HAS_POS=positions is not None,
+        HAS_POS=positions is not None, HAS_CACHE=cache is not None,
         num_warps=_warps(next_pow2(nh) * block_half * 2),
     )
     return q, k, v

@@ -41,6 +41,8 @@ class EngineConfig:
     threads_per_rank: int | None = None  # torch CPU threads of each rank; None = cores / ranks on the host
     data_plane: str = "p2p"  # remote MicroAttention over torch.distributed point-to-point ("p2p") or RPC ("rpc")
     served_model_name: str | None = None
+    # Run every step eagerly: no CUDA graphs for decode (vLLM's --enforce-eager). CPU always runs eager.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -49,6 +51,8 @@ class EngineConfig:
             isinstance(self.threads_per_rank, bool) or not isinstance(self.threads_per_rank, int) or self.threads_per_rank < 1
         ):
             raise ValueError(f"threads_per_rank must be a positive integer, got {self.threads_per_rank!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if not isinstance(self.eager_lending, bool):
             raise ValueError(f"eager_lending must be a bool, got {self.eager_lending!r}")
         if self.data_plane not in ("p2p", "rpc"):

@@ -10,6 +10,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +20,11 @@ from infinite.kv.rmanager import RManager, blocks_for
 from infinite.outputs import CompletionOutput, RequestOutput
 from infinite.runtime.allocator import BlockAllocator, LocalAllocator
 from infinite.runtime.config import EngineConfig
-from infinite.runtime.model_runner import LocalAttention, StepInputs, forward, prepare_inputs
+from infinite.runtime.graph_runner import CaptureReport, GraphRunner
+from infinite.runtime.input_batch import InputBatch
+from infinite.runtime.memory import MemoryPlan, profile_peaks
+from infinite.runtime.model_runner import (DecodeBuffers, LocalAttention, StepInputs, forward, prepare_decode,
+                                           prepare_inputs)
 from infinite.runtime.request import Request
 from infinite.runtime.scheduler import ScheduledBatch, Scheduler
 from infinite.runtime.stop import check_stop, visible_text
@@ -53,6 +58,34 @@ def model_name_for(config: EngineConfig, model_dir: str) -> str:
     return config.model
 
 
+@dataclass
+class StepTiming:
+    """Host-side time of the steps, by phase: what is not the forward is host work that a GPU waits on.
+
+    ``postprocess`` includes sampling (on a GPU, its first device read waits for the forward)."""
+
+    steps: int = 0
+    decode_steps: int = 0
+    schedule_s: float = 0.0
+    prepare_s: float = 0.0
+    forward_s: float = 0.0
+    postprocess_s: float = 0.0
+    decode_host_s: float = 0.0  # prepare + postprocess of pure-decode steps (schedule_s apart)
+
+    def add(self, decode: bool, prepare: float, forward: float, post: float) -> None:
+        """One executed step (its schedule time was added to schedule_s by the caller)."""
+        self.steps += 1
+        self.prepare_s += prepare
+        self.forward_s += forward
+        self.postprocess_s += post
+        if decode:
+            self.decode_steps += 1
+            self.decode_host_s += prepare + post
+
+    def reset(self) -> None:
+        self.__init__()
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -84,12 +117,34 @@ class LLMEngine:
         self.eos_token_ids = tuple(mcfg.eos_token_ids)
         c = self.model_config
         self.block_size = config.block_size
-        num_blocks = config.num_kv_blocks or auto_num_blocks(
-            bytes_per_block(c.num_layers, self.block_size, c.num_kv_heads, c.head_dim, self.dtype),
-            self.device, config.gpu_memory_utilization,
-        )
+        block_bytes = bytes_per_block(c.num_layers, self.block_size, c.num_kv_heads, c.head_dim, self.dtype)
+        self.memory_plan: MemoryPlan | None = None
+        if config.num_kv_blocks:
+            num_blocks = config.num_kv_blocks
+        elif self.device.type == "cuda":
+            self.memory_plan = profile_peaks(self.model, config.max_num_batched_tokens, config.max_num_seqs,
+                                             self.block_size, self.dtype, self.device, config.gpu_memory_utilization)
+            num_blocks = self.memory_plan.kv_bytes // block_bytes
+            if num_blocks < 1:
+                raise ValueError(f"no GPU memory is left for the KV cache: {self.memory_plan} "
+                                 "(raise --gpu-memory-utilization or lower --max-num-batched-tokens)")
+            log.info("KV pool: %d blocks (%.2f GiB) from %s", num_blocks, num_blocks * block_bytes / 2**30,
+                     self.memory_plan)
+        else:
+            num_blocks = auto_num_blocks(block_bytes, self.device)
         self.kv = KVCache(c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
         self.rm = RManager(rank, num_blocks, self.block_size)
+        self.model.rope.reserve(self.max_model_len)
+        self.input_batch = InputBatch(self.rm, config.max_num_seqs,
+                                      min(num_blocks, blocks_for(self.max_model_len, self.block_size)), self.device)
+        self.decode_buffers = DecodeBuffers(config.max_num_seqs, self.device)
+        self.timing = StepTiming()
+        self.graphs: GraphRunner | None = None
+        self.graph_report: CaptureReport | None = None
+        if self.device.type == "cuda" and not config.enforce_eager and self._graphs_safe():
+            self.graphs = GraphRunner(self.model, self.kv, self.input_batch, self.decode_buffers, self.scale,
+                                      config.max_num_seqs, self.max_model_len - 1)
+            self.graph_report = self.graphs.capture()
         self.allocator = make_allocator(self.rm)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.grammars = GrammarCompiler(self.tokenizer, c.vocab_size, self.eos_token_ids)
@@ -98,6 +153,12 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.last_step_time = 0.0
+
+    def _graphs_safe(self) -> bool:
+        """A captured step must not depend on host values: dynamic NTK RoPE past the model's positions
+        depends on the longest position of the step."""
+        c = self.model_config
+        return not (c.rope_type == "dynamic" and self.max_model_len > c.max_position_embeddings)
 
     # ---- capacity --------------------------------------------------------------
     @property
@@ -230,19 +291,44 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        inputs = self.prepare(batch)
-        logits = forward(self.model, inputs, LocalAttention(self.kv, inputs, self.scale))
-        outs = self.postprocess(batch, inputs, logits)
-        self.last_step_time = time.perf_counter() - t0
-        return outs
+        self.timing.schedule_s += time.perf_counter() - t0
+        self.mark_scheduled(batch)
+        return self.execute(batch)
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def mark_scheduled(self, batch: ScheduledBatch) -> None:
         now = time.time()
         for req in batch.requests:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        tables = [self.rm.table(r.request_id) for r in batch.requests]
-        return prepare_inputs(batch.requests, batch.num_new_tokens, tables, self.rank, self.block_size, self.device)
+
+    def execute(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """A scheduled batch whose KV is all local: prepare, forward, sample, outputs."""
+        t1 = time.perf_counter()
+        inputs = self.prepare(batch)
+        t2 = time.perf_counter()
+        if inputs.padded is not None:
+            logits = self.graphs.run(len(inputs.sample_requests))
+        else:
+            logits = forward(self.model, inputs, LocalAttention(self.kv, inputs, self.scale))
+        t3 = time.perf_counter()
+        outs = self.postprocess(batch, inputs, logits)
+        t4 = time.perf_counter()
+        self.timing.add(inputs.is_decode, t2 - t1, t3 - t2, t4 - t3)
+        self.last_step_time = t4 - t1
+        return outs
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """The persistent batch brought up to date (O(changed rows)), then the step's inputs."""
+        ib = self.input_batch
+        ib.sync(batch.requests)
+        if len(batch.requests) == ib.num_rows and batch.num_tokens == ib.num_rows:  # one token per row
+            pad = self.graphs.bucket(ib.num_rows) if self.graphs is not None else None
+            inputs = prepare_decode(ib, self.decode_buffers, pad)
+            if inputs is not None:
+                inputs.padded = pad
+                return inputs
+        num_new = {r.request_id: n for r, n in zip(batch.requests, batch.num_new_tokens)}
+        return prepare_inputs(ib, num_new, self.device)
 
     def postprocess(self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor) -> list[RequestOutput]:
         """``logits``: the sampling rows, then the prompt-logprob rows (``inputs.prompt_spans``)."""
@@ -257,40 +343,50 @@ class LLMEngine:
             ))
         if not reqs:
             return []
-        eos = self.eos_token_ids[0] if self.eos_token_ids else None
-        rows = [
-            SampleRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, eos, r.matcher)
-            for r in reqs
-        ]
-        res = self.sampler.sample(logits[: len(reqs)], rows)
+        res = self.sampler.sample(logits[: len(reqs)], [self._sample_row(r) for r in reqs])
         now = time.time()
         outs = []
+        lps = res.logprobs
         for i, (req, tok) in enumerate(zip(reqs, res.token_ids)):
             req.output_token_ids.append(tok)
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            req.metrics.last_token_time = now
-            if res.logprobs is not None and res.logprobs[i] is not None and req.logprobs is not None:
-                req.logprobs.append(res.logprobs[i])
-                req.cumulative_logprob += res.logprobs[i][tok]
+            m = req.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            if lps is not None and lps[i] is not None and req.logprobs is not None:
+                req.logprobs.append(lps[i])
+                req.cumulative_logprob += lps[i][tok]
             delta = req.detokenizer.add_token(tok) if req.detokenizer is not None else ""
-            req.text += delta
-            placement = None
+            req.append_text(delta)
             grammar_done = req.matcher is not None and advance(req.matcher, tok)
             if check_stop(req, len(delta), self.eos_token_ids, self.max_model_len, grammar_done):
-                if isinstance(req.stop_reason, int) and not req.params.include_stop_str_in_output:
-                    req.text = req.text[: len(req.text) - len(delta)]  # a stop token's text is not output (vLLM)
-                if req.detokenizer is not None and not isinstance(req.stop_reason, str):
-                    req.text += req.detokenizer.finish()  # flush a held-back partial character
-                req.metrics.finished_time = now
-                placement = self.kv_placement(req.request_id)
-                self.scheduler.finish(req)
-                self.requests.pop(req.request_id, None)
-            out = self.make_output(req)
-            if placement is not None:
-                out.extra["kv_blocks"] = placement
-            outs.append(out)
+                outs.append(self._finish(req, delta, now))
+            elif not req.final_only:
+                outs.append(self.make_output(req))
         return outs
+
+    def _finish(self, req: Request, delta: str, now: float) -> RequestOutput:
+        if isinstance(req.stop_reason, int) and not req.params.include_stop_str_in_output:
+            req.text = req.text[: req.text_len - len(delta)]  # a stop token's text is not output (vLLM)
+        if req.detokenizer is not None and not isinstance(req.stop_reason, str):
+            req.append_text(req.detokenizer.finish())  # flush a held-back partial character
+        req.metrics.finished_time = now
+        placement = self.kv_placement(req.request_id)
+        self.scheduler.finish(req)
+        self.requests.pop(req.request_id, None)
+        out = self.make_output(req)
+        out.extra["kv_blocks"] = placement
+        return out
+
+    def _sample_row(self, req: Request) -> SampleRow:
+        """The request's SampleRow, made once (it holds references to the request's own lists)."""
+        row = req.sample_row
+        if row is None or row.output_ids is not req.output_token_ids or row.matcher is not req.matcher \
+                or row.generator is not req.generator:
+            eos = self.eos_token_ids[0] if self.eos_token_ids else None
+            row = req.sample_row = SampleRow(req.params, req.prompt_token_ids, req.output_token_ids,
+                                             req.generator, eos, req.matcher)
+        return row
 
     def kv_placement(self, request_id: str) -> dict[int, int]:
         """How many of the request's KV blocks sit on each instance (rank -> blocks)."""

@@ -37,13 +37,46 @@ class Request:
     generator: torch.Generator | None = None
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
-    text: str = ""
     detokenizer: object | None = None
     # prompt_logprobs: entry j is for prompt token j+1 (token 0 has none); filled chunk by chunk
     # by the prefill and kept across preemption, so a recompute does not redo them.
     prompt_logprobs: list[dict[int, float]] | None = None
     matcher: object | None = None  # llguidance state of a structured-output request (engine-side only)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
+    # Only the finished output is wanted (offline generate): no output is built while it runs.
+    final_only: bool = False
+    sample_row: object | None = None  # the sampler's view of the request, made once (engine-side only)
+    # The output text as the pieces it was detokenized in: appending is O(1), joined when read.
+    text_pieces: list[str] = field(default_factory=list)
+    text_len: int = 0
+
+    @property
+    def text(self) -> str:
+        if len(self.text_pieces) > 1:
+            self.text_pieces = ["".join(self.text_pieces)]
+        return self.text_pieces[0] if self.text_pieces else ""
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self.text_pieces = [value] if value else []
+        self.text_len = len(value)
+
+    def append_text(self, delta: str) -> None:
+        if delta:
+            self.text_pieces.append(delta)
+            self.text_len += len(delta)
+
+    def text_tail(self, n: int) -> str:
+        """The last ``n`` characters of the text, joining only the pieces they span."""
+        out: list[str] = []
+        have = 0
+        for piece in reversed(self.text_pieces):
+            if have >= n:
+                break
+            out.append(piece)
+            have += len(piece)
+        tail = "".join(reversed(out))
+        return tail[len(tail) - n:] if len(tail) > n else tail
 
     @property
     def num_prompt_tokens(self) -> int:

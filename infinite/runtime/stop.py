@@ -31,9 +31,12 @@ def check_stop(
             req.finish_reason, req.stop_reason = "stop", last
             return True
         if p.stop and new_text_len:
-            hit = find_stop_string(req.text, new_text_len, p.stop)
+            # Only the tail can hold a stop string that ends in the new text: no join of the whole text.
+            window = req.text_tail(new_text_len + max(len(s) for s in p.stop) - 1)
+            hit = find_stop_string(window, new_text_len, p.stop)
             if hit is not None:
-                idx, s = hit
+                at, s = hit
+                idx = req.text_len - len(window) + at
                 req.text = req.text[: idx + len(s)] if p.include_stop_str_in_output else req.text[:idx]
                 req.finish_reason, req.stop_reason = "stop", s
                 return True

@@ -41,6 +41,13 @@ class SampleRow:
     # mask comes first, so a grammar always wins over min_tokens.
     matcher: Any = None
 
+    def __post_init__(self) -> None:
+        p = self.params
+        # Greedy with nothing to apply first: a batch of such rows is one argmax (checked per step
+        # with one attribute read per row instead of a pass per feature).
+        self.plain = (p.greedy and not p.has_penalties and not p.logit_bias and p.logprobs is None
+                      and self.matcher is None and not p.min_tokens)
+
 
 @dataclass
 class SampleResult:
@@ -187,6 +194,8 @@ class Sampler:
             logits = logits.float()
         if not rows:
             return SampleResult(token_ids=[], logprobs=None)
+        if all(r.plain for r in rows):
+            return SampleResult(token_ids=logits.argmax(dim=-1).tolist(), logprobs=None)
 
         params = [r.params for r in rows]
         greedy = [p.greedy for p in params]

@@ -42,7 +42,7 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(prompt_ids)
         self._prefix_offset = max(len(self._ids) - context_tokens, 0)
         self._read_offset = len(self._ids)
-        self.text = ""  # everything emitted so far
+        self._pieces: list[str] = []  # everything emitted so far, joined only when read
 
     def _decode(self, start: int, end: int | None = None) -> str:
         return self._tok.decode(self._ids[start:end], skip_special_tokens=self._skip)
@@ -56,8 +56,16 @@ class IncrementalDetokenizer:
         delta = new_text[start:]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        self.text += delta
+        if delta:
+            self._pieces.append(delta)
         return delta
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far (joined on read; appending a delta is O(1))."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
     def add_token(self, token_id: int) -> str:
         """Append one id; returns the text it made final (possibly '')."""
