@@ -163,10 +163,13 @@ def _plan(meta: MAMetadata, bsz: int) -> _Plan:
     else:
         cu = meta.cu_q.tolist()
         q_lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
-        single = [i for i, n in enumerate(q_lens) if n == 1]
+        if meta.decode_rows is not None:  # chosen by MAMetadata.build on the host
+            rows = meta.decode_rows.long()
+        else:
+            rows = torch.tensor([i for i, n in enumerate(q_lens) if n == 1], dtype=torch.int64,
+                                device=meta.q_pos.device)
         decode = None
-        if single:  # decode requests in a mixed batch go through the batched path
-            rows = torch.tensor(single, device=meta.q_pos.device)
+        if rows.shape[0]:  # decode requests in a mixed batch go through the batched path
             tok = meta.cu_q.long()[rows]
             decode = _decode_plan(meta.q_pos[tok], meta.block_tables[rows], meta.block_idx[rows],
                                   meta.num_blocks[rows], bsz, rows, tok)
