@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .ops import KVWrite
 from .config import ModelConfig
 from .rope import RotaryEmbedding
 
@@ -53,9 +54,6 @@ class Rotary(NamedTuple):
 
     cos: torch.Tensor
     sin: torch.Tensor
-
-
-KVWrite = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # k_cache, v_cache [N,B,nkv,d], slots [T] int64
 
 
 class DecoderLayer(nn.Module):

@@ -21,7 +21,7 @@ import torch
 
 from infinite.attention import MAMetadata, micro_attention
 from infinite.kv.cache import KVCache
-from infinite.model.llama import KVWrite
+from infinite.model.ops import KVWrite
 from infinite.runtime.input_batch import InputBatch
 from infinite.runtime.request import Request
 
@@ -263,6 +263,7 @@ def step_metadata(ib: InputBatch, rows: list[int] | None, q_lens: list[int], pos
         nb = ib.num_blocks.index_select(0, idx)
     cu = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(q_lens, out=cu[1:])
+    decode_rows, prefill_rows, max_prefill = MAMetadata.mixed_rows(q_lens, dev)  # decode rows split-KV
     return MAMetadata(
         cu_q=torch.from_numpy(cu).to(dev),
         q_pos=positions,
@@ -270,6 +271,9 @@ def step_metadata(ib: InputBatch, rows: list[int] | None, q_lens: list[int], pos
         block_idx=bi,
         num_blocks=nb,
         max_q_len=max(q_lens, default=0),
+        decode_rows=decode_rows,
+        prefill_rows=prefill_rows,
+        max_prefill_q_len=max_prefill,
     )
 
 
