@@ -12,12 +12,16 @@ from helpers_hf import make_hf_checkpoint
 from infinite import SamplingParams
 from infinite.cluster import messages as M
 from infinite.cluster.inproc import InProcessCluster
-from infinite.cluster.remote_attention import merge_parts, meta_of, remote_parts
+from infinite.cluster.lent_rows import LentRows
+from infinite.cluster.remote_attention import RemoteWire, merge_parts
 from infinite.attention import MAMetadata, micro_attention, write_kv
 from infinite.errors import RequestError
-from infinite.kv.rmanager import RBlock
+from infinite.kv.rmanager import RBlock, RManager
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.engine import LLMEngine
+from infinite.runtime.input_batch import InputBatch
+from infinite.runtime.model_runner import prepare_inputs
+from infinite.runtime.request import Request
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -228,41 +232,63 @@ async def test_front_door_rejects_what_no_instance_can_hold_and_fails_streams_wi
 
 
 def test_remote_split_and_merge_equal_attention_over_one_pool():
-    """A request's blocks spread over three pools: per-pool MicroAttention merged by
-    AggregationAttention equals MicroAttention over all blocks in one pool."""
+    """Requests' blocks spread over three pools: per-pool MicroAttention (each creditor's over the rows
+    its diffs built, after writing the new K/V that land there) merged in place by AggregationAttention
+    equals MicroAttention over all blocks in one pool, for decode rows and a prefill chunk whose
+    queries see none of one creditor's keys."""
     torch.manual_seed(0)
     bs, nkv, nh, d = 4, 2, 4, 8
-    ctx = [13, 7]  # two requests; the last token of each is the query (decode)
+    ctx, q_lens = [13, 7, 11], [1, 1, 5]  # r0, r1 decode their last token; r2 prefills positions 6..10
+    rm = RManager(0, 16, bs)
+    free = {1: 0, 2: 0}
+    reqs, one_tables = [], []
+    for j, n in enumerate(ctx):
+        rid, nblocks = f"r{j}", -(-n // bs)
+        for i in range(nblocks):
+            c = [1, 2, 0][(i + j) % 3] if i < nblocks - 1 or j == 2 else 0  # r2's tail block is remote
+            if c == 0:
+                rm.allocate(rid, 1)
+            else:
+                rm.append_remote(rid, [RBlock(c, free[c])])
+                free[c] += 1
+        one_tables.append([sum(-(-m // bs) for m in ctx[:j]) + i for i in range(nblocks)])
+        req = Request(rid, list(range(n)), SamplingParams(), max_tokens=4)
+        req.num_computed_tokens = n - q_lens[j]
+        reqs.append(req)
+    ib = InputBatch(rm, max_rows=4, max_blocks=16, device=torch.device("cpu"))
+    ib.sync(reqs)
     pools = {r: (torch.zeros(16, bs, nkv, d), torch.zeros(16, bs, nkv, d)) for r in range(3)}
     one = (torch.zeros(16, bs, nkv, d), torch.zeros(16, bs, nkv, d))
-    tables, one_tables, free, nxt = [], [], {0: 0, 1: 0, 2: 0}, 0
-    for n in ctx:
-        t, ot = [], []
-        for i in range(-(-n // bs)):
-            r = [1, 2, 0][i % 3] if i < -(-n // bs) - 1 else 0  # tail at home (rank 0)
-            t.append(RBlock(r, free[r]))
-            free[r] += 1
-            ot.append(nxt)
-            nxt += 1
-        tables.append(t)
-        one_tables.append(ot)
-    for t, ot, n in zip(tables, one_tables, ctx):
-        k, v = torch.randn(n, nkv, d), torch.randn(n, nkv, d)
-        for p in range(n):
-            ref = t[p // bs]
-            for (kc, vc), blk in ((pools[ref.instance], ref.block), (one, ot[p // bs])):
-                write_kv(kc, vc, k[p:p + 1], v[p:p + 1], torch.tensor([blk * bs + p % bs]))
-    q = torch.randn(2, nh, d)
-    q_lens, q_starts = [1, 1], [n - 1 for n in ctx]
+    k_all, v_all = [torch.randn(n, nkv, d) for n in ctx], [torch.randn(n, nkv, d) for n in ctx]
+    for j, n in enumerate(ctx):  # the KV written by earlier steps
+        table = rm.table(f"r{j}")
+        for p in range(n - q_lens[j]):
+            ref = table[p // bs]
+            for (kc, vc), blk in ((pools[ref.instance], ref.block), (one, one_tables[j][p // bs])):
+                write_kv(kc, vc, k_all[j][p:p + 1], v_all[j][p:p + 1], torch.tensor([blk * bs + p % bs]))
+    q = torch.randn(sum(q_lens), nh, d)
+    q_starts = [n - ql for n, ql in zip(ctx, q_lens)]
+    new_k = torch.cat([k[s0:] for k, s0 in zip(k_all, q_starts)])
+    new_v = torch.cat([v[s0:] for v, s0 in zip(v_all, q_starts)])
+    one_slots = torch.tensor([t[p // bs] * bs + p % bs for t, s0, ql in zip(one_tables, q_starts, q_lens)
+                              for p in range(s0, s0 + ql)])
+    write_kv(*one, new_k, new_v, one_slots)
     full = micro_attention(q, *one, MAMetadata.build(q_lens, q_starts, one_tables), d ** -0.5)[0]
-    local_blocks = [[ref.block for ref in t if ref.instance == 0] for t in tables]
-    local_logical = [[i for i, ref in enumerate(t) if ref.instance == 0] for t in tables]
-    local = micro_attention(q, *pools[0], MAMetadata.build(q_lens, q_starts, local_blocks, local_logical), d ** -0.5)
-    parts = remote_parts(q_lens, q_starts, tables, 0, bs)
+
+    inputs = prepare_inputs(ib, {r.request_id: n for r, n in zip(reqs, q_lens)}, torch.device("cpu"))
+    keep = inputs.slot_mapping >= 0  # the local writes; the remote tail's go with its creditor's part
+    write_kv(*pools[0], new_k[keep], new_v[keep], inputs.slot_mapping[keep])
+    local = micro_attention(q, *pools[0], inputs.meta, d ** -0.5)
+    parts = RemoteWire(0).parts(ib, inputs.rows, inputs.q_lens, inputs.q_starts)
     assert [p.creditor for p in parts] == [1, 2]
-    results = [micro_attention(q.index_select(0, p.rows), *pools[p.creditor], meta_of(p.meta), d ** -0.5)
-               for p in parts]
+    assert [p.write_rows.tolist() for p in parts] == [[2, 3], [4, 5, 6]]  # r2's positions 6,7 | 8,9,10
+    results = []
+    for p in parts:
+        meta = LentRows(16).apply(0, 0, p.meta)
+        write_kv(*pools[p.creditor], new_k[p.write_rows], new_v[p.write_rows], p.write_slots)
+        results.append(micro_attention(q.index_select(0, p.rows), *pools[p.creditor], meta, d ** -0.5))
     merged = merge_parts(local, parts, results)
+    assert merged is local[0]  # in place
     assert torch.allclose(merged, full, atol=1e-5)
 
 

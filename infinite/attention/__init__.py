@@ -78,5 +78,8 @@ def aggregate(parts):
     return _impl(parts[0][0]).aggregate(parts)
 
 
-__all__ = ["MAMetadata", "write_kv", "micro_attention", "aggregate", "backend_for", "uses_triton",
+aggregate_into = torch_ops.aggregate_into  # in place, over some rows: plain tensor ops on any device
+
+
+__all__ = ["MAMetadata", "write_kv", "micro_attention", "aggregate", "aggregate_into", "backend_for", "uses_triton",
            "reload_backend", "BACKENDS"]

@@ -307,3 +307,25 @@ def aggregate(
     outs = torch.stack([o.float() for o, _ in parts])  # [P, T, nh, d]
     out = (w.unsqueeze(-1) * outs).sum(0)
     return out.to(parts[0][0].dtype), lse
+
+
+def aggregate_into(
+    out: torch.Tensor,  # [T, nh, d]: merged into, in place
+    lse: torch.Tensor,  # [T, nh] float32: merged into, in place
+    rows: torch.Tensor,  # [Tc] int64: the rows the other part covers
+    part_out: torch.Tensor,  # [Tc, nh, d]
+    part_lse: torch.Tensor,  # [Tc, nh]
+) -> None:
+    """AggregationAttention of a partial result that covers only some rows into another, in place:
+    the formula of ``aggregate`` on those rows alone (a creditor's part of a step covers only the
+    requests with blocks there), in float32. Plain tensor ops: the same on every device."""
+    l0 = lse.index_select(0, rows)  # [Tc, nh]
+    l1 = part_lse.float()
+    m = torch.maximum(l0, l1)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # both parts empty: weights 0, not NaN
+    w0, w1 = torch.exp(l0 - m), torch.exp(l1 - m)
+    s = w0 + w1
+    merged = (out.index_select(0, rows).float() * w0.unsqueeze(-1) + part_out.float() * w1.unsqueeze(-1)) \
+        / s.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    out.index_copy_(0, rows, merged.to(out.dtype))
+    lse.index_copy_(0, rows, m + torch.log(s))

@@ -19,8 +19,9 @@ import torch
 from infinite.attention import MAMetadata, micro_attention, write_kv
 from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
+from infinite.cluster.lent_rows import LentRows
 from infinite.cluster.policy import LendingPolicy, Peer
-from infinite.cluster.remote_attention import meta_of
+from infinite.cluster.remote_attention import handle_of
 from infinite.cluster.transport import Future, Reply, chain, failed_reply
 from infinite.kv.cache import KVCache
 from infinite.kv.rmanager import RManager
@@ -39,7 +40,9 @@ class Creditor:
         self.counters = counters
         self.num_layers = kv.k.shape[0]
         self._serve = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rm.rank}-serve")
-        self._step_meta: dict[tuple[int, int, int], MAMetadata] = {}  # StepKey -> metadata, per step
+        self.rows = LentRows(rm.num_blocks, kv.k.device)  # what debtors told us of their requests' blocks
+        # StepKey -> the step's metadata (or why its diffs were refused), for its later layers (RPC plane)
+        self._step_meta: dict[tuple[int, int, int], MAMetadata | Exception] = {}
 
     # ---- blocks ---------------------------------------------------------------------------
     def _lendable(self, rm: RManager) -> int:
@@ -52,10 +55,20 @@ class Creditor:
 
     def release(self, msg: M.Release) -> int:
         try:
-            return self.rm.release_lent(msg.debtor, msg.request_id, msg.blocks)
+            n = self.rm.release_lent(msg.debtor, msg.request_id, msg.blocks)
         except RuntimeError:
             log.warning("rank %d: release of unknown blocks for %d/%s", self.rm.rank, msg.debtor, msg.request_id)
-            return 0
+            n = 0
+        if (msg.debtor, msg.request_id) not in self.rm.lent:  # none of its blocks left here: nor its rows
+            self.rows.drop(msg.debtor, [handle_of(msg.request_id)])
+        return n
+
+    def step_metadata(self, debtor: int, step: int, meta: M.AttentionMeta, num_queries: int) -> MAMetadata:
+        """A debtor step's diffs applied to its rows here -> the step's MicroAttention metadata
+        (StaleRows when they do not continue what is held)."""
+        if sum(meta.q_lens) != num_queries:
+            raise ValueError(f"rank {debtor} sent {num_queries} queries for requests of {sum(meta.q_lens)}")
+        return self.rows.apply(debtor, step, meta)
 
     def read_blocks(self, msg: M.ReadBlocks) -> M.BlockTensors:
         """Blocks lent to msg.debtor's request, for it to take them home: k/v [L, n, B, nkv, d]."""
@@ -94,10 +107,15 @@ class Creditor:
             # A debtor's step that failed midway never sends its last layer: drop what it left.
             for old in [k for k in self._step_meta if k[0] == key[0] and k[1] < key[1] - 1]:
                 del self._step_meta[old]
-            self._step_meta[key] = meta_of(call.meta, self.kv.k.device)
+            try:
+                self._step_meta[key] = self.step_metadata(key[0], key[1], call.meta, t.q.shape[0])
+            except Exception as e:  # noqa: BLE001 - every layer of the step answers it
+                self._step_meta[key] = e
         meta = self._step_meta[key]
         if call.layer == self.num_layers - 1:
             del self._step_meta[key]
+        if isinstance(meta, Exception):
+            raise meta
         return self.attend(call.layer, meta, t)
 
     @torch.inference_mode()
@@ -116,7 +134,8 @@ class Creditor:
             self.counters.served(time.perf_counter() - t0, meta.max_q_len <= 1)
 
     def forget_debtor(self, debtor: int) -> None:
-        """Drop step metadata a (dead) debtor left behind."""
+        """Drop the rows and step metadata a (dead) debtor left behind."""
+        self.rows.forget_debtor(debtor)
         self._serve.submit(lambda: [self._step_meta.pop(k) for k in list(self._step_meta) if k[0] == debtor])
 
     def close(self) -> None:

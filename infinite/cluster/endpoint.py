@@ -33,6 +33,10 @@ class RankEndpoint:
         """One layer of MicroAttention over blocks lent to a debtor, on the caller's thread."""
         return self.instance.creditor.attend(layer, meta, t)
 
+    def step_metadata(self, debtor: int, step: int, meta: M.AttentionMeta, num_queries: int) -> MAMetadata:
+        """A debtor step's block diffs applied to the rows lent to it -> the step's metadata."""
+        return self.instance.creditor.step_metadata(debtor, step, meta, num_queries)
+
     def handle(self, src: int, msg: M.Msg, tensors: Tensors) -> Reply | Future:
         inst = self.instance
         match msg:

@@ -30,7 +30,7 @@ from infinite.cluster.membership import PING_S, short_error
 from infinite.cluster.migration import Migrator
 from infinite.cluster.policy import LendingPolicy
 from infinite.cluster.step_runner import StepRunner
-from infinite.cluster.transport import PeerError, Transport, to_asyncio
+from infinite.cluster.transport import PeerError, Transport, is_stale, to_asyncio
 from infinite.kv.rmanager import RBlock, blocks_for
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
@@ -178,15 +178,18 @@ class Instance:
         self._apply_inbox()
         self.migrator.apply_done()
         e = self.engine
+        t0 = time.perf_counter()
         batch = e.scheduler.schedule()
         if not batch.requests:
             return None
+        e.timing.schedule_s += time.perf_counter() - t0
         self._step_calls = 0
         e.mark_scheduled(batch)
+        t1 = time.perf_counter()
         e.input_batch.sync(batch.requests)
         if self.rm.num_borrowed == 0 or not any(e.input_batch.has_remote(r.request_id) for r in batch.requests):
             return batch, None, e.execute(batch)
-        mbs = self.runner.micro_batches(batch)
+        mbs = self.runner.micro_batches(batch, since=t1)
         self._step_calls = sum(len(mb.parts) for mb in mbs)
         if len(mbs) == 1:
             try:
@@ -228,6 +231,9 @@ class Instance:
                 failures = 0
             except Exception as err:  # noqa: BLE001 - keep serving
                 failures += 1
+                if isinstance(err, RemoteStepFailed) and is_stale(err.cause) and failures < STEP_RETRIES:
+                    log.info("rank %d: %s", self.rank, err.cause)
+                    continue  # the next step sends the creditors whole rows
                 remote = isinstance(err, RemoteStepFailed) and _peer_unreachable(err.cause)
                 if remote and await self._survive(err.cause, err.creditors, failures):
                     continue  # the next step recomputes what the lost rank held (or simply retries)

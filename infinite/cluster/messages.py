@@ -275,12 +275,22 @@ class StepKey(Msg):
 
 
 class AttentionMeta(Msg):
-    """MAMetadata of the creditor's blocks, as lists (infinite.attention.MAMetadata.build inputs)."""
+    """A step's requests on one creditor, as diffs against the rows it holds (cluster/lent_rows.py).
 
+    Per request: a stable ``handle``, its blocks' ``epoch``, ``base`` (entries the creditor
+    holds already; 0: replace them), its queries (``q_lens``, ``q_starts``) and ``counts`` new
+    entries, concatenated in ``blocks`` (ids in the creditor's pool) and ``logical`` (their
+    indices in the request). ``drop``: handles the creditor may forget."""
+
+    handles: list[int]
+    epochs: list[int]
+    bases: list[int]
     q_lens: list[int]
     q_starts: list[int]
-    blocks: list[list[int]]
-    logical: list[list[int]]
+    counts: list[int]
+    blocks: list[int]
+    logical: list[int]
+    drop: list[int] = []
 
 
 class AttentionCall(Msg):

@@ -46,12 +46,28 @@ class PeerError(RuntimeError):
         self.reason = reason
 
 
+STALE_ROWS = "stale_rows"
+
+
+class StaleRows(RuntimeError):
+    """A creditor refused a step's block diffs: they do not continue the rows it holds (a step that
+    failed midway, or rows it forgot). The step fails like any remote failure; the debtor sends
+    whole rows next time (cluster/lent_rows.py)."""
+
+    reason = STALE_ROWS
+
+
+def is_stale(err: BaseException) -> bool:
+    """The error is a creditor's refusal of stale diffs (retry the step), not a failure."""
+    return isinstance(err, PeerError) and err.reason == STALE_ROWS
+
+
 class Endpoint(Protocol):
     def handle(self, src: int, msg: M.Msg, tensors: Tensors) -> Reply | Future: ...
 
 
 def failed_reply(err: BaseException) -> Reply:
-    reason = err.reason if isinstance(err, RequestError) else "internal"
+    reason = err.reason if isinstance(err, (RequestError, StaleRows)) else "internal"
     return M.Failed(f"{type(err).__name__}: {err}", reason), None
 
 

@@ -17,11 +17,16 @@ bucket are rows past ``n``, whose block count is 0: they see no key.
 
 On a CPU device the host arrays are the device tensors; on a GPU, host
 mirrors (pinned) take the writes and each step uploads only what changed.
+
+Blocks on other instances (borrowed) are kept by the same diffs, per row and
+creditor (``RemoteGroup``): what the cluster's data plane tells each creditor
+about the row, so that a step with remote blocks costs O(rows x creditors +
+new tokens), not a walk of every table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,10 +36,28 @@ from infinite.runtime.request import Request
 
 
 @dataclass
+class RemoteGroup:
+    """One row's blocks on one creditor, in logical order.
+
+    ``epoch`` moves whenever the group changes other than by appending entries, so that
+    whoever mirrors it elsewhere (a creditor, infinite.cluster.remote_attention) knows
+    when appending the new entries is not enough. ``sent*`` is that mirror's bookkeeping:
+    entries of this epoch the creditor was told about, in its generation ``sent_gen``."""
+
+    blocks: list[int]  # physical ids in the creditor's pool
+    logical: list[int]  # their logical index in the request, ascending
+    epoch: int
+    sent: int = 0
+    sent_epoch: int = -1
+    sent_gen: int = -1
+
+
+@dataclass
 class _RowSync:
     table: list[RBlock]  # the rManager's own list for the request (read only)
     epoch: int  # the table's epoch when mirrored
     seen: int  # table entries mirrored into the row
+    remote: dict[int, RemoteGroup] = field(default_factory=dict)  # creditor -> the row's blocks there
 
 
 class InputBatch:
@@ -64,6 +87,9 @@ class InputBatch:
         # Device writes still to upload (GPU only): single entries, whole rows, row moves.
         self._cells: list[tuple[int, int]] = []  # (row, column) of appended entries
         self._rows: set[int] = set()  # rows to upload whole (joined, rebuilt, moved into)
+        # (creditor, request) of remote groups that went away (the row left, or its blocks there
+        # came home) since the last take_remote_dropped(): the creditor may forget them.
+        self._remote_dropped: list[tuple[int, str]] = []
 
     # ---- rows --------------------------------------------------------------------------------
     @property
@@ -75,9 +101,17 @@ class InputBatch:
         return self._sync[row].table
 
     def has_remote(self, request_id: str) -> bool:
-        """The request holds blocks on other instances (its table is longer than its local row)."""
-        row = self.row_of[request_id]
-        return int(self.nb_np[row]) != self._sync[row].seen
+        """The request holds blocks on other instances."""
+        return bool(self._sync[self.row_of[request_id]].remote)
+
+    def remote_groups(self, row: int) -> dict[int, RemoteGroup]:
+        """The row's blocks on each creditor (kept by diffs: read, never change, the lists)."""
+        return self._sync[row].remote
+
+    def take_remote_dropped(self) -> list[tuple[int, str]]:
+        """(creditor, request) of the remote groups gone since the last call."""
+        out, self._remote_dropped = self._remote_dropped, []
+        return out
 
     def sync(self, scheduled: list[Request]) -> None:
         """Bring the rows up to date with the rManager before a step: drop the rows of requests that
@@ -127,13 +161,29 @@ class InputBatch:
                 if not self.on_host:
                     self._cells.append((row, n))
                 n += 1
+            else:
+                g = st.remote.get(ref.instance)
+                if g is None:
+                    g = st.remote[ref.instance] = RemoteGroup([], [], st.epoch)
+                g.blocks.append(ref.block)
+                g.logical.append(i)
         self.nb_np[row] = n
         st.seen = end
 
     def _rebuild(self, row: int) -> None:
         """Mirror the row's whole table (a join, or a change other than an append): O(its blocks)."""
         st = self._sync[row]
-        local = [(ref.block, i) for i, ref in enumerate(st.table) if ref.instance == self.rank]
+        local: list[tuple[int, int]] = []
+        remote: dict[int, tuple[list[int], list[int]]] = {}
+        rank = self.rank
+        for i, ref in enumerate(st.table):
+            if ref.instance == rank:
+                local.append((ref.block, i))
+            else:
+                blocks, logical = remote.setdefault(ref.instance, ([], []))
+                blocks.append(ref.block)
+                logical.append(i)
+        self._regroup(row, remote)
         n = len(local)
         if n > self.max_blocks:
             raise RuntimeError(f"request {self.requests[row].request_id} holds {n} local blocks, "
@@ -147,9 +197,26 @@ class InputBatch:
         if not self.on_host:
             self._rows.add(row)
 
+    def _regroup(self, row: int, remote: dict[int, tuple[list[int], list[int]]]) -> None:
+        """The row's remote groups after a rebuild: a group that only grew keeps its epoch (its
+        creditor then gets the new entries alone), any other change takes the table's epoch."""
+        st = self._sync[row]
+        rid = self.requests[row].request_id
+        old, st.remote = st.remote, {}
+        for c, (blocks, logical) in remote.items():
+            g = old.get(c)
+            k = len(g.blocks) if g is not None else 0
+            if g is not None and blocks[:k] == g.blocks and logical[:k] == g.logical:
+                g.blocks, g.logical = blocks, logical
+            else:
+                g = RemoteGroup(blocks, logical, st.epoch)
+            st.remote[c] = g
+        self._remote_dropped.extend((c, rid) for c in old if c not in st.remote)
+
     def _remove(self, row: int) -> None:
         """The last row moves into ``row`` (its tables copied once), so rows stay 0..n-1."""
         rid = self.requests[row].request_id
+        self._remote_dropped.extend((c, rid) for c in self._sync[row].remote)
         last = len(self.requests) - 1
         if row != last:
             n = int(self.nb_np[last])
@@ -206,3 +273,17 @@ class InputBatch:
             for j, (b, i) in enumerate(local):
                 bt[row, j], bi[row, j] = b, i
         return bt, bi, nb
+
+    def remote_from_scratch(self) -> list[dict[int, tuple[list[int], list[int]]]]:
+        """Per row, its blocks on each creditor (ids, logical indices) as a from-scratch build of the
+        rManager's tables makes them (tests compare the remote groups with this)."""
+        out = []
+        for req in self.requests:
+            groups: dict[int, tuple[list[int], list[int]]] = {}
+            for i, ref in enumerate(self.rm.table(req.request_id)):
+                if ref.instance != self.rank:
+                    blocks, logical = groups.setdefault(ref.instance, ([], []))
+                    blocks.append(ref.block)
+                    logical.append(i)
+            out.append(groups)
+        return out
