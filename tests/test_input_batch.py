@@ -18,8 +18,8 @@ torch.set_num_threads(1)
 
 RANK = 0
 OPS = st.lists(
-    st.tuples(st.sampled_from(["grow", "grow", "remote", "remote_at", "migrate", "shrink", "free", "schedule",
-                               "schedule"]),
+    st.tuples(st.sampled_from(["grow", "grow", "remote", "remote_at", "migrate", "home", "shrink", "free",
+                               "schedule", "schedule"]),
               st.integers(0, 5), st.integers(1, 6)),
     min_size=1, max_size=80,
 )
@@ -40,17 +40,26 @@ def _check(ib: InputBatch) -> None:
     assert not ib.nb_np[n:].any(), "rows past the batch must see no key (graph padding)"
     assert {r.request_id: i for i, r in enumerate(ib.requests)} == ib.row_of
     assert all(ib.rm.live_table(r.request_id)[0] is not None for r in ib.requests)
+    # the remote blocks of each row, by creditor, equal the same grouping of the tables from scratch
+    remote = ib.remote_from_scratch()
+    for row in range(n):
+        groups = ib.remote_groups(row)
+        assert {c: (g.blocks, g.logical) for c, g in groups.items()} == remote[row]
+        assert ib.has_remote(ib.requests[row].request_id) == bool(remote[row])
 
 
 @settings(max_examples=300, deadline=None)
 @given(OPS)
 def test_rows_equal_a_rebuild_after_any_changes(ops):
     """Joins, growth, borrowed blocks (appended or inserted), migrations, shrinking and leaves in any
-    order: after each sync the rows hold exactly what a from-scratch build of the tables holds."""
+    order: after each sync the rows (local tables and remote groups) hold exactly what a from-scratch
+    build of the tables holds; a remote group keeps its epoch exactly while it only grew, and every
+    group that went away is reported once."""
     rm = RManager(RANK, 64, 4)
     ib = InputBatch(rm, max_rows=6, max_blocks=64, device=torch.device("cpu"))
     reqs = [_req(i) for i in range(6)]
     remote_ids = iter(range(1000, 10**6))
+    before: dict[tuple[str, int], tuple[int, list[int], list[int]]] = {}  # last sync's groups
     for op, i, n in ops:
         rid = reqs[i].request_id
         table = rm.table(rid)
@@ -64,6 +73,11 @@ def test_rows_equal_a_rebuild_after_any_changes(ops):
             old = [r for r in table if r.instance == RANK][:n]
             if old:
                 rm.swap_out(rid, old, [RBlock(3, next(remote_ids)) for _ in old])
+        elif op == "home" and table:  # a creditor's blocks come home (some, or all of them)
+            old = [r for r in table if r.instance == table[-1].instance or r.instance != RANK][:n]
+            old = [r for r in old if r.instance == old[0].instance and r.instance != RANK]
+            if old and rm.num_free >= len(old):
+                rm.replace_blocks(rid, old, [RBlock(RANK, b) for b in rm.take_free(len(old))])
         elif op == "shrink" and table and table[-1].instance == RANK:
             rm.free_tail(rid, 1)
         elif op == "free":
@@ -73,8 +87,25 @@ def test_rows_equal_a_rebuild_after_any_changes(ops):
             scheduled = held[i % max(1, len(held)):] + held[: n]  # a changing subset, in changing order
             ib.sync(scheduled)
             _check(ib)
+            before = _check_group_changes(ib, before)
     ib.sync([])
     _check(ib)
+    _check_group_changes(ib, before)
+
+
+def _check_group_changes(ib: InputBatch, before: dict) -> dict:
+    """Epochs against the last sync's groups (same epoch <=> the old entries are a prefix of the new),
+    and the reported drops against the groups that are gone."""
+    now = {(r.request_id, c): (g.epoch, list(g.blocks), list(g.logical))
+           for row, r in enumerate(ib.requests) for c, g in ib.remote_groups(row).items()}
+    for key, (epoch, blocks, logical) in now.items():
+        if key in before:
+            e0, b0, l0 = before[key]
+            grew = blocks[:len(b0)] == b0 and logical[:len(l0)] == l0
+            assert (epoch == e0) == grew, (key, before[key], now[key])
+    gone = {key for key in before if key not in now}
+    assert {(rid, c) for c, rid in ib.take_remote_dropped()} == gone
+    return now
 
 
 def test_sync_touches_only_changed_rows():

@@ -115,7 +115,7 @@ class RemoteWire:
             if vis == 0:
                 continue
             gen = self.gen.get(c, 0)
-            base = g.sent if g.sent_gen == gen and g.sent_epoch == g.epoch and g.sent <= vis else 0
+            base = g.sent if g.sent_gen == gen and g.sent <= vis else 0  # a new epoch is a new group
             b = per.get(c)
             if b is None:
                 b = per[c] = _Builder()
@@ -128,7 +128,7 @@ class RemoteWire:
             b.counts.append(vis - base)
             b.blocks.extend(g.blocks[base:vis])
             b.logical.extend(g.logical[base:vis])
-            g.sent, g.sent_epoch, g.sent_gen = vis, g.epoch, gen
+            g.sent, g.sent_gen = vis, gen
         # New tokens whose block is remote: one table lookup per block the step writes.
         table = ib.refs(row)
         p = start

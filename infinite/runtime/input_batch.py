@@ -39,16 +39,16 @@ from infinite.runtime.request import Request
 class RemoteGroup:
     """One row's blocks on one creditor, in logical order.
 
-    ``epoch`` moves whenever the group changes other than by appending entries, so that
-    whoever mirrors it elsewhere (a creditor, infinite.cluster.remote_attention) knows
-    when appending the new entries is not enough. ``sent*`` is that mirror's bookkeeping:
-    entries of this epoch the creditor was told about, in its generation ``sent_gen``."""
+    ``epoch`` moves whenever the group changes other than by appending entries (the group is
+    then a new object), so that whoever mirrors it elsewhere (a creditor,
+    infinite.cluster.remote_attention) knows when appending the new entries is not enough.
+    ``sent``/``sent_gen``: that mirror's bookkeeping, entries the creditor was told about in
+    its generation ``sent_gen`` of the mirror."""
 
     blocks: list[int]  # physical ids in the creditor's pool
     logical: list[int]  # their logical index in the request, ascending
     epoch: int
     sent: int = 0
-    sent_epoch: int = -1
     sent_gen: int = -1
 
 
