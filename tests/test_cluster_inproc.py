@@ -13,7 +13,8 @@ from infinite import SamplingParams
 from infinite.cluster import messages as M
 from infinite.cluster.inproc import InProcessCluster
 from infinite.cluster.lent_rows import LentRows
-from infinite.cluster.remote_attention import RemoteWire, merge_parts
+from infinite.cluster.remote_attention import RemoteWire, handle_of, merge_parts
+from infinite.cluster.transport import StaleRows
 from infinite.attention import MAMetadata, micro_attention, write_kv
 from infinite.errors import RequestError
 from infinite.kv.rmanager import RBlock, RManager
@@ -73,6 +74,42 @@ async def test_a_request_larger_than_one_pool_is_served_exactly_across_three_ins
         await asyncio.sleep(0.3)  # let the heartbeats report the end
         assert_no_leak(cl)
         assert cl.gmanager.debts() == []
+
+
+async def test_a_creditor_that_forgot_the_rows_refuses_once_and_the_step_is_retried_exactly(ckpt):
+    """A creditor loses a decoding request's rows (as if a release had crossed the step): it refuses
+    the next diff, the home retries the step with whole rows, and the output is as on one instance."""
+    rng = random.Random(4)
+    prompt = [rng.randrange(3, 300) for _ in range(300)]
+    ref = LLMEngine(config(ckpt, 64))
+    ref.add_request(prompt, GREEDY, "ref")
+    want = None
+    while ref.has_unfinished_requests():
+        want = [o for o in ref.step() if o.finished] or want
+    async with InProcessCluster(config(ckpt, 9), 3) as cl:
+        refused = []
+        for inst in cl.instances:
+            apply = inst.creditor.rows.apply
+
+            def counting(debtor, step, meta, apply=apply):
+                try:
+                    return apply(debtor, step, meta)
+                except StaleRows:
+                    refused.append(debtor)
+                    raise
+            inst.creditor.rows.apply = counting
+        req = cl.front.make_request(prompt, GREEDY, "long")
+        out, n = None, 0
+        async for out in cl.front.generate(req):
+            n += 1
+            if n == 3:  # decoding, with blocks on both creditors: they forget its rows
+                home = cl.front._homes["long"]
+                for inst in cl.instances:
+                    if inst.rank != home:
+                        inst.creditor.rows.drop(home, [handle_of("long")])
+        assert out.outputs[0].token_ids == want[0].outputs[0].token_ids
+        assert refused and set(refused) == {home}
+        assert set(out.extra["kv_blocks"]) == {0, 1, 2}
 
 
 async def test_gmanager_borrows_in_the_policy_order_all_or_nothing(ckpt):

@@ -22,7 +22,7 @@ from infinite.cluster.counters import StepCounters
 from infinite.cluster.lent_rows import LentRows
 from infinite.cluster.policy import LendingPolicy, Peer
 from infinite.cluster.remote_attention import handle_of
-from infinite.cluster.transport import Future, Reply, chain, failed_reply
+from infinite.cluster.transport import Future, Reply, StaleRows, chain, failed_reply
 from infinite.kv.cache import KVCache
 from infinite.kv.rmanager import RManager
 
@@ -111,9 +111,11 @@ class Creditor:
                 self._step_meta[key] = self.step_metadata(key[0], key[1], call.meta, t.q.shape[0])
             except Exception as e:  # noqa: BLE001 - every layer of the step answers it
                 self._step_meta[key] = e
-        meta = self._step_meta[key]
+        meta = self._step_meta.get(key)
+        if meta is None:  # its layer 0 never came, or was dropped (forget_debtor): the debtor resends
+            meta = StaleRows(f"no metadata for rank {key[0]}'s step {key[1]} (micro-batch {key[2]})")
         if call.layer == self.num_layers - 1:
-            del self._step_meta[key]
+            self._step_meta.pop(key, None)
         if isinstance(meta, Exception):
             raise meta
         return self.attend(call.layer, meta, t)

@@ -169,8 +169,21 @@ class Transport(ABC):
     # ---- data ------------------------------------------------------------------------------
     def attention(self, dst: int, call: M.AttentionCall, tensors: M.AttentionTensors,
                   timeout: float | None = None) -> Future:
-        """One layer of MicroAttention on ``dst``'s blocks -> AttentionResultTensors (on CPU)."""
-        return self.request(dst, call, tensors, timeout).then(_result_tensors)
+        """One layer of MicroAttention on ``dst``'s blocks -> AttentionResultTensors (on CPU). A
+        failure keeps its type (``then`` would wrap it in a RuntimeError), as on the point-to-point
+        plane: the step runner tells a creditor's refusal or error from a lost peer by it."""
+        out: Future = torch.futures.Future()
+
+        def done(f: Future) -> None:
+            try:
+                value = _result_tensors(f)
+            except BaseException as e:  # noqa: BLE001 - raised to whoever waits
+                out.set_exception(e)
+                return
+            out.set_result(value)
+
+        self.request(dst, call, tensors, timeout).add_done_callback(done)
+        return out
 
     def write_blocks(self, dst: int, msg: M.WriteBlocks, tensors: M.BlockTensors,
                      timeout: float | None = None) -> Future:
