@@ -48,7 +48,7 @@ class Debtor:
         self.rm = RManager(0, 64, BS)
         self.ib = InputBatch(self.rm, max_rows=5, max_blocks=64, device=torch.device("cpu"))
         self.wire = RemoteWire(0)
-        self.creditors = {c: LentRows(10**6) for c in CREDITORS}
+        self.creditors = {c: LentRows(10**6, mirrored=c == 3) for c in CREDITORS}  # 3: a GPU's uploads
         self.reqs = [_req(i) for i in range(5)]
         self.ids = iter(range(10**5))
         self.step_id = 0
@@ -74,9 +74,14 @@ class Debtor:
     def apply(self, parts, only: set[int] | None = None) -> None:
         for p in parts:
             if only is None or p.creditor in only:
-                meta = self.creditors[p.creditor].apply(0, self.step_id, p.meta)
+                lent = self.creditors[p.creditor]
+                meta = lent.apply(0, self.step_id, p.meta)
                 self.entries_sent += len(p.meta.blocks)
-                assert meta.num_blocks.shape[0] == len(p.meta.handles)
+                for i, h in enumerate(p.meta.handles):  # the step's gathered tables are the rows held
+                    blocks, logical = lent.held(0, h)
+                    k = int(meta.num_blocks[i])
+                    assert k == len(blocks) and meta.block_tables[i, :k].tolist() == blocks
+                    assert meta.block_idx[i, :k].tolist() == logical
 
     def step(self, shift: int) -> None:
         """A step as the runtime runs it: refused diffs fail it, and it is retried with whole rows."""
@@ -225,10 +230,12 @@ def test_lent_rows_reject_malformed_diffs_with_a_clear_error():
         lent.apply(0, 2, _meta([1], [1], [1], [1], [2], [4]))
 
 
-def test_lent_rows_grow_and_shrink_back():
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_lent_rows_grow_and_shrink_back(mirrored):
     """Rows and width grow as debtors' requests need them; rows go on drop and forget, and with no
-    row left the tables are back to their first size (memory is bounded by what is held)."""
-    lent = LentRows(10**6)
+    row left the tables are back to their first size (memory is bounded by what is held). Mirrored:
+    device tables apart from the host's, as on a GPU."""
+    lent = LentRows(10**6, mirrored=mirrored)
     n_rows, width = 3 * FIRST_ROWS, 3 * FIRST_WIDTH
     for h in range(n_rows):
         lent.apply(h % 2, 0, _meta([h], [1], [0], [h + 1], range(h + 1), range(h + 1)))
@@ -238,6 +245,7 @@ def test_lent_rows_grow_and_shrink_back():
         assert lent.held(h % 2, h) == ((list(range(width + 1)),) * 2 if h == 0 else (list(range(h + 1)),) * 2)
     meta = lent.apply(1, 1, _meta([5, 1], [1, 1], [6, 2], [0, 0], [], [], q_lens=[1, 2], q_starts=[30, 40]))
     assert meta.num_blocks.tolist() == [6, 2] and meta.block_tables.shape == (2, 6)
+    assert meta.block_tables.tolist() == [list(range(6)), [0, 1, 0, 0, 0, 0]]
     assert meta.cu_q.tolist() == [0, 1, 3] and meta.q_pos.tolist() == [30, 40, 41]
     lent.forget_debtor(1)
     assert {d for d, _ in lent.row_of} == {0}

@@ -38,10 +38,12 @@ FIRST_ROWS, FIRST_WIDTH = 8, 64
 
 
 class LentRows:
-    def __init__(self, pool_blocks: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, pool_blocks: int, device: torch.device | str = "cpu", mirrored: bool | None = None) -> None:
+        """``mirrored``: device tables apart from the host's, changed by uploads (default: on any device
+        but the CPU; tests set it on a CPU to run the GPU's path)."""
         self.pool_blocks = pool_blocks
         self.device = torch.device(device)
-        self.on_host = self.device.type == "cpu"
+        self.on_host = self.device.type == "cpu" if mirrored is None else not mirrored
         self._lock = threading.Lock()  # stream threads of several debtors (and slots) apply at once
         self.row_of: dict[tuple[int, int], int] = {}  # (debtor, handle) -> row
         self._newest: dict[int, int] = {}  # debtor -> newest step whose diffs were applied
@@ -67,7 +69,8 @@ class LentRows:
         if self.on_host:
             self.bt, self.bi = torch.from_numpy(bt), torch.from_numpy(bi)  # [rows, width] int32, shared
         else:
-            self.bt, self.bi = torch.from_numpy(bt).to(self.device), torch.from_numpy(bi).to(self.device)
+            self.bt = torch.from_numpy(bt).to(self.device, copy=True)
+            self.bi = torch.from_numpy(bi).to(self.device, copy=True)
             self._dirty.clear()  # uploaded whole
 
     @property

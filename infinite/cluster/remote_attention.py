@@ -73,8 +73,9 @@ class _Builder:
     def part(self, creditor: int) -> RemotePart:
         meta = M.AttentionMeta(self.handles, self.epochs, self.bases, self.q_lens, self.q_starts, self.counts,
                                self.blocks, self.logical)
-        return RemotePart(creditor, torch.tensor(self.rows, dtype=torch.int64), meta,
-                          torch.tensor(self.wrows, dtype=torch.int64), torch.tensor(self.wslots, dtype=torch.int64))
+        a, w = len(self.rows), len(self.wrows)
+        flat = torch.tensor(self.rows + self.wrows + self.wslots, dtype=torch.int64)  # one tensor, three views
+        return RemotePart(creditor, flat[:a], meta, flat[a:a + w], flat[a + w:])
 
 
 class RemoteWire:

@@ -275,8 +275,8 @@ def step_metadata(ib: InputBatch, rows: list[int] | None, q_lens: list[int], pos
     else:
         width = max(1, int(ib.nb_np[rows].max())) if rows else 1
         idx = torch.tensor(rows, dtype=torch.int64, device=dev)
-        bt = ib.block_tables.index_select(0, idx)[:, :width]
-        bi = ib.block_idx.index_select(0, idx)[:, :width]
+        bt = ib.block_tables[:, :width].index_select(0, idx)  # [R, width]: the rows as wide as needed
+        bi = ib.block_idx[:, :width].index_select(0, idx)
         nb = ib.num_blocks.index_select(0, idx)
     cu = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(q_lens, out=cu[1:])
