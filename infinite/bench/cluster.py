@@ -139,6 +139,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     c.add_argument("--context-steps", type=_positive_int, default=20, help="decode steps timed per run")
     c.add_argument("--context-warmup", type=_positive_int, default=3, help="decode steps before the timed ones")
     c.add_argument("--context-repeats", type=_positive_int, default=2, help="runs per context, alternating")
+    c.add_argument("--context-cold-mb", type=_positive_int, default=256,
+                   help="memory the control mode touches before each step (default 256)")
     args = p.parse_args(list(argv))
     if args.decode_tokens < 2:
         p.error("--decode-tokens must be at least 2 (latency is measured between the first and last token)")
@@ -426,7 +428,7 @@ def main(argv: Sequence[str]) -> int:
         from infinite.bench.cluster_context import print_context, run_context
 
         payload["context"] = run_context(args.contexts, args.context_steps, args.context_repeats,
-                                         args.context_warmup, args.timeout, args.seed)
+                                         args.context_warmup, args.context_cold_mb, args.timeout, args.seed)
         print_context(payload["context"])
     if args.out:
         path = write_json(args.out, payload)

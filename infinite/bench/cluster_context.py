@@ -18,10 +18,13 @@ home sends each creditor per step (the step's header and block diffs, once; the
 queries, per layer) and the size of the outputs message the home sends rank 0
 per step (``messages.Outputs``, msgpack).
 
-Two output modes, each side by side over the contexts: ``stream`` (a new output
-every step, encoded as the home sends it to rank 0, between steps as the
-instance's loop does) and ``final`` (only the finished output, as
-``LLM.generate`` asks).
+Modes, each side by side over the contexts: ``stream`` (a new output every
+step, encoded as the home sends it to rank 0, between steps as the instance's
+loop does), ``final`` (only the finished output, as ``LLM.generate`` asks), and
+``final-cold``, a control: ``final`` with ``--context-cold-mb`` of memory
+touched on the home before every step, so that every context's host work starts
+from caches as cold as a long context's forward leaves them (on CPU the forward
+of a 256K-token step reads hundreds of MB; a 1K-token one hardly any).
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ from pathlib import Path
 from typing import Any
 
 TARGET = 1.2  # host time per step at the longest context / at the shortest, at most
-MODES = ("final", "stream")
+MODES = {"stream": (False, False), "final": (True, False), "final-cold": (True, True)}  # (final only, cold)
 BLOCK = 16
 RANKS = 3
 HEADER_BYTES = 8 * 8  # p2p.HEADER int64s
 
 
-def run_context(contexts: list[int], steps: int, repeats: int, warmup: int, timeout: float, seed: int) -> dict[str, Any]:
+def run_context(contexts: list[int], steps: int, repeats: int, warmup: int, cold_mb: int, timeout: float,
+                seed: int) -> dict[str, Any]:
     """Start the three ranks, run the cases on rank 0, stop everything; rank 0's measurements."""
     from infinite.bench.procs import _env
     from infinite.cluster.rpc_transport import free_port
@@ -57,7 +61,7 @@ def run_context(contexts: list[int], steps: int, repeats: int, warmup: int, time
     with tempfile.TemporaryDirectory(prefix="bench-context-") as tmp:
         ckpt = write_tiny_checkpoint(Path(tmp) / "ckpt", max_position_embeddings=longest * BLOCK)
         spec = {"ckpt": str(ckpt), "pool": pool, "contexts": contexts, "steps": steps, "repeats": repeats,
-                "warmup": warmup, "seed": seed, "timeout": timeout, "out": str(Path(tmp) / "result.json"),
+                "warmup": warmup, "cold_mb": cold_mb, "seed": seed, "timeout": timeout, "out": str(Path(tmp) / "result.json"),
                 "rpc": f"tcp://127.0.0.1:{free_port()}", "data": f"tcp://127.0.0.1:{free_port()}"}
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -156,9 +160,9 @@ def _cases(inst, tr, spec: dict[str, Any]) -> dict[str, Any]:
     steps: dict[tuple[str, int], list[dict[str, float]]] = {(m, c): [] for m in MODES for c in spec["contexts"]}
     first_meta: dict[int, dict[str, int]] = {}
     for rep in range(spec["repeats"]):
-        for mode in MODES:
+        for mode, (final_only, cold) in MODES.items():
             for ctx in spec["contexts"]:
-                rows, first = _one_case(inst, ctx, spec, rng, f"{mode}{ctx}-{rep}", mode == "final", sent, meta_sent, M)
+                rows, first = _one_case(inst, ctx, spec, rng, f"{mode}{ctx}-{rep}", final_only, cold, sent, meta_sent, M)
                 steps[(mode, ctx)].extend(rows)
                 first_meta[ctx] = first
     tr.attention = attention
@@ -168,6 +172,7 @@ def _cases(inst, tr, spec: dict[str, Any]) -> dict[str, Any]:
         cases[mode][str(ctx)] = {
             "context": ctx, "steps": len(rows),
             "host_ms": med["host_ms"], "host_ms_mean": statistics.fmean(r["host_ms"] for r in rows),
+            "host_ms_steps": [round(r["host_ms"], 4) for r in rows],
             "host_ms_p90": sorted(r["host_ms"] for r in rows)[int(0.9 * (len(rows) - 1))],
             "schedule_ms": med["schedule_ms"], "prepare_ms": med["prepare_ms"], "postprocess_ms": med["postprocess_ms"],
             "forward_ms": med["forward_ms"],
@@ -180,15 +185,17 @@ def _cases(inst, tr, spec: dict[str, Any]) -> dict[str, Any]:
     ratios = {m: cases[m][hi]["host_ms"] / cases[m][lo]["host_ms"] for m in MODES}
     return {
         "config": {"contexts": spec["contexts"], "steps": spec["steps"], "repeats": spec["repeats"],
-                   "warmup": spec["warmup"], "modes": list(MODES)},
+                   "warmup": spec["warmup"], "modes": list(MODES), "cold_mb": spec["cold_mb"]},
         "cases": cases, "ratios": ratios, "target_ratio": TARGET,
         "meets_target": {m: r <= TARGET for m, r in ratios.items()},
     }
 
 
-def _one_case(inst, ctx: int, spec: dict[str, Any], rng: random.Random, rid: str, final_only: bool, sent: Counter,
-              meta_sent: Counter, M) -> tuple[list[dict[str, float]], dict[str, int]]:
+def _one_case(inst, ctx: int, spec: dict[str, Any], rng: random.Random, rid: str, final_only: bool, cold: bool,
+              sent: Counter, meta_sent: Counter, M) -> tuple[list[dict[str, float]], dict[str, int]]:
     """Place one request of ``ctx`` tokens over the three pools, decode it, take it away again."""
+    import torch
+
     from infinite.kv.rmanager import RBlock, blocks_for
     from infinite.runtime.request import Status
     from infinite.sampling.params import SamplingParams
@@ -216,7 +223,10 @@ def _one_case(inst, ctx: int, spec: dict[str, Any], rng: random.Random, rid: str
     req.status = Status.RUNNING
     e.scheduler.running.append(req)
     rows, first = [], {}
+    flush = torch.zeros(spec["cold_mb"] << 18) if cold else None  # float32: 2**18 per MB
     for i in range(warmup + n_steps):
+        if flush is not None:
+            flush.add_(1.0)  # every cache line of it, before the step's host work begins
         t = e.timing
         before = (t.schedule_s, t.prepare_s, t.postprocess_s, t.forward_s, t.decode_steps)
         sent.clear()
