@@ -62,15 +62,11 @@ class Creditor:
         held = set(self.rm.lent.get((msg.debtor, msg.request_id), ()))
         if not set(msg.blocks) <= held:
             raise RuntimeError(f"blocks {sorted(set(msg.blocks) - held)} are not lent to {msg.debtor}/{msg.request_id}")
-        idx = torch.tensor(msg.blocks, dtype=torch.int64, device=self.kv.k.device)
-        return M.BlockTensors(self.kv.k.index_select(1, idx), self.kv.v.index_select(1, idx))
+        return M.BlockTensors(*self.kv.read_blocks(msg.blocks))
 
     def write_blocks(self, msg: M.WriteBlocks, t: M.BlockTensors) -> None:
         """Receive migrated blocks: k/v [L, n, B, nkv, d]."""
-        dev = self.kv.k.device
-        idx = torch.tensor(msg.blocks, dtype=torch.int64, device=dev)
-        self.kv.k.index_copy_(1, idx, t.k.to(dev))
-        self.kv.v.index_copy_(1, idx, t.v.to(dev))
+        self.kv.write_blocks(msg.blocks, t.k, t.v)
 
     # ---- MicroAttention for debtors -----------------------------------------------------------
     def serve_attention(self, call: M.AttentionCall, t: M.AttentionTensors) -> Future:

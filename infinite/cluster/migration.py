@@ -20,8 +20,6 @@ import logging
 import threading
 from dataclasses import dataclass
 
-import torch
-
 from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
 from infinite.cluster.transport import Future, Transport
@@ -66,8 +64,7 @@ class Migrator:
         return [ref for ref in self.rm.table(request_id)[:full] if ref.instance == where and ref not in busy][:n]
 
     def _contents(self, refs: list[RBlock]) -> M.BlockTensors:
-        idx = torch.tensor([r.block for r in refs], dtype=torch.int64, device=self.kv.k.device)
-        return M.BlockTensors(self.kv.k.index_select(1, idx), self.kv.v.index_select(1, idx))  # [L, n, B, nkv, d]
+        return M.BlockTensors(*self.kv.read_blocks([r.block for r in refs]))  # [L, n, B, nkv, d]
 
     # ---- push: local blocks out -----------------------------------------------------------
     def push(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> None:
@@ -137,9 +134,7 @@ class Migrator:
             self._undo(t)
             return
         if t.local_dst is not None:  # pull: write the contents home, then give the creditor its blocks back
-            idx = torch.tensor(t.local_dst, dtype=torch.int64, device=self.kv.k.device)
-            self.kv.k.index_copy_(1, idx, contents.k.to(self.kv.k.device))
-            self.kv.v.index_copy_(1, idx, contents.v.to(self.kv.v.device))
+            self.kv.write_blocks(t.local_dst, contents.k, contents.v)
             self.rm.replace_blocks(t.request_id, t.old, t.new)
             self._give_back(t.request_id, t.old)
         else:

@@ -56,17 +56,20 @@ def shard_of(cfg: ModelConfig, rank: int, size: int) -> TPShard:
     if not 0 <= rank < size:
         raise ValueError(f"tensor-parallel rank {rank} is outside a group of {size}")
     check_divisible(cfg, size)
-    nh, nkv = cfg.num_heads // size, cfg.num_kv_heads
-    if nkv >= size:
-        per = nkv // size
-        kv = (rank * per, (rank + 1) * per)
-    else:  # replicated: the KV head of this rank's query heads
-        j = rank * nkv // size
-        kv = (j, j + 1)
+    nh = cfg.num_heads // size
     inter = cfg.intermediate_size // size
     vpr = -(-cfg.vocab_size // size)
-    return TPShard(rank, size, (rank * nh, (rank + 1) * nh), kv, (rank * inter, (rank + 1) * inter),
-                   (rank * vpr, (rank + 1) * vpr), vpr)
+    return TPShard(rank, size, (rank * nh, (rank + 1) * nh), kv_layout(cfg.num_kv_heads, size)[rank],
+                   (rank * inter, (rank + 1) * inter), (rank * vpr, (rank + 1) * vpr), vpr)
+
+
+def kv_layout(num_kv_heads: int, size: int) -> list[tuple[int, int]]:
+    """Each rank's KV heads [lo, hi): an even split, or (fewer KV heads than ranks) the one KV head its
+    query heads use, replicated on ``size / num_kv_heads`` consecutive ranks."""
+    if num_kv_heads >= size:
+        per = num_kv_heads // size
+        return [(r * per, (r + 1) * per) for r in range(size)]
+    return [(r * num_kv_heads // size, r * num_kv_heads // size + 1) for r in range(size)]
 
 
 def check_divisible(cfg: ModelConfig, size: int) -> None:
