@@ -96,20 +96,10 @@ class Creditor:
             del self._step_meta[key]
         return self.attend(call.layer, meta, t)
 
-    @torch.inference_mode()
     def attend(self, layer: int, meta: MAMetadata, t: M.AttentionTensors) -> M.AttentionResultTensors:
         """One layer of MicroAttention over lent blocks, on the calling thread (thread-safe: the
         gather buffers are per thread)."""
-        t0 = time.perf_counter()
-        try:
-            dev = self.kv.k.device
-            kc, vc = self.kv.k[layer], self.kv.v[layer]
-            if t.slots is not None:
-                write_kv(kc, vc, t.k.to(dev), t.v.to(dev), t.slots.to(dev))
-            out, lse = micro_attention(t.q.to(dev), kc, vc, meta, self.scale)
-            return M.AttentionResultTensors(out, lse)
-        finally:
-            self.counters.served(time.perf_counter() - t0, meta.max_q_len <= 1)
+        return attend_lent(self.kv, self.scale, self.counters, layer, meta, t)
 
     def forget_debtor(self, debtor: int) -> None:
         """Drop step metadata a (dead) debtor left behind."""
@@ -117,3 +107,20 @@ class Creditor:
 
     def close(self) -> None:
         self._serve.shutdown(wait=False, cancel_futures=True)
+
+
+@torch.inference_mode()
+def attend_lent(kv: KVCache, scale: float, counters: StepCounters, layer: int, meta: MAMetadata,
+                t: M.AttentionTensors) -> M.AttentionResultTensors:
+    """One layer of MicroAttention over blocks lent to a debtor (writing the new K/V that land there
+    first); a rank of a tensor-parallel group runs it over its heads of them."""
+    t0 = time.perf_counter()
+    try:
+        dev = kv.k.device
+        kc, vc = kv.k[layer], kv.v[layer]
+        if t.slots is not None:
+            write_kv(kc, vc, t.k.to(dev), t.v.to(dev), t.slots.to(dev))
+        out, lse = micro_attention(t.q.to(dev), kc, vc, meta, scale)
+        return M.AttentionResultTensors(out, lse)
+    finally:
+        counters.served(time.perf_counter() - t0, meta.max_q_len <= 1)
