@@ -5,19 +5,25 @@ with a request whose KV spans both, and the weight memory of a rank."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import sys
 import time
-from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
 import torch
 from hypothesis import given, settings
 
 from helpers_hf import make_hf_checkpoint
 from helpers_tp import greedy, run_group, weight_bytes
+from test_cluster import migrate_midway
 from test_input_batch import OPS, RANK, _req, apply_op
+from test_launch import assert_all_exit, in_thread, kill_all, start, wait_ready
 from infinite import LLM, SamplingParams
+from infinite.bench.procs import descendants, free_port, get_json, rank_of, tp_rank_of
 from infinite.cluster.devices import check_gpus, rank_device
 from infinite.cluster.remote_attention import remote_parts
 from infinite.cluster.step_runner import MicroBatch
@@ -329,20 +335,59 @@ def test_two_tp2_instances_serve_a_request_whose_kv_spans_both_and_move_it(ckpts
         assert [s["rank"] for s in stats] == [0, 1] and sum(s["remote_calls"] for s in stats) > 0
         assert all(s["used_blocks"] == s["lent_blocks"] == 0 and s["free_blocks"] == 16 for s in stats)
 
-        eng = llm.engine
-        eng.submit(eng.make_request(long_prompt[:150], moving, "moving"))  # 15 blocks at the end: fits home
-        home, deadline = None, time.monotonic() + 60
-        while home is None and time.monotonic() < deadline:
-            placed = eng.cluster_status()["requests"].get("moving")
-            if placed and sum(placed["blocks"].values()) >= 10:
-                home = placed["home"]
-            time.sleep(0.05)
-        assert home is not None, "the request never showed up in the gManager's placement map"
-        eng.migrate("moving", 6, 1 - home)
-        done = []
-        while eng.has_unfinished_requests():
-            done += eng.step()
+        home, done = migrate_midway(llm.engine, long_prompt[:150], moving)  # 15 blocks at the end: fits home
         assert done[0].outputs[0].token_ids == ref_moved
         stats = llm.stats()
         assert stats[home]["migrations"] >= 1 and stats[home]["migrated_blocks"] >= 6
         assert all(s["used_blocks"] == s["lent_blocks"] == 0 for s in stats)
+
+
+def test_serve_tp2_instances_streams_to_the_openai_client_and_survives_a_rank_killed():
+    """``infinite serve --tensor-parallel-size 2 --num-instances 2`` on CPU (4 rank processes): the openai
+    client's streams complete with one instance's text while the second rank of instance 1 is killed
+    (its group fails as a whole, its requests are recomputed on instance 0): 0 lost requests; SIGTERM
+    then stops every process."""
+    prompts = ["The keeper of the light", "A short one", "Once upon a time there was", "The sea was calm"]
+    single = LLM(dtype="float32", device="cpu", num_kv_blocks=64)
+    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    refs = [o.outputs[0].text for o in single.generate(prompts, params, use_tqdm=False)]
+    port = free_port()
+    proc = start([sys.executable, "-m", "infinite.cli", "serve", "--tensor-parallel-size", "2", "--num-instances",
+                  "2", "--port", str(port), "--num-kv-blocks", "32", "--dtype", "float32", "--device", "cpu",
+                  "--threads-per-rank", "1", "--log-level", "warning"])
+    try:
+        wait_ready(port, proc, timeout=240, n=2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=240)
+        model = client.models.list().data[0].id
+        first = client.completions.create(model=model, prompt=prompts[0], max_tokens=120, temperature=0.0,
+                                          extra_body={"ignore_eos": True})
+        assert first.choices[0].text == refs[0]
+
+        def stream(prompt: str) -> tuple[str, list]:
+            chunks = client.completions.create(model=model, prompt=prompt, max_tokens=120, temperature=0.0,
+                                               stream=True, extra_body={"ignore_eos": True})
+            got = list(chunks)
+            return "".join(c.choices[0].text for c in got if c.choices), [c.choices[0].finish_reason for c in got
+                                                                           if c.choices and c.choices[0].finish_reason]
+
+        streams = [in_thread(stream, p) for p in prompts]
+        deadline = time.monotonic() + 60
+        while not any(i["rank"] == 1 and i["num_running"] for i in get_json(f"http://127.0.0.1:{port}/status")[1]
+                      ["instances"]):
+            assert time.monotonic() < deadline, "instance 1 never ran a request"
+            time.sleep(0.05)
+        ranks = {(rank_of(p), tp_rank_of(p)): p for p in descendants(proc.pid) if rank_of(p) is not None}
+        assert sorted(ranks) == [(0, 1), (1, 0), (1, 1)]  # this process is (0, 0)
+        os.kill(ranks[(1, 1)], signal.SIGKILL)
+        for (t, box), want in zip(streams, refs):
+            t.join(240)
+            text, finishes = box[0]
+            assert text == want and finishes == ["length"]  # nothing lost, nothing repeated
+        code, health = get_json(f"http://127.0.0.1:{port}/health")
+        assert health["status"] == "degraded" and health["lost"][0]["rank"] == 1
+        assert client.completions.create(model=model, prompt="still there", max_tokens=3).usage.completion_tokens == 3
+        everyone = [proc.pid] + descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert_all_exit(everyone)
+    finally:
+        kill_all([proc])
