@@ -391,3 +391,13 @@ def test_serve_tp2_instances_streams_to_the_openai_client_and_survives_a_rank_ki
         assert_all_exit(everyone)
     finally:
         kill_all([proc])
+
+
+def test_an_instance_cannot_join_a_cluster_of_tensor_parallel_instances(monkeypatch, capsys):
+    from infinite.cluster import rpc_membership
+    from infinite.launch.join import main as join_main
+
+    ticket = rpc_membership.JoinTicket(3, EngineConfig(tensor_parallel_size=2, num_instances=2), "tcp://127.0.0.1:1")
+    monkeypatch.setattr(rpc_membership, "claim", lambda rdzv, timeout_s: ticket)
+    assert join_main(["--cluster", "127.0.0.1:1"]) == 2
+    assert "runs tensor-parallel instances (--tensor-parallel-size 2); an instance cannot join" in capsys.readouterr().err
