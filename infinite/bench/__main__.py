@@ -16,6 +16,7 @@ USAGE = (
     f"usage: python -m infinite.bench {{{','.join(BENCHES)}}} [args]\n"
     "  offline  generated tokens/s of Infinite vs transformers.generate (batch 1 and 16)\n"
     "  kernels  decode MicroAttention speed against the memory-bandwidth limit\n"
+    "  gpu      one instance on one GPU: kernels, decode with/without graphs, GPU busy, prefill, agreement\n"
     "  cluster  distributed runtime: throughput and KV lending across instances\n"
     "  serve    online serving benchmark against an OpenAI-compatible server\n"
     "  grammar  structured-output overhead per decode step (llguidance masks in the sampler)\n"

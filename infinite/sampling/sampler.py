@@ -14,7 +14,7 @@ the batch and in whatever order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -40,6 +40,9 @@ class SampleRow:
     # llguidance matcher of a structured-output request (infinite.sampling.structured); its
     # mask comes first, so a grammar always wins over min_tokens.
     matcher: Any = None
+
+    # (prompt_seen [V], output counts [V], output tokens counted) of a penalised row, kept across steps.
+    penalty: tuple[Tensor, Tensor, int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         p = self.params
@@ -84,9 +87,20 @@ def apply_penalties(
     """
     n, v = logits.shape
     device = logits.device
-    counts = _token_counts(output_ids, n, v, device)  # [N, V] float32
-    seen = _token_counts(prompt_ids, n, v, device) > 0  # [N, V] bool
-    seen |= counts > 0
+    return apply_penalty_counts(logits, _token_counts(prompt_ids, n, v, device) > 0,
+                                _token_counts(output_ids, n, v, device), presence, frequency, repetition)
+
+
+def apply_penalty_counts(
+    logits: Tensor,  # [N, V] float32
+    prompt_seen: Tensor,  # [N, V] bool: the token is in the prompt
+    counts: Tensor,  # [N, V] float32: occurrences in the output
+    presence: Tensor,  # [N] float32
+    frequency: Tensor,  # [N] float32
+    repetition: Tensor,  # [N] float32
+) -> Tensor:
+    """``apply_penalties`` from count tables the caller keeps (the sampler updates them per step)."""
+    seen = prompt_seen | (counts > 0)
     rep = torch.where(seen, repetition.unsqueeze(1), 1.0)  # [N, V]
     out = torch.where(logits > 0, logits / rep, logits * rep)
     out -= frequency.unsqueeze(1) * counts
@@ -222,10 +236,11 @@ class Sampler:
             x = apply_logit_bias(x, [(i, params[i].logit_bias) for i in biased])
         if penalised:
             idx = torch.tensor(penalised, device=logits.device)
-            sub = apply_penalties(
+            states = [_penalty_state(rows[i], x.shape[1], logits.device) for i in penalised]
+            sub = apply_penalty_counts(
                 x.index_select(0, idx),
-                [rows[i].prompt_ids for i in penalised],
-                [rows[i].output_ids for i in penalised],
+                torch.stack([seen for seen, _ in states]),
+                torch.stack([counts for _, counts in states]),
                 *self._row_floats(params, penalised, logits.device,
                                   "presence_penalty", "frequency_penalty", "repetition_penalty"),
             )
@@ -327,6 +342,26 @@ def apply_logit_bias(logits: Tensor, biases: list[tuple[int, dict[int, float]]])
         torch.tensor(vals, dtype=logits.dtype, device=dev),
         accumulate=True,
     )
+
+
+def _penalty_state(row: SampleRow, v: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The row's (prompt_seen [V] bool, output counts [V] float32), kept on the row across steps: built
+    from the lists once (O(prompt + output)), then only the tokens added since are counted (O(new))."""
+    out = row.output_ids
+    st = row.penalty
+    if st is None or st[0].shape[0] != v or st[0].device != device or st[2] > len(out):
+        seen = _token_counts([row.prompt_ids], 1, v, device)[0] > 0
+        counts = _token_counts([out], 1, v, device)[0]
+    else:
+        seen, counts, done = st
+        new = out[done:]
+        if new:
+            if max(new) >= v or min(new) < 0:
+                raise ValueError(f"token id out of range [0, {v}): found {max(new) if max(new) >= v else min(new)}")
+            counts.index_put_((torch.tensor(new, device=device),), torch.ones(len(new), device=device),
+                              accumulate=True)
+    row.penalty = (seen, counts, len(out))
+    return seen, counts
 
 
 def _min_tokens_bans(rows: list[SampleRow]) -> list[tuple[int, int]]:
