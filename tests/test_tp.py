@@ -178,6 +178,12 @@ def test_a_step_with_no_table_change_sends_only_its_rows_counts():
     rm.allocate("r1", 1)
     ib.sync(reqs)
     assert _payload(lambda w: put_table_changes(w, ib)).host.size == 3 + 4 + 3  # one cell
+    for q in reqs:
+        q.num_computed_tokens = q.num_tokens - 1
+    ib.sync(reqs)
+    decode = prepare_inputs(ib, {q.request_id: 1 for q in reqs}, CPU)
+    sent = _payload(lambda w: (put_table_changes(w, ib), put_step(w, decode))).host.size
+    assert sent == 8 + 6 * 3  # a decode step of n rows: 8 + 6n int64s (docs/distributed.md)
 
 
 def _batch(remote: bool):
