@@ -77,7 +77,7 @@ def run_rank(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | None
     if opts.tp_rank > 0:  # a rank of a tensor-parallel group other than its first: no RPC, no event loop
         from infinite.cluster.tp_rank import run_follower
 
-        return run_follower(here, opts)
+        return run_follower(here, opts.rank, opts.world_size, opts.tp_rank, opts.data_init_method, opts.watch_parent)
     try:
         import uvloop
 

@@ -25,7 +25,6 @@ from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
 from infinite.cluster.creditor import attend_lent
 from infinite.cluster.p2p import P2PTransport
-from infinite.cluster.rank import RankOptions
 from infinite.cluster.step_runner import StepRunner
 from infinite.cluster.tp_commands import follow_probe, follow_remote
 from infinite.model.config import ModelConfig
@@ -72,24 +71,25 @@ class FollowerEndpoint:
         raise RuntimeError(f"a follower rank takes no RPC ({type(msg).__name__} from rank {src})")
 
 
-def run_follower(config: EngineConfig, opts: RankOptions, timeout_s: float = 30.0) -> int:
-    """The main of a rank other than the first of its group -> exit status (0 when its first rank
-    stopped it, 1 when the group failed)."""
+def run_follower(config: EngineConfig, rank: int, world_size: int, tp_rank: int, data_init_method: str,
+                 watch_parent: bool = False, timeout_s: float = 30.0) -> int:
+    """The main of rank ``tp_rank`` > 0 of instance ``rank``'s group -> exit status (0 when its first
+    rank stopped it, 1 when the group failed)."""
     from infinite.runtime.tp_worker import TPWorker
 
     tp = config.tensor_parallel_size
-    who = f"rank {opts.rank}.{opts.tp_rank}"
+    who = f"rank {rank}.{tp_rank}"
     # Ctrl-C reaches every process of a terminal: the first rank decides what the group does.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if opts.watch_parent:
+    if watch_parent:
         threading.Thread(target=_watch_parent, args=(who,), daemon=True).start()
-    transport = P2PTransport(opts.rank, opts.world_size, opts.init_method, opts.data_init_method,
-                             config.torch_device(), tp_size=tp, tp_rank=opts.tp_rank, rpc=False)
+    transport = P2PTransport(rank, world_size, data_init_method=data_init_method, device=config.torch_device(),
+                             tp_size=tp, tp_rank=tp_rank, rpc=False)
     code = 0
     try:
         transport.open()
         step, blocks = groups(transport)
-        worker = TPWorker(config, step, blocks, opts.rank)
+        worker = TPWorker(config, step, blocks, rank)
         counters = StepCounters()
         transport.start(FollowerEndpoint(worker, counters))
         runner = StepRunner(worker, transport, counters, timeout_s)
