@@ -10,7 +10,7 @@ from infinite.cluster.membership import (DEAD_AFTER_S, DETECTION_BOUND_S, HEARTB
                                          HeartbeatWatch, Membership, view_actions, view_states)
 from infinite.cluster.policy import LendingPolicy
 from infinite.kv.rmanager import RBlock
-from infinite.outputs import CompletionOutput, RequestOutput
+from infinite.outputs import CompletionOutput, OutputAccumulator, RequestOutput
 from infinite.runtime.request import Request
 from infinite.sampling.params import SamplingParams
 
@@ -119,9 +119,11 @@ def test_resume_carries_the_generated_tokens_and_restore_rebuilds_text():
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
     full = llm.generate(["Once upon a time"], params, use_tqdm=False)[0].outputs[0]
     req = e.make_request("Once upon a time", params)
-    part = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
-                         [CompletionOutput(0, "", full.token_ids[:5], 1.5, full.logprobs[:5])], False)
-    msg = recovery.resume_message(req, part)
+    sofar = OutputAccumulator()  # what rank 0 assembled from the old home's deltas
+    sofar.add(RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
+                            [CompletionOutput(0, "", full.token_ids[:5], 1.5, full.logprobs[:5])], False,
+                            delta_offset=0))
+    msg = recovery.resume_message(req, sofar)
     assert msg.output_token_ids == full.token_ids[:5] and msg.cumulative_logprob == 1.5
     assert M.decode(M.encode(msg)) == msg  # crosses the wire
     moved = e.build_request("moved", msg.prompt_token_ids, msg.params, msg.max_tokens, msg.prompt)

@@ -120,6 +120,7 @@ class Instance:
                 try:
                     req = e.build_request(item.request_id, item.prompt_token_ids, item.params, item.max_tokens,
                                           item.prompt)
+                    req.output_kind = "delta"  # homes send rank 0 what is new; rank 0 assembles (FrontDoor)
                     recovery.restore_progress(req, item)
                     e.submit(req)
                 except Exception as err:  # noqa: BLE001 - surfaced to the client as a failed request

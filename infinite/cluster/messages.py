@@ -53,6 +53,8 @@ class AddRequest(Msg):
     output_token_ids: list[int] = []
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
+    text_len: int = 0  # characters of output text rank 0 has already (the new home's deltas go on from there)
+    prompt_logprobs_sent: bool = False  # rank 0 has the prompt logprobs already
 
 
 class AbortRequest(Msg):
@@ -91,6 +93,8 @@ class RequestFailure(Msg):
 
 
 class Outputs(Msg):
+    # Delta outputs (RequestOutput.delta_offset set): only what each request made since its last
+    # output, so a step's message does not grow with the requests' lengths; rank 0 assembles them.
     """A home's new outputs (cumulative per request) and the requests it could not run."""
 
     rank: int

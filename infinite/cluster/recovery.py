@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from infinite.cluster import messages as M
 from infinite.cluster.policy import LendingPolicy
 from infinite.kv.rmanager import RBlock, blocks_for
-from infinite.outputs import RequestOutput
+from infinite.outputs import OutputAccumulator
 from infinite.runtime.request import Request
 
 
@@ -60,27 +60,36 @@ def no_room_message(rid: str, need: int, capacity: int, gone: Iterable[int]) -> 
             f"and the instances left can hold at most {capacity} for one request, so it cannot be recomputed")
 
 
-def resume_message(req: Request, last: RequestOutput | None) -> M.AddRequest:
-    """The request for its new home: the prompt and everything generated so far (``last`` is the
-    newest cumulative output rank 0 has; None when the home had produced nothing yet)."""
-    out = last.outputs[0] if last is not None else None
+def resume_message(req: Request, sofar: OutputAccumulator | None) -> M.AddRequest:
+    """The request for its new home: the prompt and everything generated so far (``sofar``: what
+    rank 0 assembled from the old home's outputs; None when that home had produced nothing yet)."""
+    if sofar is None or sofar.last is None:
+        return M.AddRequest(req.request_id, req.prompt_token_ids, req.params, req.max_tokens, req.prompt)
+    c = sofar.last.outputs[0]
     return M.AddRequest(
         req.request_id, req.prompt_token_ids, req.params, req.max_tokens, req.prompt,
-        output_token_ids=list(out.token_ids) if out is not None else [],
-        logprobs=list(out.logprobs) if out is not None and out.logprobs is not None else None,
-        cumulative_logprob=out.cumulative_logprob or 0.0 if out is not None else 0.0,
+        output_token_ids=list(sofar.token_ids),
+        logprobs=list(sofar.logprobs) if sofar.logprobs is not None else None,
+        cumulative_logprob=c.cumulative_logprob or 0.0,
+        text_len=len(sofar.text),
+        prompt_logprobs_sent=sofar.prompt_logprobs is not None,
     )
 
 
 def restore_progress(req: Request, msg: M.AddRequest) -> None:
     """Give a request built on its new home the tokens it had generated elsewhere: output ids,
-    the detokenizer state and text (rebuilt by feeding the same ids), logprobs. Its KV is
-    recomputed by the first prefill, which now covers prompt + those tokens."""
+    the detokenizer state and text (rebuilt by feeding the same ids), logprobs, and how much of it
+    rank 0 has (its delta outputs go on from there). Its KV is recomputed by the first prefill,
+    which now covers prompt + those tokens."""
+    req.emitted_chars = msg.text_len
+    req.prompt_logprobs_sent = msg.prompt_logprobs_sent
     if not msg.output_token_ids:
         return
     req.output_token_ids = list(msg.output_token_ids)
+    req.emitted_tokens = len(req.output_token_ids)
     if req.detokenizer is not None:
         req.text = "".join(req.detokenizer.add_token(t) for t in msg.output_token_ids)
     if req.logprobs is not None and msg.logprobs is not None:
         req.logprobs = [dict(d) for d in msg.logprobs]
         req.cumulative_logprob = msg.cumulative_logprob
+        req.emitted_logprobs = len(req.logprobs)
