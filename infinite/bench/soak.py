@@ -190,8 +190,9 @@ async def references(cluster: LocalCluster, jobs: list[Job]) -> dict[int, str]:
 
 def leaked_blocks(status: dict) -> int:
     """Blocks still held anywhere once idle, walked: entries in block tables, blocks lent, and
-    pool blocks missing from the free lists."""
-    return sum(i.get("table_blocks", 0) + i.get("lent_entries", 0) + (i["total_blocks"] - i["free_blocks"])
+    pool blocks missing from the free lists. (A heartbeat walks only when its instance is idle;
+    a busy one reports None, counted here as nothing walked.)"""
+    return sum((i.get("table_blocks") or 0) + (i.get("lent_entries") or 0) + (i["total_blocks"] - i["free_blocks"])
                for i in status["instances"])
 
 
