@@ -1,6 +1,6 @@
 """The gManager at 64 instances and 10K requests: heartbeats cost what changed, a placement round
-stays within its time budget, and rank 0's HTTP loop keeps answering while it plans (the planning
-runs on the gManager's own thread)."""
+stays within its time budget, and rank 0's HTTP loop keeps answering while it plans (rounds are
+driven from the gManager's own thread and planned in its worker process)."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def ckpt(tmp_path_factory):
 
 async def test_health_answers_within_50_ms_p99_while_the_gmanager_plans_at_scale(ckpt):
     """Rank 0's real aiohttp app in front of an in-process cluster whose gManager also holds 62
-    simulated instances and 10K requests, planning round after round on its own thread."""
+    simulated instances and 10K requests, planning round after round (GManager.run: its worker)."""
     from infinite.server.app import ServerSettings, create_app, engine_start_task
 
     cfg = EngineConfig(model=ckpt, dtype="float32", num_kv_blocks=32, threads_per_rank=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -46,7 +47,8 @@ def plan_round(snapshot: bytes, cost: CostModel, cfg: PlacementConfig, budget_s:
 def _settle() -> None:
     """The worker's start-up heap (the package's imports, torch among them) out of the collector's
     sight, as a rank's (cluster.rank.settle_heap): a full collection would otherwise walk it in
-    the middle of a round."""
+    the middle of a round. Ctrl-C is for rank 0, which stops the worker itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.collect()
     gc.freeze()
 
