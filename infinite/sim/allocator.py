@@ -17,6 +17,7 @@ memory is simulated: blocks are counts (``infinite.sim.memory``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from infinite.cluster.decisions import LoanAsk, LoanBackoff, growth_loan, loan_asks
 from infinite.kv.rmanager import blocks_for
@@ -33,12 +34,12 @@ CHUNK_BLOCKS = 4  # ClusterAllocator.chunk_blocks: local-first growth moves this
 LoanCheck = Callable[[int, list[tuple[int, int]], bool, int, int], bool]
 
 
+@dataclass(frozen=True)
 class Hints:
     """What a debtor knows from its last heartbeat reply (the runtime's ``HeartbeatReply``)."""
 
-    def __init__(self, lends_for_throughput: bool, loans_pay: bool) -> None:
-        self.lends_for_throughput = lends_for_throughput  # the gManager's cost model is trusted
-        self.loans_pay = loans_pay  # a loan admitting a request of this instance's mean size pays
+    lends_for_throughput: bool  # the gManager's cost model is trusted
+    loans_pay: bool  # a loan admitting a request of this instance's mean size pays
 
 
 class SimAllocator(BlockAllocator):
