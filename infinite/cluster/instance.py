@@ -37,7 +37,7 @@ from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.engine import LLMEngine
 from infinite.runtime.model_runner import LocalAttention, forward
-from infinite.runtime.request import Status
+from infinite.runtime.request import Request, Status
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ class Instance:
         )
 
 
-def _context(req) -> int:
+def _context(req: Request | None) -> int:
     """A placement entry's context: the tokens of a running request (0 while it waits)."""
     return req.num_tokens if req is not None and req.status is Status.RUNNING else 0
 

@@ -29,7 +29,7 @@ its home when the home has room and the cluster gains.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from infinite.cluster.cost_model import CostModel
@@ -307,7 +307,8 @@ def _evacuate(work: _Work, cfg: PlacementConfig) -> list[Move]:
     return out
 
 
-def _search_order(work: _Work, cfg: PlacementConfig, debtors: list[_Inst], resume: tuple[int, str] | None):
+def _search_order(work: _Work, cfg: PlacementConfig, debtors: list[_Inst],
+                  resume: tuple[int, str] | None) -> Iterator[tuple[_Inst, _Req]]:
     """The (debtor, request) pairs of a greedy search, in its order: debtors by ascending batch,
     each one's movable requests longest first. From ``resume`` on when a round resumes a search
     (the pairs before it come last); requests are sorted only when the search reaches them."""
