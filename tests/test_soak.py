@@ -38,6 +38,7 @@ def test_soak_short_run_loses_nothing_and_leaks_nothing(tmp_path, capsys):
     assert "requests" in printed and "blocks leaked" in printed and "rank memory MiB after" in printed
     cm = r["cost_model"]
     assert cm["looks"] >= 4 and "stayed calibrated to the end" in printed
+    assert all(isinstance(x["calibrated"], bool) for x in cm["timeline"]), cm["timeline"]  # /status carries it
     assert cm["first_calibrated_s"] is None or cm["stayed_calibrated"], cm["timeline"]
 
 
