@@ -272,11 +272,13 @@ def test_the_worker_process_plans_what_this_thread_would_and_survives_a_dead_wor
     snap, cfg = gm.snapshot(), gm.pcfg
     want = plan(snap, gm.cost, cfg)
     assert want
-    planner = Planner()
+    planner = Planner(min_requests=len(snap.requests) + 1)
     try:
-        planner.start()
-        assert planner.in_process
         assert planner.run(snap, gm.cost, cfg, 60.0, None) == (want, None, False)
+        assert not planner.in_process  # a small view plans here
+        planner.min_requests = len(snap.requests)
+        assert planner.run(snap, gm.cost, cfg, 60.0, None) == (want, None, False)
+        assert planner.in_process  # a large one in the worker, spawned for it
         for proc in list(planner._pool._processes.values()):
             proc.kill()
             proc.join()

@@ -95,7 +95,7 @@ class GManager:
         self.recent_rounds: deque[PlanRound] = deque(maxlen=64)  # the last placement rounds, newest last
         self.rounds = 0  # placement rounds run
         self._resume: tuple[int, str] | None = None  # where the last round's search was cut (PlanBudget)
-        self.planner = Planner()  # rounds run in its worker process once run() starts it
+        self.planner = Planner()  # large rounds run in its worker process
         self._rr = 0
         # Ranks that take requests and lend (the supervisor's membership decides; draining and
         # gone ranks are out of routing, borrowing and placement).
@@ -402,13 +402,11 @@ class GManager:
 
     async def run(self, stopping) -> None:
         """Every ``interval_s``, a placement round: driven from the gManager's own thread, planned
-        in the planner's worker process (infinite.cluster.planner), so that rank 0's event loop
-        (HTTP, routing, heartbeats) and its own steps go on meanwhile, GIL and all."""
+        in the planner's worker process once the view is large (infinite.cluster.planner), so
+        that rank 0's event loop (HTTP, routing, heartbeats) and its own steps go on meanwhile."""
         loop = asyncio.get_running_loop()
         rounds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gmanager-plan")
         try:
-            if self.policy.enabled:
-                await loop.run_in_executor(rounds, self.planner.start)
             while not stopping():
                 await asyncio.sleep(self.interval_s)
                 try:

@@ -7,8 +7,9 @@ the working copies it allocates trigger full garbage collections there; in a
 process of its own it costs rank 0 only the snapshot's encoding (a few ms at
 that size: msgspec, in C) and the moves coming back. ``plan_round`` is the
 round itself, the same function wherever it runs; ``Planner`` runs it in a
-spawned worker once started, on the calling thread before that (tests that
-drive ``GManager.plan_once`` by hand) or if the worker cannot be had.
+spawned worker once a view holds ``WORKER_MIN_REQUESTS`` requests (smaller
+ones plan in a millisecond or two on the calling thread), or if the worker
+cannot be had.
 """
 
 from __future__ import annotations
@@ -56,9 +57,16 @@ def _settle() -> None:
 MAX_RESTARTS = 3  # a worker that keeps dying is not restarted again: rounds then run on rank 0
 
 
+WORKER_MIN_REQUESTS = 512  # smaller views plan in a millisecond or two: no process is worth it
+
+
 class Planner:
-    def __init__(self) -> None:
+    """Runs each round in the worker process once a view is large enough to make it worth one
+    (``min_requests``): it is spawned on the first such round, on the round's thread."""
+
+    def __init__(self, min_requests: int = WORKER_MIN_REQUESTS) -> None:
         self._pool: ProcessPoolExecutor | None = None
+        self.min_requests = min_requests
         self.restarts = 0
 
     @property
@@ -76,6 +84,15 @@ class Planner:
 
     def run(self, snap: ClusterSnapshot, cost: CostModel, cfg: PlacementConfig, budget_s: float,
             resume: tuple[int, str] | None) -> RoundResult:
+        if self._pool is None and len(snap.requests) >= self.min_requests and self.restarts <= MAX_RESTARTS:
+            t0 = time.monotonic()
+            try:
+                self.start()
+            except Exception:  # noqa: BLE001 - no worker to be had: rounds stay here
+                log.exception("no placement worker; rounds run on rank 0")
+                self.close()
+                self.restarts = MAX_RESTARTS + 1
+            budget_s = max(0.0, budget_s - (time.monotonic() - t0))
         data = msgspec.msgpack.encode(snap)
         if self._pool is None:
             return plan_round(data, cost, cfg, budget_s, resume)
