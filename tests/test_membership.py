@@ -9,7 +9,7 @@ from infinite.cluster import recovery
 from infinite.cluster.membership import (DEAD_AFTER_S, DETECTION_BOUND_S, HEARTBEAT_S, MONITOR_S, RANK0_LOST_S,
                                          HeartbeatWatch, Membership, view_actions, view_states)
 from infinite.cluster.policy import LendingPolicy
-from infinite.kv.rmanager import RBlock
+from infinite.kv.rmanager import RBlock, RManager
 from infinite.outputs import CompletionOutput, OutputAccumulator, RequestOutput
 from infinite.runtime.request import Request
 from infinite.sampling.params import SamplingParams
@@ -95,9 +95,16 @@ def test_view_actions_say_what_an_instance_must_do():
 def test_which_requests_a_loss_touches():
     homes = {"a": 0, "b": 2, "c": 1, "d": 2}
     assert recovery.homed_on(homes, 2) == ["b", "d"]
-    tables = {"a": [RBlock(0, 1), RBlock(2, 5)], "c": [RBlock(1, 0)], "e": [RBlock(0, 3), RBlock(1, 4)]}
-    assert recovery.touching(tables, 2) == ["a"]
-    assert recovery.touching(tables, 1) == ["c", "e"]
+    rm = RManager(rank=0, num_blocks=8, block_size=16)  # rank 0's requests a, c, e
+    rm.allocate("a", 1)
+    rm.append_remote("a", [RBlock(2, 5)])
+    rm.append_remote("c", [RBlock(1, 0)])
+    rm.allocate("e", 1)
+    rm.append_remote("e", [RBlock(1, 4)])
+    assert rm.touching(2) == ["a"]
+    assert rm.touching(1) == ["c", "e"]
+    rm.free_request("c")
+    assert rm.touching(1) == ["e"] and rm.touching(0) == ["a", "e"]
 
 
 def test_capacity_after_a_loss_decides_who_can_be_recomputed():

@@ -96,11 +96,15 @@ class ClusterEngine(EngineFacts):
         return self.supervisor.health()
 
     def cluster_status(self) -> dict:
+        gm = self.gmanager
         return {"instances": self.stats(), "debts": self.gmanager.debts(),
                 "moves_issued": self.gmanager.moves_issued, "loans_refused": self.gmanager.loans_refused,
                 "requests": self.gmanager.placement_map(), "health": self.health(),
                 "cost_model": {**dataclasses.asdict(self.gmanager.cost), "calibrated": self.gmanager.calibrated,
-                               "probe_s": list(self.gmanager.probe_s)},
+                               "probe_s": list(self.gmanager.probe_s),
+                               "samples": {"local": len(gm.calib.local), "remote": len(gm.calib.remote)}},
+                "placement": {"rounds": gm.rounds, "worker": gm.planner.in_process,
+                              "recent": [dataclasses.asdict(r) for r in list(gm.recent_rounds)[-8:]]},
                 "recovery": {"moved": self.moved, "failed": self.failed_moves,
                              "recomputed_at_home": sum(s.get("recomputed", 0) for s in self.stats())}}
 

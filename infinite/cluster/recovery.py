@@ -20,23 +20,19 @@ The runtime (front door, instance) calls these and does the I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from infinite.cluster import messages as M
 from infinite.cluster.policy import LendingPolicy
-from infinite.kv.rmanager import RBlock, blocks_for
+from infinite.kv.rmanager import blocks_for
 from infinite.outputs import OutputAccumulator
 from infinite.runtime.request import Request
+from infinite.sampling.structured import advance
 
 
 def homed_on(homes: Mapping[str, int], rank: int) -> list[str]:
     """Requests whose home is ``rank``: rank 0 moves them to survivors."""
     return sorted(rid for rid, h in homes.items() if h == rank)
-
-
-def touching(tables: Mapping[str, Sequence[RBlock]], rank: int) -> list[str]:
-    """A home's requests with any block on ``rank``: recomputed at home."""
-    return sorted(rid for rid, t in tables.items() if any(ref.instance == rank for ref in t))
 
 
 def capacity_blocks(policy: LendingPolicy, pool_blocks: int, num_serving_peers: int) -> int:
@@ -78,13 +74,18 @@ def resume_message(req: Request, sofar: OutputAccumulator | None) -> M.AddReques
 
 def restore_progress(req: Request, msg: M.AddRequest) -> None:
     """Give a request built on its new home the tokens it had generated elsewhere: output ids,
-    the detokenizer state and text (rebuilt by feeding the same ids), logprobs, and how much of it
-    rank 0 has (its delta outputs go on from there). Its KV is recomputed by the first prefill,
-    which now covers prompt + those tokens."""
+    the detokenizer state and text (rebuilt by feeding the same ids), logprobs, a structured
+    output's grammar state (its matcher advanced over the same ids, so the grammar goes on from
+    where the output is rather than starting again mid-output), and how much of it rank 0 has (its
+    delta outputs go on from there). Its KV is recomputed by the first prefill, which now covers
+    prompt + those tokens."""
     req.emitted_chars = msg.text_len
     req.prompt_logprobs_sent = msg.prompt_logprobs_sent
     if not msg.output_token_ids:
         return
+    if req.matcher is not None:
+        for t in msg.output_token_ids:
+            advance(req.matcher, t)
     req.output_token_ids = list(msg.output_token_ids)
     req.emitted_tokens = len(req.output_token_ids)
     if req.detokenizer is not None:

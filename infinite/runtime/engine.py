@@ -408,10 +408,7 @@ class LLMEngine:
 
     def kv_placement(self, request_id: str) -> dict[int, int]:
         """How many of the request's KV blocks sit on each instance (rank -> blocks)."""
-        counts: dict[int, int] = {}
-        for ref in self.rm.table(request_id):
-            counts[ref.instance] = counts.get(ref.instance, 0) + 1
-        return counts
+        return self.rm.held_counts(request_id)
 
     def make_output(self, req: Request) -> RequestOutput:
         """The request's output as its kind asks: cumulative (everything so far), or a delta (what is
