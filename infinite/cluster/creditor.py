@@ -10,7 +10,6 @@ computes.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +18,7 @@ import torch
 from infinite.attention import MAMetadata, micro_attention, write_kv
 from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
+from infinite.cluster.device_timer import DeviceTimer, device_timer
 from infinite.cluster.policy import LendingPolicy, Peer
 from infinite.cluster.remote_attention import meta_of
 from infinite.cluster.transport import Future, Reply, chain, failed_reply
@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 class Creditor:
     def __init__(self, rm: RManager, kv: KVCache, scale: float, policy: LendingPolicy, counters: StepCounters,
-                 own_demand: Callable[[], int] = lambda: 0) -> None:
+                 own_demand: Callable[[], int] = lambda: 0,
+                 make_timer: Callable[[], DeviceTimer] | None = None) -> None:
         self.rm = rm
+        # a timer per served call (calls run on the serving thread or a caller's): the device's time
+        self.make_timer = make_timer or (lambda: device_timer(kv.k.device))
         self.own_demand = own_demand  # free blocks this instance keeps for its own requests
         self.kv = kv
         self.scale = scale
@@ -59,9 +62,8 @@ class Creditor:
 
     def read_blocks(self, msg: M.ReadBlocks) -> M.BlockTensors:
         """Blocks lent to msg.debtor's request, for it to take them home: k/v [L, n, B, nkv, d]."""
-        held = set(self.rm.lent.get((msg.debtor, msg.request_id), ()))
-        if not set(msg.blocks) <= held:
-            raise RuntimeError(f"blocks {sorted(set(msg.blocks) - held)} are not lent to {msg.debtor}/{msg.request_id}")
+        if not self.rm.is_lent(msg.debtor, msg.request_id, msg.blocks):
+            raise RuntimeError(f"blocks {msg.blocks} are not all lent to {msg.debtor}/{msg.request_id}")
         return M.BlockTensors(*self.kv.read_blocks(msg.blocks))
 
     def write_blocks(self, msg: M.WriteBlocks, t: M.BlockTensors) -> None:
@@ -99,7 +101,7 @@ class Creditor:
     def attend(self, layer: int, meta: MAMetadata, t: M.AttentionTensors) -> M.AttentionResultTensors:
         """One layer of MicroAttention over lent blocks, on the calling thread (thread-safe: the
         gather buffers are per thread)."""
-        return attend_lent(self.kv, self.scale, self.counters, layer, meta, t)
+        return attend_lent(self.kv, self.scale, self.counters, self.make_timer(), layer, meta, t)
 
     def forget_debtor(self, debtor: int) -> None:
         """Drop step metadata a (dead) debtor left behind."""
@@ -110,11 +112,11 @@ class Creditor:
 
 
 @torch.inference_mode()
-def attend_lent(kv: KVCache, scale: float, counters: StepCounters, layer: int, meta: MAMetadata,
+def attend_lent(kv: KVCache, scale: float, counters: StepCounters, timer: DeviceTimer, layer: int, meta: MAMetadata,
                 t: M.AttentionTensors) -> M.AttentionResultTensors:
     """One layer of MicroAttention over blocks lent to a debtor (writing the new K/V that land there
-    first); a rank of a tensor-parallel group runs it over its heads of them."""
-    t0 = time.perf_counter()
+    first), timed on the device; a rank of a tensor-parallel group runs it over its heads of them."""
+    timer.start()
     try:
         dev = kv.k.device
         kc, vc = kv.k[layer], kv.v[layer]
@@ -123,4 +125,4 @@ def attend_lent(kv: KVCache, scale: float, counters: StepCounters, layer: int, m
         out, lse = micro_attention(t.q.to(dev), kc, vc, meta, scale)
         return M.AttentionResultTensors(out, lse)
     finally:
-        counters.served(time.perf_counter() - t0, meta.max_q_len <= 1)
+        counters.served(timer.elapsed(), meta.max_q_len <= 1)

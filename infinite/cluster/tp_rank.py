@@ -24,6 +24,7 @@ from infinite.attention import MAMetadata
 from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
 from infinite.cluster.creditor import attend_lent
+from infinite.cluster.device_timer import device_timer
 from infinite.cluster.p2p import P2PTransport
 from infinite.cluster.step_runner import StepRunner
 from infinite.cluster.tp_commands import follow_probe, follow_remote
@@ -65,7 +66,8 @@ class FollowerEndpoint:
         return c.num_layers, c.num_heads, c.head_dim, c.num_kv_heads, self.worker.kv.k.dtype
 
     def attend(self, layer: int, meta: MAMetadata, t: M.AttentionTensors) -> M.AttentionResultTensors:
-        return attend_lent(self.worker.kv, self.worker.scale, self.counters, layer, meta, t)
+        return attend_lent(self.worker.kv, self.worker.scale, self.counters, device_timer(self.worker.kv.k.device),
+                           layer, meta, t)
 
     def handle(self, src: int, msg: M.Msg, tensors) -> None:
         raise RuntimeError(f"a follower rank takes no RPC ({type(msg).__name__} from rank {src})")
