@@ -116,6 +116,23 @@ def test_rank_processes_get_a_gpu_each_or_a_clear_error():
         rank_device("cuda:1", 0, 2, 4)
 
 
+def test_a_host_with_fewer_gpus_than_rank_processes_is_refused_before_any_starts(monkeypatch, capsys):
+    """LLM(num_instances=2) and infinite serve --num-instances 2 on a one-GPU host: a clear error, no rank
+    started (before: every rank took cuda:0 and the second died out of memory)."""
+    from infinite import cli
+    from infinite.cluster import devices, local, spawn
+
+    monkeypatch.setattr(devices, "host_gpus", lambda: 1)
+    for module in (spawn, local):
+        monkeypatch.setattr(module, "spawn_ranks", lambda *a, **k: pytest.fail("ranks were started"))
+    with pytest.raises(ValueError, match="2 rank processes on this host need a GPU each, but it has 1 GPU"):
+        LLM(num_instances=2)
+    with pytest.raises(ValueError, match="4 rank processes on this host need a GPU each"):
+        LLM(num_instances=2, tensor_parallel_size=2)
+    assert cli.main(["serve", "--num-instances", "2", "--port", "0"]) == 2
+    assert "need a GPU each, but it has 1 GPU" in capsys.readouterr().err
+
+
 def test_tensor_parallel_config_is_validated():
     assert EngineConfig(tensor_parallel_size=2, num_instances=3).num_processes == 6
     for bad in (0, -1, 1.5, True):
