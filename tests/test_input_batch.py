@@ -29,6 +29,35 @@ def _req(i: int) -> Request:
     return Request(f"r{i}", [1, 2, 3], SamplingParams(), max_tokens=8)
 
 
+def apply_op(rm: RManager, reqs: list[Request], op: str, i: int, n: int, remote_ids) -> list[Request] | None:
+    """One change of the block tables (OPS); for "schedule", the requests a step would sync."""
+    rid = reqs[i].request_id
+    table = rm.table(rid)
+    if op == "grow" and rm.num_free >= n:
+        rm.allocate(rid, n)
+    elif op == "remote":
+        rm.append_remote(rid, [RBlock(1, next(remote_ids)) for _ in range(n)])
+    elif op == "remote_at" and table:
+        rm.append_remote(rid, [RBlock(2, next(remote_ids))], at=min(n, len(table)) - 1)
+    elif op == "migrate" and table:
+        old = [r for r in table if r.instance == RANK][:n]
+        if old:
+            rm.swap_out(rid, old, [RBlock(3, next(remote_ids)) for _ in old])
+    elif op == "home" and table:  # some of one creditor's blocks come home
+        old = [r for r in table if r.instance != RANK][:n]
+        old = [r for r in old if r.instance == old[0].instance]
+        if old and rm.num_free >= len(old):
+            rm.replace_blocks(rid, old, [RBlock(RANK, b) for b in rm.take_free(len(old))])
+    elif op == "shrink" and table and table[-1].instance == RANK:
+        rm.free_tail(rid, 1)
+    elif op == "free":
+        rm.free_request(rid)
+    elif op == "schedule":
+        held = [r for r in reqs if rm.live_table(r.request_id)[0] is not None]
+        return held[i % max(1, len(held)):] + held[: n]  # a changing subset, in changing order
+    return None
+
+
 def _check(ib: InputBatch) -> None:
     bt, bi, nb = ib.rebuilt_from_scratch()
     n = ib.num_rows
@@ -61,30 +90,8 @@ def test_rows_equal_a_rebuild_after_any_changes(ops):
     remote_ids = iter(range(1000, 10**6))
     before: dict[tuple[str, int], tuple[int, list[int], list[int]]] = {}  # last sync's groups
     for op, i, n in ops:
-        rid = reqs[i].request_id
-        table = rm.table(rid)
-        if op == "grow" and rm.num_free >= n:
-            rm.allocate(rid, n)
-        elif op == "remote":
-            rm.append_remote(rid, [RBlock(1, next(remote_ids)) for _ in range(n)])
-        elif op == "remote_at" and table:
-            rm.append_remote(rid, [RBlock(2, next(remote_ids))], at=min(n, len(table)) - 1)
-        elif op == "migrate" and table:
-            old = [r for r in table if r.instance == RANK][:n]
-            if old:
-                rm.swap_out(rid, old, [RBlock(3, next(remote_ids)) for _ in old])
-        elif op == "home" and table:  # a creditor's blocks come home (some, or all of them)
-            old = [r for r in table if r.instance == table[-1].instance or r.instance != RANK][:n]
-            old = [r for r in old if r.instance == old[0].instance and r.instance != RANK]
-            if old and rm.num_free >= len(old):
-                rm.replace_blocks(rid, old, [RBlock(RANK, b) for b in rm.take_free(len(old))])
-        elif op == "shrink" and table and table[-1].instance == RANK:
-            rm.free_tail(rid, 1)
-        elif op == "free":
-            rm.free_request(rid)
-        elif op == "schedule":
-            held = [r for r in reqs if rm.live_table(r.request_id)[0] is not None]
-            scheduled = held[i % max(1, len(held)):] + held[: n]  # a changing subset, in changing order
+        scheduled = apply_op(rm, reqs, op, i, n, remote_ids)
+        if scheduled is not None:
             ib.sync(scheduled)
             _check(ib)
             before = _check_group_changes(ib, before)

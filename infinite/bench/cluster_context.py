@@ -18,7 +18,7 @@ home sends each creditor per step (the step's header and block diffs, once; the
 queries, per layer) and the size of the outputs message the home sends rank 0
 per step (``messages.Outputs``, msgpack).
 
-Modes, each side by side over the contexts: ``stream`` (a new output every
+Modes, each side by side over the contexts: ``stream`` (a delta output every
 step, encoded as the home sends it to rank 0, between steps as the instance's
 loop does), ``final`` (only the finished output, as ``LLM.generate`` asks), and
 ``final-cold``, a control: ``final`` with ``--context-cold-mb`` of memory
@@ -217,7 +217,7 @@ def _one_case(inst, ctx: int, spec: dict[str, Any], rng: random.Random, rid: str
     params = SamplingParams(temperature=0.0, max_tokens=warmup + n_steps + 1, ignore_eos=True)
     req = e.build_request(rid, prompt, params, params.max_tokens, None)
     req.num_computed_tokens = ctx - 1  # the prompt's KV is in place: the next step decodes its last token
-    req.final_only = final_only
+    req.output_kind = "final_only" if final_only else "delta"  # a home's outputs to rank 0 are deltas
     e.submit(req)
     e.scheduler.waiting.remove(req)  # admitted as it is: its blocks are all there
     req.status = Status.RUNNING

@@ -10,7 +10,6 @@ computes.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +18,7 @@ import torch
 from infinite.attention import MAMetadata, micro_attention, write_kv
 from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
+from infinite.cluster.device_timer import DeviceTimer, device_timer
 from infinite.cluster.lent_rows import LentRows
 from infinite.cluster.policy import LendingPolicy, Peer
 from infinite.cluster.remote_attention import handle_of
@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 
 class Creditor:
     def __init__(self, rm: RManager, kv: KVCache, scale: float, policy: LendingPolicy, counters: StepCounters,
-                 own_demand: Callable[[], int] = lambda: 0) -> None:
+                 own_demand: Callable[[], int] = lambda: 0,
+                 make_timer: Callable[[], DeviceTimer] | None = None) -> None:
         self.rm = rm
+        # a timer per served call (calls run on the serving thread or a caller's): the device's time
+        self.make_timer = make_timer or (lambda: device_timer(kv.k.device))
         self.own_demand = own_demand  # free blocks this instance keeps for its own requests
         self.kv = kv
         self.scale = scale
@@ -66,24 +69,17 @@ class Creditor:
     def step_metadata(self, debtor: int, step: int, meta: M.AttentionMeta, num_queries: int) -> MAMetadata:
         """A debtor step's diffs applied to its rows here -> the step's MicroAttention metadata
         (StaleRows when they do not continue what is held)."""
-        if sum(meta.q_lens) != num_queries:
-            raise ValueError(f"rank {debtor} sent {num_queries} queries for requests of {sum(meta.q_lens)}")
-        return self.rows.apply(debtor, step, meta)
+        return self.rows.apply(debtor, step, meta, num_queries)
 
     def read_blocks(self, msg: M.ReadBlocks) -> M.BlockTensors:
         """Blocks lent to msg.debtor's request, for it to take them home: k/v [L, n, B, nkv, d]."""
-        held = set(self.rm.lent.get((msg.debtor, msg.request_id), ()))
-        if not set(msg.blocks) <= held:
-            raise RuntimeError(f"blocks {sorted(set(msg.blocks) - held)} are not lent to {msg.debtor}/{msg.request_id}")
-        idx = torch.tensor(msg.blocks, dtype=torch.int64, device=self.kv.k.device)
-        return M.BlockTensors(self.kv.k.index_select(1, idx), self.kv.v.index_select(1, idx))
+        if not self.rm.is_lent(msg.debtor, msg.request_id, msg.blocks):
+            raise RuntimeError(f"blocks {msg.blocks} are not all lent to {msg.debtor}/{msg.request_id}")
+        return M.BlockTensors(*self.kv.read_blocks(msg.blocks))
 
     def write_blocks(self, msg: M.WriteBlocks, t: M.BlockTensors) -> None:
         """Receive migrated blocks: k/v [L, n, B, nkv, d]."""
-        dev = self.kv.k.device
-        idx = torch.tensor(msg.blocks, dtype=torch.int64, device=dev)
-        self.kv.k.index_copy_(1, idx, t.k.to(dev))
-        self.kv.v.index_copy_(1, idx, t.v.to(dev))
+        self.kv.write_blocks(msg.blocks, t.k, t.v)
 
     # ---- MicroAttention for debtors -----------------------------------------------------------
     def serve_attention(self, call: M.AttentionCall, t: M.AttentionTensors) -> Future:
@@ -120,20 +116,10 @@ class Creditor:
             raise meta
         return self.attend(call.layer, meta, t)
 
-    @torch.inference_mode()
     def attend(self, layer: int, meta: MAMetadata, t: M.AttentionTensors) -> M.AttentionResultTensors:
         """One layer of MicroAttention over lent blocks, on the calling thread (thread-safe: the
         gather buffers are per thread)."""
-        t0 = time.perf_counter()
-        try:
-            dev = self.kv.k.device
-            kc, vc = self.kv.k[layer], self.kv.v[layer]
-            if t.slots is not None:
-                write_kv(kc, vc, t.k.to(dev), t.v.to(dev), t.slots.to(dev))
-            out, lse = micro_attention(t.q.to(dev), kc, vc, meta, self.scale)
-            return M.AttentionResultTensors(out, lse)
-        finally:
-            self.counters.served(time.perf_counter() - t0, meta.max_q_len <= 1)
+        return attend_lent(self.kv, self.scale, self.counters, self.make_timer(), layer, meta, t)
 
     def forget_debtor(self, debtor: int) -> None:
         """Drop the rows and step metadata a (dead) debtor left behind."""
@@ -142,3 +128,20 @@ class Creditor:
 
     def close(self) -> None:
         self._serve.shutdown(wait=False, cancel_futures=True)
+
+
+@torch.inference_mode()
+def attend_lent(kv: KVCache, scale: float, counters: StepCounters, timer: DeviceTimer, layer: int, meta: MAMetadata,
+                t: M.AttentionTensors) -> M.AttentionResultTensors:
+    """One layer of MicroAttention over blocks lent to a debtor (writing the new K/V that land there
+    first), timed on the device; a rank of a tensor-parallel group runs it over its heads of them."""
+    timer.start()
+    try:
+        dev = kv.k.device
+        kc, vc = kv.k[layer], kv.v[layer]
+        if t.slots is not None:
+            write_kv(kc, vc, t.k.to(dev), t.v.to(dev), t.slots.to(dev))
+        out, lse = micro_attention(t.q.to(dev), kc, vc, meta, scale)
+        return M.AttentionResultTensors(out, lse)
+    finally:
+        counters.served(timer.elapsed(), meta.max_q_len <= 1)

@@ -97,10 +97,13 @@ class LentRows:
             self._alloc(FIRST_ROWS, FIRST_WIDTH)
 
     # ---- the debtors' diffs -------------------------------------------------------------------------
-    def apply(self, debtor: int, step: int, meta: M.AttentionMeta) -> MAMetadata:
+    def apply(self, debtor: int, step: int, meta: M.AttentionMeta, num_queries: int | None = None) -> MAMetadata:
         """Apply one step's diffs from ``debtor`` and return the step's metadata over its rows.
-        Raises StaleRows when a diff does not continue what is held, ValueError when it is malformed."""
+        Raises StaleRows when a diff does not continue what is held, ValueError when it is malformed
+        (or does not describe ``num_queries`` queries, the rows of the step's query tensor)."""
         n = len(meta.handles)
+        if num_queries is not None and sum(meta.q_lens) != num_queries:
+            raise ValueError(f"rank {debtor} sent {num_queries} queries for requests of {sum(meta.q_lens)}")
         if not (len(meta.epochs) == len(meta.bases) == len(meta.q_lens) == len(meta.q_starts) == len(meta.counts)
                 == n) or len(meta.blocks) != len(meta.logical) or sum(meta.counts) != len(meta.blocks):
             raise ValueError("malformed attention metadata: per-request lists of different lengths, or counts "

@@ -20,8 +20,6 @@ import logging
 import threading
 from dataclasses import dataclass
 
-import torch
-
 from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
 from infinite.cluster.transport import Future, Transport
@@ -60,14 +58,15 @@ class Migrator:
 
     # ---- which blocks may move ------------------------------------------------------------
     def oldest_full(self, request_id: str, computed_tokens: int, where: int, n: int) -> list[RBlock]:
-        """Up to n of the request's oldest blocks on instance ``where`` whose tokens are all computed."""
+        """Up to n of the request's oldest blocks on instance ``where`` whose tokens are all computed
+        (a scan that stops once it has them; no copy of the table)."""
         full = computed_tokens // self.rm.block_size
-        busy = {ref for t in self._pending if t.request_id == request_id for ref in t.old}
-        return [ref for ref in self.rm.table(request_id)[:full] if ref.instance == where and ref not in busy][:n]
+        with self._lock:
+            busy = frozenset(ref for t in self._pending if t.request_id == request_id for ref in t.old)
+        return self.rm.oldest(request_id, where, full, n, busy)
 
     def _contents(self, refs: list[RBlock]) -> M.BlockTensors:
-        idx = torch.tensor([r.block for r in refs], dtype=torch.int64, device=self.kv.k.device)
-        return M.BlockTensors(self.kv.k.index_select(1, idx), self.kv.v.index_select(1, idx))  # [L, n, B, nkv, d]
+        return M.BlockTensors(*self.kv.read_blocks([r.block for r in refs]))  # [L, n, B, nkv, d]
 
     # ---- push: local blocks out -----------------------------------------------------------
     def push(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> None:
@@ -126,20 +125,17 @@ class Migrator:
             self._finish(t)
 
     def _finish(self, t: _Transfer) -> None:
-        table = set(self.rm.table(t.request_id))
         try:
             contents = t.done.wait()
         except Exception as e:  # noqa: BLE001 - the copy failed: the blocks stay where they were
             log.warning("rank %d: moving %d blocks of %s failed: %s", self.rank, len(t.old), t.request_id, e)
             self._undo(t)
             return
-        if not set(t.old) <= table:  # the request ended or was preempted meanwhile
+        if not self.rm.holds(t.request_id, t.old):  # the request ended or was preempted meanwhile
             self._undo(t)
             return
         if t.local_dst is not None:  # pull: write the contents home, then give the creditor its blocks back
-            idx = torch.tensor(t.local_dst, dtype=torch.int64, device=self.kv.k.device)
-            self.kv.k.index_copy_(1, idx, contents.k.to(self.kv.k.device))
-            self.kv.v.index_copy_(1, idx, contents.v.to(self.kv.v.device))
+            self.kv.write_blocks(t.local_dst, contents.k, contents.v)
             self.rm.replace_blocks(t.request_id, t.old, t.new)
             self._give_back(t.request_id, t.old)
         else:

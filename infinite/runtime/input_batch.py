@@ -90,6 +90,10 @@ class InputBatch:
         # (creditor, request) of remote groups that went away (the row left, or its blocks there
         # came home) since the last take_remote_dropped(): the creditor may forget them.
         self._remote_dropped: list[tuple[int, str]] = []
+        # The same changes for the other ranks of a tensor-parallel group, kept until the first rank
+        # sends them with the next step (runtime/tp.py); None when nobody mirrors this batch.
+        self.mirror_rows: set[int] | None = None
+        self.mirror_cells: list[tuple[int, int]] | None = None
 
     # ---- rows --------------------------------------------------------------------------------
     @property
@@ -160,6 +164,8 @@ class InputBatch:
                 self.bi_np[row, n] = i
                 if not self.on_host:
                     self._cells.append((row, n))
+                if self.mirror_cells is not None:
+                    self.mirror_cells.append((row, n))
                 n += 1
             else:
                 g = st.remote.get(ref.instance)
@@ -194,8 +200,14 @@ class InputBatch:
             self.bi_np[row, :n] = arr[:, 1]
         self.nb_np[row] = n
         st.seen = len(st.table)
+        self._row_changed(row)
+
+    def _row_changed(self, row: int) -> None:
+        """The row's table was rewritten: whole-row uploads (and mirrors) take it."""
         if not self.on_host:
             self._rows.add(row)
+        if self.mirror_rows is not None:
+            self.mirror_rows.add(row)
 
     def _regroup(self, row: int, remote: dict[int, tuple[list[int], list[int]]]) -> None:
         """The row's remote groups after a rebuild: a group that only grew keeps its epoch (its
@@ -227,8 +239,7 @@ class InputBatch:
             self.requests[row] = moved
             self._sync[row] = self._sync[last]
             self.row_of[moved.request_id] = row
-            if not self.on_host:
-                self._rows.add(row)  # re-uploaded whole: a leave is rare, a row is O(its blocks)
+            self._row_changed(row)  # re-uploaded whole: a leave is rare, a row is O(its blocks)
         self.nb_np[last] = 0
         self.requests.pop()
         self._sync.pop()
