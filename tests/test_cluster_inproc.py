@@ -91,9 +91,9 @@ async def test_a_creditor_that_forgot_the_rows_refuses_once_and_the_step_is_retr
         for inst in cl.instances:
             apply = inst.creditor.rows.apply
 
-            def counting(debtor, step, meta, apply=apply):
+            def counting(debtor, *args, apply=apply):
                 try:
-                    return apply(debtor, step, meta)
+                    return apply(debtor, *args)
                 except StaleRows:
                     refused.append(debtor)
                     raise

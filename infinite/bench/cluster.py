@@ -133,7 +133,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     b.add_argument("--rate", type=_positive_float, help="Poisson arrival rate, requests/s")
     b.add_argument("--max-num-seqs", type=_positive_int, help="batch size cap per instance")
     b.add_argument("--mixed-repeats", type=_positive_int, default=1, help="runs per mode, alternating; median")
-    c = p.add_argument_group("(c) context: a decode step's host work, one request's KV over 3 instances")
+    c = p.add_argument_group("(e) context: a decode step's host work, one request's KV over 3 instances")
     c.add_argument("--contexts", type=_positive_ints, default=[1024, 262144],
                    help="context lengths compared side by side (default 1024,262144)")
     c.add_argument("--context-steps", type=_positive_int, default=20, help="decode steps timed per run")

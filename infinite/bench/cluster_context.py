@@ -1,4 +1,4 @@
-"""Part (c) of ``python -m infinite.bench cluster``: a decode step's host work at a long context.
+"""Part (e) of ``python -m infinite.bench cluster``: a decode step's host work at a long context.
 
 One request's KV spread over three instances (a third on each of two creditors,
 the rest, with the tail, at home), decoded at each ``--contexts`` length side by
@@ -271,7 +271,7 @@ def print_context(r: dict[str, Any]) -> None:
                          "/".join(str(int(b[k])) for k in sorted(b)), "/".join(str(int(m[k])) for k in sorted(m)),
                          "/".join(str(v) for _, v in sorted(case["first_step_meta_bytes"].items())),
                          int(case["outputs_bytes"])])
-    print_table(f"(c) a decode step's host work, one request's KV over {c['ranks']} instances "
+    print_table(f"(e) a decode step's host work, one request's KV over {c['ranks']} instances "
                 f"(median of {c['repeats']} x {c['steps']} steps per context, ms)",
                 ["outputs", "context", "steps", "host ms", "host p90", "schedule", "prepare", "postprocess",
                  "forward", "B/creditor/step", "of which diffs", "1st step diffs", "B to rank 0/step"], rows)
