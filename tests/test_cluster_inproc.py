@@ -59,17 +59,23 @@ async def run(cluster, prompt, params=GREEDY, rid=None):
     return last
 
 
-async def test_a_request_larger_than_one_pool_is_served_exactly_across_three_instances(ckpt):
-    rng = random.Random(3)
-    prompt = [rng.randrange(3, 300) for _ in range(300)]  # 20 blocks with its output; pools of 9
+def alone(ckpt, prompt) -> list[int]:
+    """The greedy tokens of ``prompt`` on one instance that holds it all."""
     ref = LLMEngine(config(ckpt, 64))
     ref.add_request(prompt, GREEDY, "ref")
     want = None
     while ref.has_unfinished_requests():
         want = [o for o in ref.step() if o.finished] or want
+    return want[0].outputs[0].token_ids
+
+
+async def test_a_request_larger_than_one_pool_is_served_exactly_across_three_instances(ckpt):
+    rng = random.Random(3)
+    prompt = [rng.randrange(3, 300) for _ in range(300)]  # 20 blocks with its output; pools of 9
+    want = alone(ckpt, prompt)
     async with InProcessCluster(config(ckpt, 9), 3) as cl:
         out = await asyncio.wait_for(run(cl, prompt), 60)
-        assert out.outputs[0].token_ids == want[0].outputs[0].token_ids
+        assert out.outputs[0].token_ids == want
         assert set(out.extra["kv_blocks"]) == {0, 1, 2} and sum(out.extra["kv_blocks"].values()) == 20
         await asyncio.sleep(0.3)  # let the heartbeats report the end
         assert_no_leak(cl)
@@ -81,11 +87,7 @@ async def test_a_creditor_that_forgot_the_rows_refuses_once_and_the_step_is_retr
     the next diff, the home retries the step with whole rows, and the output is as on one instance."""
     rng = random.Random(4)
     prompt = [rng.randrange(3, 300) for _ in range(300)]
-    ref = LLMEngine(config(ckpt, 64))
-    ref.add_request(prompt, GREEDY, "ref")
-    want = None
-    while ref.has_unfinished_requests():
-        want = [o for o in ref.step() if o.finished] or want
+    want = alone(ckpt, prompt)
     async with InProcessCluster(config(ckpt, 9), 3) as cl:
         refused = []
         for inst in cl.instances:
@@ -107,7 +109,7 @@ async def test_a_creditor_that_forgot_the_rows_refuses_once_and_the_step_is_retr
                 for inst in cl.instances:
                     if inst.rank != home:
                         inst.creditor.rows.drop(home, [handle_of("long")])
-        assert out.outputs[0].token_ids == want[0].outputs[0].token_ids
+        assert out.outputs[0].token_ids == want
         assert refused and set(refused) == {home}
         assert set(out.extra["kv_blocks"]) == {0, 1, 2}
 

@@ -34,17 +34,23 @@ RANK = textwrap.dedent("""
 """)
 
 
-def test_streams_survive_idling_past_their_deadlines():
+def run_pair(script: str, timeout: float) -> list[str]:
+    """Run ``script`` as ranks 0 and 1 on free ports; both must exit 0 -> their outputs."""
     rpc_port, data_port = free_port(), free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", RANK, str(r), str(rpc_port), str(data_port)],
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), str(rpc_port), str(data_port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     try:
-        outs = [p.communicate(timeout=60)[0] for p in procs]
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
     for r, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"rank {r} failed:\n{out}"
+    return outs
+
+
+def test_streams_survive_idling_past_their_deadlines():
+    for r, out in enumerate(run_pair(RANK, 60)):
         assert f"rank {r} probe" in out, out
         assert "pair closure" not in out and "ended:" not in out, out
 
@@ -109,15 +115,6 @@ DIFFS = textwrap.dedent("""
 
 
 def test_creditor_builds_rows_from_diffs_and_refuses_a_diff_that_does_not_continue():
-    rpc_port, data_port = free_port(), free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", DIFFS, str(r), str(rpc_port), str(data_port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    try:
-        outs = [p.communicate(timeout=90)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{out}"
+    outs = run_pair(DIFFS, 90)
     lines = [ln for ln in outs[0].splitlines() if ln.split(" ")[0] in ("whole", "append", "gap", "again")]
     assert lines == ["whole [3, 3]", "append [4, 4]", "gap ['stale', 'stale']", "again [2, 2]"], outs[0]
