@@ -142,3 +142,7 @@ def test_cluster_bench_main_tiny(tmp_path, capsys):
         # the first step sends each creditor the request's whole rows there: a third of its blocks each
         assert hi["first_step_meta_bytes"]["1"] > lo["first_step_meta_bytes"]["1"]
     assert e["cases"]["final"]["1024"]["outputs_bytes"] < e["cases"]["stream"]["1024"]["outputs_bytes"]
+    hp = e["host_path_us"]
+    for k in ("warm", "cold"):
+        assert set(hp[k]) == {"64", "1024"} and all(v > 0 for v in hp[k].values())
+        assert hp["ratios"][k] == pytest.approx(hp[k]["1024"] / hp[k]["64"])

@@ -86,7 +86,55 @@ def run_context(contexts: list[int], steps: int, repeats: int, warmup: int, cold
             raise RuntimeError(f"the long-context ranks failed:\n{tails}")
         result = json.loads(Path(spec["out"]).read_text())
     result["config"].update(ranks=RANKS, pool_blocks=pool, block_size=BLOCK, threads_per_rank=1)
+    result["host_path_us"] = host_path(contexts, steps + warmup, cold_mb)
     return result
+
+
+def host_path(contexts: list[int], steps: int, cold_mb: int) -> dict[str, Any]:
+    """The remote decode step's own host path alone, in this process: the persistent batch's sync, the
+    micro-batch's local inputs and its parts for the creditors (StepRunner.micro_batches' work), for one
+    request per context with its blocks a third on each of two creditors; warm, and with ``cold_mb``
+    touched before every step (as a long forward leaves the caches) -> microseconds per step."""
+    import torch
+
+    from infinite.cluster.remote_attention import RemoteWire
+    from infinite.kv.rmanager import RBlock, RManager, blocks_for
+    from infinite.runtime.input_batch import InputBatch
+    from infinite.runtime.model_runner import prepare_inputs
+    from infinite.runtime.request import Request
+    from infinite.sampling.params import SamplingParams
+
+    flush = torch.zeros(cold_mb << 18)
+    out: dict[str, Any] = {}
+    for cold in (False, True):
+        for ctx in contexts:
+            nb = blocks_for(ctx + steps + 1, BLOCK)
+            share = nb // RANKS
+            rm = RManager(0, nb - 2 * share + 1, BLOCK)
+            rm.append_remote("r", [RBlock(1 + i // share, i % share) for i in range(2 * share)])
+            rm.allocate("r", blocks_for(ctx, BLOCK) - 2 * share)  # the prompt's; then one as decoding needs
+            req = Request("r", [0] * ctx, SamplingParams(), max_tokens=steps + 1)
+            req.num_computed_tokens = ctx - 1
+            ib = InputBatch(rm, 8, nb - 2 * share + 1, torch.device("cpu"))
+            wire = RemoteWire(0)
+            times = []
+            for _ in range(steps):
+                if rm.num_needed("r", req.num_computed_tokens + 1):  # the scheduler's growth: a block now and then
+                    rm.allocate("r", 1)
+                if cold:
+                    flush.add_(1.0)
+                t0 = time.perf_counter()
+                ib.sync([req])
+                inputs = prepare_inputs(ib, {"r": 1}, torch.device("cpu"), rows=[0])
+                parts = wire.parts(ib, inputs.rows, inputs.q_lens, inputs.q_starts)
+                RemoteWire.attach_drops(parts, ib.take_remote_dropped(), ib)
+                times.append(time.perf_counter() - t0)
+                req.output_token_ids.append(5)
+                req.num_computed_tokens += 1
+            out.setdefault("cold" if cold else "warm", {})[str(ctx)] = 1e6 * statistics.median(times[1:])
+    lo, hi = str(min(contexts)), str(max(contexts))
+    out["ratios"] = {k: out[k][hi] / out[k][lo] for k in ("warm", "cold")}
+    return out
 
 
 def _rank_main(spec: dict[str, Any], rank: int) -> int:
@@ -276,6 +324,10 @@ def print_context(r: dict[str, Any]) -> None:
                 ["outputs", "context", "steps", "host ms", "host p90", "schedule", "prepare", "postprocess",
                  "forward", "B/creditor/step", "of which diffs", "1st step diffs", "B to rank 0/step"], rows)
     lo, hi = min(c["contexts"]), max(c["contexts"])
+    hp = r["host_path_us"]
+    print_table("the remote step's host path alone (sync, local inputs, creditors' parts), in one process, "
+                "µs per step", ["caches", *(str(x) for x in c["contexts"]), f"{hi} / {lo}"],
+                [[k, *(hp[k][str(x)] for x in c["contexts"]), hp["ratios"][k]] for k in ("warm", "cold")])
     for mode, ratio in r["ratios"].items():
         print(f"{mode}: host ms per step {hi} / {lo} tokens = {ratio:.2f} (target <= {r['target_ratio']}: "
               f"{'met' if r['meets_target'][mode] else 'NOT met'})", flush=True)
