@@ -342,6 +342,7 @@ class Instance:
             remote_wait_per_call_ms=1e3 * c.recent_wait_per_call_s,
             remote_calls_per_step=c.mean_calls_per_layer,
             recomputed=self.view.recomputed,
+            **e.prefix_stats(),
             **self.rm.walk(),
         )
 

@@ -113,6 +113,11 @@ class InstanceStats(Msg):
     used_blocks: int
     lent_blocks: int
     borrowed_blocks: int
+    cached_blocks: int = 0  # blocks holding a named prefix (in use or not)
+    evictable_blocks: int = 0  # free blocks that still hold a named prefix (counted in free_blocks)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, over admissions
+    prefix_cache_hits: int = 0  # ... of which their KV came from a cache (this pool's or another's)
+    prefix_cache_hit_rate: float = 0.0
     num_running: int = 0
     num_waiting: int = 0
     waiting_blocks: int = 0

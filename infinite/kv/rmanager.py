@@ -3,10 +3,13 @@
 Thread-safe: in a cluster the compute thread (its own requests) and the
 handlers of other ranks' calls (blocks lent to them) change it concurrently.
 
-Every block of the local pool is in exactly one state: free, used by a local
-request, or lent to a remote debtor's request. A local request's block table
-is an ordered list of (instance, block): its rBlocks, oldest first, which may
-point into other instances' pools (borrowed blocks).
+Every block of the local pool is free (possibly still holding a cached prefix,
+``BlockPool``), used by local requests only, or lent (referenced by at least one
+remote debtor's request, and maybe by local ones too). With the prefix cache a
+block may sit in several tables at once (reference-counted). A local request's
+block table is an ordered list of (instance, block): its rBlocks, oldest first,
+which may point into other instances' pools (borrowed blocks, or a prefix
+cached there).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from infinite.kv.block_pool import BlockPool
+from infinite.kv.prefix import BlockHash
 
 
 class RBlock(NamedTuple):
@@ -39,14 +43,15 @@ def _locked(method):
 
 
 class RManager:
-    def __init__(self, rank: int, num_blocks: int, block_size: int) -> None:
+    def __init__(self, rank: int, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
         self._lock = threading.RLock()
         self.rank = rank
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, enable_caching)
         self.tables: dict[str, list[RBlock]] = {}  # local requests -> rBlocks, oldest first
         self.lent: dict[tuple[int, str], list[int]] = {}  # (debtor rank, request) -> local blocks
-        self._num_lent = 0
+        self._lent_refs: dict[int, int] = {}  # local block -> lent entries holding it (a shared prefix: several)
+        self._named: dict[str, int] = {}  # local requests -> table entries offered to the prefix cache so far
         self._num_borrowed = 0
         # Change tracking for the engine's persistent batch (infinite.runtime.input_batch): every
         # request whose table changed since the last take_changed(), and an epoch per table that moves
@@ -123,7 +128,82 @@ class RManager:
         if not table:
             del self.tables[request_id]
             self._epoch.pop(request_id, None)
-        self.pool.free([r.block for r in tail])
+            self._named.pop(request_id, None)
+        elif self._named.get(request_id, 0) > len(table):
+            self._named[request_id] = len(table)
+        self.pool.free([r.block for r in reversed(tail)])
+
+    # ---- the prefix cache -----------------------------------------------
+    @property
+    def caching(self) -> bool:
+        return self.pool.enable_caching
+
+    def num_offered(self, request_id: str) -> int:
+        """Table entries of the request already offered to the prefix cache. Asked for every
+        request every step, so it takes no lock (one dict read)."""
+        return self._named.get(request_id, 0)
+
+    @_locked
+    def match(self, names: list[BlockHash]) -> tuple[int, int]:
+        """How many blocks of the longest cached run of ``names`` this pool holds, and how many of
+        those are referenced now (taking them costs no free block). Takes no reference."""
+        hits = self.pool.lookup(names)
+        return len(hits), sum(1 for b in hits if self.pool.ref[b] > 0)
+
+    @_locked
+    def start(self, request_id: str, names: list[BlockHash], num_blocks: int) -> int:
+        """Give a request with no table yet ``num_blocks`` blocks: the cached blocks of the longest
+        run of ``names`` by reference, then new ones. All or nothing, under one lock (a loan on
+        another thread may evict a cached block between ``match`` and here): MemoryError and no
+        change when the pool cannot. Returns how many cached blocks the table starts with."""
+        if self.tables.get(request_id):
+            raise RuntimeError(f"request {request_id} already holds blocks")
+        hits = self.pool.lookup(names[:num_blocks])
+        revived = sum(1 for b in hits if self.pool.ref[b] == 0)
+        need = num_blocks - len(hits)
+        if need + revived > self.pool.num_free:
+            raise MemoryError(f"KV pool exhausted: {need} new and {revived} cached blocks asked for, "
+                              f"{self.pool.num_free} free")
+        self.pool.touch(hits)
+        new = self.pool.allocate(need)
+        self._table_for(request_id).extend([RBlock(self.rank, b) for b in hits + new])
+        self._named[request_id] = len(hits)
+        self._changed.add(request_id)
+        return len(hits)
+
+    @_locked
+    def cache_computed(self, request_id: str, names: list[BlockHash], num_blocks: int) -> int:
+        """Offer the request's first ``num_blocks`` blocks, full and with their KV computed
+        (``names``: their names, in table order), to the prefix cache; local blocks only, each
+        offered once (O(blocks not offered before)). Returns how many were cached."""
+        if not self.pool.enable_caching:
+            return 0
+        table = self.tables.get(request_id)
+        if table is None:
+            return 0
+        done = self._named.get(request_id, 0)
+        end = min(num_blocks, len(names), len(table))
+        n = 0
+        for i in range(done, end):
+            ref = table[i]
+            if ref.instance == self.rank:
+                n += self.pool.cache(ref.block, names[i], i + 1)
+        if end > done:
+            self._named[request_id] = end
+        return n
+
+    @_locked
+    def exclusive(self, ref: RBlock) -> bool:
+        """Whether the local block is held by one table only (moving it frees it)."""
+        return ref.instance == self.rank and self.pool.ref[ref.block] == 1
+
+    @_locked
+    def take_anchor_changes(self, everything: bool = False) -> tuple[list[int], list[int]]:
+        return self.pool.take_anchor_changes(everything)
+
+    @_locked
+    def reset_prefix_cache(self) -> int:
+        return self.pool.reset_cache()
 
     @_locked
     def take_free(self, n: int) -> list[int]:
@@ -181,19 +261,25 @@ class RManager:
         """Free the request's local blocks; return its remote refs for the caller to release."""
         table = self.tables.pop(request_id, [])
         self._epoch.pop(request_id, None)
+        self._named.pop(request_id, None)
         self._changed.add(request_id)
-        local = [r.block for r in table if r.instance == self.rank]
+        local = [r.block for r in reversed(table) if r.instance == self.rank]  # newest first: evicted first
         remote = [r for r in table if r.instance != self.rank]
         self.pool.free(local)
         self._num_borrowed -= len(remote)
         return remote
 
     # ---- blocks lent to remote debtors -----------------------------------
+    def _lend_refs(self, debtor: int, request_id: str, blocks: list[int]) -> None:
+        if blocks:
+            self.lent.setdefault((debtor, request_id), []).extend(blocks)
+        for b in blocks:
+            self._lent_refs[b] = self._lent_refs.get(b, 0) + 1
+
     @_locked
     def lend(self, debtor: int, request_id: str, n: int) -> list[int]:
         blocks = self.pool.allocate(n)
-        self.lent.setdefault((debtor, request_id), []).extend(blocks)
-        self._num_lent += n
+        self._lend_refs(debtor, request_id, blocks)
         return blocks
 
     @_locked
@@ -204,8 +290,28 @@ class RManager:
         return self.lend(debtor, request_id, n)
 
     @_locked
+    def lend_cached(self, debtor: int, request_id: str, names: list[BlockHash],
+                    lendable: Callable[[RManager], int]) -> list[int]:
+        """A remote request takes the cached blocks of the longest run of ``names`` by reference
+        (never evicted while it holds them; ``release_lent`` gives them back). Blocks nobody
+        references now come out of the free memory, so their number must be within
+        ``lendable(self)`` (read under the same lock); else fewer, or []."""
+        hits = self.pool.lookup(names)
+        room = lendable(self) if hits else 0
+        revived = 0
+        for i, b in enumerate(hits):
+            revived += self.pool.ref[b] == 0
+            if revived > room:
+                hits = hits[:i]
+                break
+        self.pool.touch(hits)
+        self._lend_refs(debtor, request_id, hits)
+        return hits
+
+    @_locked
     def release_lent(self, debtor: int, request_id: str, blocks: list[int] | None = None) -> int:
-        """Return lent blocks (all of them for the request when blocks is None) to the pool."""
+        """Drop the references of lent blocks (all of them for the request when blocks is None);
+        a block nobody else references returns to the pool (still cached if it was)."""
         held = self.lent.get((debtor, request_id), [])
         drop = list(held) if blocks is None else blocks
         missing = set(drop) - set(held)
@@ -216,14 +322,20 @@ class RManager:
             self.lent[(debtor, request_id)] = keep
         else:
             self.lent.pop((debtor, request_id), None)
-        self.pool.free(drop)
-        self._num_lent -= len(drop)
+        for b in drop:
+            k = self._lent_refs[b] - 1
+            if k:
+                self._lent_refs[b] = k
+            else:
+                del self._lent_refs[b]
+        self.pool.free(reversed(drop))
         return len(drop)
 
     # ---- accounting ------------------------------------------------------
     @property
     def num_lent(self) -> int:
-        return self._num_lent
+        """Distinct local blocks referenced by at least one remote request."""
+        return len(self._lent_refs)
 
     @property
     def num_borrowed(self) -> int:
@@ -231,8 +343,8 @@ class RManager:
 
     @property
     def num_used(self) -> int:
-        """Local pool blocks used by local requests."""
-        return self.pool.num_blocks - self.pool.num_free - self._num_lent
+        """Local pool blocks used by local requests only (a block also lent counts as lent)."""
+        return self.pool.num_blocks - self.pool.num_free - len(self._lent_refs)
 
     @_locked
     def walk(self) -> dict[str, int]:
@@ -260,4 +372,6 @@ class RManager:
             "used_blocks": self.num_used,
             "lent_blocks": self.num_lent,
             "borrowed_blocks": self.num_borrowed,
+            "cached_blocks": self.pool.num_cached,
+            "evictable_blocks": self.pool.num_evictable,
         }

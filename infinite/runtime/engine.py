@@ -133,7 +133,7 @@ class LLMEngine:
         else:
             num_blocks = auto_num_blocks(block_bytes, self.device)
         self.kv = KVCache(c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
-        self.rm = RManager(rank, num_blocks, self.block_size)
+        self.rm = RManager(rank, num_blocks, self.block_size, enable_caching=config.enable_prefix_caching)
         self.model.rope.reserve(self.max_model_len)
         self.input_batch = InputBatch(self.rm, config.max_num_seqs,
                                       min(num_blocks, blocks_for(self.max_model_len, self.block_size)), self.device)
@@ -332,8 +332,10 @@ class LLMEngine:
 
     def postprocess(self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor) -> list[RequestOutput]:
         """``logits``: the sampling rows, then the prompt-logprob rows (``inputs.prompt_spans``)."""
+        cache = self.allocator.cache_computed
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
+            cache(req)
         reqs = inputs.sample_requests
         extra = logits[len(reqs):]
         for span in inputs.prompt_spans:
@@ -430,6 +432,7 @@ class LLMEngine:
             outputs=[comp],
             finished=req.finish_reason is not None,
             metrics=req.metrics,
+            num_cached_tokens=req.num_cached_tokens,
             prompt_logprobs=None if req.prompt_logprobs is None else [None, *req.prompt_logprobs],
         )
 
@@ -442,5 +445,12 @@ class LLMEngine:
             step_time_ms=self.last_step_time * 1e3,
             num_preemptions=self.scheduler.num_preemptions,
             tokens_held=sum(r.num_computed_tokens for r in self.scheduler.running),
+            **self.prefix_stats(),
         )
         return [s]
+
+    def prefix_stats(self) -> dict[str, int | float]:
+        """The prefix cache's counters (tokens, over admissions) and hit rate, as stats() reports them."""
+        sch = self.scheduler
+        return {"prefix_cache_queries": sch.prefix_queries, "prefix_cache_hits": sch.prefix_hits,
+                "prefix_cache_hit_rate": sch.prefix_hits / sch.prefix_queries if sch.prefix_queries else 0.0}
