@@ -50,6 +50,12 @@ class Creditor:
         """try_move_kvcache: first come, first served; [] means refused (wait for the next plan)."""
         return self.rm.try_lend(msg.debtor, msg.request_id, msg.num_blocks, self._lendable)
 
+    def lend_prefix(self, msg: M.LendPrefix) -> list[int]:
+        """A cached prefix by reference for a debtor's request (its blocks stay where they are and
+        serve it by MicroAttention); as many blocks as are cached, of which those nobody holds now
+        within what this instance may lend (roles: a debtor lends nothing)."""
+        return self.rm.lend_cached(msg.debtor, msg.request_id, list(msg.names), self._lendable)
+
     def release(self, msg: M.Release) -> int:
         try:
             return self.rm.release_lent(msg.debtor, msg.request_id, msg.blocks)

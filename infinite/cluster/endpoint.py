@@ -42,6 +42,8 @@ class RankEndpoint:
                 return M.Reserved(inst.creditor.reserve(msg)), None
             case M.Release():
                 return M.Released(inst.creditor.release(msg)), None
+            case M.LendPrefix():
+                return M.PrefixLent(inst.creditor.lend_prefix(msg)), None
             case M.WriteBlocks():
                 inst.creditor.write_blocks(msg, tensors)
                 return ACK

@@ -26,6 +26,7 @@ from infinite.cluster.cost_model import CostModel, StepSample, fit, remote_measu
 from infinite.cluster.placement import (ClusterSnapshot, InstanceState, Move, PlacementConfig, RequestState, loan_gain,
                                         plan, route)
 from infinite.cluster.policy import LendingPolicy, Peer
+from infinite.cluster.prefix_routing import PrefixIndex, PrefixRouting, Routed, choose_home
 from infinite.cluster.transport import PeerError, Transport, wait_all
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class GManager:
         self.instances: dict[int, M.InstanceStats] = {}  # rank -> last heartbeat (adjusted by loans since)
         self.requests: dict[str, Placed] = {}
         self.pending: dict[int, int] = {}  # blocks routed to a rank since its last heartbeat
+        self.pending_requests: dict[int, int] = {}  # requests routed to a rank since its last heartbeat
+        self.prefixes = PrefixIndex()  # which instance caches which prefix (anchors from the heartbeats)
+        self.prefix_routing = PrefixRouting()
         self.samples: deque[StepSample] = deque(maxlen=128)
         self._fitted_at = -1e9
         self._moves_in_flight: dict[str, float] = {}
@@ -120,6 +124,8 @@ class GManager:
         with self.lock:
             self.instances[s.rank] = s
             self.pending[s.rank] = 0
+            self.pending_requests[s.rank] = 0
+            self.prefixes.apply(s.rank, beat.prefix_added, beat.prefix_removed, beat.prefix_everything)
             for e in beat.placement_changed:
                 self.requests[e.request_id] = Placed(s.rank, e.context_len, dict(e.blocks))
                 self._moves_in_flight.pop(e.request_id, None)
@@ -154,6 +160,8 @@ class GManager:
         with self.lock:
             self.instances.pop(rank, None)
             self.pending.pop(rank, None)
+            self.pending_requests.pop(rank, None)
+            self.prefixes.drop(rank)
             self.serving = self.serving - {rank}
             for rid in [rid for rid, p in self.requests.items() if p.home == rank]:
                 del self.requests[rid]
@@ -196,19 +204,45 @@ class GManager:
 
     def route(self, prompt_blocks: int) -> int:
         """Home for a new request; round robin until every serving instance has reported."""
+        return self.route_request(prompt_blocks).home
+
+    def route_request(self, prompt_blocks: int, chain: list[tuple[int, int]] | None = None,
+                      pinned: int | None = None) -> Routed:
+        """Home for a new request whose prompt has the anchor ``chain`` (infinite.kv.prefix.anchors):
+        the load-only choice, unless an instance that can hold it caches a prefix of it and is not
+        busy (prefix_routing.choose_home); round robin until every serving instance has reported.
+        ``pinned``: the home is that instance (the caller checked it serves); the hint still names
+        a deeper holder."""
         serving = sorted(self.serving)
         if not serving:
             raise RuntimeError("no instance is serving")
-        if not set(serving) <= set(self.instances):
+        if pinned is not None:
+            routed = Routed(pinned)
+            if chain:
+                with self.lock:
+                    depths = self.prefixes.depths(chain, serving)
+                best = max(serving, key=lambda r: (depths[r], r == pinned, -r))
+                if depths[best] > depths[pinned]:
+                    routed = Routed(pinned, best, depths[best])
+        elif not set(serving) <= set(self.instances):
             self._rr += 1
-            return serving[(self._rr - 1) % len(serving)]
-        snap = self.snapshot()
-        home = route(snap, self.pcfg, prompt_blocks)
-        if home is None or home not in self.serving:  # the front door checked the capacity; take the most free
-            home = max((i for i in snap.instances if i.rank in self.serving), key=lambda i: i.free_blocks).rank
+            routed = Routed(serving[(self._rr - 1) % len(serving)])
+        else:
+            snap = self.snapshot()
+            home = route(snap, self.pcfg, prompt_blocks)
+            if home is None or home not in self.serving:  # the front door checked the capacity; take the most free
+                home = max((i for i in snap.instances if i.rank in self.serving), key=lambda i: i.free_blocks).rank
+            routed = Routed(home)
+            if chain:
+                with self.lock:
+                    loads = {r: s.num_running + s.num_waiting + self.pending_requests.get(r, 0)
+                             for r, s in self.instances.items() if r in self.serving}
+                    depths = self.prefixes.depths(chain, loads)
+                routed = choose_home(home, loads, depths, self.prefix_routing)
         with self.lock:
-            self.pending[home] = self.pending.get(home, 0) + prompt_blocks
-        return home
+            self.pending[routed.home] = self.pending.get(routed.home, 0) + prompt_blocks
+            self.pending_requests[routed.home] = self.pending_requests.get(routed.home, 0) + 1
+        return routed
 
     def borrow(self, msg: M.Borrow) -> M.Borrowed:
         """Reserve blocks on creditors for a debtor's request, in the policy's order; all or nothing.

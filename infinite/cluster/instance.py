@@ -73,6 +73,7 @@ class Instance:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-compute")
         self.stopping = False
         self._sent_placement: dict[str, tuple[int, tuple]] = {}
+        self._resend_prefixes = False  # the next heartbeat carries every prefix anchor (the last was lost)
         self._step_calls = 0  # remote calls per layer of the step being run
         self.view = InstanceView(self)
         self.draining = False  # leaving the cluster: takes no new request
@@ -121,6 +122,8 @@ class Instance:
                     req = e.build_request(item.request_id, item.prompt_token_ids, item.params, item.max_tokens,
                                           item.prompt)
                     recovery.restore_progress(req, item)
+                    if item.prefix_holder >= 0 and item.prefix_holder != self.rank:
+                        req.prefix_hint = (item.prefix_holder, item.prefix_blocks)
                     e.submit(req)
                 except Exception as err:  # noqa: BLE001 - surfaced to the client as a failed request
                     log.exception("rank %d: cannot add %s", self.rank, item.request_id)
@@ -288,7 +291,9 @@ class Instance:
         gone = [rid for rid in self._sent_placement if rid not in placement]
         for rid in gone:
             del self._sent_placement[rid]
-        return M.Heartbeat(stats, changed, gone)
+        everything, self._resend_prefixes = self._resend_prefixes, False
+        added, removed = self.rm.take_anchor_changes(everything)
+        return M.Heartbeat(stats, changed, gone, added, removed, everything)
 
     def on_heartbeat_reply(self, reply: M.HeartbeatReply) -> None:
         self.allocator.borrowable = reply.borrowable
@@ -300,8 +305,10 @@ class Instance:
             self.apply_view(reply.view)
 
     def forget_sent_placement(self) -> None:
-        """The last beat may not have arrived: the next one resends the whole placement."""
+        """The last beat may not have arrived: the next one resends the whole placement (and every
+        prefix anchor)."""
         self._sent_placement.clear()
+        self._resend_prefixes = True
 
     def stats(self) -> M.InstanceStats:
         e = self.engine
@@ -343,6 +350,7 @@ class Instance:
             remote_calls_per_step=c.mean_calls_per_layer,
             recomputed=self.view.recomputed,
             **e.prefix_stats(),
+            prefix_cache_remote_hits=self.allocator.prefix_loan_tokens,
             **self.rm.walk(),
         )
 

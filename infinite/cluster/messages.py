@@ -53,6 +53,10 @@ class AddRequest(Msg):
     output_token_ids: list[int] = []
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
+    # where the gManager saw the longest cached prefix of the prompt when it is not the home:
+    # that instance and how many blocks deep (a hint: the holder confirms with the block names)
+    prefix_holder: int = -1
+    prefix_blocks: int = 0
 
 
 class AbortRequest(Msg):
@@ -118,6 +122,7 @@ class InstanceStats(Msg):
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, over admissions
     prefix_cache_hits: int = 0  # ... of which their KV came from a cache (this pool's or another's)
     prefix_cache_hit_rate: float = 0.0
+    prefix_cache_remote_hits: int = 0  # ... of which their KV stayed on another instance (lent by reference)
     num_running: int = 0
     num_waiting: int = 0
     waiting_blocks: int = 0
@@ -150,11 +155,17 @@ class InstanceStats(Msg):
 
 
 class Heartbeat(Msg):
-    """Free memory, batch and step time, plus only the placement entries that changed."""
+    """Free memory, batch and step time, plus only the placement entries that changed, and the
+    prefix-cache anchors (infinite.kv.prefix: 64-bit keys of sampled block names, not block
+    lists) added and removed since the last beat; ``prefix_everything``: the added ones are all
+    there are (the last beat was lost)."""
 
     stats: InstanceStats
     placement_changed: list[PlacementEntry] = []
     placement_removed: list[str] = []
+    prefix_added: list[int] = []
+    prefix_removed: list[int] = []
+    prefix_everything: bool = False
 
 
 class ClusterView(Msg):
@@ -257,6 +268,20 @@ class Released(Msg):
     count: int
 
 
+class LendPrefix(Msg):
+    """A home asks the holder of a cached prefix to lend its blocks to one request by reference
+    (never evicted while held; ``Release`` gives them back): the longest run of ``names`` (16-byte
+    block names, infinite.kv.prefix) cached there."""
+
+    debtor: int
+    request_id: str
+    names: list[bytes]
+
+
+class PrefixLent(Msg):
+    blocks: list[int]  # the holder's blocks of names[0..len(blocks)); [] = none
+
+
 class WriteBlocks(Msg):
     """Migrated blocks' contents; tensors in BlockTensors."""
 
@@ -329,6 +354,7 @@ class DriverMade(Msg):
 
 class DriverAdd(Msg):
     request_id: str
+    data_parallel_rank: int = -1  # the instance to run it on (vLLM's name); -1: the router picks
 
 
 class DriverAbort(Msg):
@@ -393,7 +419,7 @@ class BlockTensors:
 Message = (
     Ack | Failed | AddRequest | AbortRequest | MoveKV | Stop | StatsQuery | Ping | RequestFailure | Outputs
     | PlacementEntry | InstanceStats | Heartbeat | HeartbeatReply | Borrow | Borrowed | ClusterStop | Reserve
-    | Reserved | Release | Released | WriteBlocks | ReadBlocks | StepKey | AttentionMeta | AttentionCall | AttentionResult
+    | Reserved | Release | Released | LendPrefix | PrefixLent | WriteBlocks | ReadBlocks | StepKey | AttentionMeta | AttentionCall | AttentionResult
     | DriverReady | DriverMake | DriverMade | DriverAdd | DriverAbort | DriverQuery | DriverReply | DriverError
     | DriverMove | DriverStop | DriverOutput | ClusterView | Join | Leaving | Left | Drain | Suspect
 )

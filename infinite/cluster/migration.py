@@ -60,10 +60,14 @@ class Migrator:
 
     # ---- which blocks may move ------------------------------------------------------------
     def oldest_full(self, request_id: str, computed_tokens: int, where: int, n: int) -> list[RBlock]:
-        """Up to n of the request's oldest blocks on instance ``where`` whose tokens are all computed."""
+        """Up to n of the request's oldest blocks on instance ``where`` whose tokens are all computed;
+        local blocks other requests share too (a cached prefix) are left out: moving them frees
+        nothing."""
         full = computed_tokens // self.rm.block_size
         busy = {ref for t in self._pending if t.request_id == request_id for ref in t.old}
-        return [ref for ref in self.rm.table(request_id)[:full] if ref.instance == where and ref not in busy][:n]
+        rm = self.rm
+        return [ref for ref in rm.table(request_id)[:full] if ref.instance == where and ref not in busy
+                and (where != rm.rank or rm.exclusive(ref))][:n]
 
     def _contents(self, refs: list[RBlock]) -> M.BlockTensors:
         idx = torch.tensor([r.block for r in refs], dtype=torch.int64, device=self.kv.k.device)

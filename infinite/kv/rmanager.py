@@ -151,25 +151,34 @@ class RManager:
         return len(hits), sum(1 for b in hits if self.pool.ref[b] > 0)
 
     @_locked
-    def start(self, request_id: str, names: list[BlockHash], num_blocks: int) -> int:
+    def start(self, request_id: str, names: list[BlockHash], num_blocks: int, remote: list[RBlock] = ()) -> int:
         """Give a request with no table yet ``num_blocks`` blocks: the cached blocks of the longest
-        run of ``names`` by reference, then new ones. All or nothing, under one lock (a loan on
-        another thread may evict a cached block between ``match`` and here): MemoryError and no
-        change when the pool cannot. Returns how many cached blocks the table starts with."""
+        run of ``names`` by reference, then ``remote`` (a prefix cached on other instances, lent
+        to it: the blocks that follow ``names``), then new ones. All or nothing, under one lock (a
+        loan on another thread may evict a cached block between ``match`` and here): MemoryError
+        and no change when the pool cannot, or when ``remote`` is given and fewer than all of
+        ``names`` are still cached (it would not follow them). Returns how many cached blocks,
+        local and remote, the table starts with."""
         if self.tables.get(request_id):
             raise RuntimeError(f"request {request_id} already holds blocks")
         hits = self.pool.lookup(names[:num_blocks])
+        if remote and len(hits) != len(names):
+            raise MemoryError(f"the cached prefix changed: {len(hits)} of {len(names)} blocks left")
         revived = sum(1 for b in hits if self.pool.ref[b] == 0)
-        need = num_blocks - len(hits)
+        need = num_blocks - len(hits) - len(remote)
+        if need < 0:
+            raise ValueError(f"{len(hits)} cached and {len(remote)} remote blocks for a table of {num_blocks}")
         if need + revived > self.pool.num_free:
             raise MemoryError(f"KV pool exhausted: {need} new and {revived} cached blocks asked for, "
                               f"{self.pool.num_free} free")
         self.pool.touch(hits)
         new = self.pool.allocate(need)
-        self._table_for(request_id).extend([RBlock(self.rank, b) for b in hits + new])
-        self._named[request_id] = len(hits)
+        self._table_for(request_id).extend([RBlock(self.rank, b) for b in hits] + list(remote)
+                                           + [RBlock(self.rank, b) for b in new])
+        self._num_borrowed += len(remote)
+        self._named[request_id] = len(hits) + len(remote)
         self._changed.add(request_id)
-        return len(hits)
+        return len(hits) + len(remote)
 
     @_locked
     def cache_computed(self, request_id: str, names: list[BlockHash], num_blocks: int) -> int:

@@ -103,10 +103,12 @@ class LocalAllocator(BlockAllocator):
     def start(self, req: Request, hit: PrefixHit) -> int | None:
         if not hit.local:
             return super().start(req, hit)
-        try:
-            got = self.rm.start(req.request_id, hit.names[:hit.local],
-                                blocks_for(req.num_tokens, self.rm.block_size))
+        try:  # the cached blocks first (fewer if some were evicted since the lookup), then growth
+            got = self.rm.start(req.request_id, hit.names[:hit.local], hit.local)
         except MemoryError:
+            return None
+        if not self.grow(req, req.num_tokens):
+            self.release(req)
             return None
         return got * self.rm.block_size
 

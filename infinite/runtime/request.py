@@ -57,6 +57,9 @@ class Request:
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_cached_tokens: int = 0
     prefix_hint: tuple[int, int] | None = None
+    # In a cluster, the instance to run the request on instead of the router's choice (vLLM's
+    # data_parallel_rank: external routing; benchmarks that place a request on purpose).
+    data_parallel_rank: int | None = None
 
     @property
     def text(self) -> str:
