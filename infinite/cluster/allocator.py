@@ -17,6 +17,7 @@ import time
 from infinite.cluster import messages as M
 from infinite.cluster.migration import Migrator
 from infinite.cluster.policy import LendingPolicy
+from infinite.cluster.prefix_routing import copy_pays
 from infinite.cluster.transport import Transport, wait_all
 from infinite.kv.rmanager import RBlock, RManager, blocks_for
 from infinite.runtime.allocator import LocalAllocator, PrefixHit
@@ -45,6 +46,7 @@ class ClusterAllocator(LocalAllocator):
         self._quiet_until = 0.0  # no loan requests before this time (after a refusal)
         self.prefix_loans = 0  # requests started over a prefix cached on another instance
         self.prefix_loan_tokens = 0  # ... and the prompt tokens those prefixes held
+        self.prefix_copies = 0  # ... of which the prefix was copied home (copy_pays)
 
     def capacity_blocks(self) -> int:
         return self.capacity
@@ -118,6 +120,11 @@ class ClusterAllocator(LocalAllocator):
             return None
         self.prefix_loans += 1
         self.prefix_loan_tokens += len(remote) * bs
+        c = self.migrator.counters
+        if copy_pays(len(remote), req.max_tokens, self.migrator.num_layers, c.recent_wait_per_call_s,
+                     c.copy_s_per_block) and self.rm.num_free >= len(remote):
+            self.migrator.pull(req.request_id, remote)  # copied home while it runs; then cached here too
+            self.prefix_copies += 1
         return got * bs
 
     def _prefix_loan(self, req: Request, hit: PrefixHit) -> list[RBlock]:

@@ -351,6 +351,7 @@ class Instance:
             recomputed=self.view.recomputed,
             **e.prefix_stats(),
             prefix_cache_remote_hits=self.allocator.prefix_loan_tokens,
+            prefix_copies=self.allocator.prefix_copies,
             **self.rm.walk(),
         )
 

@@ -123,6 +123,7 @@ class InstanceStats(Msg):
     prefix_cache_hits: int = 0  # ... of which their KV came from a cache (this pool's or another's)
     prefix_cache_hit_rate: float = 0.0
     prefix_cache_remote_hits: int = 0  # ... of which their KV stayed on another instance (lent by reference)
+    prefix_copies: int = 0  # requests whose prefix lent in place was then copied home (copy_pays)
     num_running: int = 0
     num_waiting: int = 0
     waiting_blocks: int = 0

@@ -12,7 +12,9 @@ request goes where its prefix is deepest, unless that instance is *busy* (its
 load is over the least loaded instance's by both an absolute and a relative
 margin); then it goes to the least loaded instance and carries a hint naming the
 holder, whose cached blocks its new home uses in place (lent by reference,
-served by remote MicroAttention) instead of recomputing them.
+served by remote MicroAttention) instead of recomputing them. ``copy_pays`` says
+when the home should copy such a prefix into its own pool instead (a short prefix
+read by a long generation).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 from infinite.kv.prefix import deepest_held
 
-__all__ = ["PrefixIndex", "PrefixRouting", "Routed", "choose_home"]
+__all__ = ["PrefixIndex", "PrefixRouting", "Routed", "choose_home", "copy_pays"]
 
 
 class PrefixIndex:
@@ -108,3 +110,14 @@ def choose_home(default: int, loads: Mapping[int, float], depths: Mapping[int, i
     if depths[best] > depths.get(home, 0):
         return Routed(home, best, depths[best])
     return Routed(home)
+
+
+def copy_pays(blocks: int, steps: int, num_layers: int, call_s: float, copy_s_per_block: float) -> bool:
+    """Whether a home should copy a prefix lent to it in place into its own pool: in place, each of
+    the request's ``steps`` steps pays one more remote MicroAttention call per layer (``call_s``:
+    the exposed wait of one, measured); a copy pays ``copy_s_per_block`` per block once (measured
+    from this instance's migrations). Either unmeasured (0): stay in place, the design's default
+    (no regret: a copy whose cost is unknown may cost more than it saves)."""
+    if blocks <= 0 or steps <= 0 or call_s <= 0 or copy_s_per_block <= 0:
+        return False
+    return steps * num_layers * call_s > blocks * copy_s_per_block

@@ -241,9 +241,14 @@ class RManager:
         table = self.tables[request_id]
         self._moved(request_id)
         where = {ref: i for i, ref in enumerate(table)}
+        first_home = len(table)
         for o, n in zip(old, new, strict=True):
             table[where[o]] = n
             self._num_borrowed += (n.instance != self.rank) - (o.instance != self.rank)
+            if n.instance == self.rank:
+                first_home = min(first_home, where[o])
+        if first_home < self._named.get(request_id, 0):
+            self._named[request_id] = first_home  # blocks copied home: offered to the prefix cache again
 
     @_locked
     def swap_out(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> None:
