@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from infinite.bench.cluster import _closing, _positive_float, _positive_int
+from infinite.bench.cluster import _closing, _int_range, _positive_float, _positive_int
 from infinite.bench.common import print_table, write_json
 from infinite.bench.workload import Record, WorkItem, model_vocab, random_prompt, serve_workload, summarize
 from infinite.runtime.config import EngineConfig
@@ -315,17 +315,6 @@ def verdicts(payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # ---- main ----------------------------------------------------------------------------------------------------
 
 
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("-")
-    try:
-        a, b = int(lo), int(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}") from None
-    if a < 1 or b < a:
-        raise argparse.ArgumentTypeError(f"expected N or LO-HI with 1 <= LO <= HI, got {text!r}")
-    return a, b
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infinite.bench prefix", description=__doc__.splitlines()[0])
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
@@ -353,8 +342,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     c.add_argument("--chat-output", type=_positive_int, default=32)
     n = p.add_argument_group("(d) noshare")
     n.add_argument("--noshare-requests", type=_positive_int, default=24)
-    n.add_argument("--noshare-prompt", type=_range, default=(256, 1024))
-    n.add_argument("--noshare-output", type=_range, default=(16, 48))
+    n.add_argument("--noshare-prompt", type=_int_range, default=(256, 1024))
+    n.add_argument("--noshare-output", type=_int_range, default=(16, 48))
     n.add_argument("--noshare-rate", type=_positive_float, default=2.0)
     n.add_argument("--repeats", type=_positive_int, default=3)
     args = p.parse_args(list(argv))

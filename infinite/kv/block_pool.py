@@ -108,12 +108,7 @@ class BlockPool:
         self.cached[name] = block
         self._name[block] = (name, depth)
         if is_anchor(depth):
-            key = anchor_key(name)
-            self.anchors.add(key)
-            if key in self._anchors_removed:
-                self._anchors_removed.discard(key)
-            else:
-                self._anchors_added.add(key)
+            self._anchor(anchor_key(name), True)
         return True
 
     def lookup(self, names: Iterable[BlockHash]) -> list[int]:
@@ -134,23 +129,17 @@ class BlockPool:
         name, depth = self._name.pop(b)
         del self.cached[name]
         if is_anchor(depth):
-            key = anchor_key(name)
-            self.anchors.discard(key)
-            if key in self._anchors_added:
-                self._anchors_added.discard(key)
-            else:
-                self._anchors_removed.add(key)
+            self._anchor(anchor_key(name), False)
 
-    def reset_cache(self) -> int:
-        """Forget every cached name (vLLM's reset_prefix_cache): the free cached blocks become plain
-        free blocks; referenced ones stay in use, unnamed. Returns how many names were dropped."""
-        n = len(self._name)
-        for b in list(self._name):
-            self._uncache(b)
-        while self._evictable:
-            b, _ = self._evictable.popitem(last=False)
-            self._plain.append(b)
-        return n
+    def _anchor(self, key: int, present: bool) -> None:
+        """An anchor appears or goes; the diff since the last report keeps only the net change."""
+        (self.anchors.add if present else self.anchors.discard)(key)
+        undo, do = (self._anchors_removed, self._anchors_added) if present else (self._anchors_added,
+                                                                                 self._anchors_removed)
+        if key in undo:
+            undo.discard(key)
+        else:
+            do.add(key)
 
     def take_anchor_changes(self, everything: bool = False) -> tuple[list[int], list[int]]:
         """Anchors (added, removed) since the last call; ``everything``: every current anchor as

@@ -211,10 +211,6 @@ class RManager:
         return self.pool.take_anchor_changes(everything)
 
     @_locked
-    def reset_prefix_cache(self) -> int:
-        return self.pool.reset_cache()
-
-    @_locked
     def take_free(self, n: int) -> list[int]:
         """Blocks for an incoming copy: in use, in no table until replace_blocks puts them there."""
         return self.pool.allocate(n)
