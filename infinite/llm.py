@@ -78,7 +78,7 @@ class LLM:
             for j in range(sp.n):
                 sub = sp if sp.n == 1 else sp.clone(n=1, seed=None if sp.seed is None else sp.seed + j)
                 req = eng.make_request(p, sub)  # validate everything before any work
-                req.final_only = True  # only finished outputs are read: none is built while it runs
+                req.output_kind = "final_only"  # only finished outputs are read: none is built while it runs
                 jobs.append((i, j, req))
         where = {}
         for i, j, r in jobs:

@@ -122,7 +122,7 @@ def test_mixed_prompt_lengths(tmp_path, capsys):
             offline.parse_args(bad)
     out = tmp_path / "mixed.json"
     rc = offline.main(["--batch-sizes", "4", "--prompt-lens", "2:12", "--max-tokens", "3", "--repeats", "1",
-                       "--threads", "1", "--out", str(out)])
+                       "--threads", "1", "--no-host", "--out", str(out)])
     assert rc == 0
     assert "prompts uniform 2..12" in capsys.readouterr().out
     res = json.loads(out.read_text())

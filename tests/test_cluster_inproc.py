@@ -120,18 +120,23 @@ async def test_gmanager_calibrates_the_transport_and_plans_moves(ckpt):
 
         # Fitted to steps that never called a creditor, the remote path's cost is still the idle
         # probe's guess: no move for throughput on it.
-        gm.samples.extend(StepSample(1 + i % 4, 960, 0.01 + 0.001 * (i % 4)) for i in range(32))
-        gm._fitted_at = -1e9
+        gm.calib.extend(StepSample(1 + i % 4, 960, 0.01 + 0.001 * (i % 4)) for i in range(32))
+        gm.calib.fitted_at = -1e9
         assert gm.plan_once() == [] and not gm.calibrated
         plain, gm.policy = gm.policy, dataclasses.replace(gm.policy, eager=True)
-        gm._fitted_at = -1e9
+        gm.calib.fitted_at = -1e9
         gm._calibrate()
         assert gm.calibrated  # --eager-lending: the first fit is enough
         gm.policy, gm.calibrated = plain, False
-        gm.samples.extend(StepSample(1, 960, 0.02, remote_calls=1) for _ in range(MIN_REMOTE_SAMPLES))
-        gm._fitted_at = -1e9
+        gm.calib.extend(StepSample(1, 960, 0.02, remote_calls=1) for _ in range(MIN_REMOTE_SAMPLES))
+        gm.calib.fitted_at = -1e9
         gm._calibrate()
         assert gm.calibrated  # now the fit has seen what remote calls add
+        # Many more steps without remote calls do not push the remote ones out: it stays calibrated.
+        gm.calib.extend(StepSample(2, 960, 0.012) for _ in range(1000))
+        gm.calib.fitted_at = -1e9
+        gm._calibrate()
+        assert gm.calibrated
         gm.cost = CostModel(num_layers=3)  # a fast remote path: the move pays
         moves = gm.plan_once()
         assert moves and all(m.src == 0 and m.dst == 1 and m.request_id == "long" for m in moves)

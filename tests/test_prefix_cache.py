@@ -115,7 +115,7 @@ def holders(rm: RManager) -> Counter:
     for table in rm.tables.values():
         c.update(ref.block for ref in table if ref.instance == rm.rank)
     for blocks in rm.lent.values():
-        c.update(blocks)
+        c.update(list(blocks))
     return c
 
 

@@ -59,6 +59,7 @@ class Stream:
     def __init__(self, front, prompt: list[int], params: SamplingParams) -> None:
         self.req = front.make_request(prompt, params)
         self.tokens: list[int] = []
+        self.text = ""
         self.error: RequestError | None = None
         self.task = asyncio.ensure_future(self._run(front))
 
@@ -69,6 +70,7 @@ class Stream:
                 assert ids[: len(self.tokens)] == self.tokens, "an output did not extend the one before"
                 assert len(ids) > len(self.tokens) or out.finished
                 self.tokens = list(ids)
+                self.text = out.outputs[0].text
         except RequestError as e:
             self.error = e
 
@@ -216,3 +218,43 @@ def assert_nothing_held(cl: InProcessCluster) -> None:
         rm = inst.rm
         assert rm.walk() == {"table_blocks": 0, "lent_entries": 0}, (inst.rank, rm.tables, rm.lent)
         assert rm.pool.num_free == rm.num_blocks and rm.num_borrowed == 0 and rm.num_lent == 0, inst.rank
+
+
+# A JSON schema whose output is long (about a hundred tokens): the kill lands mid-output.
+LIST_SCHEMA = {"type": "object", "properties": {"values": {"type": "array", "minItems": 30, "maxItems": 30,
+                                                           "items": {"type": "integer", "minimum": 100, "maximum": 999}}},
+               "required": ["values"], "additionalProperties": False}
+
+
+async def test_structured_output_goes_on_with_its_grammar_after_its_home_dies():
+    """The new home's matcher is advanced over the tokens already generated, so the grammar goes on
+    from the middle of the output: the final text parses, validates against the schema, and is the
+    undisturbed run's (greedy). A matcher started afresh would open a second JSON object mid-output."""
+    import json
+
+    import jsonschema
+
+    from infinite import LLM
+
+    params = SamplingParams(temperature=0.0, max_tokens=400, structured_outputs={"json": LIST_SCHEMA})
+    prompt = "Thirty numbers:"
+    want = LLM(dtype="float32", num_kv_blocks=64).generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    jsonschema.validate(json.loads(want.text), LIST_SCHEMA)
+    cfg = EngineConfig(dtype="float32", num_kv_blocks=64, threads_per_rank=1, placement_interval_s=60.0)
+    async with InProcessCluster(cfg, 3, timeout_s=10.0) as cl:
+        front = cl.front
+        route = front.gmanager.route
+        front.gmanager.route = lambda blocks: 1  # a home that can be killed (not rank 0)
+        try:
+            s = Stream(front, prompt, params)
+            await wait_for(lambda: len(s.tokens) >= 2, 30, "the structured request to produce tokens")
+        finally:
+            front.gmanager.route = route
+        assert len(s.tokens) < len(want.token_ids), "the output ended before its home could be killed"
+        cl.kill(1)
+        await asyncio.wait_for(s.task, 60)
+        assert s.error is None, s.error
+        assert front.moved >= 1
+        assert s.tokens == want.token_ids
+        assert s.text == want.text
+        jsonschema.validate(json.loads(s.text), LIST_SCHEMA)

@@ -284,7 +284,7 @@ def host_profile(model_dir: str, dtype: str, block_size: int, device: str, batch
     params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
     for prompt in make_prompts(batch, context, info["vocab_size"], info["special_ids"], seed):
         req = eng.make_request(prompt, params)
-        req.final_only = True  # as LLM.generate makes them
+        req.output_kind = "final_only"  # as LLM.generate makes them
         eng.submit(req)
     while eng.timing.decode_steps == 0:  # prefill (chunked) until every request decodes
         eng.step()

@@ -10,7 +10,6 @@ computes.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +18,7 @@ import torch
 from infinite.attention import MAMetadata, micro_attention, write_kv
 from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
+from infinite.cluster.device_timer import DeviceTimer, device_timer
 from infinite.cluster.policy import LendingPolicy, Peer
 from infinite.cluster.remote_attention import meta_of
 from infinite.cluster.transport import Future, Reply, chain, failed_reply
@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 class Creditor:
     def __init__(self, rm: RManager, kv: KVCache, scale: float, policy: LendingPolicy, counters: StepCounters,
-                 own_demand: Callable[[], int] = lambda: 0) -> None:
+                 own_demand: Callable[[], int] = lambda: 0,
+                 make_timer: Callable[[], DeviceTimer] | None = None) -> None:
         self.rm = rm
+        # a timer per served call (calls run on the serving thread or a caller's): the device's time
+        self.make_timer = make_timer or (lambda: device_timer(kv.k.device))
         self.own_demand = own_demand  # free blocks this instance keeps for its own requests
         self.kv = kv
         self.scale = scale
@@ -65,9 +68,8 @@ class Creditor:
 
     def read_blocks(self, msg: M.ReadBlocks) -> M.BlockTensors:
         """Blocks lent to msg.debtor's request, for it to take them home: k/v [L, n, B, nkv, d]."""
-        held = set(self.rm.lent.get((msg.debtor, msg.request_id), ()))
-        if not set(msg.blocks) <= held:
-            raise RuntimeError(f"blocks {sorted(set(msg.blocks) - held)} are not lent to {msg.debtor}/{msg.request_id}")
+        if not self.rm.is_lent(msg.debtor, msg.request_id, msg.blocks):
+            raise RuntimeError(f"blocks {msg.blocks} are not all lent to {msg.debtor}/{msg.request_id}")
         idx = torch.tensor(msg.blocks, dtype=torch.int64, device=self.kv.k.device)
         return M.BlockTensors(self.kv.k.index_select(1, idx), self.kv.v.index_select(1, idx))
 
@@ -110,7 +112,8 @@ class Creditor:
     def attend(self, layer: int, meta: MAMetadata, t: M.AttentionTensors) -> M.AttentionResultTensors:
         """One layer of MicroAttention over lent blocks, on the calling thread (thread-safe: the
         gather buffers are per thread)."""
-        t0 = time.perf_counter()
+        timer = self.make_timer()
+        timer.start()
         try:
             dev = self.kv.k.device
             kc, vc = self.kv.k[layer], self.kv.v[layer]
@@ -119,7 +122,7 @@ class Creditor:
             out, lse = micro_attention(t.q.to(dev), kc, vc, meta, self.scale)
             return M.AttentionResultTensors(out, lse)
         finally:
-            self.counters.served(time.perf_counter() - t0, meta.max_q_len <= 1)
+            self.counters.served(timer.elapsed(), meta.max_q_len <= 1)
 
     def forget_debtor(self, debtor: int) -> None:
         """Drop step metadata a (dead) debtor left behind."""

@@ -25,6 +25,7 @@ from infinite.cluster.allocator import ClusterAllocator
 from infinite.cluster.counters import StepCounters
 from infinite.cluster.creditor import Creditor
 from infinite.cluster import recovery
+from infinite.cluster.device_timer import device_timer
 from infinite.cluster.instance_view import InstanceView
 from infinite.cluster.membership import PING_S, short_error
 from infinite.cluster.migration import Migrator
@@ -35,6 +36,7 @@ from infinite.kv.rmanager import RBlock, blocks_for
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.engine import LLMEngine
+from infinite.runtime.request import Request, Status
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,9 @@ class Instance:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-compute")
         self.stopping = False
-        self._sent_placement: dict[str, tuple[int, tuple]] = {}
+        self._resend_placement = True  # the next beat carries every request's placement (the first, or after a lost beat)
+        self.step_timer = device_timer(config.torch_device())  # a step's time is the device's (synchronized)
+        self._step_context = 0  # tokens held (blocks in use x block size) when the step being run began
         self._resend_prefixes = False  # the next heartbeat carries every prefix anchor (the last was lost)
         self._step_calls = 0  # remote calls per layer of the step being run
         self.view = InstanceView(self)
@@ -121,6 +125,7 @@ class Instance:
                 try:
                     req = e.build_request(item.request_id, item.prompt_token_ids, item.params, item.max_tokens,
                                           item.prompt)
+                    req.output_kind = "delta"  # homes send rank 0 what is new; rank 0 assembles (FrontDoor)
                     recovery.restore_progress(req, item)
                     if item.prefix_holder >= 0 and item.prefix_holder != self.rank:
                         req.prefix_hint = (item.prefix_holder, item.prefix_blocks)
@@ -170,7 +175,7 @@ class Instance:
         bs = self.engine.block_size
         waiting = self.policy.queue_demand((blocks_for(r.num_tokens + 1, bs) for r in list(sched.waiting)),
                                            self.rm.num_blocks)
-        running = [(r.num_tokens, r.num_prompt_tokens + r.max_tokens, len(self.rm.table(r.request_id)))
+        running = [(r.num_tokens, r.num_prompt_tokens + r.max_tokens, self.rm.num_held(r.request_id))
                    for r in list(sched.running)]
         return self.policy.own_demand(waiting, running, bs)
 
@@ -184,6 +189,7 @@ class Instance:
         batch = e.scheduler.schedule()
         if not batch.requests:
             return None
+        self._step_context = (self.rm.num_blocks - self.rm.num_free) * self.engine.block_size
         self._step_calls = 0
         e.mark_scheduled(batch)
         e.input_batch.sync(batch.requests)
@@ -205,7 +211,7 @@ class Instance:
         self._wakeup = asyncio.Event()
         failures = 0
         while not self.stopping:
-            t0 = time.perf_counter()
+            self.step_timer.start()
             try:
                 res = await loop.run_in_executor(self.executor, self._begin_step)
                 if res is None:
@@ -223,9 +229,11 @@ class Instance:
                         outs = await self.runner.run(batch, mbs, self.executor)
                     except Exception as err:
                         raise RemoteStepFailed(mbs, err) from err
-                dt = time.perf_counter() - t0
+                dt = self.step_timer.elapsed()
                 self.engine.last_step_time = dt
-                self.counters.step_done(dt, self._step_calls)
+                self.counters.step_done(dt, self._step_calls, batch_size=len(batch.requests),
+                                        context_tokens=self._step_context,
+                                        decode=all(n == 1 for n in batch.num_new_tokens))
                 if outs:
                     self._send(outputs=outs)
                 failures = 0
@@ -278,22 +286,22 @@ class Instance:
 
     # ---- heartbeats -------------------------------------------------------------------------------
     def heartbeat(self) -> M.Heartbeat:
-        """Free memory, batch, step time, and the placement entries that changed since the last beat."""
-        stats = self.stats()
-        placement = self.rm.placement()
-        ctx = {r.request_id: r.num_tokens for r in list(self.engine.scheduler.running)}
-        changed = []
-        for rid, counts in placement.items():
-            key = (ctx.get(rid, 0), tuple(sorted(counts.items())))
-            if self._sent_placement.get(rid) != key:
-                changed.append(M.PlacementEntry(rid, key[0], dict(counts)))
-                self._sent_placement[rid] = key
-        gone = [rid for rid in self._sent_placement if rid not in placement]
-        for rid in gone:
-            del self._sent_placement[rid]
+        """Counters, the decode steps measured since the last beat, and the placement entries that
+        changed since then: O(requests that changed + batch), never O(blocks held) — the counts
+        are kept on change by the rManager, no table is walked or copied."""
+        full, self._resend_placement = self._resend_placement, False
+        changed, removed = self.rm.placement_changes(everything=full)
+        reqs = self.engine.requests
+        entries = [M.PlacementEntry(rid, _context(reqs.get(rid)), counts) for rid, counts in changed.items()]
         everything, self._resend_prefixes = self._resend_prefixes, False
-        added, removed = self.rm.take_anchor_changes(everything)
-        return M.Heartbeat(stats, changed, gone, added, removed, everything)
+        added, gone = self.rm.take_anchor_changes(everything)  # the prefix cache's anchors, as a diff
+        return M.Heartbeat(self.stats(walk=self._idle()), entries, removed, self.counters.take_decode_steps(), full,
+                           added, gone, everything)
+
+    def _idle(self) -> bool:
+        """Nothing queued, running or arriving: a walk of the tables then finds only leaks."""
+        sched = self.engine.scheduler
+        return not sched.running and not sched.waiting and not self._inbox
 
     def on_heartbeat_reply(self, reply: M.HeartbeatReply) -> None:
         self.allocator.borrowable = reply.borrowable
@@ -307,10 +315,12 @@ class Instance:
     def forget_sent_placement(self) -> None:
         """The last beat may not have arrived: the next one resends the whole placement (and every
         prefix anchor)."""
-        self._sent_placement.clear()
+        self._resend_placement = True
         self._resend_prefixes = True
 
-    def stats(self) -> M.InstanceStats:
+    def stats(self, walk: bool = True) -> M.InstanceStats:
+        """Counters (O(batch + queue), kept on change), plus the walked tallies of the tables and
+        lent lists when ``walk`` (O(tables): a heartbeat walks only when idle)."""
         e = self.engine
         rm = self.rm.stats()
         running = list(e.scheduler.running)
@@ -352,8 +362,13 @@ class Instance:
             **e.prefix_stats(),
             prefix_cache_remote_hits=self.allocator.prefix_loan_tokens,
             prefix_copies=self.allocator.prefix_copies,
-            **self.rm.walk(),
+            **(self.rm.walk() if walk else {}),
         )
+
+
+def _context(req: Request | None) -> int:
+    """A placement entry's context: the tokens of a running request (0 while it waits)."""
+    return req.num_tokens if req is not None and req.status is Status.RUNNING else 0
 
 
 class RemoteStepFailed(Exception):

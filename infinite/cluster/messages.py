@@ -53,6 +53,8 @@ class AddRequest(Msg):
     output_token_ids: list[int] = []
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
+    text_len: int = 0  # characters of output text rank 0 has already (the new home's deltas go on from there)
+    prompt_logprobs_sent: bool = False  # rank 0 has the prompt logprobs already
     # where the gManager saw the longest cached prefix of the prompt when it is not the home:
     # that instance and how many blocks deep (a hint: the holder confirms with the block names)
     prefix_holder: int = -1
@@ -95,6 +97,8 @@ class RequestFailure(Msg):
 
 
 class Outputs(Msg):
+    # Delta outputs (RequestOutput.delta_offset set): only what each request made since its last
+    # output, so a step's message does not grow with the requests' lengths; rank 0 assembles them.
     """A home's new outputs (cumulative per request) and the requests it could not run."""
 
     rank: int
@@ -149,21 +153,38 @@ class InstanceStats(Msg):
     remote_wait_per_call_ms: float = 0.0  # exposed wait per remote MicroAttention call (recent)
     remote_calls_per_step: float = 0.0  # remote calls per layer, over the steps step_time_ms averages
     torch_threads: int = 0  # intra-op threads of this rank's torch
-    # Walked, not derived from the free count: blocks in the request tables, blocks lent.
-    table_blocks: int = 0
-    lent_entries: int = 0
+    # Walked, not derived from the free count: blocks in the request tables, blocks lent. A walk
+    # costs O(tables), so a heartbeat walks only when its instance is idle (then what it finds is
+    # a leak); None: not walked in this report. StatsQuery (LLM.stats()) always walks.
+    table_blocks: int | None = None
+    lent_entries: int | None = None
     recomputed: int = 0  # requests recomputed here because a rank holding some of their blocks left
 
 
+class StepRecord(msgspec.Struct, array_like=True, frozen=True):
+    """One decode step as its instance measured it: the batch, the context held (blocks in use
+    times the block size, as the planner counts it) and the remote calls per layer of that step,
+    with that step's time (the device's, synchronized)."""
+
+    batch_size: int
+    context_tokens: int
+    step_s: float
+    remote_calls: int = 0
+
+
 class Heartbeat(Msg):
-    """Free memory, batch and step time, plus only the placement entries that changed, and the
-    prefix-cache anchors (infinite.kv.prefix: 64-bit keys of sampled block names, not block
-    lists) added and removed since the last beat; ``prefix_everything``: the added ones are all
-    there are (the last beat was lost)."""
+    """Counters (free memory, batch, step time), the decode steps measured since the last beat,
+    and only the placement entries that changed since then: O(what changed), whatever the blocks
+    held. ``placement_full``: the entries are every request of the sender's (its last beat may
+    have been lost); any other the gManager holds for it is gone. The prefix cache's anchors
+    (infinite.kv.prefix: 64-bit keys of sampled block names, not block lists) added and removed
+    since the last beat; ``prefix_everything``: the added ones are all there are."""
 
     stats: InstanceStats
     placement_changed: list[PlacementEntry] = []
     placement_removed: list[str] = []
+    decode_steps: list[StepRecord] = []
+    placement_full: bool = False
     prefix_added: list[int] = []
     prefix_removed: list[int] = []
     prefix_everything: bool = False

@@ -66,14 +66,13 @@ class Migrator:
 
     # ---- which blocks may move ------------------------------------------------------------
     def oldest_full(self, request_id: str, computed_tokens: int, where: int, n: int) -> list[RBlock]:
-        """Up to n of the request's oldest blocks on instance ``where`` whose tokens are all computed;
-        local blocks other requests share too (a cached prefix) are left out: moving them frees
-        nothing."""
+        """Up to n of the request's oldest blocks on instance ``where`` whose tokens are all computed
+        (a scan that stops once it has them; no copy of the table); local blocks other requests
+        share too (a cached prefix) are left out: moving them frees nothing."""
         full = computed_tokens // self.rm.block_size
-        busy = {ref for t in self._pending if t.request_id == request_id for ref in t.old}
-        rm = self.rm
-        return [ref for ref in rm.table(request_id)[:full] if ref.instance == where and ref not in busy
-                and (where != rm.rank or rm.exclusive(ref))][:n]
+        with self._lock:
+            busy = frozenset(ref for t in self._pending if t.request_id == request_id for ref in t.old)
+        return self.rm.oldest(request_id, where, full, n, busy)
 
     def _contents(self, refs: list[RBlock]) -> M.BlockTensors:
         idx = torch.tensor([r.block for r in refs], dtype=torch.int64, device=self.kv.k.device)
@@ -141,14 +140,13 @@ class Migrator:
             self._finish(t)
 
     def _finish(self, t: _Transfer) -> None:
-        table = set(self.rm.table(t.request_id))
         try:
             contents = t.done.wait()
         except Exception as e:  # noqa: BLE001 - the copy failed: the blocks stay where they were
             log.warning("rank %d: moving %d blocks of %s failed: %s", self.rank, len(t.old), t.request_id, e)
             self._undo(t)
             return
-        if not set(t.old) <= table:  # the request ended or was preempted meanwhile
+        if not self.rm.holds(t.request_id, t.old):  # the request ended or was preempted meanwhile
             self._undo(t)
             return
         if t.local_dst is not None:  # pull: write the contents home, then give the creditor its blocks back

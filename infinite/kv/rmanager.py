@@ -10,6 +10,15 @@ block may sit in several tables at once (reference-counted). A local request's
 block table is an ordered list of (instance, block): its rBlocks, oldest first,
 which may point into other instances' pools (borrowed blocks, or a prefix
 cached there).
+
+Every operation costs O(blocks it changes), never O(blocks held): a request of
+a million tokens holds ~60K blocks and its creditors lend tens of thousands,
+and all of it sits behind one lock that the compute thread, the creditor's
+handlers and the heartbeat share. So the counters a heartbeat reports (free,
+used, lent, borrowed, and per request how many of its blocks sit on each
+instance) are kept on change, and the requests whose counts changed since the
+last heartbeat are remembered (``placement_changes``). ``walk()`` is the one
+O(tables) tally, kept apart for leak checks.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -49,14 +59,19 @@ class RManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_caching)
         self.tables: dict[str, list[RBlock]] = {}  # local requests -> rBlocks, oldest first
-        self.lent: dict[tuple[int, str], list[int]] = {}  # (debtor rank, request) -> local blocks
+        self._pos: dict[str, dict[RBlock, int]] = {}  # local requests -> each rBlock's index in its table
+        self._held: dict[str, dict[int, int]] = {}  # local requests -> instance -> blocks there
+        self._changed: set[str] = set()  # requests whose counts changed since placement_changes
+        self._removed: set[str] = set()  # requests gone since placement_changes
+        # (debtor rank, request) -> local blocks lent to it, in lending order (a dict as an ordered set)
+        self.lent: dict[tuple[int, str], dict[int, None]] = {}
         self._lent_refs: dict[int, int] = {}  # local block -> lent entries holding it (a shared prefix: several)
         self._named: dict[str, int] = {}  # local requests -> table entries offered to the prefix cache so far
         self._num_borrowed = 0
-        # Change tracking for the engine's persistent batch (infinite.runtime.input_batch): every
-        # request whose table changed since the last take_changed(), and an epoch per table that moves
-        # on every change other than an append (so a mirror knows when appending is not enough).
-        self._changed: set[str] = set()
+        # For the engine's persistent batch (infinite.runtime.input_batch): the requests whose tables
+        # changed since the last take_changed(), and an epoch per table that moves on every change
+        # other than an append (a mirror then knows that appending is not enough).
+        self._dirty: set[str] = set()
         self._epoch: dict[str, int] = {}
         self._epochs = itertools.count(1)
 
@@ -71,28 +86,14 @@ class RManager:
 
     @_locked
     def table(self, request_id: str) -> list[RBlock]:
+        """A copy of the request's whole table: O(its blocks); per-beat and per-step paths use the
+        counts (``num_held``, ``held_counts``) instead."""
         return list(self.tables.get(request_id, ()))
-
-    def _table_for(self, request_id: str) -> list[RBlock]:
-        table = self.tables.get(request_id)
-        if table is None:
-            table = self.tables[request_id] = []
-            self._epoch[request_id] = next(self._epochs)
-        return table
-
-    def _moved(self, request_id: str) -> None:
-        """A change other than an append: mirrors of the table must rebuild it."""
-        self._epoch[request_id] = next(self._epochs)
-        self._changed.add(request_id)
-
-    @_locked
-    def num_table_blocks(self, request_id: str) -> int:
-        return len(self.tables.get(request_id, ()))
 
     @_locked
     def take_changed(self) -> set[str]:
         """Requests whose tables changed since the last call (appended, replaced, shrunk or freed)."""
-        out, self._changed = self._changed, set()
+        out, self._dirty = self._dirty, set()
         return out
 
     @_locked
@@ -102,6 +103,81 @@ class RManager:
         table = self.tables.get(request_id)
         return (table, self._epoch[request_id]) if table is not None else (None, 0)
 
+    def _moved(self, request_id: str) -> None:
+        """A change other than an append: mirrors of the table must rebuild it."""
+        self._epoch[request_id] = next(self._epochs)
+        self._dirty.add(request_id)
+
+    @_locked
+    def num_held(self, request_id: str) -> int:
+        """Blocks in the request's table, on any instance."""
+        return len(self.tables.get(request_id, ()))
+
+    @_locked
+    def held_counts(self, request_id: str) -> dict[int, int]:
+        """How many of the request's blocks sit on each instance (kept on change)."""
+        return dict(self._held.get(request_id, {}))
+
+    @_locked
+    def holds(self, request_id: str, refs: list[RBlock]) -> bool:
+        """Whether every one of ``refs`` is in the request's table (O(len(refs)))."""
+        pos = self._pos.get(request_id)
+        return pos is not None and all(r in pos for r in refs)
+
+    @_locked
+    def oldest(self, request_id: str, where: int, upto: int, n: int, skip: frozenset[RBlock] = frozenset()
+               ) -> list[RBlock]:
+        """Up to ``n`` of the request's blocks on instance ``where`` among its first ``upto``,
+        oldest first, leaving out ``skip`` and local blocks other tables share too (a cached
+        prefix: moving them frees nothing); the scan stops as soon as it has found them."""
+        out: list[RBlock] = []
+        if n <= 0:
+            return out
+        table = self.tables.get(request_id, ())
+        ref_of = self.pool.ref
+        for i in range(min(upto, len(table))):
+            ref = table[i]
+            if ref.instance == where and ref not in skip and (where != self.rank or ref_of[ref.block] == 1):
+                out.append(ref)
+                if len(out) == n:
+                    break
+        return out
+
+    def _count(self, request_id: str, refs, sign: int) -> None:
+        held = self._held.setdefault(request_id, {})
+        for ref in refs:
+            k = held.get(ref.instance, 0) + sign
+            if k:
+                held[ref.instance] = k
+            else:
+                del held[ref.instance]
+        self._changed.add(request_id)
+
+    def _index_from(self, request_id: str, start: int) -> None:
+        """Re-index the table's entries from ``start`` on (after an insertion or a cut)."""
+        table, pos = self.tables[request_id], self._pos[request_id]
+        for i in range(start, len(table)):
+            pos[table[i]] = i
+
+    def _drop(self, request_id: str) -> None:
+        """The request's table is gone (or empty): forget its index and counts."""
+        self.tables.pop(request_id, None)
+        self._pos.pop(request_id, None)
+        self._held.pop(request_id, None)
+        self._changed.discard(request_id)
+        self._removed.add(request_id)
+        self._epoch.pop(request_id, None)
+        self._named.pop(request_id, None)
+        self._dirty.add(request_id)
+
+    def _table(self, request_id: str) -> list[RBlock]:
+        if request_id not in self.tables:
+            self.tables[request_id] = []
+            self._pos[request_id] = {}
+            self._removed.discard(request_id)
+            self._epoch[request_id] = next(self._epochs)
+        return self.tables[request_id]
+
     def num_needed(self, request_id: str, num_tokens: int) -> int:
         """More local blocks the request needs to hold num_tokens tokens. Asked for every running
         request every step, so it takes no lock: one dict read and one len() are atomic."""
@@ -110,8 +186,14 @@ class RManager:
     @_locked
     def allocate(self, request_id: str, n: int) -> list[RBlock]:
         new = [RBlock(self.rank, b) for b in self.pool.allocate(n)]
-        self._table_for(request_id).extend(new)
-        self._changed.add(request_id)
+        if not new:
+            return new
+        table = self._table(request_id)
+        start = len(table)
+        table.extend(new)
+        self._index_from(request_id, start)
+        self._count(request_id, new, +1)
+        self._dirty.add(request_id)
         return new
 
     @_locked
@@ -124,11 +206,13 @@ class RManager:
         if any(r.instance != self.rank for r in tail):
             raise RuntimeError("free_tail only undoes local allocations")
         del table[-n:]
+        pos = self._pos[request_id]
+        for r in tail:
+            del pos[r]
+        self._count(request_id, tail, -1)
         self._moved(request_id)
         if not table:
-            del self.tables[request_id]
-            self._epoch.pop(request_id, None)
-            self._named.pop(request_id, None)
+            self._drop(request_id)
         elif self._named.get(request_id, 0) > len(table):
             self._named[request_id] = len(table)
         self.pool.free([r.block for r in reversed(tail)])
@@ -172,12 +256,16 @@ class RManager:
             raise MemoryError(f"KV pool exhausted: {need} new and {revived} cached blocks asked for, "
                               f"{self.pool.num_free} free")
         self.pool.touch(hits)
-        new = self.pool.allocate(need)
-        self._table_for(request_id).extend([RBlock(self.rank, b) for b in hits] + list(remote)
-                                           + [RBlock(self.rank, b) for b in new])
+        refs = [RBlock(self.rank, b) for b in hits] + list(remote) + [RBlock(self.rank, b)
+                                                                      for b in self.pool.allocate(need)]
+        if refs:
+            table = self._table(request_id)
+            table.extend(refs)
+            self._index_from(request_id, 0)
+            self._count(request_id, refs, +1)
+            self._dirty.add(request_id)
         self._num_borrowed += len(remote)
         self._named[request_id] = len(hits) + len(remote)
-        self._changed.add(request_id)
         return len(hits) + len(remote)
 
     @_locked
@@ -224,25 +312,33 @@ class RManager:
     def append_remote(self, request_id: str, refs: list[RBlock], at: int | None = None) -> None:
         """Record blocks creditors reserved for this request, at the end of its table or at
         logical position ``at`` (before the blocks that follow it)."""
-        table = self._table_for(request_id)
-        if at is not None and at != len(table):
+        if not refs:
+            return
+        table = self._table(request_id)
+        where = len(table) if at is None else at
+        if where != len(table):
             self._moved(request_id)
-        table[len(table) if at is None else at:len(table) if at is None else at] = refs
-        self._changed.add(request_id)
-        self._num_borrowed += len(refs)
+        self._dirty.add(request_id)
+        table[where:where] = refs
+        self._index_from(request_id, where)  # O(refs + the entries after them: the few just allocated)
+        self._count(request_id, refs, +1)
+        self._num_borrowed += sum(1 for r in refs if r.instance != self.rank)
 
     @_locked
     def replace_blocks(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> None:
         """After a migration: swap old refs for new ones at the same logical positions."""
-        table = self.tables[request_id]
+        table, pos = self.tables[request_id], self._pos[request_id]
         self._moved(request_id)
-        where = {ref: i for i, ref in enumerate(table)}
         first_home = len(table)
         for o, n in zip(old, new, strict=True):
-            table[where[o]] = n
+            i = pos.pop(o)
+            table[i] = n
+            pos[n] = i
             self._num_borrowed += (n.instance != self.rank) - (o.instance != self.rank)
             if n.instance == self.rank:
-                first_home = min(first_home, where[o])
+                first_home = min(first_home, i)
+        self._count(request_id, old, -1)
+        self._count(request_id, new, +1)
         if first_home < self._named.get(request_id, 0):
             self._named[request_id] = first_home  # blocks copied home: offered to the prefix cache again
 
@@ -257,22 +353,32 @@ class RManager:
 
     @_locked
     def placement(self) -> dict[str, dict[int, int]]:
-        """Per local request: how many of its blocks sit on each instance."""
-        out: dict[str, dict[int, int]] = {}
-        for rid, table in self.tables.items():
-            counts: dict[int, int] = {}
-            for ref in table:
-                counts[ref.instance] = counts.get(ref.instance, 0) + 1
-            out[rid] = counts
+        """Per local request: how many of its blocks sit on each instance (O(requests): the counts
+        are kept on change)."""
+        return {rid: dict(counts) for rid, counts in self._held.items()}
+
+    @_locked
+    def placement_changes(self, everything: bool = False) -> tuple[dict[str, dict[int, int]], list[str]]:
+        """The placement diff since the last call: (counts of the requests whose counts changed,
+        requests gone); O(changed requests). ``everything``: all counts (the last diff was lost)."""
+        changed = self._held if everything else {rid: self._held[rid] for rid in self._changed}
+        out = ({rid: dict(c) for rid, c in changed.items()}, sorted(self._removed))
+        self._changed.clear()
+        self._removed.clear()
         return out
+
+    @_locked
+    def touching(self, rank: int) -> list[str]:
+        """Local requests with any block on ``rank`` (O(requests), from the counts)."""
+        return sorted(rid for rid, counts in self._held.items() if counts.get(rank, 0) > 0)
 
     @_locked
     def free_request(self, request_id: str) -> list[RBlock]:
         """Free the request's local blocks; return its remote refs for the caller to release."""
-        table = self.tables.pop(request_id, [])
-        self._epoch.pop(request_id, None)
-        self._named.pop(request_id, None)
-        self._changed.add(request_id)
+        table = self.tables.get(request_id)
+        if table is None:
+            return []
+        self._drop(request_id)
         local = [r.block for r in reversed(table) if r.instance == self.rank]  # newest first: evicted first
         remote = [r for r in table if r.instance != self.rank]
         self.pool.free(local)
@@ -282,7 +388,7 @@ class RManager:
     # ---- blocks lent to remote debtors -----------------------------------
     def _lend_refs(self, debtor: int, request_id: str, blocks: list[int]) -> None:
         if blocks:
-            self.lent.setdefault((debtor, request_id), []).extend(blocks)
+            self.lent.setdefault((debtor, request_id), {}).update(dict.fromkeys(blocks))
         for b in blocks:
             self._lent_refs[b] = self._lent_refs.get(b, 0) + 1
 
@@ -293,25 +399,19 @@ class RManager:
         return blocks
 
     @_locked
-    def try_lend(self, debtor: int, request_id: str, n: int, lendable: Callable[[RManager], int]) -> list[int]:
-        """Lend n blocks if ``lendable(self)`` (read under the same lock) allows it; else []."""
-        if n <= 0 or n > lendable(self):
-            return []
-        return self.lend(debtor, request_id, n)
-
-    @_locked
     def lend_cached(self, debtor: int, request_id: str, names: list[BlockHash],
                     lendable: Callable[[RManager], int]) -> list[int]:
         """A remote request takes the cached blocks of the longest run of ``names`` by reference
         (never evicted while it holds them; ``release_lent`` gives them back). Blocks nobody
         references now come out of the free memory, so their number must be within
         ``lendable(self)`` (read under the same lock); else fewer, or []."""
+        held = self.lent.get((debtor, request_id), {})
         hits = self.pool.lookup(names)
         room = lendable(self) if hits else 0
         revived = 0
         for i, b in enumerate(hits):
             revived += self.pool.ref[b] == 0
-            if revived > room:
+            if revived > room or b in held:
                 hits = hits[:i]
                 break
         self.pool.touch(hits)
@@ -319,19 +419,35 @@ class RManager:
         return hits
 
     @_locked
+    def is_lent(self, debtor: int, request_id: str, blocks: list[int]) -> bool:
+        """Whether every one of ``blocks`` is lent to that debtor's request (O(len(blocks)))."""
+        held = self.lent.get((debtor, request_id), {})
+        return all(b in held for b in blocks)
+
+    @_locked
+    def try_lend(self, debtor: int, request_id: str, n: int, lendable: Callable[[RManager], int]) -> list[int]:
+        """Lend n blocks if ``lendable(self)`` (read under the same lock) allows it; else []."""
+        if n <= 0 or n > lendable(self):
+            return []
+        return self.lend(debtor, request_id, n)
+
+    @_locked
     def release_lent(self, debtor: int, request_id: str, blocks: list[int] | None = None) -> int:
-        """Drop the references of lent blocks (all of them for the request when blocks is None);
-        a block nobody else references returns to the pool (still cached if it was)."""
-        held = self.lent.get((debtor, request_id), [])
-        drop = list(held) if blocks is None else blocks
-        missing = set(drop) - set(held)
+        """Return lent blocks (all of them for the request when blocks is None) to the pool:
+        O(len(blocks)), checked before anything changes (all or nothing)."""
+        key = (debtor, request_id)
+        held = self.lent.get(key, {})
+        drop = list(held) if blocks is None else list(blocks)
+        missing = {b for b in drop if b not in held}
+        if not missing and len(set(drop)) != len(drop):  # a block twice: the second is not lent any more
+            missing = {b for b, k in Counter(drop).items() if k > 1}
         if missing:
             raise RuntimeError(f"blocks {sorted(missing)} are not lent to {debtor}/{request_id}")
-        keep = [b for b in held if b not in set(drop)]
-        if keep:
-            self.lent[(debtor, request_id)] = keep
+        if len(drop) == len(held):
+            self.lent.pop(key, None)
         else:
-            self.lent.pop((debtor, request_id), None)
+            for b in drop:
+                del held[b]
         for b in drop:
             k = self._lent_refs[b] - 1
             if k:

@@ -27,7 +27,7 @@ from infinite.runtime.model_runner import (DecodeBuffers, LocalAttention, StepIn
                                            prepare_inputs)
 from infinite.runtime.request import Request
 from infinite.runtime.scheduler import ScheduledBatch, Scheduler
-from infinite.runtime.stop import check_stop, visible_text
+from infinite.runtime.stop import check_stop, visible_len, visible_text
 from infinite.sampling.params import SamplingParams
 from infinite.sampling.logprobs import prompt_logprobs
 from infinite.sampling.sampler import Sampler, SampleRow, make_generator
@@ -244,7 +244,7 @@ class LLMEngine:
         self, rid: str, ids: list[int], params: SamplingParams, max_tokens: int, text: str | None
     ) -> Request:
         """A request already validated (here or on the cluster's front door)."""
-        req = Request(rid, ids, params, max_tokens=max_tokens, prompt=text)
+        req = Request(rid, ids, params, max_tokens=max_tokens, prompt=text, output_kind=params.output_kind)
         if params.seed is not None:
             req.generator = make_generator(params.seed, self.device)
         if self.tokenizer is not None:
@@ -373,7 +373,7 @@ class LLMEngine:
                             req.matcher is not None and advance(req.matcher, tok)):
                 outs.append(self._finish(req, delta, now))
                 continue
-            if not req.final_only:
+            if req.output_kind != "final_only":
                 outs.append(self.make_output(req))
         return outs
 
@@ -410,12 +410,13 @@ class LLMEngine:
 
     def kv_placement(self, request_id: str) -> dict[int, int]:
         """How many of the request's KV blocks sit on each instance (rank -> blocks)."""
-        counts: dict[int, int] = {}
-        for ref in self.rm.table(request_id):
-            counts[ref.instance] = counts.get(ref.instance, 0) + 1
-        return counts
+        return self.rm.held_counts(request_id)
 
     def make_output(self, req: Request) -> RequestOutput:
+        """The request's output as its kind asks: cumulative (everything so far), or a delta (what is
+        new since its previous output: O(new), the form outputs travel in between ranks)."""
+        if req.output_kind == "delta":
+            return self._delta_output(req)
         comp = CompletionOutput(
             index=0,
             text=visible_text(req),
@@ -435,6 +436,29 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             prompt_logprobs=None if req.prompt_logprobs is None else [None, *req.prompt_logprobs],
         )
+
+    def _delta_output(self, req: Request) -> RequestOutput:
+        out = req.output_token_ids
+        first = req.emitted_tokens
+        visible = visible_len(req)
+        text = req.text_tail(req.text_len - req.emitted_chars)[: visible - req.emitted_chars] \
+            if visible > req.emitted_chars else ""
+        lps = None
+        if req.logprobs is not None:
+            lps = req.logprobs[req.emitted_logprobs:]
+            req.emitted_logprobs = len(req.logprobs)
+        prompt_lp = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent \
+                and len(req.prompt_logprobs) >= req.num_prompt_tokens - 1:
+            prompt_lp = [None, *req.prompt_logprobs]  # once, when complete
+            req.prompt_logprobs_sent = True
+        req.emitted_tokens = len(out)
+        req.emitted_chars = max(req.emitted_chars, visible)
+        comp = CompletionOutput(0, text, out[first:], req.cumulative_logprob if req.logprobs is not None else None,
+                                lps, req.finish_reason, req.stop_reason)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [comp],
+                             req.finish_reason is not None, req.metrics, req.num_cached_tokens,
+                             prompt_logprobs=prompt_lp, delta_offset=first)
 
     # ---- observability -------------------------------------------------------------
     def stats(self) -> list[dict]:

@@ -188,9 +188,32 @@ class DecodeBuffers:
         self.cu_q = torch.arange(max_rows + 1, dtype=torch.int32, device=device)  # one query per row
         self.arange = torch.arange(max_rows, dtype=torch.int64, device=device)
 
+        # Views of the buffers by batch size (and table width), made once: a step then creates no tensor
+        # objects for its inputs. (The MAMetadata stays new per step: backends cache per-step plans on it.)
+        self._views: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._tables: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+
     def upload(self, width: int) -> None:
         if self.dev is not self.host_t:
             self.dev[:, :width].copy_(self.host_t[:, :width], non_blocking=True)
+
+    def views(self, n: int) -> tuple[torch.Tensor, ...]:
+        """(input_ids, positions, slots, cu_q, logits_indices) of an n-row decode step."""
+        v = self._views.get(n)
+        if v is None:
+            v = self._views[n] = (self.dev[0, :n], self.dev[1, :n], self.dev[2, :n], self.cu_q[: n + 1],
+                                  self.arange[:n])
+        return v
+
+    def table_views(self, ib: InputBatch, n: int, width: int) -> tuple[torch.Tensor, ...]:
+        """(block_tables, block_idx, num_blocks) of rows 0..n-1, ``width`` entries wide."""
+        key = (n, width)
+        v = self._tables.get(key)
+        if v is None:
+            if len(self._tables) > 4096:
+                self._tables.clear()
+            v = self._tables[key] = (ib.block_tables[:n, :width], ib.block_idx[:n, :width], ib.num_blocks[:n])
+        return v
 
 
 def prepare_decode(ib: InputBatch, buf: DecodeBuffers, pad_to: int | None = None) -> StepInputs | None:
@@ -223,21 +246,15 @@ def prepare_decode(ib: InputBatch, buf: DecodeBuffers, pad_to: int | None = None
         width = pad_to
     ib.upload()
     buf.upload(width)
-    dev = buf.dev
-    meta = MAMetadata(
-        cu_q=buf.cu_q[: n + 1],
-        q_pos=dev[1, :n],
-        block_tables=ib.block_tables[:n, : max(1, int(ib.nb_np[:n].max()))],
-        block_idx=ib.block_idx[:n, : max(1, int(ib.nb_np[:n].max()))],
-        num_blocks=ib.num_blocks[:n],
-        max_q_len=1,
-    )
+    ids, positions, slots, cu_q, logits_idx = buf.views(n)
+    bt, bi, nb = buf.table_views(ib, n, max(1, int(ib.nb_np[:n].max())))
+    meta = MAMetadata(cu_q=cu_q, q_pos=positions, block_tables=bt, block_idx=bi, num_blocks=nb, max_q_len=1)
     return StepInputs(
-        input_ids=dev[0, :n],
-        positions=dev[1, :n],
-        slot_mapping=dev[2, :n],
+        input_ids=ids,
+        positions=positions,
+        slot_mapping=slots,
         meta=meta,
-        logits_indices=buf.arange[:n],
+        logits_indices=logits_idx,
         sample_requests=list(reqs),
         q_lens=[1] * n,
         q_starts=pos,

@@ -44,8 +44,14 @@ class Request:
     prompt_logprobs: list[dict[int, float]] | None = None
     matcher: object | None = None  # llguidance state of a structured-output request (engine-side only)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
-    # Only the finished output is wanted (offline generate): no output is built while it runs.
-    final_only: bool = False
+    # What its outputs hold (infinite.sampling.params.OUTPUT_KINDS): from its params, unless the
+    # engine's caller knows better (offline generate: "final_only"; a cluster home: "delta", the wire).
+    output_kind: str = "cumulative"
+    # What delta outputs have carried so far (output tokens, visible text characters, logprobs).
+    emitted_tokens: int = 0
+    emitted_chars: int = 0
+    emitted_logprobs: int = 0
+    prompt_logprobs_sent: bool = False
     sample_row: object | None = None  # the sampler's view of the request, made once (engine-side only)
     quick_stop: tuple | None = None  # the engine's fast stop check of the request, made once
     # The output text as the pieces it was detokenized in: appending is O(1), joined when read.

@@ -58,9 +58,16 @@ def find_stop_string(text: str, new_len: int, stops: list[str]) -> tuple[int, st
     return best
 
 
-def visible_text(req: Request) -> str:
-    """The text safe to show now: all of it once finished, minus a stop-string-sized tail before."""
+def visible_len(req: Request) -> int:
+    """How much of the text is safe to show now: all of it once finished, minus a stop-string-sized
+    tail before (a stop string may still end there and cut it)."""
     if req.finish_reason is not None or not req.params.stop:
-        return req.text
+        return req.text_len
     hold = max(len(s) for s in req.params.stop) - 1
-    return req.text[: len(req.text) - hold] if hold else req.text
+    return max(0, req.text_len - hold)
+
+
+def visible_text(req: Request) -> str:
+    """The text safe to show now (``visible_len`` characters of it)."""
+    n = visible_len(req)
+    return req.text if n == req.text_len else req.text[:n]

@@ -119,7 +119,7 @@ async def handle_responses(request: web.Request) -> web.StreamResponse:
     kw = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", req.temperature), ("top_p", req.top_p),
                             ("structured_outputs", spec)) if v is not None}
     rid = f"resp_{uuid.uuid4().hex}"
-    (job,) = build_jobs(state, [ids], 1, kw, rid, arrival, spec_field)
+    (job,) = build_jobs(state, [ids], 1, kw, rid, arrival, spec_field, stream=bool(req.stream))
     created = int(time.time())
 
     def usage() -> dict[str, Any]:
