@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infinite.kv import BlockPool, RBlock, RManager
+from infinite.kv import BlockPool, RManager
 from infinite.kv.prefix import (ANCHOR_STRIDE, anchor_key, anchors, deepest_held, extend_hashes, hash_block,
                                 is_anchor)
 from infinite.runtime.allocator import LocalAllocator, max_hit_blocks

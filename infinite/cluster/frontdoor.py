@@ -27,10 +27,10 @@ from infinite.cluster import recovery
 from infinite.cluster.gmanager import GManager
 from infinite.cluster.instance import Instance
 from infinite.cluster.membership import PING_S
+from infinite.cluster.prefix_routing import Routed
 from infinite.cluster.supervisor import Supervisor
 from infinite.cluster.transport import PeerError, Transport, to_asyncio
 from infinite.errors import RequestError
-from infinite.cluster.prefix_routing import Routed
 from infinite.kv.prefix import anchors
 from infinite.kv.rmanager import blocks_for
 from infinite.outputs import OutputAccumulator, RequestOutput

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from infinite.kv.prefix import BlockHash
-from infinite.kv.rmanager import RManager, blocks_for
+from infinite.kv.rmanager import RManager
 from infinite.runtime.request import Request
 
 
