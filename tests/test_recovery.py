@@ -243,13 +243,13 @@ async def test_structured_output_goes_on_with_its_grammar_after_its_home_dies():
     cfg = EngineConfig(dtype="float32", num_kv_blocks=64, threads_per_rank=1, placement_interval_s=60.0)
     async with InProcessCluster(cfg, 3, timeout_s=10.0) as cl:
         front = cl.front
-        route = front.gmanager.route
-        front.gmanager.route = lambda blocks: 1  # a home that can be killed (not rank 0)
+        route = front.gmanager.route_request
+        front.gmanager.route_request = lambda blocks, chain=None, pinned=None: Routed(1)  # a home that can be killed
         try:
             s = Stream(front, prompt, params)
             await wait_for(lambda: len(s.tokens) >= 2, 30, "the structured request to produce tokens")
         finally:
-            front.gmanager.route = route
+            front.gmanager.route_request = route
         assert len(s.tokens) < len(want.token_ids), "the output ended before its home could be killed"
         cl.kill(1)
         await asyncio.wait_for(s.task, 60)
