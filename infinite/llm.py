@@ -36,7 +36,7 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
         self.config = EngineConfig(model=model, **engine_args)
-        if self.config.num_instances > 1:
+        if self.config.num_processes > 1:  # several instances, or one of several tensor-parallel ranks
             from infinite.cluster.local import LocalCluster
 
             self.engine = LocalCluster(self.config)

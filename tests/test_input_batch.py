@@ -31,6 +31,37 @@ def _req(i: int) -> Request:
     return Request(f"r{i}", [1, 2, 3], SamplingParams(), max_tokens=8)
 
 
+def apply_op(rm: RManager, reqs: list[Request], op: str, i: int, n: int, remote_ids) -> list[Request] | None:
+    """One change of the block tables (OPS); for "schedule", the requests a step would sync."""
+    rid = reqs[i].request_id
+    table = rm.table(rid)
+    if op == "grow" and rm.num_free >= n:
+        rm.allocate(rid, n)
+    elif op == "remote":
+        rm.append_remote(rid, [RBlock(1, next(remote_ids)) for _ in range(n)])
+    elif op == "remote_at" and table:
+        rm.append_remote(rid, [RBlock(2, next(remote_ids))], at=min(n, len(table)) - 1)
+    elif op == "migrate" and table:
+        old = [r for r in table if r.instance == RANK][:n]
+        if old:
+            rm.swap_out(rid, old, [RBlock(3, next(remote_ids)) for _ in old])
+    elif op == "shrink" and table and table[-1].instance == RANK:
+        rm.free_tail(rid, 1)
+    elif op == "free":
+        rm.free_request(rid)
+    elif op == "cache" and table:  # the request's first blocks are computed: they name DOC's prefix
+        rm.cache_computed(rid, DOC, n)
+    elif op == "start_cached" and not table:  # a new table over the cached prefix (shared blocks)
+        try:
+            rm.start(rid, DOC[:n], n + 1)
+        except MemoryError:
+            pass
+    elif op == "schedule":
+        held = [r for r in reqs if rm.live_table(r.request_id)[0] is not None]
+        return held[i % max(1, len(held)):] + held[: n]  # a changing subset, in changing order
+    return None
+
+
 def _check(ib: InputBatch) -> None:
     bt, bi, nb = ib.rebuilt_from_scratch()
     n = ib.num_rows
@@ -55,32 +86,8 @@ def test_rows_equal_a_rebuild_after_any_changes(ops):
     reqs = [_req(i) for i in range(6)]
     remote_ids = iter(range(1000, 10**6))
     for op, i, n in ops:
-        rid = reqs[i].request_id
-        table = rm.table(rid)
-        if op == "grow" and rm.num_free >= n:
-            rm.allocate(rid, n)
-        elif op == "remote":
-            rm.append_remote(rid, [RBlock(1, next(remote_ids)) for _ in range(n)])
-        elif op == "remote_at" and table:
-            rm.append_remote(rid, [RBlock(2, next(remote_ids))], at=min(n, len(table)) - 1)
-        elif op == "migrate" and table:
-            old = [r for r in table if r.instance == RANK][:n]
-            if old:
-                rm.swap_out(rid, old, [RBlock(3, next(remote_ids)) for _ in old])
-        elif op == "shrink" and table and table[-1].instance == RANK:
-            rm.free_tail(rid, 1)
-        elif op == "free":
-            rm.free_request(rid)
-        elif op == "cache" and table:  # the request's first blocks are computed: they name DOC's prefix
-            rm.cache_computed(rid, DOC, n)
-        elif op == "start_cached" and not table:  # a new table over the cached prefix (shared blocks)
-            try:
-                rm.start(rid, DOC[:n], n + 1)
-            except MemoryError:
-                pass
-        elif op == "schedule":
-            held = [r for r in reqs if rm.live_table(r.request_id)[0] is not None]
-            scheduled = held[i % max(1, len(held)):] + held[: n]  # a changing subset, in changing order
+        scheduled = apply_op(rm, reqs, op, i, n, remote_ids)
+        if scheduled is not None:
             ib.sync(scheduled)
             _check(ib)
     ib.sync([])

@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from infinite.bench.procs import alive, cmdline, descendants, free_port, get_json, rank_of
 from infinite.cluster.membership import RANK0_LOST_S
 
@@ -136,16 +138,19 @@ def test_workers_leave_by_sigterm_and_by_the_admin_endpoint_while_streams_go_on(
         kill_all([proc])
 
 
-def test_torchrun_launch_serves_and_sigint_stops_every_rank():
+@pytest.mark.parametrize("nproc,tp", [(2, 1), (4, 2)])
+def test_torchrun_launch_serves_and_sigint_stops_every_rank(nproc, tp):
+    """Two instances: of one torchrun rank each, or of two (tensor-parallel groups of consecutive ranks)."""
     port = free_port()
-    proc = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                  "-m", "infinite.launch.serve", "--port", str(port), "--num-kv-blocks", "32", "--dtype", "float32"])
+    proc = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                  "-m", "infinite.launch.serve", "--port", str(port), "--num-kv-blocks", "32", "--dtype", "float32",
+                  "--tensor-parallel-size", str(tp), "--threads-per-rank", "1"])
     try:
         st = wait_ready(port, proc, timeout=180)
         assert [i["rank"] for i in st["instances"]] == [0, 1]
         assert complete(port)["usage"]["completion_tokens"] == 4
         everyone = [proc.pid] + descendants(proc.pid)
-        assert sum("infinite.launch.serve" in cmdline(p) for p in everyone) >= 2
+        assert sum("infinite.launch.serve" in cmdline(p) for p in everyone) >= nproc
         os.kill(proc.pid, signal.SIGINT)
         assert_all_exit(everyone, timeout=60)
     finally:

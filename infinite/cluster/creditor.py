@@ -70,15 +70,11 @@ class Creditor:
         """Blocks lent to msg.debtor's request, for it to take them home: k/v [L, n, B, nkv, d]."""
         if not self.rm.is_lent(msg.debtor, msg.request_id, msg.blocks):
             raise RuntimeError(f"blocks {msg.blocks} are not all lent to {msg.debtor}/{msg.request_id}")
-        idx = torch.tensor(msg.blocks, dtype=torch.int64, device=self.kv.k.device)
-        return M.BlockTensors(self.kv.k.index_select(1, idx), self.kv.v.index_select(1, idx))
+        return M.BlockTensors(*self.kv.read_blocks(msg.blocks))
 
     def write_blocks(self, msg: M.WriteBlocks, t: M.BlockTensors) -> None:
         """Receive migrated blocks: k/v [L, n, B, nkv, d]."""
-        dev = self.kv.k.device
-        idx = torch.tensor(msg.blocks, dtype=torch.int64, device=dev)
-        self.kv.k.index_copy_(1, idx, t.k.to(dev))
-        self.kv.v.index_copy_(1, idx, t.v.to(dev))
+        self.kv.write_blocks(msg.blocks, t.k, t.v)
 
     # ---- MicroAttention for debtors -----------------------------------------------------------
     def serve_attention(self, call: M.AttentionCall, t: M.AttentionTensors) -> Future:
@@ -108,21 +104,10 @@ class Creditor:
             del self._step_meta[key]
         return self.attend(call.layer, meta, t)
 
-    @torch.inference_mode()
     def attend(self, layer: int, meta: MAMetadata, t: M.AttentionTensors) -> M.AttentionResultTensors:
         """One layer of MicroAttention over lent blocks, on the calling thread (thread-safe: the
         gather buffers are per thread)."""
-        timer = self.make_timer()
-        timer.start()
-        try:
-            dev = self.kv.k.device
-            kc, vc = self.kv.k[layer], self.kv.v[layer]
-            if t.slots is not None:
-                write_kv(kc, vc, t.k.to(dev), t.v.to(dev), t.slots.to(dev))
-            out, lse = micro_attention(t.q.to(dev), kc, vc, meta, self.scale)
-            return M.AttentionResultTensors(out, lse)
-        finally:
-            self.counters.served(timer.elapsed(), meta.max_q_len <= 1)
+        return attend_lent(self.kv, self.scale, self.counters, self.make_timer(), layer, meta, t)
 
     def forget_debtor(self, debtor: int) -> None:
         """Drop step metadata a (dead) debtor left behind."""
@@ -130,3 +115,20 @@ class Creditor:
 
     def close(self) -> None:
         self._serve.shutdown(wait=False, cancel_futures=True)
+
+
+@torch.inference_mode()
+def attend_lent(kv: KVCache, scale: float, counters: StepCounters, timer: DeviceTimer, layer: int, meta: MAMetadata,
+                t: M.AttentionTensors) -> M.AttentionResultTensors:
+    """One layer of MicroAttention over blocks lent to a debtor (writing the new K/V that land there
+    first), timed on the device; a rank of a tensor-parallel group runs it over its heads of them."""
+    timer.start()
+    try:
+        dev = kv.k.device
+        kc, vc = kv.k[layer], kv.v[layer]
+        if t.slots is not None:
+            write_kv(kc, vc, t.k.to(dev), t.v.to(dev), t.slots.to(dev))
+        out, lse = micro_attention(t.q.to(dev), kc, vc, meta, scale)
+        return M.AttentionResultTensors(out, lse)
+    finally:
+        counters.served(timer.elapsed(), meta.max_q_len <= 1)

@@ -22,13 +22,13 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from infinite.cluster import messages as M
-from infinite.cluster.cost_probe import measure_cost
 from infinite.cluster import recovery
 from infinite.cluster.gmanager import GManager
 from infinite.cluster.instance import Instance
 from infinite.cluster.membership import PING_S
 from infinite.cluster.prefix_routing import Routed
 from infinite.cluster.supervisor import Supervisor
+from infinite.cluster.tp_commands import measure_group_cost
 from infinite.cluster.transport import PeerError, Transport, to_asyncio
 from infinite.errors import RequestError
 from infinite.kv.prefix import anchors
@@ -49,7 +49,7 @@ class ClusterEngine(EngineFacts):
         self.core = instance.engine  # rank 0's engine: tokenizer, validation, capacity
         self.world_size = transport.world_size
         e = self.core
-        prior = measure_cost(e.model, e.block_size, e.kv.k.dtype, e.device) if instance.policy.enabled else None
+        prior = measure_group_cost(e) if instance.policy.enabled else None
         self.gmanager = GManager(transport, e.block_size, e.model_config.num_layers, instance.policy,
                                  instance.config.placement_interval_s, prior=prior)
         self.supervisor = Supervisor(transport, self.gmanager, range(self.world_size), instance.apply_view,

@@ -31,12 +31,15 @@ from infinite.cluster.membership import PING_S, short_error
 from infinite.cluster.migration import Migrator
 from infinite.cluster.policy import LendingPolicy
 from infinite.cluster.step_runner import StepRunner
+from infinite.cluster.tp_commands import run_remote
 from infinite.cluster.transport import PeerError, Transport, to_asyncio
 from infinite.kv.rmanager import RBlock, blocks_for
+from infinite.model.parallel import GroupError
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.engine import LLMEngine
 from infinite.runtime.request import Request, Status
+from infinite.runtime.tp import TPLeader
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,8 @@ STEP_RETRIES = 3  # a remote step that fails with every peer alive is retried th
 
 class Instance:
     def __init__(self, config: EngineConfig, rank: int, world_size: int, transport: Transport,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, tp: TPLeader | None = None) -> None:
+        """``tp``: this is the first rank of a tensor-parallel instance (cluster/tp_rank.py)."""
         self.rank = rank
         self.world_size = world_size
         self.config = config
@@ -60,7 +64,7 @@ class Instance:
             return ClusterAllocator(rm, transport, self.policy, self.policy.request_capacity(rm.num_blocks, others),
                                     others, timeout_s)
 
-        self.engine = LLMEngine(config, rank=rank, make_allocator=allocator)
+        self.engine = LLMEngine(config, rank=rank, make_allocator=allocator, tp=tp)
         self.allocator: ClusterAllocator = self.engine.allocator
         self.rm = self.engine.rm
         self.counters = StepCounters()
@@ -188,6 +192,8 @@ class Instance:
         e = self.engine
         batch = e.scheduler.schedule()
         if not batch.requests:
+            if e.tp is not None:
+                e.tp.idle()
             return None
         self._step_context = (self.rm.num_blocks - self.rm.num_free) * self.engine.block_size
         self._step_calls = 0
@@ -197,8 +203,10 @@ class Instance:
             return batch, None, e.execute(batch)
         mbs = self.runner.micro_batches(batch)
         self._step_calls = sum(len(mb.parts) for mb in mbs)
-        if len(mbs) == 1:
+        if len(mbs) == 1 or e.tp is not None:
             try:
+                if e.tp is not None:  # the group runs the micro-batches in lockstep (tp_commands.py)
+                    return batch, None, run_remote(self.runner, e.tp, batch, mbs)
                 return batch, None, self.runner.run_blocking(batch, mbs[0])
             except Exception as err:
                 raise RemoteStepFailed(mbs, err) from err
@@ -238,6 +246,11 @@ class Instance:
                     self._send(outputs=outs)
                 failures = 0
             except Exception as err:  # noqa: BLE001 - keep serving
+                if isinstance(err, GroupError) or isinstance(getattr(err, "cause", None), GroupError):
+                    # a rank of this tensor-parallel instance is gone: the instance is; the cluster
+                    # recomputes its requests on the survivors
+                    self.fence(f"its tensor-parallel group failed ({short_error(err)})")
+                    break
                 failures += 1
                 remote = isinstance(err, RemoteStepFailed) and _peer_unreachable(err.cause)
                 if remote and await self._survive(err.cause, err.creditors, failures):
@@ -281,6 +294,11 @@ class Instance:
         fut.add_done_callback(_log_failure("sending outputs to rank 0"))
 
     def close(self) -> None:
+        if self.engine.tp is not None and self.exit_code == 0:
+            try:
+                self.engine.tp.stop()  # the group's other ranks exit with us
+            except Exception:  # noqa: BLE001 - a rank of the group is gone already
+                log.warning("rank %d: stopping its tensor-parallel group failed", self.rank, exc_info=True)
         self.creditor.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 

@@ -21,8 +21,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
 from infinite.cluster.transport import Future, Transport
@@ -75,8 +73,7 @@ class Migrator:
         return self.rm.oldest(request_id, where, full, n, busy)
 
     def _contents(self, refs: list[RBlock]) -> M.BlockTensors:
-        idx = torch.tensor([r.block for r in refs], dtype=torch.int64, device=self.kv.k.device)
-        return M.BlockTensors(self.kv.k.index_select(1, idx), self.kv.v.index_select(1, idx))  # [L, n, B, nkv, d]
+        return M.BlockTensors(*self.kv.read_blocks([r.block for r in refs]))  # [L, n, B, nkv, d]
 
     # ---- push: local blocks out -----------------------------------------------------------
     def push(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> None:
@@ -152,9 +149,7 @@ class Migrator:
         if t.local_dst is not None:  # pull: write the contents home, then give the creditor its blocks back
             if t.seconds:
                 self.counters.copied(len(t.old), t.seconds[0])
-            idx = torch.tensor(t.local_dst, dtype=torch.int64, device=self.kv.k.device)
-            self.kv.k.index_copy_(1, idx, contents.k.to(self.kv.k.device))
-            self.kv.v.index_copy_(1, idx, contents.v.to(self.kv.v.device))
+            self.kv.write_blocks(t.local_dst, contents.k, contents.v)
             self.rm.replace_blocks(t.request_id, t.old, t.new)
             self._give_back(t.request_id, t.old)
         else:

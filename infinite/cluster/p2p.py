@@ -21,6 +21,12 @@ The step's block metadata rides in the stream (once per step) instead of an
 RPC, which would cost as much as the whole step's data. The creditor serves
 each stream on a thread of its own that hands the math to the creditor's
 serving thread (the Endpoint), so its gather buffers stay warm.
+
+Tensor-parallel instances (``tp_size`` > 1): every rank of every group is in the
+process group (data rank = instance * tp_size + tp_rank), and rank i of a debtor
+group streams to rank i of its creditor groups, which hold the same heads: no
+gather. Only first ranks run RPC (``rpc=False`` for the others). ``open`` also
+makes each instance's two group channels (runtime/tp.py), before the model loads.
 """
 
 from __future__ import annotations
@@ -68,12 +74,15 @@ def _tag(slot: int, kind: int) -> int:
 
 class P2PTransport(TorchRpcTransport):
     def __init__(self, rank: int, world_size: int, init_method: str = "env://", data_init_method: str = "env://",
-                 device: torch.device | None = None, timeout_s: float = 120.0, data_timeout_s: float = 60.0) -> None:
+                 device: torch.device | None = None, timeout_s: float = 120.0, data_timeout_s: float = 60.0,
+                 tp_size: int = 1, tp_rank: int = 0, rpc: bool = True) -> None:
         super().__init__(rank, world_size, init_method, timeout_s)
         self.data_init_method = data_init_method
         self.device = device or torch.device("cpu")
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.data_timeout = datetime.timedelta(seconds=data_timeout_s)
+        self.tp_size, self.tp_rank, self.rpc = tp_size, tp_rank, rpc
+        self.tp_groups: tuple | None = None  # this instance's (step, block) channels when tp_size > 1
         self._groups: list = []
         self._servers: list[threading.Thread] = []
         self._streams: dict[tuple[int, int], _Stream] = {}
@@ -81,13 +90,30 @@ class P2PTransport(TorchRpcTransport):
         self.closed = False
 
     # ---- start-up ----------------------------------------------------------------------------
-    def start(self, endpoint: AttentionEndpoint) -> None:
-        dist.init_process_group(self.backend, init_method=self.data_init_method, rank=self.rank,
-                                world_size=self.world_size, timeout=datetime.timedelta(seconds=self.timeout_s))
+    def data_rank(self, instance: int) -> int:
+        """The process-group rank of this rank's counterpart (same heads) in ``instance``."""
+        return instance * self.tp_size + self.tp_rank
+
+    def open(self) -> None:
+        """Join the process group and make its groups (every process, in the same order); idempotent."""
+        if self._groups:
+            return
+        n = self.world_size * self.tp_size
+        dist.init_process_group(self.backend, init_method=self.data_init_method, rank=self.data_rank(self.rank),
+                                world_size=n, timeout=datetime.timedelta(seconds=self.timeout_s))
         # WORLD keeps the start-up deadline (a missing peer fails the start); the streams get
         # groups of their own that idle without one.
-        self._groups = [dist.new_group(list(range(self.world_size)), timeout=IDLE_WAIT) for _ in range(NUM_SLOTS)]
-        super().start(endpoint)
+        self._groups = [dist.new_group(list(range(n)), timeout=IDLE_WAIT) for _ in range(NUM_SLOTS)]
+        if self.tp_size > 1:
+            # A group's ranks idle between steps as long as their first rank does (it sends keepalives).
+            per = [[dist.new_group([i * self.tp_size + j for j in range(self.tp_size)], timeout=IDLE_WAIT)
+                    for i in range(self.world_size)] for _ in range(2)]
+            self.tp_groups = (per[0][self.rank], per[1][self.rank])
+
+    def start(self, endpoint: AttentionEndpoint) -> None:
+        self.open()
+        if self.rpc:
+            super().start(endpoint)
         self._endpoint = endpoint
         self._servers = []
         for debtor in range(self.world_size):
@@ -116,7 +142,7 @@ class P2PTransport(TorchRpcTransport):
                 for slot in range(NUM_SLOTS):
                     if peer != self.rank:
                         try:
-                            works.append(dist.isend(bye, peer, self._groups[slot], _tag(slot, HDR)))
+                            works.append(dist.isend(bye, self.data_rank(peer), self._groups[slot], _tag(slot, HDR)))
                         except Exception:  # noqa: BLE001 - that peer is gone already
                             pass
             deadline = time.monotonic() + grace_s
@@ -147,23 +173,24 @@ class P2PTransport(TorchRpcTransport):
     def _attention(self, dst: int, call: M.AttentionCall, tensors: M.AttentionTensors) -> Future:
         slot = call.key.micro_batch
         group = self._groups[slot]
+        peer = self.data_rank(dst)
         sends = []
         if call.meta is not None:  # the step's first layer: header and block metadata
-            ints = _meta_ints(call.meta, tensors.slots)
+            ints = meta_ints(call.meta, tensors.slots)
             hdr = torch.tensor([call.key.step, len(call.meta.q_lens), sum(len(b) for b in call.meta.blocks),
                                 tensors.q.shape[0], 0 if tensors.slots is None else tensors.slots.numel(),
                                 ints.numel(), 0, 0], dtype=torch.int64)
-            sends.append((dist.isend(self._dev(hdr), dst, group, _tag(slot, HDR)), hdr))
+            sends.append((dist.isend(self._dev(hdr), peer, group, _tag(slot, HDR)), hdr))
             ints = self._dev(ints)
-            sends.append((dist.isend(ints, dst, group, _tag(slot, META)), ints))
+            sends.append((dist.isend(ints, peer, group, _tag(slot, META)), ints))
         parts = [tensors.q.reshape(-1)]
         if tensors.slots is not None:
             parts += [tensors.k.reshape(-1), tensors.v.reshape(-1)]
         data = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
-        sends.append((dist.isend(data, dst, group, _tag(slot, DATA)), data))
+        sends.append((dist.isend(data, peer, group, _tag(slot, DATA)), data))
         tc, nh, d = tensors.q.shape
         res = torch.empty(tc, nh, d + 1, dtype=torch.float32, device=tensors.q.device)
-        recv = dist.irecv(res, dst, group, _tag(slot, RES))
+        recv = dist.irecv(res, peer, group, _tag(slot, RES))
         return _Answer(self._stream_state(dst, slot), sends, recv, res, tensors.q.dtype, self.data_timeout)
 
     def probe(self, dst: int, timeout: float | None = None) -> float:
@@ -191,8 +218,9 @@ class P2PTransport(TorchRpcTransport):
         return t.to(self.device) if self.backend == "nccl" else t
 
     # ---- creditor side ---------------------------------------------------------------------------
-    def _serve_stream(self, endpoint: AttentionEndpoint, debtor: int, slot: int) -> None:
+    def _serve_stream(self, endpoint: AttentionEndpoint, instance: int, slot: int) -> None:
         group = self._groups[slot]
+        debtor = self.data_rank(instance)
         try:
             while not self.closed:
                 hdr = self._dev(torch.empty(HEADER, dtype=torch.int64))
@@ -202,7 +230,7 @@ class P2PTransport(TorchRpcTransport):
                     return  # the debtor closed
                 ints = self._dev(torch.empty(nints, dtype=torch.int64))
                 self._recv(ints, debtor, group, _tag(slot, META))
-                meta, slots = _parse_meta(ints.cpu().tolist(), nreq, nblocks, writes)
+                meta, slots = parse_meta(ints.cpu().tolist(), nreq, nblocks, writes)
                 ma_meta = meta_of(meta, self.device) if step != PROBE_STEP else None
                 self._serve_step(endpoint, debtor, group, slot, ma_meta, slots, rows)
         except Exception as e:  # noqa: BLE001 - the debtor is gone, or the group was torn down
@@ -330,7 +358,9 @@ class _Answer:
         cb(self)
 
 
-def _meta_ints(meta: M.AttentionMeta, slots: torch.Tensor | None) -> torch.Tensor:
+def meta_ints(meta: M.AttentionMeta, slots: torch.Tensor | None) -> torch.Tensor:
+    """A step's block metadata (and write slots) as one int64 tensor: q lens, q starts, block counts,
+    block ids, logical ids, slots. ``parse_meta`` reads it back."""
     flat: list[int] = [*meta.q_lens, *meta.q_starts, *(len(b) for b in meta.blocks)]
     for b in meta.blocks:
         flat.extend(b)
@@ -340,7 +370,7 @@ def _meta_ints(meta: M.AttentionMeta, slots: torch.Tensor | None) -> torch.Tenso
     return torch.cat([t, slots.to(torch.int64).cpu()]) if slots is not None else t
 
 
-def _parse_meta(ints: list[int], nreq: int, nblocks: int, writes: int) -> tuple[M.AttentionMeta, torch.Tensor | None]:
+def parse_meta(ints: list[int], nreq: int, nblocks: int, writes: int) -> tuple[M.AttentionMeta, torch.Tensor | None]:
     q_lens, q_starts, counts = ints[:nreq], ints[nreq:2 * nreq], ints[2 * nreq:3 * nreq]
     off = 3 * nreq
     blocks, logical = [], []

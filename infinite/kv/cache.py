@@ -27,6 +27,17 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, N, B, nkv, d]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, N, B, nkv, d]
 
+    def read_blocks(self, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contents of whole blocks (a migration's source): k, v [L, n, B, nkv, d]."""
+        idx = torch.tensor(blocks, dtype=torch.int64, device=self.k.device)
+        return self.k.index_select(1, idx), self.v.index_select(1, idx)
+
+    def write_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill whole blocks (a migration's destination) from k, v [L, n, B, nkv, d] on any device."""
+        idx = torch.tensor(blocks, dtype=torch.int64, device=self.k.device)
+        self.k.index_copy_(1, idx, k.to(self.k.device))
+        self.v.index_copy_(1, idx, v.to(self.v.device))
+
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()

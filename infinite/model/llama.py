@@ -6,7 +6,10 @@ runtime can place attention wherever the KV blocks live. Tokens are a flat
 [T] batch (all requests concatenated); nothing here knows about requests.
 
 q/k/v and gate/up are fused into one matmul each (concatenated at load
-time); the numbers match transformers in float32. The weights stay
+time); the numbers match transformers in float32. With a tensor-parallel
+group (``tp``) the model holds one rank's shard (infinite/model/parallel.py):
+``config`` is then that rank's architecture (its heads, KV heads and MLP
+width), and the layer halves add the group's all-reduces. The weights stay
 row-major like transformers': a column-major copy makes MKL's sgemm faster
 only while the weights sit in cache, and slower once they come from DRAM,
 which is the case in a decode step of a real model.
@@ -23,6 +26,7 @@ from torch import nn
 from . import ops
 from .ops import KVWrite
 from .config import ModelConfig
+from .parallel import TPGroup, TPShard, local_config, shard_of
 from .rope import RotaryEmbedding
 
 
@@ -59,37 +63,44 @@ class Rotary(NamedTuple):
 class DecoderLayer(nn.Module):
     """Weights of one layer; the computation lives in LlamaForCausalLM so the two halves read together."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, row_bias: bool = True) -> None:
+        """``row_bias``: whether o_proj and down carry their biases (in a tensor-parallel group only the
+        first rank does: the all-reduce of the partial products adds them once)."""
         super().__init__()
         H = cfg.hidden_size
         self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
         self.qkv_proj = _linear(H, cfg.q_size + 2 * cfg.kv_size, cfg.attention_bias, dtype, device)
-        self.o_proj = _linear(cfg.q_size, H, cfg.o_proj_bias, dtype, device)
+        self.o_proj = _linear(cfg.q_size, H, cfg.o_proj_bias and row_bias, dtype, device)
         self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
         self.gate_up_proj = _linear(H, 2 * cfg.intermediate_size, cfg.mlp_bias, dtype, device)
-        self.down_proj = _linear(cfg.intermediate_size, H, cfg.mlp_bias, dtype, device)
+        self.down_proj = _linear(cfg.intermediate_size, H, cfg.mlp_bias and row_bias, dtype, device)
 
 
 class LlamaForCausalLM(nn.Module):
     """Llama / Mistral / Qwen2 weights with the attention-free layer halves of docs/architecture.md."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", tp: TPGroup | None = None) -> None:
+        """``config`` is the checkpoint's; with ``tp`` (a group of more than one rank) the model is
+        that rank's shard and ``self.config`` its share of the architecture."""
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
-        self.config = config
-        cfg = config
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.shard: TPShard | None = shard_of(config, tp.rank, tp.size) if self.tp is not None else None
+        self.config = cfg = config if self.shard is None else local_config(config, self.shard)
+        vocab_rows = cfg.vocab_size if self.shard is None else self.shard.vocab_per_rank
+        self.embed_tokens = nn.Embedding(vocab_rows, cfg.hidden_size, dtype=dtype, device=device,
+                                         _weight=torch.empty(vocab_rows, cfg.hidden_size, dtype=dtype,
                                                              device=device))
         self.embed_tokens.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        row_bias = self.shard is None or self.shard.first
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device, row_bias) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+            self.lm_head = _linear(cfg.hidden_size, vocab_rows, False, dtype, device)
         self.rope = RotaryEmbedding(cfg, "cpu" if str(device) == "meta" else device)
         # Two GEMMs for gate/up on long batches is a CPU (MKL) win only (see post_attention).
         self._split_mlp = torch.device(device).type == "cpu"
@@ -113,7 +124,13 @@ class LlamaForCausalLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] int64 -> residual stream [T, H]."""
-        return F.embedding(input_ids, self.embed_tokens.weight)
+        if self.tp is None:
+            return F.embedding(input_ids, self.embed_tokens.weight)
+        # Vocabulary-parallel: each rank looks up the ids in its rows, zeros for the others; the sum is exact.
+        local = input_ids - self.shard.vocab[0]
+        outside = (local < 0) | (local >= self.shard.vocab_per_rank)  # [T]
+        h = F.embedding(local.masked_fill(outside, 0), self.embed_tokens.weight)  # [T, H]
+        return self.tp.all_reduce(h.masked_fill_(outside[:, None], 0))
 
     def rotary(self, positions: torch.Tensor, max_position: int) -> Rotary:
         """The step's cos/sin for ``positions`` [T] (every layer reuses them). ``max_position`` is the
@@ -146,7 +163,9 @@ class LlamaForCausalLM(nn.Module):
         The MLP output is added to the residual by the next layer's norm (or compute_logits)."""
         layer = self.layers[i]
         T = attn.shape[0]
-        o = layer.o_proj(attn.reshape(T, self.config.q_size))
+        o = layer.o_proj(attn.reshape(T, self.config.q_size))  # [T, H]: this rank's heads' share
+        if self.tp is not None:
+            self.tp.all_reduce(o)
         norm = layer.post_attention_layernorm
         x, residual = ops.add_rms_norm(o, residual, norm.weight, norm.eps)
         if self._split_mlp and T >= _SPLIT_MLP_MIN_TOKENS:
@@ -158,12 +177,19 @@ class LlamaForCausalLM(nn.Module):
             up = F.linear(x, w[I:], None if b is None else b[I:])
         else:
             gate, up = layer.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
-        return layer.down_proj(F.silu(gate) * up), residual
+        out = layer.down_proj(F.silu(gate) * up)  # [T, H]: this rank's columns' share
+        if self.tp is not None:
+            self.tp.all_reduce(out)
+        return out, residual
 
-    def compute_logits(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Final norm + lm_head: h [N,H] (plus the residual it belongs to) -> logits [N,V] float32."""
+    def compute_logits(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Final norm + lm_head: h [N,H] (plus the residual it belongs to) -> logits [N,V] float32.
+        In a tensor-parallel group the first rank gets them all (it samples); the others get None."""
         if residual is None:
             x = self.norm(h)
         else:
             x, _ = ops.add_rms_norm(h, residual, self.norm.weight, self.norm.eps)
-        return F.linear(x, self.lm_head_weight).float()
+        logits = F.linear(x, self.lm_head_weight).float()  # [N, V] (a group: [N, V/tp] of its rows)
+        if self.tp is None:
+            return logits
+        return self.tp.gather_columns(logits, self.config.vocab_size)

@@ -15,19 +15,20 @@ from pathlib import Path
 
 import torch
 
-from infinite.kv.cache import KVCache, auto_num_blocks, bytes_per_block
+from infinite.kv.cache import KVCache
 from infinite.kv.rmanager import RManager, blocks_for
 from infinite.outputs import CompletionOutput, RequestOutput
 from infinite.runtime.allocator import BlockAllocator, LocalAllocator
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.graph_runner import CaptureReport, GraphRunner
 from infinite.runtime.input_batch import InputBatch
-from infinite.runtime.memory import MemoryPlan, profile_peaks
+from infinite.runtime.memory import MemoryPlan, size_pool
 from infinite.runtime.model_runner import (DecodeBuffers, LocalAttention, StepInputs, forward, prepare_decode,
                                            prepare_inputs)
 from infinite.runtime.request import Request
 from infinite.runtime.scheduler import ScheduledBatch, Scheduler
 from infinite.runtime.stop import check_stop, visible_len, visible_text
+from infinite.runtime.tp import TPLeader
 from infinite.sampling.params import SamplingParams
 from infinite.sampling.logprobs import prompt_logprobs
 from infinite.sampling.sampler import Sampler, SampleRow, make_generator
@@ -92,9 +93,12 @@ class LLMEngine:
         config: EngineConfig,
         rank: int = 0,
         make_allocator: Callable[[RManager], BlockAllocator] = LocalAllocator,
+        tp: TPLeader | None = None,
     ) -> None:
         """``make_allocator`` builds where the scheduler's blocks come from, given this
-        instance's rManager (its own pool by default; a cluster instance also borrows)."""
+        instance's rManager (its own pool by default; a cluster instance also borrows).
+        ``tp``: this engine is the first rank of a tensor-parallel group (runtime/tp.py): it
+        holds its shard of the model and broadcasts every step to the group's other ranks."""
         from infinite.model.loader import load_model
         from infinite.tokenizer import load_tokenizer
 
@@ -106,7 +110,8 @@ class LLMEngine:
 
         mcfg = ModelConfig.from_pretrained(self.model_dir)
         self.dtype = config.torch_dtype(mcfg.torch_dtype, self.device)
-        self.model = load_model(self.model_dir, dtype=self.dtype, device=self.device)
+        self.model = load_model(self.model_dir, dtype=self.dtype, device=self.device,
+                                tp=None if tp is None else tp.group)
         self.model_config = self.model.config
         self.tokenizer = load_tokenizer(self.model_dir)
         self.model_name = model_name_for(config, self.model_dir)
@@ -117,27 +122,20 @@ class LLMEngine:
         self.eos_token_ids = tuple(mcfg.eos_token_ids)
         c = self.model_config
         self.block_size = config.block_size
-        block_bytes = bytes_per_block(c.num_layers, self.block_size, c.num_kv_heads, c.head_dim, self.dtype)
-        self.memory_plan: MemoryPlan | None = None
-        if config.num_kv_blocks:
-            num_blocks = config.num_kv_blocks
-        elif self.device.type == "cuda":
-            self.memory_plan = profile_peaks(self.model, config.max_num_batched_tokens, config.max_num_seqs,
-                                             self.block_size, self.dtype, self.device, config.gpu_memory_utilization)
-            num_blocks = self.memory_plan.kv_bytes // block_bytes
-            if num_blocks < 1:
-                raise ValueError(f"no GPU memory is left for the KV cache: {self.memory_plan} "
-                                 "(raise --gpu-memory-utilization or lower --max-num-batched-tokens)")
-            log.info("KV pool: %d blocks (%.2f GiB) from %s", num_blocks, num_blocks * block_bytes / 2**30,
-                     self.memory_plan)
-        else:
-            num_blocks = auto_num_blocks(block_bytes, self.device)
-        self.kv = KVCache(c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+        self.memory_plan: MemoryPlan | None
+        num_blocks, self.memory_plan = size_pool(self.model, config, self.dtype, self.device)
+        self.tp = tp
+        if tp is not None:  # every rank's pool holds its heads of the same block ids: the group takes the least
+            num_blocks = tp.group.all_min(num_blocks)
+        kv_args = (c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+        self.kv = KVCache(*kv_args) if tp is None else tp.kv_cache(*kv_args)
         self.rm = RManager(rank, num_blocks, self.block_size, enable_caching=config.enable_prefix_caching)
         self.model.rope.reserve(self.max_model_len)
         self.input_batch = InputBatch(self.rm, config.max_num_seqs,
                                       min(num_blocks, blocks_for(self.max_model_len, self.block_size)), self.device)
         self.decode_buffers = DecodeBuffers(config.max_num_seqs, self.device)
+        if tp is not None:
+            tp.attach(self.input_batch, self.max_model_len)
         self.timing = StepTiming()
         self.graphs: GraphRunner | None = None
         self.graph_report: CaptureReport | None = None
@@ -158,6 +156,8 @@ class LLMEngine:
         """A captured step must not depend on host values: dynamic NTK RoPE past the model's positions
         depends on the longest position of the step."""
         c = self.model_config
+        if self.tp is not None:
+            return False  # a tensor-parallel group's decode runs eager (its collectives are not captured yet)
         return not (c.rope_type == "dynamic" and self.max_model_len > c.max_position_embeddings)
 
     # ---- capacity --------------------------------------------------------------
@@ -309,6 +309,8 @@ class LLMEngine:
         if inputs.padded is not None:
             logits = self.graphs.run(len(inputs.sample_requests))
         else:
+            if self.tp is not None:
+                self.tp.step(inputs)  # the group's other ranks run the same forward on their heads
             logits = forward(self.model, inputs, LocalAttention(self.kv, inputs, self.scale))
         t3 = time.perf_counter()
         outs = self.postprocess(batch, inputs, logits)

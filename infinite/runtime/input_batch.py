@@ -64,6 +64,10 @@ class InputBatch:
         # Device writes still to upload (GPU only): single entries, whole rows, row moves.
         self._cells: list[tuple[int, int]] = []  # (row, column) of appended entries
         self._rows: set[int] = set()  # rows to upload whole (joined, rebuilt, moved into)
+        # The same changes for the other ranks of a tensor-parallel group, kept until the first rank
+        # sends them with the next step (runtime/tp.py); None when nobody mirrors this batch.
+        self.mirror_rows: set[int] | None = None
+        self.mirror_cells: list[tuple[int, int]] | None = None
 
     # ---- rows --------------------------------------------------------------------------------
     @property
@@ -126,6 +130,8 @@ class InputBatch:
                 self.bi_np[row, n] = i
                 if not self.on_host:
                     self._cells.append((row, n))
+                if self.mirror_cells is not None:
+                    self.mirror_cells.append((row, n))
                 n += 1
         self.nb_np[row] = n
         st.seen = end
@@ -144,8 +150,14 @@ class InputBatch:
             self.bi_np[row, :n] = arr[:, 1]
         self.nb_np[row] = n
         st.seen = len(st.table)
+        self._row_changed(row)
+
+    def _row_changed(self, row: int) -> None:
+        """The row's table was rewritten: whole-row uploads (and mirrors) take it."""
         if not self.on_host:
             self._rows.add(row)
+        if self.mirror_rows is not None:
+            self.mirror_rows.add(row)
 
     def _remove(self, row: int) -> None:
         """The last row moves into ``row`` (its tables copied once), so rows stay 0..n-1."""
@@ -160,8 +172,7 @@ class InputBatch:
             self.requests[row] = moved
             self._sync[row] = self._sync[last]
             self.row_of[moved.request_id] = row
-            if not self.on_host:
-                self._rows.add(row)  # re-uploaded whole: a leave is rare, a row is O(its blocks)
+            self._row_changed(row)  # re-uploaded whole: a leave is rare, a row is O(its blocks)
         self.nb_np[last] = 0
         self.requests.pop()
         self._sync.pop()

@@ -10,14 +10,18 @@ the largest batch (a captured graph holds about that step's activations).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from infinite.attention import MAMetadata
-from infinite.kv.cache import KVCache
+from infinite.kv.cache import KVCache, auto_num_blocks, bytes_per_block
 from infinite.kv.rmanager import blocks_for
+from infinite.runtime.config import EngineConfig
 from infinite.runtime.model_runner import LocalAttention, StepInputs, forward
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,3 +88,23 @@ def profile_peaks(model, max_num_batched_tokens: int, max_num_seqs: int, block_s
     free, total = torch.cuda.mem_get_info(device)
     non_torch = max(0, total - free - torch.cuda.memory_reserved(device))
     return MemoryPlan(total, utilization, in_use, prefill, decode, non_torch)
+
+
+def size_pool(model, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> tuple[int, MemoryPlan | None]:
+    """KV blocks of this rank's pool -> (blocks, the memory plan when a GPU was profiled): the configured
+    count, what profiling leaves on a GPU, or a share of RAM on a CPU. Every rank of a tensor-parallel
+    group runs this (the profile's forward holds the group's collectives) and the group takes the least."""
+    c = model.config
+    block_bytes = bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim, dtype)
+    if config.num_kv_blocks:
+        return config.num_kv_blocks, None
+    if device.type != "cuda":
+        return auto_num_blocks(block_bytes, device), None
+    plan = profile_peaks(model, config.max_num_batched_tokens, config.max_num_seqs, config.block_size, dtype, device,
+                         config.gpu_memory_utilization)
+    num_blocks = plan.kv_bytes // block_bytes
+    if num_blocks < 1:
+        raise ValueError(f"no GPU memory is left for the KV cache: {plan} "
+                         "(raise --gpu-memory-utilization or lower --max-num-batched-tokens)")
+    log.info("KV pool: %d blocks (%.2f GiB) from %s", num_blocks, num_blocks * block_bytes / 2**30, plan)
+    return num_blocks, plan
