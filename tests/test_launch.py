@@ -100,7 +100,10 @@ def test_workers_leave_by_sigterm_and_by_the_admin_endpoint_while_streams_go_on(
     port = free_port()
     proc = start([sys.executable, "-m", "infinite.cli", "serve", "--num-instances", "3", "--port", str(port),
                   "--num-kv-blocks", "16", "--dtype", "float32", "--threads-per-rank", "1", "--api-key", key,
-                  "--eager-lending"])  # every request fits a pool: lend for throughput without measured remote steps
+                  "--eager-lending",  # every request fits a pool: lend for throughput without measured remote steps
+                  # the prompts share a prefix: with the prefix cache the router would home them with it on
+                  # rank 0, which would lend its prefix to the workers (so they could not lend)
+                  "--no-enable-prefix-caching"])
     try:
         wait_ready(port, proc, n=3)
         # Four of these cannot share one 16-block pool: some are homed on the workers, some borrow there.

@@ -252,6 +252,11 @@ def test_choose_home_prefers_the_holder_unless_it_is_busy():
     assert choose_home(1, {0: 1, 1: 9, 2: 0}, {1: 6, 2: 2}, cfg) == Routed(2, 1, 6)
     assert choose_home(0, {0: 0, 1: 9}, {0: 6, 1: 6}, cfg) == Routed(0)  # the deepest holders tie: less loaded
     assert choose_home(1, {0: 1, 1: 0}, {0: 8, 1: 8}, cfg) == Routed(1)
+    # memory: the holder's free blocks after its queue must hold what it has not cached
+    assert choose_home(0, {0: 0, 1: 1}, {1: 6}, cfg, room={0: 50, 1: 4}, need=10) == Routed(1)
+    assert choose_home(0, {0: 0, 1: 1}, {1: 6}, cfg, room={0: 50, 1: 3}, need=10) == Routed(0, 1, 6)
+    assert choose_home(1, {0: 2, 1: 1}, {1: 6}, cfg, room={0: 50, 1: 3}, need=10) == Routed(0, 1, 6)
+    assert choose_home(0, {0: 0}, {0: 6}, cfg, room={0: 0}, need=10) == Routed(0)  # nowhere else to go
     with pytest.raises(ValueError):
         choose_home(5, {0: 0}, {})
 

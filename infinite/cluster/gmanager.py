@@ -311,11 +311,12 @@ class GManager:
                 home = max((i for i in snap.instances if i.rank in self.serving), key=lambda i: i.free_blocks).rank
             routed = Routed(home)
             if chain:
+                room = {i.rank: i.free_blocks - i.waiting_blocks for i in snap.instances}
                 with self.lock:
                     loads = {r: s.num_running + s.num_waiting + self.pending_requests.get(r, 0)
                              for r, s in self.instances.items() if r in self.serving}
                     depths = self.prefixes.depths(chain, loads)
-                routed = choose_home(home, loads, depths, self.prefix_routing)
+                routed = choose_home(home, loads, depths, self.prefix_routing, room, prompt_blocks)
         with self.lock:
             self.pending[routed.home] = self.pending.get(routed.home, 0) + prompt_blocks
             self.pending_requests[routed.home] = self.pending_requests.get(routed.home, 0) + 1

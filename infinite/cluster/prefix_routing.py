@@ -8,11 +8,13 @@ holds, to within a stride (a holder that evicted some blocks since its last beat
 holds less: the hint is confirmed with the full block names at the holder).
 
 ``choose_home`` is the router's cache-aware rule, after SGLang's router: a
-request goes where its prefix is deepest, unless that instance is *busy* (its
-load is over the least loaded instance's by both an absolute and a relative
-margin); then it goes to the least loaded instance and carries a hint naming the
-holder, whose cached blocks its new home uses in place (lent by reference,
-served by remote MicroAttention) instead of recomputing them. ``copy_pays`` says
+request goes where its prefix is deepest, unless that instance is *busy*: its
+free memory (after its queue) cannot hold the part of the request it has not
+cached, or its load is over the least loaded instance's by both an absolute and
+a relative margin; then the request goes where the load-only router sends it
+and carries a hint naming the holder, whose cached blocks its new home uses in
+place (lent by reference, served by remote MicroAttention) instead of
+recomputing them. ``copy_pays`` says
 when the home should copy such a prefix into its own pool instead (a short prefix
 read by a long generation).
 """
@@ -93,10 +95,13 @@ class Routed:
 
 
 def choose_home(default: int, loads: Mapping[int, float], depths: Mapping[int, int],
-                cfg: PrefixRouting = PrefixRouting()) -> Routed:
+                cfg: PrefixRouting = PrefixRouting(), room: Mapping[int, int] | None = None,
+                need: int = 0) -> Routed:
     """``default``: the home the load-only router picks; ``loads``: the instances that can hold the
-    request; ``depths``: blocks of its prefix each holds. The deepest holder (least loaded among
-    equals) unless busy; then the least loaded instance, with a hint when the holder has more."""
+    request; ``depths``: blocks of its prefix each holds; ``room``: each one's free blocks after its
+    queue, and ``need``: the request's blocks (None / 0: memory not weighed). The deepest holder
+    (least loaded among equals) unless it is busy; then ``default`` (the least loaded instance when
+    that is the busy holder), with a hint when the holder has more of the prefix."""
     if default not in loads:
         raise ValueError(f"the default home {default} is not among the candidates {sorted(loads)}")
     held = [r for r in loads if depths.get(r, 0) >= cfg.min_blocks]
@@ -104,9 +109,14 @@ def choose_home(default: int, loads: Mapping[int, float], depths: Mapping[int, i
         return Routed(default)
     best = max(held, key=lambda r: (depths[r], -loads[r], r == default, -r))
     low = min(loads.values())
-    if not (loads[best] - low > cfg.busy_margin and loads[best] > cfg.busy_ratio * low):
+    crowded = loads[best] - low > cfg.busy_margin and loads[best] > cfg.busy_ratio * low
+    full = room is not None and room.get(best, 0) < need - depths[best]
+    if not (crowded or full):
         return Routed(best)
-    home = min(loads, key=lambda r: (loads[r], r != default, r))
+    others = [r for r in loads if r != best]
+    if not others:
+        return Routed(best)
+    home = default if default != best else min(others, key=lambda r: (loads[r], r))
     if depths[best] > depths.get(home, 0):
         return Routed(home, best, depths[best])
     return Routed(home)
