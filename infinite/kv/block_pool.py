@@ -86,15 +86,17 @@ class BlockPool:
         """Drop one reference to each block; a block nobody references any more becomes free, and
         stays cached (evictable, most recently freed last) if it holds a named prefix. Give a
         request's blocks newest first, so that its tail is evicted before its prefix."""
+        ref, named, evictable, plain = self.ref, self._name, self._evictable, self._plain  # hot: 100K-block releases
         for b in blocks:
-            if self.ref[b] <= 0:
+            r = ref[b] - 1
+            if r < 0:
                 raise RuntimeError(f"double free of KV block {b}")
-            self.ref[b] -= 1
-            if self.ref[b] == 0:
-                if b in self._name:
-                    self._evictable[b] = None
+            ref[b] = r
+            if r == 0:
+                if b in named:
+                    evictable[b] = None
                 else:
-                    self._plain.append(b)
+                    plain.append(b)
 
     # ---- the prefix cache ---------------------------------------------------------------------
     def cache(self, block: int, name: BlockHash, depth: int) -> bool:

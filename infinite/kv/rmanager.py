@@ -448,12 +448,13 @@ class RManager:
         else:
             for b in drop:
                 del held[b]
+        refs = self._lent_refs
         for b in drop:
-            k = self._lent_refs[b] - 1
-            if k:
-                self._lent_refs[b] = k
+            k = refs[b]
+            if k == 1:
+                del refs[b]
             else:
-                del self._lent_refs[b]
+                refs[b] = k - 1
         self.pool.free(reversed(drop))
         return len(drop)
 
