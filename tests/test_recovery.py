@@ -118,6 +118,9 @@ async def test_a_dead_rank_costs_recomputation_not_requests(case):
         # home to the short requests.
         streams, home_of_long, victim = await streams_with_a_spanning_request(front, prompts, homes_on=True)
         assert victim != 0
+        # Every short request was routed there; the ones still running when it dies are homed there
+        # (a fast step can finish a short one before the kill: it needs no move then).
+        assert all(front._homes.get(s.req.request_id, victim) == victim for s in streams[1:])
         homed_there = [s for s in streams if front._homes.get(s.req.request_id) == victim]
         creditor_died = victim != home_of_long and holds_blocks_of(front, streams[0].req.request_id, victim)
         print(f"\nlong request: home {home_of_long}; killing rank {victim} (its creditor: {creditor_died}), "
@@ -130,7 +133,7 @@ async def test_a_dead_rank_costs_recomputation_not_requests(case):
         health = front.health()
         assert health["status"] == "degraded" and [x["rank"] for x in health["lost"]] == [victim]
         assert sorted(st["rank"] for st in front.stats()) == sorted({0, 1, 2} - {victim})  # no stale stats
-        assert len(homed_there) >= len(prompts) - 1 and front.moved >= len(homed_there)
+        assert homed_there and front.moved >= len(homed_there)
         if creditor_died:
             assert sum(st["recomputed"] for st in front.stats()) >= 1  # the long request, at its home
         assert all(victim not in (d["debtor"], d["creditor"]) for d in front.gmanager.debts())

@@ -263,6 +263,8 @@ class ClusterEngine(EngineFacts):
                     q.put_nowait(delta)
                 elif kind == "cumulative" or delta.finished:
                     whole = sofar.cumulative()
+                    req = self._reqs[rid]
+                    whole.prompt, whole.prompt_token_ids = req.prompt, req.prompt_token_ids
                     whole.extra["rank"] = msg.rank
                     q.put_nowait(whole)
 

@@ -458,7 +458,10 @@ class LLMEngine:
         req.emitted_chars = max(req.emitted_chars, visible)
         comp = CompletionOutput(0, text, out[first:], req.cumulative_logprob if req.logprobs is not None else None,
                                 lps, req.finish_reason, req.stop_reason)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [comp],
+        first_out = not req.prompt_sent
+        req.prompt_sent = True
+        return RequestOutput(req.request_id, req.prompt if first_out else None,
+                             req.prompt_token_ids if first_out else [], [comp],
                              req.finish_reason is not None, req.metrics, req.num_cached_tokens,
                              prompt_logprobs=prompt_lp, delta_offset=first)
 

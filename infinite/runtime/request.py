@@ -52,6 +52,7 @@ class Request:
     emitted_chars: int = 0
     emitted_logprobs: int = 0
     prompt_logprobs_sent: bool = False
+    prompt_sent: bool = False  # a delta output carried the prompt (the later ones do not: O(new) each)
     sample_row: object | None = None  # the sampler's view of the request, made once (engine-side only)
     quick_stop: tuple | None = None  # the engine's fast stop check of the request, made once
     # The output text as the pieces it was detokenized in: appending is O(1), joined when read.
