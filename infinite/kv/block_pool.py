@@ -12,6 +12,10 @@ class BlockPool:
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self._is_free = [True] * num_blocks
+        # Moves on every allocate and free that changes the pool: of two readings of its counts,
+        # the one with the larger version is the newer (the gManager keeps the newer of a
+        # creditor's heartbeat and the counts a reservation's reply carries).
+        self.version = 0
 
     @property
     def num_free(self) -> int:
@@ -25,6 +29,8 @@ class BlockPool:
         out = [self._free.popleft() for _ in range(n)]
         for b in out:
             self._is_free[b] = False
+        if out:
+            self.version += 1
         return out
 
     def free(self, blocks: list[int]) -> None:
@@ -33,3 +39,5 @@ class BlockPool:
                 raise RuntimeError(f"double free of KV block {b}")
             self._is_free[b] = True
             self._free.append(b)
+        if blocks:
+            self.version += 1

@@ -372,4 +372,5 @@ class RManager:
             "used_blocks": self.num_used,
             "lent_blocks": self.num_lent,
             "borrowed_blocks": self.num_borrowed,
+            "pool_version": self.pool.version,  # orders readings of free/used/lent (BlockPool.version)
         }
