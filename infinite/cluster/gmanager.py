@@ -160,7 +160,7 @@ class GManager:
         """O(placement entries and decode steps the beat carries), whatever the cluster holds."""
         s = beat.stats
         with self.lock:
-            self.instances[s.rank] = s
+            self.instances[s.rank] = s = self._newer_pool(self.instances.get(s.rank), s)
             self.pending[s.rank] = 0
             self.pending_requests[s.rank] = 0
             self.prefixes.apply(s.rank, beat.prefix_added, beat.prefix_removed, beat.prefix_everything)
@@ -179,6 +179,21 @@ class GManager:
                           for d in beat.decode_steps)
         return M.HeartbeatReply(borrowable, self._loans_pay.get(s.rank, False),
                                 lends_for_throughput=self.calibrated and self.policy.enabled)
+
+    @staticmethod
+    def _newer_pool(other: M.InstanceStats | M.Reserved | None, s: M.InstanceStats) -> M.InstanceStats:
+        """``s`` with the pool counts (free, used, lent) of whichever of the two readings is newer.
+
+        Between heartbeats a reservation's reply carries the creditor's counts, read after it
+        reserved; a beat may be read before or after that and arrive before or after the reply.
+        Adding the reserved blocks to the view, as the gManager did, counted them twice whenever
+        the beat already held them (a creditor of 9 blocks seen lending 16, and every snapshot
+        failing its check); keeping the newer reading whole keeps the view one state the
+        creditor's pool was in."""
+        if other is None or other.pool_version <= s.pool_version:
+            return s
+        return msgspec.structs.replace(s, free_blocks=other.free_blocks, used_blocks=other.used_blocks,
+                                       lent_blocks=other.lent_blocks, pool_version=other.pool_version)
 
     def on_join(self, rank: int, stats: M.InstanceStats) -> None:
         """A rank joined: its first stats, before its first heartbeat."""
@@ -356,8 +371,7 @@ class GManager:
             with self.lock:
                 s = self.instances.get(rank)
                 if s is not None:
-                    self.instances[rank] = msgspec.structs.replace(
-                        s, free_blocks=s.free_blocks - len(reply.blocks), lent_blocks=s.lent_blocks + len(reply.blocks))
+                    self.instances[rank] = self._newer_pool(reply, s)
                     self._relend(rank)
             if len(reply.blocks) < take:
                 break  # the creditor's last word: fewer than the view promised

@@ -159,6 +159,7 @@ class InstanceStats(Msg):
     table_blocks: int | None = None
     lent_entries: int | None = None
     recomputed: int = 0  # requests recomputed here because a rank holding some of their blocks left
+    pool_version: int = 0  # the pool's version when free/used/lent were read (BlockPool.version)
 
 
 class StepRecord(msgspec.Struct, array_like=True, frozen=True):
@@ -277,7 +278,14 @@ class Reserve(Msg):
 
 
 class Reserved(Msg):
+    """The blocks reserved, and the creditor's pool counts read after reserving them: the
+    gManager's view of that creditor until a newer reading (``pool_version``) comes."""
+
     blocks: list[int]  # [] = refused
+    free_blocks: int = 0
+    used_blocks: int = 0
+    lent_blocks: int = 0
+    pool_version: int = -1  # -1: no counts (older than any reading)
 
 
 class Release(Msg):

@@ -35,6 +35,10 @@ class BlockPool:
         self._anchors_added: set[int] = set()  # since take_anchor_changes
         self._anchors_removed: set[int] = set()
         self.evictions = 0
+        # Moves on every allocate and free that changes the pool: of two readings of its counts,
+        # the one with the larger version is the newer (the gManager keeps the newer of a
+        # creditor's heartbeat and the counts a reservation's reply carries).
+        self.version = 0
 
     # ---- counts -------------------------------------------------------------------------------
     @property
@@ -70,6 +74,8 @@ class BlockPool:
                 self.evictions += 1
             self.ref[b] = 1
             out.append(b)
+        if out:
+            self.version += 1
         return out
 
     def touch(self, blocks: Iterable[int]) -> None:
@@ -80,6 +86,7 @@ class BlockPool:
                 if b not in self._evictable:
                     raise RuntimeError(f"KV block {b} is free and holds nothing cached: it cannot be shared")
                 del self._evictable[b]
+                self.version += 1
             self.ref[b] += 1
 
     def free(self, blocks: Iterable[int]) -> None:
@@ -87,6 +94,7 @@ class BlockPool:
         stays cached (evictable, most recently freed last) if it holds a named prefix. Give a
         request's blocks newest first, so that its tail is evicted before its prefix."""
         ref, named, evictable, plain = self.ref, self._name, self._evictable, self._plain  # hot: 100K-block releases
+        freed = False
         for b in blocks:
             r = ref[b] - 1
             if r < 0:
@@ -97,6 +105,9 @@ class BlockPool:
                     evictable[b] = None
                 else:
                     plain.append(b)
+                freed = True
+        if freed:
+            self.version += 1
 
     # ---- the prefix cache ---------------------------------------------------------------------
     def cache(self, block: int, name: BlockHash, depth: int) -> bool:

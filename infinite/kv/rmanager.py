@@ -501,4 +501,5 @@ class RManager:
             "borrowed_blocks": self.num_borrowed,
             "cached_blocks": self.pool.num_cached,
             "evictable_blocks": self.pool.num_evictable,
+            "pool_version": self.pool.version,  # orders readings of free/used/lent (BlockPool.version)
         }
