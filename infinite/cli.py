@@ -65,6 +65,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "can hold are made either way)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run every step eagerly: no CUDA graphs for decode (as vLLM's flag; CPU is always eager)")
+    p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
+                   help="reuse the KV of cached prompt prefixes, on an instance and across the cluster (default on)")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="turn the prefix cache off: every prompt is computed whole")
     p.add_argument("--gpu-memory-utilization", type=float, default=_DEFAULTS.gpu_memory_utilization,
                    help="share of the GPU's memory the instance may use: weights, activations, graphs "
                         f"and the KV pool, which gets what is left (default {_DEFAULTS.gpu_memory_utilization})")
@@ -104,6 +108,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_remote_fraction=args.max_remote_fraction,
         eager_lending=args.eager_lending,
         enforce_eager=args.enforce_eager,
+        enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
     )
 

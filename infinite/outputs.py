@@ -59,6 +59,8 @@ class OutputAccumulator:
         self.logprobs: list[dict[int, float]] | None = None
         self.text_pieces: list[str] = []
         self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.prompt: str | None = None
+        self.prompt_token_ids: list[int] = []  # from the first delta that carries them (only it does)
         self.last: RequestOutput | None = None
         self._early: dict[int, RequestOutput] = {}
 
@@ -88,6 +90,8 @@ class OutputAccumulator:
                 self.text_pieces.append(c.text)
             if out.prompt_logprobs is not None:
                 self.prompt_logprobs = out.prompt_logprobs
+            if out.prompt_token_ids and not self.prompt_token_ids:
+                self.prompt, self.prompt_token_ids = out.prompt, out.prompt_token_ids
             self.last = out
             ready.append(out)
             out = None if self.last.finished else self._early.pop(len(self.token_ids), None)
@@ -107,5 +111,5 @@ class OutputAccumulator:
         c = last.outputs[0]
         comp = CompletionOutput(c.index, self.text, list(self.token_ids), c.cumulative_logprob,
                                 None if self.logprobs is None else list(self.logprobs), c.finish_reason, c.stop_reason)
-        return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, [comp], last.finished,
+        return RequestOutput(last.request_id, self.prompt, self.prompt_token_ids, [comp], last.finished,
                              last.metrics, last.num_cached_tokens, dict(last.extra), self.prompt_logprobs)

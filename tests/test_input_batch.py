@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from infinite.kv.prefix import extend_hashes
 from infinite.kv.rmanager import RBlock, RManager
 from infinite.runtime.input_batch import InputBatch
 from infinite.runtime.model_runner import DecodeBuffers, prepare_decode, prepare_inputs
@@ -19,10 +20,11 @@ torch.set_num_threads(1)
 RANK = 0
 OPS = st.lists(
     st.tuples(st.sampled_from(["grow", "grow", "remote", "remote_at", "migrate", "home", "shrink", "free",
-                               "schedule", "schedule"]),
+                               "schedule", "schedule", "cache", "cache", "start_cached", "start_cached"]),
               st.integers(0, 5), st.integers(1, 6)),
     min_size=1, max_size=80,
 )
+DOC = extend_hashes([], list(range(64 * 4)), 4)  # names of one long prompt's blocks
 
 
 def _req(i: int) -> Request:
@@ -52,6 +54,13 @@ def apply_op(rm: RManager, reqs: list[Request], op: str, i: int, n: int, remote_
         rm.free_tail(rid, 1)
     elif op == "free":
         rm.free_request(rid)
+    elif op == "cache" and table:  # the request's first blocks are computed: they name DOC's prefix
+        rm.cache_computed(rid, DOC, n)
+    elif op == "start_cached" and not table:  # a new table over the cached prefix (shared blocks)
+        try:
+            rm.start(rid, DOC[:n], n + 1)
+        except MemoryError:
+            pass
     elif op == "schedule":
         held = [r for r in reqs if rm.live_table(r.request_id)[0] is not None]
         return held[i % max(1, len(held)):] + held[: n]  # a changing subset, in changing order
@@ -80,11 +89,12 @@ def _check(ib: InputBatch) -> None:
 @settings(max_examples=300, deadline=None)
 @given(OPS)
 def test_rows_equal_a_rebuild_after_any_changes(ops):
-    """Joins, growth, borrowed blocks (appended or inserted), migrations, shrinking and leaves in any
-    order: after each sync the rows (local tables and remote groups) hold exactly what a from-scratch
-    build of the tables holds; a remote group keeps its epoch exactly while it only grew, and every
-    group that went away is reported once."""
-    rm = RManager(RANK, 64, 4)
+    """Joins, growth, borrowed blocks (appended or inserted), migrations, blocks coming home,
+    shrinking, leaves, and tables that start from cached blocks other rows hold too, in any order:
+    after each sync the rows (local tables and remote groups) hold exactly what a from-scratch build
+    of the tables holds; a remote group keeps its epoch exactly while it only grew, and every group
+    that went away is reported once."""
+    rm = RManager(RANK, 64, 4, enable_caching=True)
     ib = InputBatch(rm, max_rows=6, max_blocks=64, device=torch.device("cpu"))
     reqs = [_req(i) for i in range(6)]
     remote_ids = iter(range(1000, 10**6))

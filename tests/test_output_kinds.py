@@ -73,6 +73,9 @@ def test_deltas_fold_into_the_cumulative_output(engine, abort_after):
         assert [x.delta_offset for x in d] == [len(x.outputs[0].token_ids) - len(y.outputs[0].token_ids)
                                                for x, y in zip(c, d)]
         assert all(x.delta_offset is None for x in c + f)
+        # Only the first delta carries the prompt: a step's delta does not grow with the context.
+        assert d[0].prompt_token_ids == c[0].prompt_token_ids and all(not x.prompt_token_ids for x in d[1:])
+        assert _fold(d).prompt_token_ids == c[-1].prompt_token_ids
         _same(_fold(d), c[-1])
         _same(f[0], c[-1])
         # Every step's deltas so far equal that step's cumulative output: nothing shown is taken back.

@@ -19,6 +19,7 @@ from helpers_hf import make_hf_checkpoint
 from infinite.cluster.inproc import InProcessCluster
 from infinite.cluster.leave import leave
 from infinite.cluster.membership import DETECTION_BOUND_S
+from infinite.cluster.prefix_routing import Routed
 from infinite.errors import RequestError
 from infinite.runtime.config import EngineConfig
 from infinite.sampling.params import SamplingParams
@@ -94,14 +95,14 @@ async def streams_with_a_spanning_request(front, prompts, homes_on: int | None =
     held = front.gmanager.placement_map()[rid]["blocks"]
     home = front._homes[rid]
     picked = next((r for r in held if r not in (0, home)), home)
-    route = front.gmanager.route
-    if homes_on is not None:
-        front.gmanager.route = lambda blocks: picked  # the test decides where the short requests live
+    route = front.gmanager.route_request
+    if homes_on is not None:  # the test decides where the short requests live
+        front.gmanager.route_request = lambda blocks, chain=None, pinned=None: Routed(picked)
     try:
         streams = [long] + [Stream(front, p, PARAMS) for p in prompts[1:]]
         await wait_for(lambda: all(len(s.tokens) >= 2 for s in streams), 30, "every stream to produce tokens")
     finally:
-        front.gmanager.route = route
+        front.gmanager.route_request = route
     return streams, home, picked
 
 
@@ -245,13 +246,13 @@ async def test_structured_output_goes_on_with_its_grammar_after_its_home_dies():
     cfg = EngineConfig(dtype="float32", num_kv_blocks=64, threads_per_rank=1, placement_interval_s=60.0)
     async with InProcessCluster(cfg, 3, timeout_s=10.0) as cl:
         front = cl.front
-        route = front.gmanager.route
-        front.gmanager.route = lambda blocks: 1  # a home that can be killed (not rank 0)
+        route = front.gmanager.route_request
+        front.gmanager.route_request = lambda blocks, chain=None, pinned=None: Routed(1)  # a home that can be killed
         try:
             s = Stream(front, prompt, params)
             await wait_for(lambda: len(s.tokens) >= 2, 30, "the structured request to produce tokens")
         finally:
-            front.gmanager.route = route
+            front.gmanager.route_request = route
         assert len(s.tokens) < len(want.token_ids), "the output ended before its home could be killed"
         cl.kill(1)
         await asyncio.wait_for(s.task, 60)

@@ -21,6 +21,7 @@ USAGE = (
     "  serve    online serving benchmark against an OpenAI-compatible server\n"
     "  grammar  structured-output overhead per decode step (llguidance masks in the sampler)\n"
     "  soak     mixed streaming load while a rank is killed and a new one joins\n"
+    "  prefix   the prefix cache on and off: shared documents, multi-turn chat, a prefix on another instance\n"
     "Run `python -m infinite.bench NAME --help` for a bench's own options."
 )
 

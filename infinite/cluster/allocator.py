@@ -19,9 +19,10 @@ from infinite.cluster import messages as M
 from infinite.cluster.decisions import LoanAsk, LoanBackoff, growth_loan, loan_asks
 from infinite.cluster.migration import Migrator
 from infinite.cluster.policy import LendingPolicy
+from infinite.cluster.prefix_routing import copy_pays
 from infinite.cluster.transport import Transport, wait_all
-from infinite.kv.rmanager import RBlock, RManager
-from infinite.runtime.allocator import LocalAllocator
+from infinite.kv.rmanager import RBlock, RManager, blocks_for
+from infinite.runtime.allocator import LocalAllocator, PrefixHit
 from infinite.runtime.request import Request, Status
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class ClusterAllocator(LocalAllocator):
         self.lost: set[int] = set()  # ranks that died: their blocks went with them, nothing to release there
         self.migrator: Migrator | None = None  # set by the Instance once its KV cache exists
         self.backoff = LoanBackoff()  # no loan requests for a moment after a refusal
+        self.prefix_loans = 0  # requests started over a prefix cached on another instance
+        self.prefix_loan_tokens = 0  # ... and the prompt tokens those prefixes held
+        self.prefix_copies = 0  # ... of which the prefix was copied home (copy_pays)
 
     def capacity_blocks(self) -> int:
         return self.capacity
@@ -92,6 +96,57 @@ class ClusterAllocator(LocalAllocator):
             return False
         self.rm.append_remote(rid, refs, at=held)
         return True
+
+    def start(self, req: Request, hit: PrefixHit) -> int | None:
+        """A waiting request whose prompt's prefix is cached deeper on another instance (the
+        router's hint) starts with that instance's blocks in place, lent by reference and served
+        by remote MicroAttention: after its local hits, before its new blocks."""
+        remote = self._prefix_loan(req, hit)
+        if not remote:
+            return super().start(req, hit)
+        bs = self.rm.block_size
+        try:
+            got = self.rm.start(req.request_id, hit.names[:hit.local], hit.local + len(remote), remote)
+        except MemoryError:  # a local hit was evicted meanwhile: the loan would not follow it
+            self.give_back(req.request_id, remote)
+            return None
+        if not self.grow(req, req.num_tokens):
+            self.release(req)
+            return None
+        self.prefix_loans += 1
+        self.prefix_loan_tokens += len(remote) * bs
+        c = self.migrator.counters
+        if copy_pays(len(remote), req.max_tokens, self.migrator.num_layers, c.recent_wait_per_call_s,
+                     c.copy_s_per_block) and self.rm.num_free >= len(remote):
+            self.migrator.pull(req.request_id, remote)  # copied home while it runs; then cached here too
+            self.prefix_copies += 1
+        return got * bs
+
+    def _prefix_loan(self, req: Request, hit: PrefixHit) -> list[RBlock]:
+        """The holder's blocks of the prompt's prefix past this pool's hits ([] when there is no
+        hint, nothing more there, roles forbid it, or the pool cannot hold the rest anyway).
+        One round trip; a hint that fails is dropped, so it is asked once."""
+        if hit.remote is None or not self.policy.enabled:
+            return []
+        holder, depth = hit.remote
+        rid = req.request_id
+        if depth <= hit.local or holder == self.rm.rank or holder in self.lost \
+                or not self.policy.may_borrow(self.rm.num_lent):
+            return []
+        total = blocks_for(req.num_tokens, self.rm.block_size)
+        if total - min(depth, len(hit.names)) + (hit.local - hit.shared) > self.rm.num_free:
+            return []  # no room for the rest even with the loan: ask when there is
+        names = hit.names[hit.local:]
+        try:
+            got = self.transport.lend_prefix(holder, M.LendPrefix(self.rm.rank, rid, names),
+                                             timeout=self.timeout_s).wait().blocks
+        except Exception:  # noqa: BLE001 - the holder is gone or refused: compute the prefix here
+            log.warning("rank %d: borrowing the cached prefix of %s from rank %d failed", self.rm.rank, rid, holder,
+                        exc_info=True)
+            got = []
+        if not got:
+            req.prefix_hint = None
+        return [RBlock(holder, b) for b in got]
 
     def _allocate(self, request_id: str, n: int) -> bool:
         if n <= 0:

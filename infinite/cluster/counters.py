@@ -33,6 +33,7 @@ class StepCounters:
     # model's samples (prefill steps are left out: their time is not a decode step's)
     decode_steps: deque = field(default_factory=lambda: deque(maxlen=STEPS_PER_BEAT))
     recent_wait_per_call_s: float = 0.0  # exponential average of the exposed wait of one remote call
+    copy_s_per_block: float = 0.0  # exponential average of a block copy between instances (0: none measured)
 
     def remote_layer(self, calls: int, wait_s: float, decode: bool = False) -> None:
         """One layer's remote calls and the time the step waited on them after its local work."""
@@ -45,6 +46,13 @@ class StepCounters:
             per = wait_s / calls
             a = 0.1 if self.recent_wait_per_call_s else 1.0
             self.recent_wait_per_call_s += a * (per - self.recent_wait_per_call_s)
+
+    def copied(self, blocks: int, seconds: float) -> None:
+        """A migration copied ``blocks`` between instances in ``seconds`` (request to contents home)."""
+        if blocks > 0 and seconds > 0:
+            per = seconds / blocks
+            a = 0.2 if self.copy_s_per_block else 1.0
+            self.copy_s_per_block += a * (per - self.copy_s_per_block)
 
     def step_done(self, seconds: float, calls_per_layer: int = 0, *, batch_size: int = 0, context_tokens: int = 0,
                   decode: bool = False) -> None:

@@ -52,9 +52,18 @@ class Creditor:
         return self.policy.lendable(Peer(rm.rank, rm.num_blocks, rm.num_free, rm.num_lent, rm.num_borrowed,
                                          reserved=self.own_demand()))
 
-    def reserve(self, msg: M.Reserve) -> list[int]:
-        """try_move_kvcache: first come, first served; [] means refused (wait for the next plan)."""
-        return self.rm.try_lend(msg.debtor, msg.request_id, msg.num_blocks, self._lendable)
+    def reserve(self, msg: M.Reserve) -> M.Reserved:
+        """try_move_kvcache: first come, first served; no blocks means refused (wait for the next
+        plan). The pool's counts, read after reserving, travel with the blocks."""
+        blocks = self.rm.try_lend(msg.debtor, msg.request_id, msg.num_blocks, self._lendable)
+        s = self.rm.stats()
+        return M.Reserved(blocks, s["free_blocks"], s["used_blocks"], s["lent_blocks"], s["pool_version"])
+
+    def lend_prefix(self, msg: M.LendPrefix) -> list[int]:
+        """A cached prefix by reference for a debtor's request (its blocks stay where they are and
+        serve it by MicroAttention); as many blocks as are cached, of which those nobody holds now
+        within what this instance may lend (roles: a debtor lends nothing)."""
+        return self.rm.lend_cached(msg.debtor, msg.request_id, list(msg.names), self._lendable)
 
     def release(self, msg: M.Release) -> int:
         try:

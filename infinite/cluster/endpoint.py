@@ -43,9 +43,11 @@ class RankEndpoint:
             case M.AttentionCall():
                 return inst.creditor.serve_attention(msg, tensors)
             case M.Reserve():
-                return M.Reserved(inst.creditor.reserve(msg)), None
+                return inst.creditor.reserve(msg), None
             case M.Release():
                 return M.Released(inst.creditor.release(msg)), None
+            case M.LendPrefix():
+                return M.PrefixLent(inst.creditor.lend_prefix(msg)), None
             case M.WriteBlocks():
                 inst.creditor.write_blocks(msg, tensors)
                 return ACK

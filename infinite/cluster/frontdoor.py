@@ -26,12 +26,15 @@ from infinite.cluster import recovery
 from infinite.cluster.gmanager import GManager
 from infinite.cluster.instance import Instance
 from infinite.cluster.membership import PING_S
+from infinite.cluster.prefix_routing import Routed
 from infinite.cluster.supervisor import Supervisor
 from infinite.cluster.tp_commands import measure_group_cost
 from infinite.cluster.transport import PeerError, Transport, to_asyncio
 from infinite.errors import RequestError
+from infinite.kv.prefix import anchors
 from infinite.kv.rmanager import blocks_for
 from infinite.outputs import OutputAccumulator, RequestOutput
+from infinite.runtime.allocator import max_hit_blocks
 from infinite.runtime.request import Request
 from infinite.runtime.surface import EngineFacts
 from infinite.sampling.params import SamplingParams
@@ -127,7 +130,13 @@ class ClusterEngine(EngineFacts):
         self._reqs[rid] = req
         finished = False
         try:
-            self._send_home(rid, self.gmanager.route(blocks_for(req.num_tokens + 1, self.core.block_size)))
+            pin = req.data_parallel_rank
+            if pin is not None and pin not in self.supervisor.view().serving:
+                raise RequestError(f"data_parallel_rank {pin} is not a serving instance "
+                                   f"(serving: {sorted(self.supervisor.view().serving)})", "invalid")
+            chain = await self._prefix_chain(req)
+            routed = self.gmanager.route_request(blocks_for(req.num_tokens + 1, self.core.block_size), chain, pin)
+            self._send_home(rid, routed.home, routed)
             while True:
                 out = await q.get()
                 if isinstance(out, RequestError):
@@ -145,11 +154,26 @@ class ClusterEngine(EngineFacts):
             if not finished and home is not None:
                 self.transport.abort(home, rid).add_done_callback(_quiet)
 
-    def _send_home(self, rid: str, home: int) -> None:
-        """Ship the request (with what it generated so far, if it moves) to ``home``. A home that
-        cannot be reached is checked by the supervisor; if it is dead the request moves on."""
+    async def _prefix_chain(self, req: Request) -> list[tuple[int, int]] | None:
+        """The anchors of the request's prompt (what the router compares with the instances'
+        prefix caches); None with caching off. Hashing a very long prompt runs off the loop."""
+        e = self.core
+        n = max_hit_blocks(req, e.block_size)
+        if not e.rm.caching or n == 0:
+            return None
+        if req.num_tokens <= 65536:
+            return anchors(req.block_names(e.block_size, n)[:n])
+        names = await asyncio.get_running_loop().run_in_executor(None, req.block_names, e.block_size, n)
+        return anchors(names[:n])
+
+    def _send_home(self, rid: str, home: int, routed: Routed | None = None) -> None:
+        """Ship the request (with what it generated so far, if it moves) to ``home``, with the
+        router's hint when its prefix is cached elsewhere. A home that cannot be reached is
+        checked by the supervisor; if it is dead the request moves on."""
         self._homes[rid] = home
         msg = recovery.resume_message(self._reqs[rid], self._sofar.get(rid))
+        if routed is not None and routed.holder >= 0:
+            msg = msgspec.structs.replace(msg, prefix_holder=routed.holder, prefix_blocks=routed.holder_blocks)
         fut = self.transport.add_request(home, msg)
 
         def done(f) -> None:
@@ -239,6 +263,8 @@ class ClusterEngine(EngineFacts):
                     q.put_nowait(delta)
                 elif kind == "cumulative" or delta.finished:
                     whole = sofar.cumulative()
+                    req = self._reqs[rid]
+                    whole.prompt, whole.prompt_token_ids = req.prompt, req.prompt_token_ids
                     whole.extra["rank"] = msg.rank
                     q.put_nowait(whole)
 

@@ -46,6 +46,7 @@ from infinite.cluster.decisions import grant_loan, loan_gain_near, loans_pay, pl
 from infinite.cluster.placement import ClusterSnapshot, InstanceState, Move, PlacementConfig, RequestState, route
 from infinite.cluster.planner import Planner
 from infinite.cluster.policy import LendingPolicy, Peer
+from infinite.cluster.prefix_routing import PrefixIndex, PrefixRouting, Routed, choose_home
 from infinite.cluster.transport import PeerError, Transport, wait_all
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ class GManager:
         self.pending: dict[int, int] = {}  # blocks routed to a rank since its last heartbeat
         self._lendable: dict[int, int] = {}  # rank -> blocks it may lend now (the policy, on this view)
         self._lendable_serving = 0  # their sum over the serving ranks
+        self.pending_requests: dict[int, int] = {}  # requests routed to a rank since its last heartbeat
+        self.prefixes = PrefixIndex()  # which instance caches which prefix (anchors from the heartbeats)
+        self.prefix_routing = PrefixRouting()
         self._moves_in_flight: dict[str, float] = {}
         self.moves_issued = 0
         self.loans_refused = 0  # on-demand loans the cost model said would not pay
@@ -156,8 +160,10 @@ class GManager:
         """O(placement entries and decode steps the beat carries), whatever the cluster holds."""
         s = beat.stats
         with self.lock:
-            self.instances[s.rank] = s
+            self.instances[s.rank] = s = self._newer_pool(self.instances.get(s.rank), s)
             self.pending[s.rank] = 0
+            self.pending_requests[s.rank] = 0
+            self.prefixes.apply(s.rank, beat.prefix_added, beat.prefix_removed, beat.prefix_everything)
             self._relend(s.rank)
             if beat.placement_full:
                 listed = {e.request_id for e in beat.placement_changed}
@@ -173,6 +179,21 @@ class GManager:
                           for d in beat.decode_steps)
         return M.HeartbeatReply(borrowable, self._loans_pay.get(s.rank, False),
                                 lends_for_throughput=self.calibrated and self.policy.enabled)
+
+    @staticmethod
+    def _newer_pool(other: M.InstanceStats | M.Reserved | None, s: M.InstanceStats) -> M.InstanceStats:
+        """``s`` with the pool counts (free, used, lent) of whichever of the two readings is newer.
+
+        Between heartbeats a reservation's reply carries the creditor's counts, read after it
+        reserved; a beat may be read before or after that and arrive before or after the reply.
+        Adding the reserved blocks to the view, as the gManager did, counted them twice whenever
+        the beat already held them (a creditor of 9 blocks seen lending 16, and every snapshot
+        failing its check); keeping the newer reading whole keeps the view one state the
+        creditor's pool was in."""
+        if other is None or other.pool_version <= s.pool_version:
+            return s
+        return msgspec.structs.replace(s, free_blocks=other.free_blocks, used_blocks=other.used_blocks,
+                                       lent_blocks=other.lent_blocks, pool_version=other.pool_version)
 
     def on_join(self, rank: int, stats: M.InstanceStats) -> None:
         """A rank joined: its first stats, before its first heartbeat."""
@@ -243,6 +264,8 @@ class GManager:
         with self.lock:
             self.instances.pop(rank, None)
             self.pending.pop(rank, None)
+            self.pending_requests.pop(rank, None)
+            self.prefixes.drop(rank)
             self._lendable.pop(rank, None)
             self.serving = self.serving - {rank}
             self._lendable_serving = sum(n for r, n in self._lendable.items() if r in self.serving)
@@ -272,22 +295,48 @@ class GManager:
         return ClusterSnapshot(insts, reqs, self.block_size)
 
     def route(self, prompt_blocks: int) -> int:
-        """Home for a new request; round robin until every serving instance has reported. O(instances):
-        routing reads the instances, not the placement map."""
+        """Home for a new request; round robin until every serving instance has reported."""
+        return self.route_request(prompt_blocks).home
+
+    def route_request(self, prompt_blocks: int, chain: list[tuple[int, int]] | None = None,
+                      pinned: int | None = None) -> Routed:
+        """Home for a new request whose prompt has the anchor ``chain`` (infinite.kv.prefix.anchors):
+        the load-only choice, unless an instance that can hold it caches a prefix of it and is not
+        busy (prefix_routing.choose_home); round robin until every serving instance has reported.
+        ``pinned``: the home is that instance (the caller checked it serves); the hint still names
+        a deeper holder. O(instances + chain): routing reads the instances, not the placement map."""
         serving = sorted(self.serving)
         if not serving:
             raise RuntimeError("no instance is serving")
-        if not set(serving) <= set(self.instances):
+        if pinned is not None:
+            routed = Routed(pinned)
+            if chain:
+                with self.lock:
+                    depths = self.prefixes.depths(chain, serving)
+                best = max(serving, key=lambda r: (depths[r], r == pinned, -r))
+                if depths[best] > depths[pinned]:
+                    routed = Routed(pinned, best, depths[best])
+        elif not set(serving) <= set(self.instances):
             self._rr += 1
-            return serving[(self._rr - 1) % len(serving)]
-        snap = self.snapshot(with_requests=False)
-        home = route(snap, self.pcfg, prompt_blocks)
-        if home is None or home not in self.serving:  # the front door checked the capacity; take the most free
-            home = max((i for i in snap.instances if i.rank in self.serving), key=lambda i: i.free_blocks).rank
+            routed = Routed(serving[(self._rr - 1) % len(serving)])
+        else:
+            snap = self.snapshot(with_requests=False)
+            home = route(snap, self.pcfg, prompt_blocks)
+            if home is None or home not in self.serving:  # the front door checked the capacity; take the most free
+                home = max((i for i in snap.instances if i.rank in self.serving), key=lambda i: i.free_blocks).rank
+            routed = Routed(home)
+            if chain:
+                room = {i.rank: i.free_blocks - i.waiting_blocks for i in snap.instances}
+                with self.lock:
+                    loads = {r: s.num_running + s.num_waiting + self.pending_requests.get(r, 0)
+                             for r, s in self.instances.items() if r in self.serving}
+                    depths = self.prefixes.depths(chain, loads)
+                routed = choose_home(home, loads, depths, self.prefix_routing, room, prompt_blocks)
         with self.lock:
-            self.pending[home] = self.pending.get(home, 0) + prompt_blocks
-            self._relend(home)
-        return home
+            self.pending[routed.home] = self.pending.get(routed.home, 0) + prompt_blocks
+            self.pending_requests[routed.home] = self.pending_requests.get(routed.home, 0) + 1
+            self._relend(routed.home)
+        return routed
 
     def borrow(self, msg: M.Borrow) -> M.Borrowed:
         """Reserve blocks on creditors for a debtor's request, in the policy's order; all or nothing.
@@ -322,8 +371,7 @@ class GManager:
             with self.lock:
                 s = self.instances.get(rank)
                 if s is not None:
-                    self.instances[rank] = msgspec.structs.replace(
-                        s, free_blocks=s.free_blocks - len(reply.blocks), lent_blocks=s.lent_blocks + len(reply.blocks))
+                    self.instances[rank] = self._newer_pool(reply, s)
                     self._relend(rank)
             if len(reply.blocks) < take:
                 break  # the creditor's last word: fewer than the view promised

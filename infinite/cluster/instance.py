@@ -81,6 +81,7 @@ class Instance:
         self._resend_placement = True  # the next beat carries every request's placement (the first, or after a lost beat)
         self.step_timer = device_timer(config.torch_device())  # a step's time is the device's (synchronized)
         self._step_context = 0  # tokens held (blocks in use x block size) when the step being run began
+        self._resend_prefixes = False  # the next heartbeat carries every prefix anchor (the last was lost)
         self._step_calls = 0  # remote calls per layer of the step being run
         self.view = InstanceView(self)
         self.draining = False  # leaving the cluster: takes no new request
@@ -130,6 +131,8 @@ class Instance:
                                           item.prompt)
                     req.output_kind = "delta"  # homes send rank 0 what is new; rank 0 assembles (FrontDoor)
                     recovery.restore_progress(req, item)
+                    if item.prefix_holder >= 0 and item.prefix_holder != self.rank:
+                        req.prefix_hint = (item.prefix_holder, item.prefix_blocks)
                     e.submit(req)
                 except Exception as err:  # noqa: BLE001 - surfaced to the client as a failed request
                     log.exception("rank %d: cannot add %s", self.rank, item.request_id)
@@ -314,7 +317,10 @@ class Instance:
         changed, removed = self.rm.placement_changes(everything=full)
         reqs = self.engine.requests
         entries = [M.PlacementEntry(rid, _context(reqs.get(rid)), counts) for rid, counts in changed.items()]
-        return M.Heartbeat(self.stats(walk=self._idle()), entries, removed, self.counters.take_decode_steps(), full)
+        everything, self._resend_prefixes = self._resend_prefixes, False
+        added, gone = self.rm.take_anchor_changes(everything)  # the prefix cache's anchors, as a diff
+        return M.Heartbeat(self.stats(walk=self._idle()), entries, removed, self.counters.take_decode_steps(), full,
+                           added, gone, everything)
 
     def _idle(self) -> bool:
         """Nothing queued, running or arriving: a walk of the tables then finds only leaks."""
@@ -331,8 +337,10 @@ class Instance:
             self.apply_view(reply.view)
 
     def forget_sent_placement(self) -> None:
-        """The last beat may not have arrived: the next one resends the whole placement."""
+        """The last beat may not have arrived: the next one resends the whole placement (and every
+        prefix anchor)."""
         self._resend_placement = True
+        self._resend_prefixes = True
 
     def stats(self, walk: bool = True) -> M.InstanceStats:
         """Counters (O(batch + queue), kept on change), plus the walked tallies of the tables and
@@ -375,6 +383,9 @@ class Instance:
             remote_wait_per_call_ms=1e3 * c.recent_wait_per_call_s,
             remote_calls_per_step=c.mean_calls_per_layer,
             recomputed=self.view.recomputed,
+            **e.prefix_stats(),
+            prefix_cache_remote_hits=self.allocator.prefix_loan_tokens,
+            prefix_copies=self.allocator.prefix_copies,
             **(self.rm.walk() if walk else {}),
         )
 

@@ -148,7 +148,8 @@ class LocalCluster:
         return Request(made.request_id, made.prompt_token_ids, params, max_tokens=made.max_tokens, prompt=made.prompt)
 
     def submit(self, req: Request) -> str:
-        self._send(M.DriverAdd(req.request_id))
+        pin = req.data_parallel_rank
+        self._send(M.DriverAdd(req.request_id, -1 if pin is None else pin))
         self._unfinished.add(req.request_id)
         return req.request_id
 

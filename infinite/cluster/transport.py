@@ -142,6 +142,10 @@ class Transport(ABC):
         """-> Released"""
         return self._call(dst, msg, timeout=timeout)
 
+    def lend_prefix(self, dst: int, msg: M.LendPrefix, timeout: float | None = None) -> Future:
+        """-> PrefixLent"""
+        return self._call(dst, msg, timeout=timeout)
+
     # ---- membership (infinite/cluster/supervisor.py) ---------------------------------------------
     def join(self, msg: M.Join, timeout: float | None = None) -> Future:
         """-> ClusterView"""

@@ -3,10 +3,13 @@
 Thread-safe: in a cluster the compute thread (its own requests) and the
 handlers of other ranks' calls (blocks lent to them) change it concurrently.
 
-Every block of the local pool is in exactly one state: free, used by a local
-request, or lent to a remote debtor's request. A local request's block table
-is an ordered list of (instance, block): its rBlocks, oldest first, which may
-point into other instances' pools (borrowed blocks).
+Every block of the local pool is free (possibly still holding a cached prefix,
+``BlockPool``), used by local requests only, or lent (referenced by at least one
+remote debtor's request, and maybe by local ones too). With the prefix cache a
+block may sit in several tables at once (reference-counted). A local request's
+block table is an ordered list of (instance, block): its rBlocks, oldest first,
+which may point into other instances' pools (borrowed blocks, or a prefix
+cached there).
 
 Every operation costs O(blocks it changes), never O(blocks held): a request of
 a million tokens holds ~60K blocks and its creditors lend tens of thousands,
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from infinite.kv.block_pool import BlockPool
+from infinite.kv.prefix import BlockHash
 
 
 class RBlock(NamedTuple):
@@ -49,11 +53,11 @@ def _locked(method):
 
 
 class RManager:
-    def __init__(self, rank: int, num_blocks: int, block_size: int) -> None:
+    def __init__(self, rank: int, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
         self._lock = threading.RLock()
         self.rank = rank
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, enable_caching)
         self.tables: dict[str, list[RBlock]] = {}  # local requests -> rBlocks, oldest first
         self._pos: dict[str, dict[RBlock, int]] = {}  # local requests -> each rBlock's index in its table
         self._held: dict[str, dict[int, int]] = {}  # local requests -> instance -> blocks there
@@ -61,7 +65,8 @@ class RManager:
         self._removed: set[str] = set()  # requests gone since placement_changes
         # (debtor rank, request) -> local blocks lent to it, in lending order (a dict as an ordered set)
         self.lent: dict[tuple[int, str], dict[int, None]] = {}
-        self._num_lent = 0
+        self._lent_refs: dict[int, int] = {}  # local block -> lent entries holding it (a shared prefix: several)
+        self._named: dict[str, int] = {}  # local requests -> table entries offered to the prefix cache so far
         self._num_borrowed = 0
         # For the engine's persistent batch (infinite.runtime.input_batch): the requests whose tables
         # changed since the last take_changed(), and an epoch per table that moves on every change
@@ -123,14 +128,16 @@ class RManager:
     def oldest(self, request_id: str, where: int, upto: int, n: int, skip: frozenset[RBlock] = frozenset()
                ) -> list[RBlock]:
         """Up to ``n`` of the request's blocks on instance ``where`` among its first ``upto``,
-        oldest first, leaving out ``skip``; the scan stops as soon as it has found them."""
+        oldest first, leaving out ``skip`` and local blocks other tables share too (a cached
+        prefix: moving them frees nothing); the scan stops as soon as it has found them."""
         out: list[RBlock] = []
         if n <= 0:
             return out
         table = self.tables.get(request_id, ())
+        ref_of = self.pool.ref
         for i in range(min(upto, len(table))):
             ref = table[i]
-            if ref.instance == where and ref not in skip:
+            if ref.instance == where and ref not in skip and (where != self.rank or ref_of[ref.block] == 1):
                 out.append(ref)
                 if len(out) == n:
                     break
@@ -160,6 +167,7 @@ class RManager:
         self._changed.discard(request_id)
         self._removed.add(request_id)
         self._epoch.pop(request_id, None)
+        self._named.pop(request_id, None)
         self._dirty.add(request_id)
 
     def _table(self, request_id: str) -> list[RBlock]:
@@ -205,7 +213,90 @@ class RManager:
         self._moved(request_id)
         if not table:
             self._drop(request_id)
-        self.pool.free([r.block for r in tail])
+        elif self._named.get(request_id, 0) > len(table):
+            self._named[request_id] = len(table)
+        self.pool.free([r.block for r in reversed(tail)])
+
+    # ---- the prefix cache -----------------------------------------------
+    @property
+    def caching(self) -> bool:
+        return self.pool.enable_caching
+
+    def num_offered(self, request_id: str) -> int:
+        """Table entries of the request already offered to the prefix cache. Asked for every
+        request every step, so it takes no lock (one dict read)."""
+        return self._named.get(request_id, 0)
+
+    @_locked
+    def match(self, names: list[BlockHash]) -> tuple[int, int]:
+        """How many blocks of the longest cached run of ``names`` this pool holds, and how many of
+        those are referenced now (taking them costs no free block). Takes no reference."""
+        hits = self.pool.lookup(names)
+        return len(hits), sum(1 for b in hits if self.pool.ref[b] > 0)
+
+    @_locked
+    def start(self, request_id: str, names: list[BlockHash], num_blocks: int, remote: list[RBlock] = ()) -> int:
+        """Give a request with no table yet ``num_blocks`` blocks: the cached blocks of the longest
+        run of ``names`` by reference, then ``remote`` (a prefix cached on other instances, lent
+        to it: the blocks that follow ``names``), then new ones. All or nothing, under one lock (a
+        loan on another thread may evict a cached block between ``match`` and here): MemoryError
+        and no change when the pool cannot, or when ``remote`` is given and fewer than all of
+        ``names`` are still cached (it would not follow them). Returns how many cached blocks,
+        local and remote, the table starts with."""
+        if self.tables.get(request_id):
+            raise RuntimeError(f"request {request_id} already holds blocks")
+        hits = self.pool.lookup(names[:num_blocks])
+        if remote and len(hits) != len(names):
+            raise MemoryError(f"the cached prefix changed: {len(hits)} of {len(names)} blocks left")
+        revived = sum(1 for b in hits if self.pool.ref[b] == 0)
+        need = num_blocks - len(hits) - len(remote)
+        if need < 0:
+            raise ValueError(f"{len(hits)} cached and {len(remote)} remote blocks for a table of {num_blocks}")
+        if need + revived > self.pool.num_free:
+            raise MemoryError(f"KV pool exhausted: {need} new and {revived} cached blocks asked for, "
+                              f"{self.pool.num_free} free")
+        self.pool.touch(hits)
+        refs = [RBlock(self.rank, b) for b in hits] + list(remote) + [RBlock(self.rank, b)
+                                                                      for b in self.pool.allocate(need)]
+        if refs:
+            table = self._table(request_id)
+            table.extend(refs)
+            self._index_from(request_id, 0)
+            self._count(request_id, refs, +1)
+            self._dirty.add(request_id)
+        self._num_borrowed += len(remote)
+        self._named[request_id] = len(hits) + len(remote)
+        return len(hits) + len(remote)
+
+    @_locked
+    def cache_computed(self, request_id: str, names: list[BlockHash], num_blocks: int) -> int:
+        """Offer the request's first ``num_blocks`` blocks, full and with their KV computed
+        (``names``: their names, in table order), to the prefix cache; local blocks only, each
+        offered once (O(blocks not offered before)). Returns how many were cached."""
+        if not self.pool.enable_caching:
+            return 0
+        table = self.tables.get(request_id)
+        if table is None:
+            return 0
+        done = self._named.get(request_id, 0)
+        end = min(num_blocks, len(names), len(table))
+        n = 0
+        for i in range(done, end):
+            ref = table[i]
+            if ref.instance == self.rank:
+                n += self.pool.cache(ref.block, names[i], i + 1)
+        if end > done:
+            self._named[request_id] = end
+        return n
+
+    @_locked
+    def exclusive(self, ref: RBlock) -> bool:
+        """Whether the local block is held by one table only (moving it frees it)."""
+        return ref.instance == self.rank and self.pool.ref[ref.block] == 1
+
+    @_locked
+    def take_anchor_changes(self, everything: bool = False) -> tuple[list[int], list[int]]:
+        return self.pool.take_anchor_changes(everything)
 
     @_locked
     def take_free(self, n: int) -> list[int]:
@@ -238,13 +329,18 @@ class RManager:
         """After a migration: swap old refs for new ones at the same logical positions."""
         table, pos = self.tables[request_id], self._pos[request_id]
         self._moved(request_id)
+        first_home = len(table)
         for o, n in zip(old, new, strict=True):
             i = pos.pop(o)
             table[i] = n
             pos[n] = i
             self._num_borrowed += (n.instance != self.rank) - (o.instance != self.rank)
+            if n.instance == self.rank:
+                first_home = min(first_home, i)
         self._count(request_id, old, -1)
         self._count(request_id, new, +1)
+        if first_home < self._named.get(request_id, 0):
+            self._named[request_id] = first_home  # blocks copied home: offered to the prefix cache again
 
     @_locked
     def swap_out(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> None:
@@ -283,20 +379,44 @@ class RManager:
         if table is None:
             return []
         self._drop(request_id)
-        local = [r.block for r in table if r.instance == self.rank]
+        local = [r.block for r in reversed(table) if r.instance == self.rank]  # newest first: evicted first
         remote = [r for r in table if r.instance != self.rank]
         self.pool.free(local)
         self._num_borrowed -= len(remote)
         return remote
 
     # ---- blocks lent to remote debtors -----------------------------------
+    def _lend_refs(self, debtor: int, request_id: str, blocks: list[int]) -> None:
+        if blocks:
+            self.lent.setdefault((debtor, request_id), {}).update(dict.fromkeys(blocks))
+        for b in blocks:
+            self._lent_refs[b] = self._lent_refs.get(b, 0) + 1
+
     @_locked
     def lend(self, debtor: int, request_id: str, n: int) -> list[int]:
         blocks = self.pool.allocate(n)
-        if blocks:
-            self.lent.setdefault((debtor, request_id), {}).update(dict.fromkeys(blocks))
-        self._num_lent += n
+        self._lend_refs(debtor, request_id, blocks)
         return blocks
+
+    @_locked
+    def lend_cached(self, debtor: int, request_id: str, names: list[BlockHash],
+                    lendable: Callable[[RManager], int]) -> list[int]:
+        """A remote request takes the cached blocks of the longest run of ``names`` by reference
+        (never evicted while it holds them; ``release_lent`` gives them back). Blocks nobody
+        references now come out of the free memory, so their number must be within
+        ``lendable(self)`` (read under the same lock); else fewer, or []."""
+        held = self.lent.get((debtor, request_id), {})
+        hits = self.pool.lookup(names)
+        room = lendable(self) if hits else 0
+        revived = 0
+        for i, b in enumerate(hits):
+            revived += self.pool.ref[b] == 0
+            if revived > room or b in held:
+                hits = hits[:i]
+                break
+        self.pool.touch(hits)
+        self._lend_refs(debtor, request_id, hits)
+        return hits
 
     @_locked
     def is_lent(self, debtor: int, request_id: str, blocks: list[int]) -> bool:
@@ -328,14 +448,21 @@ class RManager:
         else:
             for b in drop:
                 del held[b]
-        self.pool.free(drop)
-        self._num_lent -= len(drop)
+        refs = self._lent_refs
+        for b in drop:
+            k = refs[b]
+            if k == 1:
+                del refs[b]
+            else:
+                refs[b] = k - 1
+        self.pool.free(reversed(drop))
         return len(drop)
 
     # ---- accounting ------------------------------------------------------
     @property
     def num_lent(self) -> int:
-        return self._num_lent
+        """Distinct local blocks referenced by at least one remote request."""
+        return len(self._lent_refs)
 
     @property
     def num_borrowed(self) -> int:
@@ -343,8 +470,8 @@ class RManager:
 
     @property
     def num_used(self) -> int:
-        """Local pool blocks used by local requests."""
-        return self.pool.num_blocks - self.pool.num_free - self._num_lent
+        """Local pool blocks used by local requests only (a block also lent counts as lent)."""
+        return self.pool.num_blocks - self.pool.num_free - len(self._lent_refs)
 
     @_locked
     def walk(self) -> dict[str, int]:
@@ -372,4 +499,7 @@ class RManager:
             "used_blocks": self.num_used,
             "lent_blocks": self.num_lent,
             "borrowed_blocks": self.num_borrowed,
+            "cached_blocks": self.pool.num_cached,
+            "evictable_blocks": self.pool.num_evictable,
+            "pool_version": self.pool.version,  # orders readings of free/used/lent (BlockPool.version)
         }

@@ -46,6 +46,9 @@ class EngineConfig:
     served_model_name: str | None = None
     # Run every step eagerly: no CUDA graphs for decode (vLLM's --enforce-eager). CPU always runs eager.
     enforce_eager: bool = False
+    # Reuse the KV of cached prompt prefixes, on this instance and across the cluster (vLLM's
+    # automatic prefix caching; --no-enable-prefix-caching turns it off).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -56,6 +59,8 @@ class EngineConfig:
             raise ValueError(f"threads_per_rank must be a positive integer, got {self.threads_per_rank!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if not isinstance(self.eager_lending, bool):
             raise ValueError(f"eager_lending must be a bool, got {self.eager_lending!r}")
         if self.data_plane not in ("p2p", "rpc"):

@@ -129,7 +129,7 @@ class LLMEngine:
             num_blocks = tp.group.all_min(num_blocks)
         kv_args = (c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
         self.kv = KVCache(*kv_args) if tp is None else tp.kv_cache(*kv_args)
-        self.rm = RManager(rank, num_blocks, self.block_size)
+        self.rm = RManager(rank, num_blocks, self.block_size, enable_caching=config.enable_prefix_caching)
         self.model.rope.reserve(self.max_model_len)
         self.input_batch = InputBatch(self.rm, config.max_num_seqs,
                                       min(num_blocks, blocks_for(self.max_model_len, self.block_size)), self.device)
@@ -334,8 +334,10 @@ class LLMEngine:
 
     def postprocess(self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor) -> list[RequestOutput]:
         """``logits``: the sampling rows, then the prompt-logprob rows (``inputs.prompt_spans``)."""
+        cache = self.allocator.cache_computed
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
+            cache(req)
         reqs = inputs.sample_requests
         extra = logits[len(reqs):]
         for span in inputs.prompt_spans:
@@ -433,6 +435,7 @@ class LLMEngine:
             outputs=[comp],
             finished=req.finish_reason is not None,
             metrics=req.metrics,
+            num_cached_tokens=req.num_cached_tokens,
             prompt_logprobs=None if req.prompt_logprobs is None else [None, *req.prompt_logprobs],
         )
 
@@ -455,9 +458,12 @@ class LLMEngine:
         req.emitted_chars = max(req.emitted_chars, visible)
         comp = CompletionOutput(0, text, out[first:], req.cumulative_logprob if req.logprobs is not None else None,
                                 lps, req.finish_reason, req.stop_reason)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [comp],
-                             req.finish_reason is not None, req.metrics, prompt_logprobs=prompt_lp,
-                             delta_offset=first)
+        first_out = not req.prompt_sent
+        req.prompt_sent = True
+        return RequestOutput(req.request_id, req.prompt if first_out else None,
+                             req.prompt_token_ids if first_out else [], [comp],
+                             req.finish_reason is not None, req.metrics, req.num_cached_tokens,
+                             prompt_logprobs=prompt_lp, delta_offset=first)
 
     # ---- observability -------------------------------------------------------------
     def stats(self) -> list[dict]:
@@ -468,5 +474,12 @@ class LLMEngine:
             step_time_ms=self.last_step_time * 1e3,
             num_preemptions=self.scheduler.num_preemptions,
             tokens_held=sum(r.num_computed_tokens for r in self.scheduler.running),
+            **self.prefix_stats(),
         )
         return [s]
+
+    def prefix_stats(self) -> dict[str, int | float]:
+        """The prefix cache's counters (tokens, over admissions) and hit rate, as stats() reports them."""
+        sch = self.scheduler
+        return {"prefix_cache_queries": sch.prefix_queries, "prefix_cache_hits": sch.prefix_hits,
+                "prefix_cache_hit_rate": sch.prefix_hits / sch.prefix_queries if sch.prefix_queries else 0.0}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from infinite.kv.prefix import BlockHash, extend_hashes
 from infinite.outputs import RequestMetrics
 from infinite.sampling.params import SamplingParams
 
@@ -51,11 +52,21 @@ class Request:
     emitted_chars: int = 0
     emitted_logprobs: int = 0
     prompt_logprobs_sent: bool = False
+    prompt_sent: bool = False  # a delta output carried the prompt (the later ones do not: O(new) each)
     sample_row: object | None = None  # the sampler's view of the request, made once (engine-side only)
     quick_stop: tuple | None = None  # the engine's fast stop check of the request, made once
     # The output text as the pieces it was detokenized in: appending is O(1), joined when read.
     text_pieces: list[str] = field(default_factory=list)
     text_len: int = 0
+    # Prefix cache: names of the full blocks of the tokens (infinite.kv.prefix), made as needed;
+    # prompt tokens whose KV came from the cache at the first admission (usage.cached_tokens);
+    # and where the gManager saw a longer cached prefix: (holder rank, blocks), a hint only.
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    prefix_hint: tuple[int, int] | None = None
+    # In a cluster, the instance to run the request on instead of the router's choice (vLLM's
+    # data_parallel_rank: external routing; benchmarks that place a request on purpose).
+    data_parallel_rank: int | None = None
 
     @property
     def text(self) -> str:
@@ -108,6 +119,27 @@ class Request:
             return self.output_token_ids[start - p : end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
+    def block_names(self, block_size: int, num_blocks: int) -> list[BlockHash]:
+        """The request's own list of block names (read it, never change it), holding at least the
+        first ``num_blocks`` full blocks of its tokens (fewer when fewer are full): each block is
+        hashed once, so this costs O(blocks not named before)."""
+        if len(self.block_hashes) < num_blocks:
+            extend_hashes(self.block_hashes, _Tokens(self), block_size, self.params.cache_salt, num_blocks)
+        return self.block_hashes
+
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+
+class _Tokens:
+    """A request's prompt and output tokens as one sliceable sequence, without concatenating them."""
+
+    def __init__(self, req: Request) -> None:
+        self.req = req
+
+    def __len__(self) -> int:
+        return self.req.num_tokens
+
+    def __getitem__(self, s: slice) -> list[int]:
+        return self.req.token_slice(s.start, s.stop)

@@ -130,6 +130,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     structured_outputs: StructuredOutputsParams | None = None
     output_kind: str = "cumulative"  # one of OUTPUT_KINDS
+    # Tenant separation for the prefix cache: requests share cached KV only when their salts are equal
+    # (vLLM puts it on the prompt; here it rides with the request's options so it crosses processes).
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if self.output_kind not in OUTPUT_KINDS:
@@ -215,6 +218,9 @@ class SamplingParams:
         self.n = _check_int("n", self.n)
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string or None, got {self.cache_salt!r}")
 
     @staticmethod
     def _normalise_stop(stop: object) -> list[str]:

@@ -124,7 +124,7 @@ async def handle_responses(request: web.Request) -> web.StreamResponse:
 
     def usage() -> dict[str, Any]:
         return {"input_tokens": len(ids), "output_tokens": job.num_tokens, "total_tokens": len(ids) + job.num_tokens,
-                "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+                "input_tokens_details": {"cached_tokens": job.num_cached_tokens}, "output_tokens_details": {"reasoning_tokens": 0}}
 
     def final() -> dict[str, Any]:
         status = "incomplete" if job.finish_reason == "length" else "completed"

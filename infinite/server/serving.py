@@ -46,6 +46,7 @@ class Job:
     params: Any  # SamplingParams
     timer: RequestTimer
     num_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the engine took from the prefix cache
     num_logprobs: int = 0
     finished: bool = False
     finish_reason: str | None = None
@@ -191,6 +192,7 @@ def apply_output(job: Job, out: Any, now: float) -> str:
         job.text_pieces = [c.text] if c.text else []
     job.timer.on_output(now, len(job.token_ids))
     job.num_tokens = len(job.token_ids)
+    job.num_cached_tokens = out.num_cached_tokens
     job.final = c
     if out.prompt_logprobs is not None:
         job.prompt_logprobs = out.prompt_logprobs
@@ -232,15 +234,21 @@ async def run_to_end(state: ServerState, jobs: list[Job]) -> None:
 
 
 def usage_of(jobs: list[Job], prompts: list[list[int]]) -> S.UsageInfo:
+    """Prompt tokens count once per prompt, and so do its cached ones (its first choice's: the n
+    choices of a prompt share it)."""
     prompt = sum(len(p) for p in prompts)
     completion = sum(j.num_tokens for j in jobs)
-    return S.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    n = len(jobs) // max(1, len(prompts))
+    cached = sum(j.num_cached_tokens for j in jobs[::n]) if jobs else 0
+    return S.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                       prompt_tokens_details=S.PromptTokensDetails(cached))
 
 
 def job_usage(job: Job) -> S.UsageInfo:
     """One choice's usage so far (``continuous_usage_stats``: on every chunk, as vLLM)."""
     p = len(job.prompt_ids)
-    return S.UsageInfo(prompt_tokens=p, completion_tokens=job.num_tokens, total_tokens=p + job.num_tokens)
+    return S.UsageInfo(prompt_tokens=p, completion_tokens=job.num_tokens, total_tokens=p + job.num_tokens,
+                       prompt_tokens_details=S.PromptTokensDetails(job.num_cached_tokens))
 
 
 def request_id_of(req: Any, prefix: str) -> str:
