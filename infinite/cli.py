@@ -37,6 +37,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("INFINITE_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default: $INFINITE_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: the checkpoint's)")
     p.add_argument("--num-instances", type=int, default=1, help="instances in the cluster (default 1)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks (GPUs) per instance, Megatron-style; each instance is one to the cluster (default 1)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per instance (default: sized from memory)")
     p.add_argument("--block-size", type=int, default=_DEFAULTS.block_size,
                    help=f"tokens per KV block (default {_DEFAULTS.block_size})")
@@ -61,6 +63,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="lend for throughput from the cost model's first fit, before any remote step was "
                         "measured (default: wait for measured remote steps; loans for requests no pool "
                         "can hold are made either way)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly: no CUDA graphs for decode (as vLLM's flag; CPU is always eager)")
+    p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
+                   help="reuse the KV of cached prompt prefixes, on an instance and across the cluster (default on)")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="turn the prefix cache off: every prompt is computed whole")
+    p.add_argument("--gpu-memory-utilization", type=float, default=_DEFAULTS.gpu_memory_utilization,
+                   help="share of the GPU's memory the instance may use: weights, activations, graphs "
+                        f"and the KV pool, which gets what is left (default {_DEFAULTS.gpu_memory_utilization})")
     p.add_argument("--cluster-port", type=int, default=0,
                    help="port of the cluster's store with --num-instances > 1 (0 = any free); "
                         "`infinite join --cluster HOST:PORT` adds instances through it")
@@ -90,11 +101,15 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
         num_instances=args.num_instances,
+        tensor_parallel_size=args.tensor_parallel_size,
         served_model_name=args.served_model_name,
         enable_lending=args.enable_lending,
         max_lend_fraction=args.max_lend_fraction,
         max_remote_fraction=args.max_remote_fraction,
         eager_lending=args.eager_lending,
+        enforce_eager=args.enforce_eager,
+        enable_prefix_caching=args.enable_prefix_caching,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
 
 
@@ -127,7 +142,7 @@ def run_serve(args: argparse.Namespace) -> int:
     def listening(host: str, port: int) -> None:
         print(f"infinite: listening on http://{host}:{port}", flush=True)
 
-    if config.num_instances > 1:
+    if config.num_processes > 1:
         return serve_cluster(config, settings, args.host, args.port, listening, args.log_level, args.cluster_port)
 
     async def start_engine() -> Any:
@@ -153,14 +168,21 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def serve_cluster(config: EngineConfig, settings: ServerSettings, host: str, port: int, listening: Any,
                   log_level: str, cluster_port: int = 0) -> int:
-    """N ranks without torchrun: ranks 1..N-1 are started here, this process is rank 0 and serves."""
+    """N instances (of T tensor-parallel ranks each) without torchrun: the other rank processes are
+    started here, this process is rank 0 (the first rank of instance 0) and serves."""
     from infinite.cluster.rank import run_rank
-    from infinite.cluster.spawn import local_rendezvous, spawn_ranks, stop_ranks
+    from infinite.cluster.spawn import check_local, local_rendezvous, spawn_ranks, stop_ranks
     from infinite.launch.http import http_front_end
     from infinite.runtime.engine import resolve_model_dir
 
     config = EngineConfig(**{**config.__dict__, "model": resolve_model_dir(config.model)})
-    opts = local_rendezvous(config.num_instances, log_level=log_level, rpc_port=cluster_port)
+    try:
+        check_local(config)
+    except ValueError as e:
+        print(f"infinite serve: error: {e}", file=sys.stderr)
+        return 2
+    opts = local_rendezvous(config.num_instances, log_level=log_level, rpc_port=cluster_port,
+                            tp_size=config.tensor_parallel_size)
     store = opts[0].init_method[len("tcp://"):]
     print(f"infinite: cluster store at {store} (infinite join --cluster {store} adds an instance)", flush=True)
     workers = spawn_ranks(config, opts[1:])

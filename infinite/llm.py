@@ -9,19 +9,23 @@ from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
 from infinite.sampling.params import SamplingParams
 
-Prompt = str | list[int] | dict  # text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": [...]}
+# text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": [...]} (either with an optional "cache_salt")
+Prompt = str | list[int] | dict
 
 
-def _prompt_input(p: Prompt) -> str | list[int]:
-    """vLLM's prompt forms (TextPrompt / TokensPrompt dicts) as the engine's text or ids."""
+def _prompt_input(p: Prompt) -> tuple[str | list[int], str | None]:
+    """vLLM's prompt forms (TextPrompt / TokensPrompt dicts) as the engine's text or ids, and the
+    prompt's cache_salt (None: none given)."""
     if not isinstance(p, dict):
-        return p
-    keys = set(p)
+        return p, None
+    keys = set(p) - {"cache_salt"}
+    salt = p.get("cache_salt")
     if keys == {"prompt_token_ids"} or keys == {"prompt_token_ids", "prompt"}:
-        return p["prompt_token_ids"]
+        return p["prompt_token_ids"], salt
     if keys == {"prompt"}:
-        return p["prompt"]
-    raise ValueError(f"a prompt dict holds 'prompt' (text) or 'prompt_token_ids' (ids); got keys {sorted(keys)}")
+        return p["prompt"], salt
+    raise ValueError("a prompt dict holds 'prompt' (text) or 'prompt_token_ids' (ids), and optionally "
+                     f"'cache_salt'; got keys {sorted(p)}")
 
 
 class LLM:
@@ -32,7 +36,7 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
         self.config = EngineConfig(model=model, **engine_args)
-        if self.config.num_instances > 1:
+        if self.config.num_processes > 1:  # several instances, or one of several tensor-parallel ranks
             from infinite.cluster.local import LocalCluster
 
             self.engine = LocalCluster(self.config)
@@ -55,7 +59,8 @@ class LLM:
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]  # a single prompt
-        prompts = [_prompt_input(p) for p in prompts]
+        inputs = [_prompt_input(p) for p in prompts]
+        prompts = [p for p, _ in inputs]
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = (
@@ -65,13 +70,16 @@ class LLM:
         )
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        params = [sp if salt is None else sp.clone(cache_salt=salt) for sp, (_, salt) in zip(params, inputs)]
         eng = self.engine
         # n > 1: n engine requests per prompt (seed + i when seeded), merged into one output.
         jobs = []
         for i, (p, sp) in enumerate(zip(prompts, params)):
             for j in range(sp.n):
                 sub = sp if sp.n == 1 else sp.clone(n=1, seed=None if sp.seed is None else sp.seed + j)
-                jobs.append((i, j, eng.make_request(p, sub)))  # validate everything before any work
+                req = eng.make_request(p, sub)  # validate everything before any work
+                req.output_kind = "final_only"  # only finished outputs are read: none is built while it runs
+                jobs.append((i, j, req))
         where = {}
         for i, j, r in jobs:
             eng.submit(r)

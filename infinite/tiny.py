@@ -198,8 +198,9 @@ def write_tokenizer_files(out: str | Path) -> int:
     return tk.get_vocab_size(with_added_tokens=True)
 
 
-def write_tiny_checkpoint(out: str | Path) -> Path:
-    """Write the whole default checkpoint into ``out`` (created if needed)."""
+def write_tiny_checkpoint(out: str | Path, max_position_embeddings: int | None = None) -> Path:
+    """Write the whole default checkpoint into ``out`` (created if needed). ``max_position_embeddings``:
+    the same model with a longer (or shorter) context limit, for long-context tests and benches."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -208,7 +209,10 @@ def write_tiny_checkpoint(out: str | Path) -> Path:
 
     tk = Tokenizer.from_file(str(out / "tokenizer.json"))
     bos_id, eos_id = tk.token_to_id(BOS), tk.token_to_id(EOS)
-    _write_json(out / "config.json", model_config(vocab, bos_id, eos_id))
+    config = model_config(vocab, bos_id, eos_id)
+    if max_position_embeddings is not None:
+        config["max_position_embeddings"] = max_position_embeddings
+    _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
     save_file(random_weights(vocab), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

@@ -109,8 +109,9 @@ def dense_forward(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Run an infinite LlamaForCausalLM layer by layer over one sequence: [T] -> logits [T, V] float32."""
     positions = torch.arange(input_ids.shape[0], dtype=torch.int64)
     with torch.no_grad():
-        h = model.embed(input_ids)
+        h, res = model.embed(input_ids), None
+        rot = model.rotary(positions, input_ids.shape[0] - 1)
         for i in range(model.config.num_layers):
-            q, k, v = model.pre_attention(i, h, positions)
-            h = model.post_attention(i, h, dense_attention(q, k, v))
-        return model.compute_logits(h)
+            q, k, v, res = model.pre_attention(i, h, res, rot)
+            h, res = model.post_attention(i, dense_attention(q, k, v), res)
+        return model.compute_logits(h, res)

@@ -81,10 +81,13 @@ def test_cluster_bench_main_tiny(tmp_path, capsys):
         "--modes", "on,off-routed,round-robin", "--pool-blocks", "16", "--num-long", "1", "--num-short", "5",
         "--long-prompt", "300", "--long-output", "8", "--short-prompt", "8-16", "--short-output", "4-6",
         "--rate", "40", "--timeout", "60", "--out", str(out),
+        "--contexts", "64,1024", "--context-steps", "3", "--context-warmup", "2", "--context-repeats", "1",
+        "--context-cold-mb", "8",
     ])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "(0) remote MicroAttention round trip" in printed and "(a) decode latency" in printed and "(b) trace" in printed and "tokens/s on/off-routed" in printed
+    assert "(e) a decode step's host work" in printed
     res = json.loads(out.read_text())
     assert res["bench"] == "cluster" and {"torch", "cpu_count", "git_commit"} <= set(res["env"])
 
@@ -126,3 +129,20 @@ def test_cluster_bench_main_tiny(tmp_path, capsys):
     assert b["ratios"]["on/off-routed"] == pytest.approx(on["tokens_per_s"] / routed["tokens_per_s"])
     assert b["ratios"]["on/round-robin"] == pytest.approx(on["tokens_per_s"] / rr["tokens_per_s"])
     assert b["no_regret"] == (b["ratios"]["on/off-routed"] >= 0.95)
+
+    e = res["context"]
+    assert e["config"]["contexts"] == [64, 1024] and set(e["cases"]) == {"stream", "final", "final-cold"}
+    for mode, by_ctx in e["cases"].items():
+        lo, hi = by_ctx["64"], by_ctx["1024"]
+        assert lo["steps"] == hi["steps"] == 3 and 0 < lo["host_ms"] and 0 < hi["host_ms"]
+        assert e["ratios"][mode] == pytest.approx(hi["host_ms"] / lo["host_ms"])
+        for case in (lo, hi):  # a steady decode step tells each creditor only its request's header
+            assert case["meta_bytes_per_creditor"] == {"1": 64 + 6 * 8, "2": 64 + 6 * 8}
+            assert case["bytes_per_creditor"]["1"] == 64 + 6 * 8 + 4 * 8 * 64 * 4  # + 4 layers of [1, 8, 64] f32
+        # the first step sends each creditor the request's whole rows there: a third of its blocks each
+        assert hi["first_step_meta_bytes"]["1"] > lo["first_step_meta_bytes"]["1"]
+    assert e["cases"]["final"]["1024"]["outputs_bytes"] < e["cases"]["stream"]["1024"]["outputs_bytes"]
+    hp = e["host_path_us"]
+    for k in ("warm", "cold"):
+        assert set(hp[k]) == {"64", "1024"} and all(v > 0 for v in hp[k].values())
+        assert hp["ratios"][k] == pytest.approx(hp[k]["1024"] / hp[k]["64"])

@@ -16,7 +16,8 @@ from infinite.bench.common import format_table, write_json
 def test_offline_main_tiny(tmp_path, capsys):
     out = tmp_path / "sub" / "offline.json"
     rc = offline.main(["--batch-sizes", "1,3", "--prompt-len", "6", "--max-tokens", "5", "--repeats", "2",
-                       "--threads", "1", "--out", str(out)])
+                       "--threads", "1", "--host-batch", "3", "--host-contexts", "40", "--host-steps", "4",
+                       "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Infinite tok/s" in printed and "transformers tok/s" in printed
@@ -37,6 +38,11 @@ def test_offline_main_tiny(tmp_path, capsys):
         assert r["ratio"] == pytest.approx(r["infinite"]["tokens_per_s"] / r["transformers"]["tokens_per_s"])
         assert r["greedy_agreement"] == 1.0  # float32 greedy: the engines must agree token for token
     assert res["results"][0]["target_ratio"] == 1.0 and res["results"][1]["target_ratio"] is None
+    assert "host time per decode step" in printed
+    assert [(h["batch"], h["context"], h["steps"]) for h in res["host"]] == [(3, 6, 4), (1, 40, 4)]
+    for h in res["host"]:
+        parts = h["schedule_ms"] + h["prepare_ms"] + h["postprocess_ms"]
+        assert h["host_ms"] == pytest.approx(parts) and h["host_ms"] > 0 and h["forward_ms"] > 0
     assert res["results"][0]["meets_target"] == (res["results"][0]["ratio"] >= 1.0)
 
 
@@ -116,7 +122,7 @@ def test_mixed_prompt_lengths(tmp_path, capsys):
             offline.parse_args(bad)
     out = tmp_path / "mixed.json"
     rc = offline.main(["--batch-sizes", "4", "--prompt-lens", "2:12", "--max-tokens", "3", "--repeats", "1",
-                       "--threads", "1", "--out", str(out)])
+                       "--threads", "1", "--no-host", "--out", str(out)])
     assert rc == 0
     assert "prompts uniform 2..12" in capsys.readouterr().out
     res = json.loads(out.read_text())

@@ -55,7 +55,8 @@ async def test_sync_client_completions_and_stream(server):
     r = await asyncio.to_thread(c.completions, "hello", max_tokens=5, n=2, seed=7)
     assert [ch["index"] for ch in r["choices"]] == [0, 1]
     assert all(len(ch["text"]) == 5 and ch["finish_reason"] == "length" for ch in r["choices"])
-    assert r["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15}
+    assert r["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15,
+                          "prompt_tokens_details": {"cached_tokens": 0}}
     again = await asyncio.to_thread(c.completions, "hello", max_tokens=5, n=2, seed=7)
     assert [ch["text"] for ch in again["choices"]] == [ch["text"] for ch in r["choices"]]
 
@@ -77,7 +78,8 @@ async def test_async_client_chat_models_status(server):
         assert r["object"] == "chat.completion"
         assert r["choices"][0]["message"]["role"] == "assistant"
         prompt_len = len(engine.tokenizer.apply_chat_template(msgs))
-        assert r["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 4, "total_tokens": prompt_len + 4}
+        assert r["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 4, "total_tokens": prompt_len + 4,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
         deltas = [ch["choices"][0]["delta"] async for ch in c.stream_chat(msgs, max_tokens=4, seed=3)]
         assert deltas[0] == {"role": "assistant", "content": ""}
         assert "".join(d.get("content", "") for d in deltas) == r["choices"][0]["message"]["content"]

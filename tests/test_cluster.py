@@ -63,25 +63,30 @@ def test_too_long_for_one_pool_is_rejected_alone_but_served_by_the_cluster(ckpt,
         assert all(s["used_blocks"] == 0 and s["lent_blocks"] == 0 for s in llm.stats())
 
 
+def migrate_midway(eng, prompt: list[int], params: SamplingParams, blocks: int = 6) -> tuple[int, list]:
+    """Submit ``prompt``; once its home holds 10 blocks of it, move ``blocks`` of them to the other of two
+    instances (move_kvcache) -> (its home, its outputs when done)."""
+    eng.submit(eng.make_request(prompt, params, "moving"))
+    deadline = time.monotonic() + 60
+    home = None
+    while home is None and time.monotonic() < deadline:
+        placed = eng.cluster_status()["requests"].get("moving")
+        if placed and sum(placed["blocks"].values()) >= 10:
+            home = placed["home"]
+        time.sleep(0.05)
+    assert home is not None, "the request never showed up in the gManager's placement map"
+    eng.migrate("moving", blocks, 1 - home)
+    done = []
+    while eng.has_unfinished_requests():
+        done += eng.step()
+    return home, done
+
+
 def test_migration_keeps_tokens_exact(ckpt, prompts):
     long_params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
     ref = LLM(model=ckpt, dtype="float32", num_kv_blocks=256).generate([prompts[0]], long_params, use_tqdm=False)
     with LLM(model=ckpt, dtype="float32", num_instances=2, num_kv_blocks=64) as llm:
-        eng = llm.engine
-        req = eng.make_request(prompts[0], long_params, "moving")
-        eng.submit(req)
-        deadline = time.monotonic() + 60
-        home = None
-        while home is None and time.monotonic() < deadline:
-            placed = eng.cluster_status()["requests"].get("moving")
-            if placed and sum(placed["blocks"].values()) >= 10:
-                home = placed["home"]
-            time.sleep(0.05)
-        assert home is not None, "the request never showed up in the gManager's placement map"
-        eng.migrate("moving", 6, 1 - home)
-        done = []
-        while eng.has_unfinished_requests():
-            done += eng.step()
+        home, done = migrate_midway(llm.engine, prompts[0], long_params)
         assert done[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
         stats = llm.stats()
         # the placement loop may add moves of its own (with room at home, the blocks come home
@@ -90,27 +95,30 @@ def test_migration_keeps_tokens_exact(ckpt, prompts):
         assert all(s["used_blocks"] == 0 and s["lent_blocks"] == 0 for s in stats)
 
 
-def test_offline_generate_survives_a_worker_killed_midway(ckpt, prompts):
+@pytest.mark.parametrize("instances,tp", [(3, 1), (2, 2)])
+def test_offline_generate_survives_a_worker_killed_midway(ckpt, prompts, instances, tp):
     """LLM(num_instances=3): SIGKILL to a worker while it runs requests; they are recomputed on the
-    survivors and every output equals one instance's; nothing is left held."""
+    survivors and every output equals one instance's; nothing is left held. Two tensor-parallel
+    instances of two ranks: the last instance's second rank is killed, its group fails as a whole."""
     params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
     ref = LLM(model=ckpt, dtype="float32", num_kv_blocks=256).generate(prompts[1:], params, use_tqdm=False)
-    with LLM(model=ckpt, dtype="float32", num_instances=3, num_kv_blocks=24) as llm:
+    victim = instances - 1
+    with LLM(model=ckpt, dtype="float32", num_instances=instances, tensor_parallel_size=tp, num_kv_blocks=24) as llm:
         eng = llm.engine
         reqs = [eng.make_request(p, params) for p in prompts[1:]]
         for r in reqs:
             eng.submit(r)
         deadline = time.monotonic() + 60
-        while not any(i["rank"] == 2 and i["num_running"] for i in eng.cluster_status()["instances"]):
-            assert time.monotonic() < deadline, "rank 2 never ran a request"
+        while not any(i["rank"] == victim and i["num_running"] for i in eng.cluster_status()["instances"]):
+            assert time.monotonic() < deadline, f"rank {victim} never ran a request"
             time.sleep(0.02)
-        eng.procs[2].kill()
+        eng.procs[victim * tp + tp - 1].kill()  # rank processes are in order, instance by instance
         done = {}
         while eng.has_unfinished_requests():
             done.update({o.request_id: o for o in eng.step()})
         assert [done[r.request_id].outputs[0].token_ids for r in reqs] == [o.outputs[0].token_ids for o in ref]
         st = eng.cluster_status()
-        assert st["recovery"]["moved"] >= 1 and [i["rank"] for i in st["instances"]] == [0, 1]
-        assert st["health"]["status"] == "degraded" and st["health"]["lost"][0]["rank"] == 2
+        assert st["recovery"]["moved"] >= 1 and [i["rank"] for i in st["instances"]] == list(range(victim))
+        assert st["health"]["status"] == "degraded" and st["health"]["lost"][0]["rank"] == victim
         for s in llm.stats():
             assert s["table_blocks"] == s["lent_entries"] == 0 and s["free_blocks"] == s["total_blocks"], s

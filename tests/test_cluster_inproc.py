@@ -12,12 +12,17 @@ from helpers_hf import make_hf_checkpoint
 from infinite import SamplingParams
 from infinite.cluster import messages as M
 from infinite.cluster.inproc import InProcessCluster
-from infinite.cluster.remote_attention import merge_parts, meta_of, remote_parts
+from infinite.cluster.lent_rows import LentRows
+from infinite.cluster.remote_attention import RemoteWire, handle_of, merge_parts
+from infinite.cluster.transport import StaleRows
 from infinite.attention import MAMetadata, micro_attention, write_kv
 from infinite.errors import RequestError
-from infinite.kv.rmanager import RBlock
+from infinite.kv.rmanager import RBlock, RManager
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.engine import LLMEngine
+from infinite.runtime.input_batch import InputBatch
+from infinite.runtime.model_runner import prepare_inputs
+from infinite.runtime.request import Request
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -54,21 +59,59 @@ async def run(cluster, prompt, params=GREEDY, rid=None):
     return last
 
 
-async def test_a_request_larger_than_one_pool_is_served_exactly_across_three_instances(ckpt):
-    rng = random.Random(3)
-    prompt = [rng.randrange(3, 300) for _ in range(300)]  # 20 blocks with its output; pools of 9
+def alone(ckpt, prompt) -> list[int]:
+    """The greedy tokens of ``prompt`` on one instance that holds it all."""
     ref = LLMEngine(config(ckpt, 64))
     ref.add_request(prompt, GREEDY, "ref")
     want = None
     while ref.has_unfinished_requests():
         want = [o for o in ref.step() if o.finished] or want
+    return want[0].outputs[0].token_ids
+
+
+async def test_a_request_larger_than_one_pool_is_served_exactly_across_three_instances(ckpt):
+    rng = random.Random(3)
+    prompt = [rng.randrange(3, 300) for _ in range(300)]  # 20 blocks with its output; pools of 9
+    want = alone(ckpt, prompt)
     async with InProcessCluster(config(ckpt, 9), 3) as cl:
         out = await asyncio.wait_for(run(cl, prompt), 60)
-        assert out.outputs[0].token_ids == want[0].outputs[0].token_ids
+        assert out.outputs[0].token_ids == want
         assert set(out.extra["kv_blocks"]) == {0, 1, 2} and sum(out.extra["kv_blocks"].values()) == 20
         await asyncio.sleep(0.3)  # let the heartbeats report the end
         assert_no_leak(cl)
         assert cl.gmanager.debts() == []
+
+
+async def test_a_creditor_that_forgot_the_rows_refuses_once_and_the_step_is_retried_exactly(ckpt):
+    """A creditor loses a decoding request's rows (as if a release had crossed the step): it refuses
+    the next diff, the home retries the step with whole rows, and the output is as on one instance."""
+    rng = random.Random(4)
+    prompt = [rng.randrange(3, 300) for _ in range(300)]
+    want = alone(ckpt, prompt)
+    async with InProcessCluster(config(ckpt, 9), 3) as cl:
+        refused = []
+        for inst in cl.instances:
+            apply = inst.creditor.rows.apply
+
+            def counting(debtor, *args, apply=apply):
+                try:
+                    return apply(debtor, *args)
+                except StaleRows:
+                    refused.append(debtor)
+                    raise
+            inst.creditor.rows.apply = counting
+        req = cl.front.make_request(prompt, GREEDY, "long")
+        out, n = None, 0
+        async for out in cl.front.generate(req):
+            n += 1
+            if n == 3:  # decoding, with blocks on both creditors: they forget its rows
+                home = cl.front._homes["long"]
+                for inst in cl.instances:
+                    if inst.rank != home:
+                        inst.creditor.rows.drop(home, [handle_of("long")])
+        assert out.outputs[0].token_ids == want
+        assert refused and set(refused) == {home}
+        assert set(out.extra["kv_blocks"]) == {0, 1, 2}
 
 
 async def test_gmanager_borrows_in_the_policy_order_all_or_nothing(ckpt):
@@ -120,18 +163,23 @@ async def test_gmanager_calibrates_the_transport_and_plans_moves(ckpt):
 
         # Fitted to steps that never called a creditor, the remote path's cost is still the idle
         # probe's guess: no move for throughput on it.
-        gm.samples.extend(StepSample(1 + i % 4, 960, 0.01 + 0.001 * (i % 4)) for i in range(32))
-        gm._fitted_at = -1e9
+        gm.calib.extend(StepSample(1 + i % 4, 960, 0.01 + 0.001 * (i % 4)) for i in range(32))
+        gm.calib.fitted_at = -1e9
         assert gm.plan_once() == [] and not gm.calibrated
         plain, gm.policy = gm.policy, dataclasses.replace(gm.policy, eager=True)
-        gm._fitted_at = -1e9
+        gm.calib.fitted_at = -1e9
         gm._calibrate()
         assert gm.calibrated  # --eager-lending: the first fit is enough
         gm.policy, gm.calibrated = plain, False
-        gm.samples.extend(StepSample(1, 960, 0.02, remote_calls=1) for _ in range(MIN_REMOTE_SAMPLES))
-        gm._fitted_at = -1e9
+        gm.calib.extend(StepSample(1, 960, 0.02, remote_calls=1) for _ in range(MIN_REMOTE_SAMPLES))
+        gm.calib.fitted_at = -1e9
         gm._calibrate()
         assert gm.calibrated  # now the fit has seen what remote calls add
+        # Many more steps without remote calls do not push the remote ones out: it stays calibrated.
+        gm.calib.extend(StepSample(2, 960, 0.012) for _ in range(1000))
+        gm.calib.fitted_at = -1e9
+        gm._calibrate()
+        assert gm.calibrated
         gm.cost = CostModel(num_layers=3)  # a fast remote path: the move pays
         moves = gm.plan_once()
         assert moves and all(m.src == 0 and m.dst == 1 and m.request_id == "long" for m in moves)
@@ -228,41 +276,63 @@ async def test_front_door_rejects_what_no_instance_can_hold_and_fails_streams_wi
 
 
 def test_remote_split_and_merge_equal_attention_over_one_pool():
-    """A request's blocks spread over three pools: per-pool MicroAttention merged by
-    AggregationAttention equals MicroAttention over all blocks in one pool."""
+    """Requests' blocks spread over three pools: per-pool MicroAttention (each creditor's over the rows
+    its diffs built, after writing the new K/V that land there) merged in place by AggregationAttention
+    equals MicroAttention over all blocks in one pool, for decode rows and a prefill chunk whose
+    queries see none of one creditor's keys."""
     torch.manual_seed(0)
     bs, nkv, nh, d = 4, 2, 4, 8
-    ctx = [13, 7]  # two requests; the last token of each is the query (decode)
+    ctx, q_lens = [13, 7, 11], [1, 1, 5]  # r0, r1 decode their last token; r2 prefills positions 6..10
+    rm = RManager(0, 16, bs)
+    free = {1: 0, 2: 0}
+    reqs, one_tables = [], []
+    for j, n in enumerate(ctx):
+        rid, nblocks = f"r{j}", -(-n // bs)
+        for i in range(nblocks):
+            c = [1, 2, 0][(i + j) % 3] if i < nblocks - 1 or j == 2 else 0  # r2's tail block is remote
+            if c == 0:
+                rm.allocate(rid, 1)
+            else:
+                rm.append_remote(rid, [RBlock(c, free[c])])
+                free[c] += 1
+        one_tables.append([sum(-(-m // bs) for m in ctx[:j]) + i for i in range(nblocks)])
+        req = Request(rid, list(range(n)), SamplingParams(), max_tokens=4)
+        req.num_computed_tokens = n - q_lens[j]
+        reqs.append(req)
+    ib = InputBatch(rm, max_rows=4, max_blocks=16, device=torch.device("cpu"))
+    ib.sync(reqs)
     pools = {r: (torch.zeros(16, bs, nkv, d), torch.zeros(16, bs, nkv, d)) for r in range(3)}
     one = (torch.zeros(16, bs, nkv, d), torch.zeros(16, bs, nkv, d))
-    tables, one_tables, free, nxt = [], [], {0: 0, 1: 0, 2: 0}, 0
-    for n in ctx:
-        t, ot = [], []
-        for i in range(-(-n // bs)):
-            r = [1, 2, 0][i % 3] if i < -(-n // bs) - 1 else 0  # tail at home (rank 0)
-            t.append(RBlock(r, free[r]))
-            free[r] += 1
-            ot.append(nxt)
-            nxt += 1
-        tables.append(t)
-        one_tables.append(ot)
-    for t, ot, n in zip(tables, one_tables, ctx):
-        k, v = torch.randn(n, nkv, d), torch.randn(n, nkv, d)
-        for p in range(n):
-            ref = t[p // bs]
-            for (kc, vc), blk in ((pools[ref.instance], ref.block), (one, ot[p // bs])):
-                write_kv(kc, vc, k[p:p + 1], v[p:p + 1], torch.tensor([blk * bs + p % bs]))
-    q = torch.randn(2, nh, d)
-    q_lens, q_starts = [1, 1], [n - 1 for n in ctx]
+    k_all, v_all = [torch.randn(n, nkv, d) for n in ctx], [torch.randn(n, nkv, d) for n in ctx]
+    for j, n in enumerate(ctx):  # the KV written by earlier steps
+        table = rm.table(f"r{j}")
+        for p in range(n - q_lens[j]):
+            ref = table[p // bs]
+            for (kc, vc), blk in ((pools[ref.instance], ref.block), (one, one_tables[j][p // bs])):
+                write_kv(kc, vc, k_all[j][p:p + 1], v_all[j][p:p + 1], torch.tensor([blk * bs + p % bs]))
+    q = torch.randn(sum(q_lens), nh, d)
+    q_starts = [n - ql for n, ql in zip(ctx, q_lens)]
+    new_k = torch.cat([k[s0:] for k, s0 in zip(k_all, q_starts)])
+    new_v = torch.cat([v[s0:] for v, s0 in zip(v_all, q_starts)])
+    one_slots = torch.tensor([t[p // bs] * bs + p % bs for t, s0, ql in zip(one_tables, q_starts, q_lens)
+                              for p in range(s0, s0 + ql)])
+    write_kv(*one, new_k, new_v, one_slots)
     full = micro_attention(q, *one, MAMetadata.build(q_lens, q_starts, one_tables), d ** -0.5)[0]
-    local_blocks = [[ref.block for ref in t if ref.instance == 0] for t in tables]
-    local_logical = [[i for i, ref in enumerate(t) if ref.instance == 0] for t in tables]
-    local = micro_attention(q, *pools[0], MAMetadata.build(q_lens, q_starts, local_blocks, local_logical), d ** -0.5)
-    parts = remote_parts(q_lens, q_starts, tables, 0, bs)
+
+    inputs = prepare_inputs(ib, {r.request_id: n for r, n in zip(reqs, q_lens)}, torch.device("cpu"))
+    keep = inputs.slot_mapping >= 0  # the local writes; the remote tail's go with its creditor's part
+    write_kv(*pools[0], new_k[keep], new_v[keep], inputs.slot_mapping[keep])
+    local = micro_attention(q, *pools[0], inputs.meta, d ** -0.5)
+    parts = RemoteWire(0).parts(ib, inputs.rows, inputs.q_lens, inputs.q_starts)
     assert [p.creditor for p in parts] == [1, 2]
-    results = [micro_attention(q.index_select(0, p.rows), *pools[p.creditor], meta_of(p.meta), d ** -0.5)
-               for p in parts]
+    assert [p.write_rows.tolist() for p in parts] == [[2, 3], [4, 5, 6]]  # r2's positions 6,7 | 8,9,10
+    results = []
+    for p in parts:
+        meta = LentRows(16).apply(0, 0, p.meta)
+        write_kv(*pools[p.creditor], new_k[p.write_rows], new_v[p.write_rows], p.write_slots)
+        results.append(micro_attention(q.index_select(0, p.rows), *pools[p.creditor], meta, d ** -0.5))
     merged = merge_parts(local, parts, results)
+    assert merged is local[0]  # in place
     assert torch.allclose(merged, full, atol=1e-5)
 
 

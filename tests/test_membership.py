@@ -9,8 +9,8 @@ from infinite.cluster import recovery
 from infinite.cluster.membership import (DEAD_AFTER_S, DETECTION_BOUND_S, HEARTBEAT_S, MONITOR_S, RANK0_LOST_S,
                                          HeartbeatWatch, Membership, view_actions, view_states)
 from infinite.cluster.policy import LendingPolicy
-from infinite.kv.rmanager import RBlock
-from infinite.outputs import CompletionOutput, RequestOutput
+from infinite.kv.rmanager import RBlock, RManager
+from infinite.outputs import CompletionOutput, OutputAccumulator, RequestOutput
 from infinite.runtime.request import Request
 from infinite.sampling.params import SamplingParams
 
@@ -95,9 +95,16 @@ def test_view_actions_say_what_an_instance_must_do():
 def test_which_requests_a_loss_touches():
     homes = {"a": 0, "b": 2, "c": 1, "d": 2}
     assert recovery.homed_on(homes, 2) == ["b", "d"]
-    tables = {"a": [RBlock(0, 1), RBlock(2, 5)], "c": [RBlock(1, 0)], "e": [RBlock(0, 3), RBlock(1, 4)]}
-    assert recovery.touching(tables, 2) == ["a"]
-    assert recovery.touching(tables, 1) == ["c", "e"]
+    rm = RManager(rank=0, num_blocks=8, block_size=16)  # rank 0's requests a, c, e
+    rm.allocate("a", 1)
+    rm.append_remote("a", [RBlock(2, 5)])
+    rm.append_remote("c", [RBlock(1, 0)])
+    rm.allocate("e", 1)
+    rm.append_remote("e", [RBlock(1, 4)])
+    assert rm.touching(2) == ["a"]
+    assert rm.touching(1) == ["c", "e"]
+    rm.free_request("c")
+    assert rm.touching(1) == ["e"] and rm.touching(0) == ["a", "e"]
 
 
 def test_capacity_after_a_loss_decides_who_can_be_recomputed():
@@ -119,9 +126,11 @@ def test_resume_carries_the_generated_tokens_and_restore_rebuilds_text():
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
     full = llm.generate(["Once upon a time"], params, use_tqdm=False)[0].outputs[0]
     req = e.make_request("Once upon a time", params)
-    part = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
-                         [CompletionOutput(0, "", full.token_ids[:5], 1.5, full.logprobs[:5])], False)
-    msg = recovery.resume_message(req, part)
+    sofar = OutputAccumulator()  # what rank 0 assembled from the old home's deltas
+    sofar.add(RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
+                            [CompletionOutput(0, "", full.token_ids[:5], 1.5, full.logprobs[:5])], False,
+                            delta_offset=0))
+    msg = recovery.resume_message(req, sofar)
     assert msg.output_token_ids == full.token_ids[:5] and msg.cumulative_logprob == 1.5
     assert M.decode(M.encode(msg)) == msg  # crosses the wire
     moved = e.build_request("moved", msg.prompt_token_ids, msg.params, msg.max_tokens, msg.prompt)

@@ -81,37 +81,36 @@ def test_bfloat16(tmp_path):
 
 
 def test_token_by_token_matches_full_sequence(tmp_path):
-    """pre_attention for one position at a time gives the rows of the full call (RoPE table, memo).
+    """pre_attention for one position at a time gives the rows of the full call (RoPE table).
 
     Not bit-exact: BLAS takes another path for a single row.
     """
     model = load_model(make_hf_checkpoint(tmp_path, "llama3_scaling"))
     ids = _ids(12)
     h = model.embed(ids)
-    q, k, v = model.pre_attention(0, h, torch.arange(12))
+    q, k, v, _ = model.pre_attention(0, h, None, model.rotary(torch.arange(12), 11))
     for t in range(12):
-        qt, kt, vt = model.pre_attention(0, h[t:t + 1], torch.tensor([t]))
+        qt, kt, vt, _ = model.pre_attention(0, h[t:t + 1], None, model.rotary(torch.tensor([t]), t))
         torch.testing.assert_close(qt, q[t:t + 1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(kt, k[t:t + 1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(vt, v[t:t + 1], rtol=1e-5, atol=1e-5)
-    # An in-place change to the positions tensor must not reuse stale cos/sin.
-    pos = torch.arange(12)
-    a = model.pre_attention(0, h, pos)[0]
-    pos += 3
-    b = model.pre_attention(0, h, pos)[0]
+    # Shifted positions rotate differently, and equal the same positions built afresh.
+    a = model.pre_attention(0, h, None, model.rotary(torch.arange(12), 11))[0]
+    b = model.pre_attention(0, h, None, model.rotary(torch.arange(3, 15), 14))[0]
     assert not torch.equal(a, b)
-    torch.testing.assert_close(b, model.pre_attention(0, h, torch.arange(3, 15))[0], rtol=0, atol=0)
+    torch.testing.assert_close(b, model.pre_attention(0, h, None, model.rotary(torch.arange(3, 15), 14))[0],
+                               rtol=0, atol=0)
 
 
 def test_post_attention_shapes_and_tied_head(tmp_path):
     model = load_model(make_hf_checkpoint(tmp_path, "qwen2"))
     assert model.lm_head is None and model.config.tie_word_embeddings
     h = model.embed(_ids(5))
-    q, k, v = model.pre_attention(1, h, torch.arange(5))
+    q, k, v, res = model.pre_attention(1, h, None, model.rotary(torch.arange(5), 4))
     assert q.shape == (5, 4, 16) and k.shape == (5, 2, 16) and v.shape == (5, 2, 16)
-    out = model.post_attention(1, h, dense_attention(q, k, v))
-    assert out.shape == h.shape
-    assert model.compute_logits(out).shape == (5, 300)
+    out, res = model.post_attention(1, dense_attention(q, k, v), res)
+    assert out.shape == h.shape and res.shape == h.shape
+    assert model.compute_logits(out, res).shape == (5, 300)
 
 
 def test_rope_table_grows_past_max_positions():
@@ -119,13 +118,13 @@ def test_rope_table_grows_past_max_positions():
                       num_kv_heads=1, head_dim=8, max_position_embeddings=32)
     rope = RotaryEmbedding(cfg)
     pos = torch.tensor([0, 5, 31, 5000])
-    cos, sin = rope.cos_sin(pos, torch.float32)
+    cos, sin = rope.cos_sin(pos, 5000)
     inv, _ = inv_freq_and_scale(cfg)
     ang = pos.float()[:, None] * inv[None]
     torch.testing.assert_close(cos, ang.cos(), rtol=0, atol=0)
     torch.testing.assert_close(sin, ang.sin(), rtol=0, atol=0)
     with pytest.raises(ValueError, match=">= 0"):
-        rope.cos_sin(torch.tensor([-1]), torch.float32)
+        rope.cos_sin(torch.tensor([-1]), -1)
 
 
 BASE = dict(model_type="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -21,9 +21,9 @@ def test_split_mlp_equals_fused(tmp_path, monkeypatch, kind, overrides):
     h = torch.randn(150, model.config.hidden_size, generator=gen)
     attn = torch.randn(150, model.config.num_heads, model.config.head_dim, generator=gen)
     monkeypatch.setattr(llama, "_SPLIT_MLP_MIN_TOKENS", 10**9)
-    fused = model.post_attention(1, h, attn)
+    fused = model.post_attention(1, attn, h)
     monkeypatch.setattr(llama, "_SPLIT_MLP_MIN_TOKENS", 1)
-    split = model.post_attention(1, h, attn)
+    split = model.post_attention(1, attn, h)
     torch.testing.assert_close(split, fused, rtol=0, atol=0)
 
 
@@ -42,13 +42,14 @@ def test_joint_rope_equals_separate(tmp_path, kind):
     gen = torch.Generator().manual_seed(2)
     h = torch.randn(7, cfg.hidden_size, generator=gen)
     pos = torch.tensor([0, 3, 4, 9, 10, 11, 40])
-    q, k, v = model.pre_attention(0, h, pos)
+    q, k, v, res = model.pre_attention(0, h, None, model.rotary(pos, 40))
+    assert res is h
     assert q.shape == (7, cfg.num_heads, cfg.head_dim) and q.is_contiguous()
     assert k.shape == v.shape == (7, cfg.num_kv_heads, cfg.head_dim)
     layer = model.layers[0]
     qkv = layer.qkv_proj(layer.input_layernorm(h))
     q0, k0, v0 = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
-    cos, sin = model.rope.cos_sin(pos, h.dtype)
+    cos, sin = model.rope.cos_sin(pos, 40)
     torch.testing.assert_close(q, apply_rotary(q0.reshape(7, cfg.num_heads, -1), cos, sin), rtol=0, atol=0)
     torch.testing.assert_close(k, apply_rotary(k0.reshape(7, cfg.num_kv_heads, -1), cos, sin), rtol=0, atol=0)
     torch.testing.assert_close(v, v0.reshape(7, cfg.num_kv_heads, -1), rtol=0, atol=0)

@@ -11,6 +11,7 @@ from infinite.cluster.placement import (
     InstanceState,
     Move,
     PlacementConfig,
+    PlanBudget,
     RequestState,
     apply_moves,
     blocked_demand,
@@ -297,3 +298,58 @@ def test_no_regret_when_the_remote_path_costs_more_than_the_batch_it_admits():
     assert plan(s, COST, CFG)
     slow = CostModel(base_s=4e-3, per_request_s=3e-4, per_context_token_s=2e-7, remote_latency_s=2e-3, num_layers=4)
     assert plan(s, slow, CFG) == []
+
+
+def counting_budget(pairs_per_round: int, resume=None) -> PlanBudget:
+    """A budget that expires after ``pairs_per_round`` (debtor, request) pairs: a clock in counts."""
+    asked = [0]
+
+    def expired() -> bool:
+        asked[0] += 1
+        return asked[0] >= pairs_per_round
+
+    return PlanBudget(expired, resume=resume)
+
+
+def expand(moves):
+    """The (request, src, dst) of each move, in order: merged plans compared but for their sizes."""
+    return [(m.request_id, m.src, m.dst) for m in moves]
+
+
+def test_a_budget_cuts_the_plan_to_a_prefix_of_the_unbounded_one():
+    """Cut after any number of search steps, the plan is the unbounded plan's beginning: each move
+    was chosen on the state after the ones before it."""
+    s = snap([(0, 100, 1, 40, True, 4), (1, 100, 2, 30, True, 3), (2, 100, 10, 0), (3, 100, 12, 0)],
+             [req("long", 0, {0: 100}), req("long1", 1, {1: 90}), req("a", 2, {2: 30}), req("b", 3, {3: 50})])
+    full = plan(s, COST, CFG)
+    assert len(full) >= 2
+    for k in range(1, 12):
+        budget = counting_budget(k)
+        part = plan(s, COST, CFG, budget)
+        check_invariants(s, part, CFG)
+        assert expand(part) == expand(full)[:len(part)]
+        assert all(a == b for a, b in zip(part[:-1], full))  # all but the last (maybe cut midway) as planned
+        assert part == full or budget.stopped
+
+
+def test_a_search_longer_than_a_round_resumes_where_it_was_cut():
+    """Six debtors whose requests cannot gain come first in the search (batch 0), the one that gains
+    last: with three pairs per round, rounds that resume where the last one was cut reach it; rounds
+    that started over would never get there."""
+    idle = [(r, 100, 0, 0) for r in range(6)]
+    s = snap(idle + [(6, 100, 1, 40, True, 4), (7, 100, 10, 0), (8, 100, 12, 0)],
+             [req(f"idle{r}_{j}", r, {r: 20}) for r in range(6) for j in range(2)]
+             + [req("long", 6, {6: 100}), req("a", 7, {7: 30}), req("b", 8, {8: 50})])
+    want = plan(s, COST, CFG)
+    assert want and want[0].request_id == "long"
+    assert plan(s, COST, CFG, counting_budget(3)) == []  # a round starting over sees the idle ones only
+    cut, rounds = None, 0
+    while True:
+        rounds += 1
+        budget = counting_budget(3, resume=cut)
+        got = plan(s, COST, CFG, budget)
+        if got:
+            break
+        assert budget.stopped and budget.cut is not None and budget.cut != cut  # it moved on
+        cut = budget.cut
+    assert rounds == 5 and got[0] == want[0]  # 12 idle pairs, three a round: the 13th in round 5

@@ -435,3 +435,26 @@ def test_bad_logits_shapes_are_rejected():
     with pytest.raises(TypeError, match="floating"):
         s.sample(torch.zeros(1, 10, dtype=torch.int64), [row()])
     assert s.sample(torch.zeros(0, 10), []).token_ids == []
+
+
+def test_penalty_counts_kept_across_steps_equal_rebuilt():
+    """A penalised row's count tables live on its SampleRow and grow by the new tokens only; after any
+    sequence of steps they equal tables rebuilt from the lists, and so do the sampled tokens."""
+    g = torch.Generator().manual_seed(8)
+    p = SamplingParams(temperature=0, presence_penalty=0.7, frequency_penalty=0.4, repetition_penalty=1.3)
+    kept = row(p, [1, 2, 3], [])
+    sampler = Sampler(0)
+    for step in range(12):
+        logits = torch.randn(1, 16, generator=g)
+        fresh = row(p, [1, 2, 3], list(kept.output_ids))  # no state: rebuilt from the lists
+        want = sampler.sample(logits, [fresh]).token_ids
+        got = sampler.sample(logits, [kept]).token_ids
+        assert got == want
+        seen, counts, done = kept.penalty
+        assert done == len(kept.output_ids)
+        assert counts.tolist() == [float(kept.output_ids.count(t)) for t in range(16)]
+        assert seen.tolist() == [t in (1, 2, 3) for t in range(16)]
+        kept.output_ids.append(got[0] if step % 3 else 5)  # sometimes a token the logits did not pick
+    kept.output_ids.append(99)
+    with pytest.raises(ValueError, match="out of range"):
+        sampler.sample(torch.zeros(1, 16), [kept])

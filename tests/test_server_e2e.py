@@ -197,6 +197,25 @@ def test_completion_usage_equals_token_counts(server, client, tok):
     assert (r2.usage.prompt_tokens, r2.usage.completion_tokens) == (5, 3)
 
 
+def test_cached_tokens_in_usage_and_metrics_and_cache_salt_apart(server, client, tok):
+    """A prompt sent again reports its prefix-cache hit in usage.prompt_tokens_details.cached_tokens
+    (whole blocks, its last token computed), the counters show it, and another salt gets nothing."""
+    ids = [t % 200 + 50 for t in range(70)]  # 4 full blocks and 6 tokens, seen by no other test
+    kw = dict(model=MODEL, prompt=ids, max_tokens=2, extra_body={"ignore_eos": True})
+    first = client.completions.create(**kw)
+    again = client.completions.create(**kw)
+    other = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "cache_salt": "tenant-b"}})
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 64
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    text = request(server, "GET", "/metrics", key=None)[1]
+    hits = re.search(r'infinite:prefix_cache_hits_total\{instance="0"\} ([0-9.e+]+)', text)
+    queries = re.search(r'infinite:prefix_cache_queries_total\{instance="0"\} ([0-9.e+]+)', text)
+    assert hits and queries and float(hits.group(1)) >= 64 and float(queries.group(1)) >= 3 * 70
+    code, body = request(server, "POST", "/v1/completions", {**kw, "cache_salt": ""})
+    assert code == 400 and body["error"]["param"] == "cache_salt"
+
+
 def test_streaming_completion_matches_non_streaming(server, client, tok):
     kw = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0.8, seed=11, extra_body={"ignore_eos": True})
     full = client.completions.create(**kw)

@@ -125,16 +125,21 @@ def test_decode_run_closed_form_equals_the_sum_of_its_steps():
     assert run.steps_done(run.end(123) - 1e-9) == 122
 
 
-def test_cpu_fit_recovers_the_constants_it_was_given():
+@pytest.mark.parametrize("tp", [1, 2])
+def test_cpu_fit_recovers_the_constants_it_was_given(tp):
+    """Also for probes of tensor-parallel instances (validate --tp): the fit sees them as tp-device
+    instances, whose linear work and attention split tp ways."""
     truth = replace(CPU_BASE, peak_flops=10**10.5, hbm_bw=10**10.0, attn_flops_eff=0.5, step_overhead_s=4e-3,
                     request_overhead_s=3e-4)
     model = replace(MODELS["llama2-7b"], num_layers=4, hidden=512, num_heads=8, num_kv_heads=2, head_dim=64,
                     intermediate=1024, vocab=2000, dtype_bytes=4)
     probes = [Probe("tpot", b, p, 48) for b, p in ((1, 64), (8, 64), (24, 64), (1, 2000), (4, 400))]
     probes += [Probe("ttft", 1, p, 1) for p in (500, 1000, 2000, 3800)]
-    got = fit_cpu(model, probes, [predict(truth, model, p) for p in probes])
+    got = fit_cpu(model, probes, [predict(truth, model, p, tp=tp) for p in probes], tp=tp)
     for p in probes:
-        assert predict(got, model, p) == pytest.approx(predict(truth, model, p), rel=0.05)
+        assert predict(got, model, p, tp=tp) == pytest.approx(predict(truth, model, p, tp=tp), rel=0.05)
+    if tp > 1:  # the same constants on one device predict a slower prefill: the TP instance is modelled
+        assert predict(truth, model, probes[-1], tp=tp) < predict(truth, model, probes[-1])
 
 
 def test_the_simulator_routes_as_placement_route_does():

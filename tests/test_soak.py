@@ -36,3 +36,17 @@ def test_soak_short_run_loses_nothing_and_leaks_nothing(tmp_path, capsys):
     assert r["health_after"]["status"] == "ok" and r["health_after"]["instances"] == 3  # the new rank replaced it
     assert [x["rank"] for x in r["health_after"]["lost"]] == [2]
     assert "requests" in printed and "blocks leaked" in printed and "rank memory MiB after" in printed
+    cm = r["cost_model"]
+    assert cm["looks"] >= 4 and "stayed calibrated to the end" in printed
+    assert all(isinstance(x["calibrated"], bool) for x in cm["timeline"]), cm["timeline"]  # /status carries it
+    assert cm["first_calibrated_s"] is None or cm["stayed_calibrated"], cm["timeline"]
+
+
+def test_the_soak_says_whether_the_cost_model_stayed_calibrated():
+    look = lambda t, c: {"t": t, "calibrated": c, "samples_remote": 8 if c else 0}  # noqa: E731
+    stayed = soak.calibration_summary([look(1, False), look(2, True), look(3, True)])
+    assert stayed["first_calibrated_s"] == 2 and stayed["stayed_calibrated"] and stayed["remote_samples_at_end"] == 8
+    lapsed = soak.calibration_summary([look(1, True), look(2, False), look(3, True)])
+    assert not lapsed["stayed_calibrated"] and lapsed["uncalibrated_looks_after_first"] == 1
+    never = soak.calibration_summary([look(1, False)])
+    assert never["first_calibrated_s"] is None and not never["stayed_calibrated"]

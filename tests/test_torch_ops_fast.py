@@ -76,12 +76,20 @@ def test_prefill_queries_that_see_no_key_in_this_part(monkeypatch, mask_elems):
 
 
 def test_prefill_blocks_out_of_logical_order(monkeypatch):
-    """Keys need not come in position order (no key skipping then): still the dense result."""
+    """The torch path does not rely on ascending block_idx (no key skipping then): still the dense result.
+
+    MAMetadata.build refuses such rows (the Triton prefill kernel relies on the order), so the
+    metadata is made by hand here."""
     monkeypatch.setattr(torch_ops, "_MASK_ELEMS", 64)
     bsz, nh, nkv, d = 4, 4, 2, 8
     kc, vc = _cache(8, bsz, nkv, d, 11)
     blocks, logical = [5, 0, 7, 2], [3, 0, 2, 1]
-    meta = MAMetadata.build([12], [4], [blocks], [logical])
+    with pytest.raises(ValueError, match="strictly ascending"):
+        MAMetadata.build([12], [4], [blocks], [logical])
+    i32 = dict(dtype=torch.int32)
+    meta = MAMetadata(cu_q=torch.tensor([0, 12], **i32), q_pos=torch.arange(4, 16),
+                      block_tables=torch.tensor([blocks], **i32), block_idx=torch.tensor([logical], **i32),
+                      num_blocks=torch.tensor([4], **i32), max_q_len=12)
     q = torch.randn(12, nh, d, generator=torch.Generator().manual_seed(12))
     out, lse = torch_ops.micro_attention(q, kc, vc, meta, 0.3)
     k, kpos = _keys(kc, blocks, logical, bsz)

@@ -10,12 +10,13 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
-import random  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
+from helpers_attention import Pool, check, reference  # noqa: E402
 
 from infinite.attention import torch_ops  # noqa: E402
 from infinite.attention.metadata import MAMetadata  # noqa: E402
@@ -28,71 +29,10 @@ from infinite.attention.triton import (  # noqa: E402
 from infinite.attention.triton._jit import interpreter_ready  # noqa: E402
 from infinite.attention.triton.decode import choose_num_splits  # noqa: E402
 
-TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
-
 
 def test_interpreter_is_active():
     # If another module imported triton before this one, every test below would be meaningless.
     assert interpreter_ready(), "triton was imported before TRITON_INTERPRET=1 was set"
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-class Pool:
-    """A NaN-poisoned paged cache holding random requests, so any read of an unwritten slot shows."""
-
-    def __init__(self, num_blocks, bsz, nkv, d, dtype, gen):
-        self.k = torch.full((num_blocks, bsz, nkv, d), float("nan"), dtype=dtype)
-        self.v = torch.full((num_blocks, bsz, nkv, d), float("nan"), dtype=dtype)
-        self.free = list(range(num_blocks))
-        random.Random(int(torch.randint(0, 2**31, (1,), generator=gen))).shuffle(self.free)
-        self.gen = gen
-
-    def add(self, length: int) -> list[int]:
-        """Blocks of a new request with `length` random keys/values (written through torch_ops)."""
-        bsz, nkv, d = self.k.shape[1:]
-        blocks = [self.free.pop() for _ in range(-(-length // bsz))]
-        slots = torch.tensor([blocks[p // bsz] * bsz + p % bsz for p in range(length)], dtype=torch.int64)
-        k = torch.randn(length, nkv, d, generator=self.gen)
-        v = torch.randn(length, nkv, d, generator=self.gen)
-        torch_ops.write_kv(self.k, self.v, k, v, slots)
-        return blocks
-
-
-def reference(q, pool, meta: MAMetadata, scale):
-    """float64 attention of each query over the keys its request's blocks hold at positions <= q_pos."""
-    t, nh, d = q.shape
-    bsz, nkv = pool.k.shape[1], pool.k.shape[2]
-    g = nh // nkv
-    out = torch.zeros(t, nh, d, dtype=torch.float64)
-    lse = torch.full((t, nh), float("-inf"), dtype=torch.float64)
-    cu = meta.cu_q.tolist()
-    for r in range(meta.num_requests):
-        nb = int(meta.num_blocks[r])
-        bl = meta.block_tables[r, :nb].long()
-        kpos = (meta.block_idx[r, :nb].long()[:, None] * bsz + torch.arange(bsz)).reshape(-1)  # [S]
-        k = pool.k[bl].reshape(-1, nkv, d).double().repeat_interleave(g, 1)  # [S, nh, d]
-        v = pool.v[bl].reshape(-1, nkv, d).double().repeat_interleave(g, 1)
-        for i in range(cu[r], cu[r + 1]):
-            vis = kpos <= meta.q_pos[i]
-            if not vis.any():
-                continue
-            s = torch.einsum("hd,shd->hs", q[i].double(), k[vis]) * scale  # [nh, S']
-            lse[i] = torch.logsumexp(s, -1)
-            out[i] = torch.einsum("hs,shd->hd", torch.softmax(s, -1), v[vis])
-    return out, lse
-
-
-def check(out, lse, ref_out, ref_lse, dtype):
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    empty = torch.isinf(ref_lse)
-    assert torch.equal(torch.isinf(lse), empty)
-    assert torch.all(out[empty] == 0)
-    if (~empty).any():
-        assert rel_err(out[~empty], ref_out[~empty]) < TOL[dtype]
-        assert rel_err(lse[~empty], ref_lse[~empty]) < TOL[dtype]
 
 
 CASES = [  # (block size, GQA ratio, head dim, dtype)

@@ -19,8 +19,9 @@ Speed notes (CPU, where this path is the engine's hot loop):
 
 from __future__ import annotations
 
+import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +32,24 @@ from infinite.attention.metadata import MAMetadata
 _MASK_ELEMS = 1 << 22
 _NEG_INF = float("-inf")
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_DEVICES = ("cpu",)  # where ATen's LSE-returning flash kernel runs; elsewhere the math below
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp: q [..., Lq, d], k/v [..., S, d], additive mask broadcast to
+    [..., Lq, S] -> (out [..., Lq, d], lse [..., Lq]) in float32.
+
+    On CPU, ATen's flash kernel (it returns the LSE and reads strided K/V in place); elsewhere (this
+    path on a GPU is the reference the Triton kernels are checked against) the same math spelled
+    out. A query that sees no key comes out with lse -inf here and 0 from flash: callers mask it."""
+    if q.device.type in _FLASH_DEVICES:
+        return _flash_cpu(q, k, v, attn_mask=attn_mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + attn_mask  # [..., Lq, S]
+    lse = torch.logsumexp(scores, dim=-1)  # [..., Lq]
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = torch.matmul(torch.exp(scores - safe.unsqueeze(-1)), v)
+    return out, lse
 
 
 def write_kv(
@@ -40,7 +59,11 @@ def write_kv(
     v: torch.Tensor,  # [T, nkv, d]
     slot_mapping: torch.Tensor,  # [T] int64, slot = block * B + offset
 ) -> None:
+    """Slots < 0 (tokens whose KV lives elsewhere, padding rows) are skipped."""
     nkv, d = k_cache.shape[2], k_cache.shape[3]
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:  # a sync on a GPU: this is the reference path
+        keep = (slot_mapping >= 0).nonzero().flatten()
+        k, v, slot_mapping = k.index_select(0, keep), v.index_select(0, keep), slot_mapping.index_select(0, keep)
     k_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, nkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -56,22 +79,35 @@ class _DecodePlan:
     bias: torch.Tensor  # [Rd, 1, M * B] float32: 0 where visible, -inf elsewhere (padding too)
     empty: torch.Tensor  # [Rd] bool: the row sees no key in this pool
     any_empty: bool
-    # Gather targets reused by every layer of the step: a fresh multi-MB tensor per layer
-    # costs page faults on top of the copy (about 1.6x the copy's time on CPU). One pair per
-    # thread, so concurrent calls on the same metadata (cluster executors) never share one.
-    bufs: dict[tuple[torch.dtype, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [Rd * M, B, nkv, d] of the rows' blocks, in the cache dtype."""
-        key = (k_cache.dtype, threading.get_ident())
-        kv = self.bufs.get(key)
-        if kv is None:
-            shape = (self.flat.shape[0], *k_cache.shape[1:])
-            kv = (torch.empty(shape, dtype=k_cache.dtype, device=k_cache.device),
-                  torch.empty(shape, dtype=v_cache.dtype, device=v_cache.device))
-            self.bufs[key] = kv
-        return (torch.index_select(k_cache, 0, self.flat, out=kv[0]),
-                torch.index_select(v_cache, 0, self.flat, out=kv[1]))
+        """k, v [Rd * M, B, nkv, d] of the rows' blocks, in the cache dtype (views of the workspace)."""
+        shape = (self.flat.shape[0], *k_cache.shape[1:])
+        kb, vb = _workspace(k_cache.dtype, k_cache.device, shape)
+        return (torch.index_select(k_cache, 0, self.flat, out=kb),
+                torch.index_select(v_cache, 0, self.flat, out=vb))
+
+
+# Gather targets reused by every layer and every step: a fresh multi-MB tensor per layer costs page
+# faults on top of the copy (about 1.6x the copy's time on CPU), and one per step costs an munmap of
+# all of it when the step ends (ms at a few hundred MB). One pair per thread, so concurrent calls
+# (cluster executors) never share one; grown geometrically, never shrunk.
+_WORKSPACES = threading.local()
+
+
+def _workspace(dtype: torch.dtype, device: torch.device, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    numel = math.prod(shape)
+    spaces = getattr(_WORKSPACES, "by_key", None)
+    if spaces is None:
+        spaces = _WORKSPACES.by_key = {}
+    key = (dtype, device)
+    kv = spaces.get(key)
+    if kv is None or kv[0].numel() < numel:
+        size = max(numel, 2 * kv[0].numel() if kv is not None else 0)
+        with torch.inference_mode(False):  # normal tensors: written in and out of inference mode alike
+            kv = spaces[key] = (torch.empty(size, dtype=dtype, device=device),
+                                torch.empty(size, dtype=dtype, device=device))
+    return kv[0][:numel].view(shape), kv[1][:numel].view(shape)
 
 
 @dataclass
@@ -121,16 +157,19 @@ def _plan(meta: MAMetadata, bsz: int) -> _Plan:
     cached = meta.__dict__.get("_torch_ops_plan")
     if cached is not None and cached.key == key:
         return cached
-    if meta.max_q_len <= 1:
+    if meta.max_q_len <= 1 and meta.q_pos.shape[0] == meta.num_requests:  # one query per row
         plan = _Plan(key, _decode_plan(meta.q_pos, meta.block_tables, meta.block_idx, meta.num_blocks,
                                        bsz, None, None), [])
     else:
         cu = meta.cu_q.tolist()
         q_lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
-        single = [i for i, n in enumerate(q_lens) if n == 1]
+        if meta.decode_rows is not None:  # chosen by MAMetadata.build on the host
+            rows = meta.decode_rows.long()
+        else:
+            rows = torch.tensor([i for i, n in enumerate(q_lens) if n == 1], dtype=torch.int64,
+                                device=meta.q_pos.device)
         decode = None
-        if single:  # decode requests in a mixed batch go through the batched path
-            rows = torch.tensor(single, device=meta.q_pos.device)
+        if rows.shape[0]:  # decode requests in a mixed batch go through the batched path
             tok = meta.cu_q.long()[rows]
             decode = _decode_plan(meta.q_pos[tok], meta.block_tables[rows], meta.block_idx[rows],
                                   meta.num_blocks[rows], bsz, rows, tok)
@@ -172,7 +211,7 @@ def _decode_rows(
     k = kb.view(r, s, nkv, d).float().transpose(1, 2)  # [Rd, nkv, S, d]
     v = vb.view(r, s, nkv, d).float().transpose(1, 2)
     qg = q.float().reshape(r, nkv, nh // nkv, d)  # [Rd, nkv, g, d]
-    o, l = _flash_cpu(qg, k, v, attn_mask=plan.bias.view(r, 1, 1, s), scale=scale)
+    o, l = _attend(qg, k, v, plan.bias.view(r, 1, 1, s), scale)
     out, lse = o.reshape(r, nh, d), l.reshape(r, nh)
     if plan.any_empty:  # flash reports lse 0 for a row that sees no key
         lse = lse.masked_fill(plan.empty.unsqueeze(1), _NEG_INF)
@@ -215,8 +254,7 @@ def _prefill_row(
             continue
         visible = row.kpos[:ks].unsqueeze(0) <= qp.unsqueeze(1)  # [c, ks]
         bias = torch.zeros(b - a, ks, dtype=torch.float32, device=q.device).masked_fill_(~visible, _NEG_INF)
-        o, l = _flash_cpu(qg[:, :, a:b], k[:, :, :ks], v[:, :, :ks], attn_mask=bias.view(1, 1, b - a, ks),
-                          scale=scale)
+        o, l = _attend(qg[:, :, a:b], k[:, :, :ks], v[:, :, :ks], bias.view(1, 1, b - a, ks), scale)
         out[a:b] = o.permute(2, 1, 0, 3)  # [c, nkv, g, d]
         lse[a:b] = l.permute(2, 1, 0)
         empty = ~visible.any(-1)  # flash reports lse 0 for a query that sees no key
@@ -269,3 +307,25 @@ def aggregate(
     outs = torch.stack([o.float() for o, _ in parts])  # [P, T, nh, d]
     out = (w.unsqueeze(-1) * outs).sum(0)
     return out.to(parts[0][0].dtype), lse
+
+
+def aggregate_into(
+    out: torch.Tensor,  # [T, nh, d]: merged into, in place
+    lse: torch.Tensor,  # [T, nh] float32: merged into, in place
+    rows: torch.Tensor,  # [Tc] int64: the rows the other part covers
+    part_out: torch.Tensor,  # [Tc, nh, d]
+    part_lse: torch.Tensor,  # [Tc, nh]
+) -> None:
+    """AggregationAttention of a partial result that covers only some rows into another, in place:
+    the formula of ``aggregate`` on those rows alone (a creditor's part of a step covers only the
+    requests with blocks there), in float32. Plain tensor ops: the same on every device."""
+    l0 = lse.index_select(0, rows)  # [Tc, nh]
+    l1 = part_lse.float()
+    m = torch.maximum(l0, l1)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # both parts empty: weights 0, not NaN
+    w0, w1 = torch.exp(l0 - m), torch.exp(l1 - m)
+    s = w0 + w1
+    merged = (out.index_select(0, rows).float() * w0.unsqueeze(-1) + part_out.float() * w1.unsqueeze(-1)) \
+        / s.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    out.index_copy_(0, rows, merged.to(out.dtype))
+    lse.index_copy_(0, rows, m + torch.log(s))

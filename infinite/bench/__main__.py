@@ -16,10 +16,12 @@ USAGE = (
     f"usage: python -m infinite.bench {{{','.join(BENCHES)}}} [args]\n"
     "  offline  generated tokens/s of Infinite vs transformers.generate (batch 1 and 16)\n"
     "  kernels  decode MicroAttention speed against the memory-bandwidth limit\n"
+    "  gpu      one instance on one GPU: kernels, decode with/without graphs, GPU busy, prefill, agreement\n"
     "  cluster  distributed runtime: throughput and KV lending across instances\n"
     "  serve    online serving benchmark against an OpenAI-compatible server\n"
     "  grammar  structured-output overhead per decode step (llguidance masks in the sampler)\n"
     "  soak     mixed streaming load while a rank is killed and a new one joins\n"
+    "  prefix   the prefix cache on and off: shared documents, multi-turn chat, a prefix on another instance\n"
     "Run `python -m infinite.bench NAME --help` for a bench's own options."
 )
 

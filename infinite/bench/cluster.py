@@ -70,6 +70,14 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _positive_ints(text: str) -> list[int]:
+    """'A,B,...': two or more distinct positive integers, ascending."""
+    vals = [_positive_int(t.strip()) for t in text.split(",") if t.strip()]
+    if len(vals) < 2 or len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"expected two or more distinct positive integers, got {text!r}")
+    return sorted(vals)
+
+
 def _int_range(text: str) -> tuple[int, int]:
     """'LO-HI' or 'N' (both ends included)."""
     try:
@@ -99,7 +107,7 @@ def _modes(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infinite.bench cluster", description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("roundtrip", "split", "mixed", "all"), default="all",
+    p.add_argument("--part", choices=("roundtrip", "split", "mixed", "context", "all"), default="all",
                    help="which benchmark (default all)")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny Llama)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
@@ -125,6 +133,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     b.add_argument("--rate", type=_positive_float, help="Poisson arrival rate, requests/s")
     b.add_argument("--max-num-seqs", type=_positive_int, help="batch size cap per instance")
     b.add_argument("--mixed-repeats", type=_positive_int, default=1, help="runs per mode, alternating; median")
+    c = p.add_argument_group("(e) context: a decode step's host work, one request's KV over 3 instances")
+    c.add_argument("--contexts", type=_positive_ints, default=[1024, 262144],
+                   help="context lengths compared side by side (default 1024,262144)")
+    c.add_argument("--context-steps", type=_positive_int, default=20, help="decode steps timed per run")
+    c.add_argument("--context-warmup", type=_positive_int, default=3, help="decode steps before the timed ones")
+    c.add_argument("--context-repeats", type=_positive_int, default=2, help="runs per context, alternating")
+    c.add_argument("--context-cold-mb", type=_positive_int, default=256,
+                   help="memory the control mode touches before each step (default 256)")
     args = p.parse_args(list(argv))
     if args.decode_tokens < 2:
         p.error("--decode-tokens must be at least 2 (latency is measured between the first and last token)")
@@ -408,6 +424,12 @@ def main(argv: Sequence[str]) -> int:
     if args.part in ("mixed", "all"):
         payload["mixed"] = run_mixed(args)
         print_mixed(payload["mixed"])
+    if args.part in ("context", "all"):
+        from infinite.bench.cluster_context import print_context, run_context
+
+        payload["context"] = run_context(args.contexts, args.context_steps, args.context_repeats,
+                                         args.context_warmup, args.context_cold_mb, args.timeout, args.seed)
+        print_context(payload["context"])
     if args.out:
         path = write_json(args.out, payload)
         print(f"wrote {path}", flush=True)

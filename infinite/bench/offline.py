@@ -10,6 +10,14 @@ first and the timed repeats alternate between the systems, so background load
 on a shared machine hits both alike. Greedy agreement (share of prompts whose
 tokens are identical) is reported next to the speed: a fast wrong answer is
 not a result.
+
+Then the host side of a decode step: milliseconds per step spent in everything
+but the forward (scheduling, preparing the step's inputs, sampling and
+building outputs), from the engine's own step timers over decode-only steps,
+at ``--host-batch`` requests of ``--prompt-len`` tokens and at one request of
+each of ``--host-contexts`` tokens. This is the time a GPU waits on the host
+every step unless it is hidden; per-step work that grows with the batch or the
+context shows up here.
 """
 
 from __future__ import annotations
@@ -76,6 +84,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     p.add_argument("--block-size", type=_positive_int, default=16, help="Infinite's KV block size")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--device", default=None, help="cpu|cuda (default: cuda when available); transformers runs there too")
+    p.add_argument("--host-batch", type=int, default=256, help="requests of the batched host-time case (0: skip)")
+    p.add_argument("--host-contexts", type=_positive_ints, default=[1024, 30000],
+                   help="context lengths of the one-request host-time cases (default 1024,30000)")
+    p.add_argument("--host-steps", type=_positive_int, default=20, help="decode steps timed per host case")
+    p.add_argument("--no-host", dest="host", action="store_false", help="skip the host-time cases")
     p.add_argument("--out", default="bench-results/offline.json", help="JSON result path ('' to skip)")
     return p.parse_args(list(argv))
 
@@ -145,10 +159,12 @@ def agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> float:
 Generate = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, max_tokens) -> generated ids
 
 
-def infinite_runner(model_dir: str, dtype: str, block_size: int, num_kv_blocks: int) -> tuple[Generate, Any]:
+def infinite_runner(model_dir: str, dtype: str, block_size: int, num_kv_blocks: int, device: str,
+                    max_num_seqs: int) -> tuple[Generate, Any]:
     from infinite import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks)
+    llm = LLM(model=model_dir, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks, device=device,
+              max_num_seqs=max(max_num_seqs, 1))
 
     def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -158,10 +174,10 @@ def infinite_runner(model_dir: str, dtype: str, block_size: int, num_kv_blocks: 
     return run, llm
 
 
-def transformers_runner(model_dir: str, dtype: torch.dtype, pad_id: int) -> Generate:
+def transformers_runner(model_dir: str, dtype: torch.dtype, pad_id: int, device: str) -> Generate:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval().to(device)
     base = copy.deepcopy(model.generation_config)
     base.do_sample = False
     base.eos_token_id = None  # generate exactly max_new_tokens, like ignore_eos
@@ -176,7 +192,8 @@ def transformers_runner(model_dir: str, dtype: torch.dtype, pad_id: int) -> Gene
         gc = copy.deepcopy(base)
         gc.max_new_tokens = max_tokens
         gc.min_new_tokens = None
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)  # [B, L + max_tokens]
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             generation_config=gc)  # [B, L + max_tokens]
         return out[:, ids.shape[1]:].tolist()
 
     return run
@@ -239,6 +256,50 @@ def bench_batch(inf: Generate, hf: Generate, prompts: list[list[int]], max_token
                        agreement(out_inf, out_hf))
 
 
+@dataclass
+class HostResult:
+    batch: int
+    context: int  # prompt tokens of each request
+    steps: int  # decode steps timed
+    schedule_ms: float  # per step
+    prepare_ms: float
+    postprocess_ms: float  # sampling included
+    host_ms: float  # schedule + prepare + postprocess: everything but the forward
+    forward_ms: float
+
+
+def host_profile(model_dir: str, dtype: str, block_size: int, device: str, batch: int, context: int,
+                 steps: int, seed: int) -> HostResult:
+    """Host milliseconds per decode step of ``batch`` requests holding ``context`` tokens each, from the
+    engine's step timers over ``steps`` decode-only steps (after every prompt is prefilled)."""
+    from infinite.runtime.config import EngineConfig
+    from infinite.runtime.engine import LLMEngine
+    from infinite.sampling.params import SamplingParams
+
+    per_req = -(-(context + steps + 2) // block_size) + 1
+    info = read_model_info(model_dir)
+    eng = LLMEngine(EngineConfig(model=model_dir, dtype=dtype, block_size=block_size, device=device,
+                                 num_kv_blocks=batch * per_req, max_num_seqs=batch,
+                                 max_num_batched_tokens=max(2048, min(context, 16384))))
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
+    for prompt in make_prompts(batch, context, info["vocab_size"], info["special_ids"], seed):
+        req = eng.make_request(prompt, params)
+        req.output_kind = "final_only"  # as LLM.generate makes them
+        eng.submit(req)
+    while eng.timing.decode_steps == 0:  # prefill (chunked) until every request decodes
+        eng.step()
+    eng.timing.reset()
+    for _ in range(steps):
+        eng.step()
+    t = eng.timing
+    if t.decode_steps != t.steps or t.steps != steps:
+        raise RuntimeError(f"host profile: {t.steps} steps, {t.decode_steps} of them pure decode; expected {steps}")
+    per = 1e3 / t.steps
+    res = HostResult(batch, context, t.steps, t.schedule_s * per, t.prepare_s * per, t.postprocess_s * per,
+                     (t.schedule_s + t.prepare_s + t.postprocess_s) * per, t.forward_s * per)
+    return res
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -253,9 +314,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          f"length {info['max_position_embeddings']}")
     biggest = max(args.batch_sizes)
     blocks = biggest * (-(-need // args.block_size) + 1)  # every request's whole sequence fits: no preemption
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     load_before = os.getloadavg()
-    inf, llm = infinite_runner(model_dir, args.dtype, args.block_size, blocks)
-    hf = transformers_runner(model_dir, _DTYPES[args.dtype], info["pad_token_id"])
+    inf, llm = infinite_runner(model_dir, args.dtype, args.block_size, blocks, device, biggest)
+    hf = transformers_runner(model_dir, _DTYPES[args.dtype], info["pad_token_id"], device)
     try:
         rows = []
         prompt_tokens: list[int] = []
@@ -269,13 +331,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(bench_batch(inf, hf, prompts, args.max_tokens, args.repeats))
     finally:
         llm.shutdown()
+    host = []
+    if args.host:
+        cases = ([(args.host_batch, args.prompt_len)] if args.host_batch > 0 else []) + \
+                [(1, c) for c in args.host_contexts]
+        for b, c in cases:
+            host.append(host_profile(model_dir, args.dtype, args.block_size, device, b, c, args.host_steps, args.seed))
     return {
         "bench": "offline",
         "config": {"model": model_dir, "batch_sizes": args.batch_sizes, "prompt_len": args.prompt_len,
                    "prompt_lens": list(args.prompt_lens) if args.prompt_lens else None,
                    "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
-                   "dtype": args.dtype, "block_size": args.block_size, "num_kv_blocks": blocks, "seed": args.seed},
+                   "dtype": args.dtype, "block_size": args.block_size, "num_kv_blocks": blocks, "seed": args.seed,
+                   "device": device},
         "results": [{**asdict(r), "prompt_tokens": n} for r, n in zip(rows, prompt_tokens)],
+        "host": [asdict(h) for h in host],
         "load_avg_before": list(load_before),
         "load_avg_after": list(os.getloadavg()),
     }
@@ -293,7 +363,14 @@ def table(result: dict[str, Any]) -> str:
     rows = [[r["batch_size"], r["infinite"]["tokens_per_s"], r["transformers"]["tokens_per_s"],
              f"{r['ratio']:.2f}x", None if r["target_ratio"] is None else f">={r['target_ratio']:g}x",
              r["meets_target"], f"{100 * r['greedy_agreement']:.0f}%"] for r in result["results"]]
-    return format_table(title, cols, rows)
+    out = format_table(title, cols, rows)
+    if result.get("host"):
+        cols = ["batch", "context", "steps", "schedule ms", "prepare ms", "postprocess ms", "host ms", "forward ms"]
+        rows = [[h["batch"], h["context"], h["steps"], h["schedule_ms"], h["prepare_ms"], h["postprocess_ms"],
+                 h["host_ms"], h["forward_ms"]] for h in result["host"]]
+        out += "\n\n" + format_table("host time per decode step (everything but the forward), engine step timers",
+                                       cols, rows)
+    return out
 
 
 def main(argv: Sequence[str]) -> int:

@@ -68,6 +68,15 @@ def rank_of(pid: int) -> int | None:
     return None
 
 
+def tp_rank_of(pid: int) -> int:
+    """A spawned rank process's place in its tensor-parallel group (INFINITE_TP_RANK; 0 when absent)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return 0
+    return next((int(kv.split(b"=", 1)[1]) for kv in env if kv.startswith(b"INFINITE_TP_RANK=")), 0)
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -21,8 +21,10 @@ After the load it waits for the cluster to go idle and walks every pool
 (blocks in tables, blocks lent, free list): blocks leaked must be 0. It
 prints requests ok / recomputed / failed by cause / lost, blocks leaked,
 rank memory before and after, the time the kill took to be detected, and
-writes the numbers as JSON (``--out``). Exit status 1 if anything was lost
-or leaked.
+whether rank 0's cost model stayed calibrated through the load (looked up on
+``/status`` every second: once its fit has seen remote steps it must not
+forget them while they keep coming), and writes the numbers as JSON
+(``--out``). Exit status 1 if anything was lost or leaked.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ async def one_request(session, url: str, job: Job, stream: bool) -> tuple[int, l
         return resp.status, events, done
 
 
-async def run_load(cluster: LocalCluster, jobs: list[Job], expected: dict[int, str], args, events_log: list) -> Counter:
+async def run_load(cluster: LocalCluster, jobs: list[Job], expected: dict[int, str], args, events_log: list,
+                   calibration: list) -> Counter:
     import aiohttp
 
     tally: Counter = Counter()
@@ -167,10 +170,37 @@ async def run_load(cluster: LocalCluster, jobs: list[Job], expected: dict[int, s
         await asyncio.get_running_loop().run_in_executor(None, cluster.wait_health, "ok", 120.0)
         events_log.append({"t": round(time.monotonic() - t0, 2), "event": "healthy again"})
 
+    async def watch_cost_model() -> None:
+        """Rank 0's cost model through the load (/status, every second): calibrated or not, and how
+        many measured decode steps with and without remote calls its fit holds."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            while time.monotonic() - t0 < args.duration:
+                try:
+                    async with s.get(cluster.url + "/status") as r:
+                        cm = (await r.json()).get("cost_model", {})
+                    calibration.append({"t": round(time.monotonic() - t0, 1), "calibrated": cm.get("calibrated"),
+                                        **{f"samples_{k}": v for k, v in cm.get("samples", {}).items()}})
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    pass  # rank 0 busy for a moment: the next look
+                await asyncio.sleep(1.0)
+
     chaos_task = asyncio.ensure_future(chaos())
+    watch_task = asyncio.ensure_future(watch_cost_model())
     await asyncio.gather(*(client(k) for k in range(args.concurrency)))
     await chaos_task
+    await watch_task
     return tally
+
+
+def calibration_summary(timeline: list[dict]) -> dict:
+    """When the cost model was first calibrated, and whether it stayed so from then to the end of the
+    load (lending for throughput switches itself off when it does not)."""
+    first = next((x["t"] for x in timeline if x["calibrated"]), None)
+    after = [x for x in timeline if first is not None and x["t"] >= first]
+    return {"first_calibrated_s": first, "looks": len(timeline),
+            "stayed_calibrated": first is not None and all(x["calibrated"] for x in after),
+            "uncalibrated_looks_after_first": sum(1 for x in after if not x["calibrated"]),
+            "remote_samples_at_end": timeline[-1].get("samples_remote") if timeline else None}
 
 
 async def references(cluster: LocalCluster, jobs: list[Job]) -> dict[int, str]:
@@ -190,8 +220,9 @@ async def references(cluster: LocalCluster, jobs: list[Job]) -> dict[int, str]:
 
 def leaked_blocks(status: dict) -> int:
     """Blocks still held anywhere once idle, walked: entries in block tables, blocks lent, and
-    pool blocks missing from the free lists."""
-    return sum(i.get("table_blocks", 0) + i.get("lent_entries", 0) + (i["total_blocks"] - i["free_blocks"])
+    pool blocks missing from the free lists. (A heartbeat walks only when its instance is idle;
+    a busy one reports None, counted here as nothing walked.)"""
+    return sum((i.get("table_blocks") or 0) + (i.get("lent_entries") or 0) + (i["total_blocks"] - i["free_blocks"])
                for i in status["instances"])
 
 
@@ -237,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         mem_before = rss_mib(cluster.rank_pids())
         before = cluster.status()
         t0 = time.monotonic()
-        tally = asyncio.run(run_load(cluster, jobs, expected, args, events))
+        calibration: list[dict] = []
+        tally = asyncio.run(run_load(cluster, jobs, expected, args, events, calibration))
         elapsed = time.monotonic() - t0
         after = wait_idle(cluster)
         mem_after = rss_mib(cluster.rank_pids())
@@ -250,12 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     recomputed = rec.get("moved", 0) + rec.get("recomputed_at_home", 0)
     leaked = leaked_blocks(after)
     detected = next((e["detected_after_s"] for e in events if "detected_after_s" in e), None)
+    cal = calibration_summary(calibration)
     rows = [["requests", sum(tally.values())], ["ok", ok], ["recomputed", recomputed],
             *[[f"failed: {c}", n] for c, n in sorted(failed.items())], ["lost", lost], ["blocks leaked", leaked],
             ["kill detected after s", detected], ["ranks before / after", f"{len(before['instances'])} / "
                                                   f"{len(after['instances'])}"],
             ["rank memory MiB before", round(mem_before, 1)], ["rank memory MiB after", round(mem_after, 1)],
-            ["orphans", len(orphans)]]
+            ["orphans", len(orphans)],
+            ["cost model calibrated from s", cal["first_calibrated_s"]],
+            ["stayed calibrated to the end", cal["stayed_calibrated"]],
+            ["remote decode samples at the end", cal["remote_samples_at_end"]]]
     print_table(f"soak: {args.ranks} ranks, {elapsed:.0f} s of load, kill at {args.kill_at:.0f} s, "
                 f"join at {args.join_at:.0f} s", ["what", "value"], rows)
     for e in events:
@@ -263,5 +299,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(args.out, {"args": vars(args), "requests": sum(tally.values()), "ok": ok, "recomputed": recomputed,
                           "failed": failed, "lost": lost, "blocks_leaked": leaked, "kill_detected_after_s": detected,
                           "memory_mib_before": mem_before, "memory_mib_after": mem_after, "orphans": orphans,
-                          "events": events, "recovery": rec, "health_after": after.get("health")})
+                          "events": events, "recovery": rec, "health_after": after.get("health"),
+                          "cost_model": {**cal, "timeline": calibration}})
     return 1 if lost or leaked or orphans else 0

@@ -129,6 +129,7 @@ class Record:
     rejected: bool = False
     home: int | None = None
     kv_blocks: dict[int, int] = field(default_factory=dict)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 def summarize(records: Sequence[Record]) -> dict[str, Any]:
@@ -257,6 +258,7 @@ class _Collector(threading.Thread):
                 rec.finished = (m.finished_time or m.last_token_time) if m else time.time()
                 rec.output_tokens = len(out.outputs[0].token_ids)
                 rec.finish_reason = out.outputs[0].finish_reason
+                rec.cached_tokens = out.num_cached_tokens
                 rank = out.extra.get("rank")
                 rec.home = None if rank is None else self.first_rank + rank
                 rec.kv_blocks = {int(k): v for k, v in out.extra.get("kv_blocks", {}).items()}

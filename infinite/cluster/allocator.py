@@ -6,7 +6,8 @@ path ships no K/V. When a running request needs a block and the pool is full, it
 full local blocks move to borrowed blocks (their contents are final) and the freed local
 blocks take the tail; a new request's borrowed blocks take its oldest positions. Borrowing
 moves a chunk at a time (``chunk_blocks``) so that the copy happens once per chunk of
-tokens, not once per block.
+tokens, not once per block. What to ask for is decided by ``infinite.cluster.decisions``
+(``growth_loan``, ``loan_asks``, ``LoanBackoff``), the functions the simulator's allocator calls.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ import logging
 import time
 
 from infinite.cluster import messages as M
+from infinite.cluster.decisions import LoanAsk, LoanBackoff, growth_loan, loan_asks
 from infinite.cluster.migration import Migrator
 from infinite.cluster.policy import LendingPolicy
+from infinite.cluster.prefix_routing import copy_pays
 from infinite.cluster.transport import Transport, wait_all
-from infinite.kv.rmanager import RBlock, RManager
-from infinite.runtime.allocator import LocalAllocator
+from infinite.kv.rmanager import RBlock, RManager, blocks_for
+from infinite.runtime.allocator import LocalAllocator, PrefixHit
 from infinite.runtime.request import Request, Status
 
 log = logging.getLogger(__name__)
-
-REFUSAL_BACKOFF_S = 0.1  # about one heartbeat: what the gManager knows changes no faster
 
 
 class ClusterAllocator(LocalAllocator):
@@ -42,7 +43,10 @@ class ClusterAllocator(LocalAllocator):
         self.lends_for_throughput = False  # ... and whether it lends for anything but capacity at all
         self.lost: set[int] = set()  # ranks that died: their blocks went with them, nothing to release there
         self.migrator: Migrator | None = None  # set by the Instance once its KV cache exists
-        self._quiet_until = 0.0  # no loan requests before this time (after a refusal)
+        self.backoff = LoanBackoff()  # no loan requests for a moment after a refusal
+        self.prefix_loans = 0  # requests started over a prefix cached on another instance
+        self.prefix_loan_tokens = 0  # ... and the prompt tokens those prefixes held
+        self.prefix_copies = 0  # ... of which the prefix was copied home (copy_pays)
 
     def capacity_blocks(self) -> int:
         return self.capacity
@@ -65,38 +69,84 @@ class ClusterAllocator(LocalAllocator):
         if need == 0:
             return True
         free = self.rm.num_free
-        if need <= free:
-            return self._allocate(rid, need)
-        if not self.policy.enabled:
-            return False
-        rest = need - free
+        held = self.rm.num_held(rid)
         running = req.status is Status.RUNNING
-        held = len(self.rm.table(rid))
-        fits = held + need <= self.rm.num_blocks
-        if fits and not self.lends_for_throughput:
-            return False  # the gManager would refuse: it lends only for requests no pool can hold
-        if not running and fits and not self.loans_pay:
-            return False  # a new request that fits this pool in time, and admitting it by a loan would not pay
+        rest = growth_loan(need, free, held, self.rm.num_blocks, running=running, lending=self.policy.enabled,
+                           lends_for_throughput=self.lends_for_throughput, loans_pay=self.loans_pay)
+        if rest is None:
+            return False
+        if rest == 0:
+            return self._allocate(rid, need)
         movable = self.migrator.oldest_full(rid, req.num_computed_tokens, self.rm.rank, rest + self.chunk_blocks)
-        if len(movable) >= rest:
+        push_out, asks = loan_asks(rest, len(movable))
+        if push_out:
             # local-first: the oldest full local blocks go to borrowed ones, the tail stays home
-            refs = self._borrow(rid, len(movable), held + need, running) if len(movable) > rest else []
-            refs = refs or self._borrow(rid, rest, held + need, running, retry=True)  # fewer may still fit
+            refs = self._ask(rid, asks, held + need, running)
             if refs and self.migrator.push_now(rid, movable[:len(refs)], refs):
                 return self._allocate(rid, need)
             self.borrowable = 0
             return False
-        # too few full local blocks (a new request, say): the borrowed blocks take the oldest of
-        # the new positions, so they fill (and ship their K/V) once, and the tail stays home
+        # the borrowed blocks take the oldest of the new positions; the free local ones the tail
         if not self._allocate(rid, free):
             return False
-        refs = self._borrow(rid, rest, held + need, running)
+        refs = self._ask(rid, asks, held + need, running)
         if not refs:
             self.rm.free_tail(rid, free)
             self.borrowable = 0
             return False
         self.rm.append_remote(rid, refs, at=held)
         return True
+
+    def start(self, req: Request, hit: PrefixHit) -> int | None:
+        """A waiting request whose prompt's prefix is cached deeper on another instance (the
+        router's hint) starts with that instance's blocks in place, lent by reference and served
+        by remote MicroAttention: after its local hits, before its new blocks."""
+        remote = self._prefix_loan(req, hit)
+        if not remote:
+            return super().start(req, hit)
+        bs = self.rm.block_size
+        try:
+            got = self.rm.start(req.request_id, hit.names[:hit.local], hit.local + len(remote), remote)
+        except MemoryError:  # a local hit was evicted meanwhile: the loan would not follow it
+            self.give_back(req.request_id, remote)
+            return None
+        if not self.grow(req, req.num_tokens):
+            self.release(req)
+            return None
+        self.prefix_loans += 1
+        self.prefix_loan_tokens += len(remote) * bs
+        c = self.migrator.counters
+        if copy_pays(len(remote), req.max_tokens, self.migrator.num_layers, c.recent_wait_per_call_s,
+                     c.copy_s_per_block) and self.rm.num_free >= len(remote):
+            self.migrator.pull(req.request_id, remote)  # copied home while it runs; then cached here too
+            self.prefix_copies += 1
+        return got * bs
+
+    def _prefix_loan(self, req: Request, hit: PrefixHit) -> list[RBlock]:
+        """The holder's blocks of the prompt's prefix past this pool's hits ([] when there is no
+        hint, nothing more there, roles forbid it, or the pool cannot hold the rest anyway).
+        One round trip; a hint that fails is dropped, so it is asked once."""
+        if hit.remote is None or not self.policy.enabled:
+            return []
+        holder, depth = hit.remote
+        rid = req.request_id
+        if depth <= hit.local or holder == self.rm.rank or holder in self.lost \
+                or not self.policy.may_borrow(self.rm.num_lent):
+            return []
+        total = blocks_for(req.num_tokens, self.rm.block_size)
+        if total - min(depth, len(hit.names)) + (hit.local - hit.shared) > self.rm.num_free:
+            return []  # no room for the rest even with the loan: ask when there is
+        names = hit.names[hit.local:]
+        try:
+            got = self.transport.lend_prefix(holder, M.LendPrefix(self.rm.rank, rid, names),
+                                             timeout=self.timeout_s).wait().blocks
+        except Exception:  # noqa: BLE001 - the holder is gone or refused: compute the prefix here
+            log.warning("rank %d: borrowing the cached prefix of %s from rank %d failed", self.rm.rank, rid, holder,
+                        exc_info=True)
+            got = []
+        if not got:
+            req.prefix_hint = None
+        return [RBlock(holder, b) for b in got]
 
     def _allocate(self, request_id: str, n: int) -> bool:
         if n <= 0:
@@ -107,20 +157,26 @@ class ClusterAllocator(LocalAllocator):
             return False
         return True
 
-    def _borrow(self, request_id: str, n: int, request_blocks: int, running: bool, retry: bool = False) -> list[RBlock]:
-        """Ask the gManager (a blocking round trip). After a refusal, ask nothing for a moment:
-        a full pool asks on every step, and the answer would be the same."""
+    def _ask(self, request_id: str, asks: tuple[LoanAsk, ...], request_blocks: int, running: bool) -> list[RBlock]:
+        """Ask the gManager for each loan in turn (a blocking round trip each) until one is granted."""
+        for ask in asks:
+            refs = self._borrow(request_id, ask, request_blocks, running)
+            if refs:
+                return refs
+        return []
+
+    def _borrow(self, request_id: str, ask: LoanAsk, request_blocks: int, running: bool) -> list[RBlock]:
         now = time.monotonic()
-        if now < self._quiet_until and not retry:
+        if not self.backoff.allows(now, ask):
             return []
         try:
-            got = self.transport.borrow(M.Borrow(self.rm.rank, request_id, n, request_blocks, running),
+            got = self.transport.borrow(M.Borrow(self.rm.rank, request_id, ask.blocks, request_blocks, running),
                                         timeout=self.timeout_s).wait()
         except Exception:  # noqa: BLE001 - rank 0 unreachable: behave as a lone instance
-            log.warning("rank %d: borrowing %d blocks for %s failed", self.rm.rank, n, request_id, exc_info=True)
+            log.warning("rank %d: borrowing %d blocks for %s failed", self.rm.rank, ask.blocks, request_id,
+                        exc_info=True)
             got = M.Borrowed([])
-        if not got.blocks:
-            self._quiet_until = now + REFUSAL_BACKOFF_S
+        self.backoff.answered(now, bool(got.blocks))
         self.borrowable = max(0, self.borrowable - len(got.blocks))
         return [RBlock(c, b) for c, b in got.blocks]
 

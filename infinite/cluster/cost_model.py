@@ -36,20 +36,24 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
-__all__ = ["StepSample", "CostModel", "fit", "remote_measured", "MIN_REMOTE_SAMPLES"]
+__all__ = ["StepSample", "CostModel", "fit", "remote_measured", "MIN_REMOTE_SAMPLES", "Calibration", "REFIT_S"]
 
 
 @dataclass(frozen=True)
 class StepSample:
-    """One measured decode step, as a heartbeat reports it."""
+    """One measured decode step, as a heartbeat reports it: the batch, the context and the remote
+    calls of that very step with that step's time (never a mean of steps against a snapshot), and
+    only decode steps (a prefill chunk computes many rows: its time says nothing of ``b``)."""
 
     batch_size: int
     context_tokens: int
     step_time_s: float
-    remote_calls: float = 0  # remote MA calls per layer in that step (a mean over steps when averaged)
+    remote_calls: float = 0  # remote MA calls per layer in that step
     remote_query_tokens: int = 0  # query tokens sent to creditors per layer
 
     def __post_init__(self) -> None:
@@ -142,6 +146,54 @@ def remote_measured(samples: Sequence[StepSample], at_least: int = MIN_REMOTE_SA
     for throughput wait for this; loans that admit a request no pool can hold do not (they are
     what produce the first remote samples)."""
     return sum(1 for s in samples if s.remote_calls > 0) >= at_least
+
+
+REFIT_S = 5.0  # how often the step-time model is refitted (a fit costs tens of ms of rank 0's CPU)
+
+
+@dataclass
+class Calibration:
+    """The samples the cost model is fitted from, and whether it is trusted for throughput.
+
+    Steps without remote calls and steps with them are kept in windows of their own: a cluster
+    whose remote steps are a small share of its steps would otherwise push them out of one
+    window of recent steps, the fit would forget what the remote path costs, and lending for
+    throughput would switch itself off (then no loan is made, no remote step is measured, and
+    it stays off). A remote sample leaves only for a newer one, so once ``remote_measured`` the
+    model stays calibrated. No I/O: the caller passes the clock; the gManager and the simulator
+    both keep one. Thread-safe (heartbeats add, the planner refits).
+    """
+
+    local: deque[StepSample] = field(default_factory=lambda: deque(maxlen=384))
+    remote: deque[StepSample] = field(default_factory=lambda: deque(maxlen=128))
+    fitted_at: float = -math.inf
+    calibrated: bool = False  # fitted to measured remote steps (or eager): loans and moves for throughput
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, sample: StepSample) -> None:
+        with self._lock:
+            (self.remote if sample.remote_calls > 0 else self.local).append(sample)
+
+    def extend(self, samples: Iterable[StepSample]) -> None:
+        for s in samples:
+            self.add(s)
+
+    def samples(self) -> list[StepSample]:
+        with self._lock:
+            return [*self.local, *self.remote]
+
+    def __len__(self) -> int:
+        return len(self.local) + len(self.remote)
+
+    def refit(self, cost: CostModel, now: float, eager: bool = False) -> CostModel:
+        """The model to use from ``now``: refitted every REFIT_S once there are 8 samples (else
+        ``cost`` as is); ``calibrated`` follows. ``eager``: trusted from the first fit."""
+        if len(self) < 8 or now - self.fitted_at < REFIT_S:
+            return cost
+        self.fitted_at = now
+        samples = self.samples()
+        self.calibrated = remote_measured(samples) or eager
+        return fit(samples, prior=cost)
 
 
 _FITTED = ("base_s", "per_request_s", "per_context_token_s", "remote_latency_s")

@@ -80,6 +80,8 @@ class DriverBridge:
                 self.send(M.DriverMade(msg.seq, req.request_id, req.prompt_token_ids, req.max_tokens, req.prompt))
             case M.DriverAdd():
                 req = self.pending.pop(msg.request_id)
+                req.output_kind = "final_only"  # the offline LLM reads finished outputs only
+                req.data_parallel_rank = None if msg.data_parallel_rank < 0 else msg.data_parallel_rank
                 self.tasks[req.request_id] = asyncio.ensure_future(self._drive(req))
             case M.DriverAbort():
                 t = self.tasks.pop(msg.request_id, None)

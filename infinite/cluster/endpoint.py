@@ -33,15 +33,21 @@ class RankEndpoint:
         """One layer of MicroAttention over blocks lent to a debtor, on the caller's thread."""
         return self.instance.creditor.attend(layer, meta, t)
 
+    def step_metadata(self, debtor: int, step: int, meta: M.AttentionMeta, num_queries: int) -> MAMetadata:
+        """A debtor step's block diffs applied to the rows lent to it -> the step's metadata."""
+        return self.instance.creditor.step_metadata(debtor, step, meta, num_queries)
+
     def handle(self, src: int, msg: M.Msg, tensors: Tensors) -> Reply | Future:
         inst = self.instance
         match msg:
             case M.AttentionCall():
                 return inst.creditor.serve_attention(msg, tensors)
             case M.Reserve():
-                return M.Reserved(inst.creditor.reserve(msg)), None
+                return inst.creditor.reserve(msg), None
             case M.Release():
                 return M.Released(inst.creditor.release(msg)), None
+            case M.LendPrefix():
+                return M.PrefixLent(inst.creditor.lend_prefix(msg)), None
             case M.WriteBlocks():
                 inst.creditor.write_blocks(msg, tensors)
                 return ACK

@@ -22,16 +22,19 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from infinite.cluster import messages as M
-from infinite.cluster.cost_probe import measure_cost
 from infinite.cluster import recovery
 from infinite.cluster.gmanager import GManager
 from infinite.cluster.instance import Instance
 from infinite.cluster.membership import PING_S
+from infinite.cluster.prefix_routing import Routed
 from infinite.cluster.supervisor import Supervisor
+from infinite.cluster.tp_commands import measure_group_cost
 from infinite.cluster.transport import PeerError, Transport, to_asyncio
 from infinite.errors import RequestError
+from infinite.kv.prefix import anchors
 from infinite.kv.rmanager import blocks_for
-from infinite.outputs import RequestOutput
+from infinite.outputs import OutputAccumulator, RequestOutput
+from infinite.runtime.allocator import max_hit_blocks
 from infinite.runtime.request import Request
 from infinite.runtime.surface import EngineFacts
 from infinite.sampling.params import SamplingParams
@@ -46,16 +49,17 @@ class ClusterEngine(EngineFacts):
         self.core = instance.engine  # rank 0's engine: tokenizer, validation, capacity
         self.world_size = transport.world_size
         e = self.core
-        prior = measure_cost(e.model, e.block_size, e.kv.k.dtype, e.device) if instance.policy.enabled else None
+        prior = measure_group_cost(e) if instance.policy.enabled else None
         self.gmanager = GManager(transport, e.block_size, e.model_config.num_layers, instance.policy,
                                  instance.config.placement_interval_s, prior=prior)
         self.supervisor = Supervisor(transport, self.gmanager, range(self.world_size), instance.apply_view,
                                      self._on_rank_gone)
         self._queues: dict[str, asyncio.Queue] = {}
-        self._last: dict[str, int] = {}
         self._homes: dict[str, int] = {}
         self._reqs: dict[str, Request] = {}
-        self._latest: dict[str, RequestOutput] = {}  # newest cumulative output: where a move resumes from
+        # Each request's output so far, assembled from its homes' deltas: what its stream reads and
+        # where a move resumes from.
+        self._sofar: dict[str, OutputAccumulator] = {}
         self.moved = 0  # requests moved to a survivor (their home died or left)
         self.failed_moves = 0  # requests no survivor could hold (ended with rank_lost)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,11 +99,15 @@ class ClusterEngine(EngineFacts):
         return self.supervisor.health()
 
     def cluster_status(self) -> dict:
+        gm = self.gmanager
         return {"instances": self.stats(), "debts": self.gmanager.debts(),
                 "moves_issued": self.gmanager.moves_issued, "loans_refused": self.gmanager.loans_refused,
                 "requests": self.gmanager.placement_map(), "health": self.health(),
                 "cost_model": {**dataclasses.asdict(self.gmanager.cost), "calibrated": self.gmanager.calibrated,
-                               "probe_s": list(self.gmanager.probe_s)},
+                               "probe_s": list(self.gmanager.probe_s),
+                               "samples": {"local": len(gm.calib.local), "remote": len(gm.calib.remote)}},
+                "placement": {"rounds": gm.rounds, "worker": gm.planner.in_process,
+                              "recent": [dataclasses.asdict(r) for r in list(gm.recent_rounds)[-8:]]},
                 "recovery": {"moved": self.moved, "failed": self.failed_moves,
                              "recomputed_at_home": sum(s.get("recomputed", 0) for s in self.stats())}}
 
@@ -118,11 +126,17 @@ class ClusterEngine(EngineFacts):
         rid = req.request_id
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
-        self._last[rid] = -1
+        self._sofar[rid] = OutputAccumulator()
         self._reqs[rid] = req
         finished = False
         try:
-            self._send_home(rid, self.gmanager.route(blocks_for(req.num_tokens + 1, self.core.block_size)))
+            pin = req.data_parallel_rank
+            if pin is not None and pin not in self.supervisor.view().serving:
+                raise RequestError(f"data_parallel_rank {pin} is not a serving instance "
+                                   f"(serving: {sorted(self.supervisor.view().serving)})", "invalid")
+            chain = await self._prefix_chain(req)
+            routed = self.gmanager.route_request(blocks_for(req.num_tokens + 1, self.core.block_size), chain, pin)
+            self._send_home(rid, routed.home, routed)
             while True:
                 out = await q.get()
                 if isinstance(out, RequestError):
@@ -134,18 +148,32 @@ class ClusterEngine(EngineFacts):
                     return
         finally:
             self._queues.pop(rid, None)
-            self._last.pop(rid, None)
             self._reqs.pop(rid, None)
-            self._latest.pop(rid, None)
+            self._sofar.pop(rid, None)
             home = self._homes.pop(rid, None)
             if not finished and home is not None:
                 self.transport.abort(home, rid).add_done_callback(_quiet)
 
-    def _send_home(self, rid: str, home: int) -> None:
-        """Ship the request (with what it generated so far, if it moves) to ``home``. A home that
-        cannot be reached is checked by the supervisor; if it is dead the request moves on."""
+    async def _prefix_chain(self, req: Request) -> list[tuple[int, int]] | None:
+        """The anchors of the request's prompt (what the router compares with the instances'
+        prefix caches); None with caching off. Hashing a very long prompt runs off the loop."""
+        e = self.core
+        n = max_hit_blocks(req, e.block_size)
+        if not e.rm.caching or n == 0:
+            return None
+        if req.num_tokens <= 65536:
+            return anchors(req.block_names(e.block_size, n)[:n])
+        names = await asyncio.get_running_loop().run_in_executor(None, req.block_names, e.block_size, n)
+        return anchors(names[:n])
+
+    def _send_home(self, rid: str, home: int, routed: Routed | None = None) -> None:
+        """Ship the request (with what it generated so far, if it moves) to ``home``, with the
+        router's hint when its prefix is cached elsewhere. A home that cannot be reached is
+        checked by the supervisor; if it is dead the request moves on."""
         self._homes[rid] = home
-        msg = recovery.resume_message(self._reqs[rid], self._latest.get(rid))
+        msg = recovery.resume_message(self._reqs[rid], self._sofar.get(rid))
+        if routed is not None and routed.holder >= 0:
+            msg = msgspec.structs.replace(msg, prefix_holder=routed.holder, prefix_blocks=routed.holder_blocks)
         fut = self.transport.add_request(home, msg)
 
         def done(f) -> None:
@@ -189,7 +217,7 @@ class ClusterEngine(EngineFacts):
             self._homes.pop(rid, None)
             q.put_nowait(RequestError(recovery.no_room_message(rid, need, cap, [gone]), "rank_lost"))
             return
-        done = len(self._latest[rid].outputs[0].token_ids) if rid in self._latest else 0
+        done = len(self._sofar[rid].token_ids) if rid in self._sofar else 0
         home = self.gmanager.route(blocks_for(req.num_prompt_tokens + done + 1, e.block_size))
         self.moved += 1
         log.warning("request %s: rank %d %s; recomputing it on rank %d from %d prompt + %d generated tokens", rid,
@@ -221,19 +249,24 @@ class ClusterEngine(EngineFacts):
             q = self._queues.get(f.request_id)
             if q is not None and self._homes.get(f.request_id) == msg.rank:
                 q.put_nowait(RequestError(f.message, f.reason))
-        # Outputs are cumulative; messages may arrive out of order, so keep only newer ones.
+        # Outputs are deltas; the accumulator puts them in order (messages may overtake each other).
         for out in msg.outputs:
-            q = self._queues.get(out.request_id)
-            if q is None or self._homes.get(out.request_id) != msg.rank:
+            rid = out.request_id
+            q = self._queues.get(rid)
+            if q is None or self._homes.get(rid) != msg.rank:
                 continue
-            n = len(out.outputs[0].token_ids)
-            last = self._last[out.request_id]
-            if n < last or (n == last and not out.finished):
-                continue
-            self._last[out.request_id] = n
-            self._latest[out.request_id] = out
-            out.extra["rank"] = msg.rank
-            q.put_nowait(out)
+            sofar = self._sofar[rid]
+            kind = self._reqs[rid].output_kind
+            for delta in sofar.add(out):
+                delta.extra["rank"] = msg.rank
+                if kind == "delta":
+                    q.put_nowait(delta)
+                elif kind == "cumulative" or delta.finished:
+                    whole = sofar.cumulative()
+                    req = self._reqs[rid]
+                    whole.prompt, whole.prompt_token_ids = req.prompt, req.prompt_token_ids
+                    whole.extra["rank"] = msg.rank
+                    q.put_nowait(whole)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def request_stop(self) -> None:

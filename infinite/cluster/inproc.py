@@ -11,13 +11,14 @@ supervisor as a process does; ``add_rank`` joins a new one into the running clus
 from __future__ import annotations
 
 import asyncio
+import gc
 from dataclasses import replace
 
 from infinite.cluster import messages as M
 from infinite.cluster.endpoint import RankEndpoint
 from infinite.cluster.frontdoor import ClusterEngine
 from infinite.cluster.instance import Instance
-from infinite.cluster.rank import heartbeat_loop
+from infinite.cluster.rank import heartbeat_loop, settle_heap
 from infinite.cluster.transport import InProcessHub, to_asyncio
 from infinite.runtime.config import EngineConfig
 
@@ -36,13 +37,17 @@ class InProcessCluster:
             inst.apply_view(self.front.supervisor.on_join(M.Join(inst.rank, inst.stats())))
         self._tasks: list[asyncio.Task] = []
         self._heartbeats = False
+        self._frozen = False
 
     @property
     def gmanager(self):
         return self.front.gmanager
 
     async def start(self, heartbeats: bool = True, placement: bool = False) -> InProcessCluster:
-        """Run every instance's step loop (and heartbeats, and the placement loop) on this loop."""
+        """Run every instance's step loop (and heartbeats, and the placement loop) on this loop. As a
+        rank does once started, the heap alive now leaves the collector's sight until stop()."""
+        settle_heap()
+        self._frozen = True
         self.front.bind(asyncio.get_running_loop())
         self._heartbeats = heartbeats
         for inst in self.instances:
@@ -87,6 +92,9 @@ class InProcessCluster:
         for inst in self.instances:
             inst.close()
         self.hub.close()
+        if self._frozen:
+            gc.unfreeze()
+            self._frozen = False
 
     async def __aenter__(self) -> InProcessCluster:
         return await self.start()

@@ -25,17 +25,21 @@ from infinite.cluster.allocator import ClusterAllocator
 from infinite.cluster.counters import StepCounters
 from infinite.cluster.creditor import Creditor
 from infinite.cluster import recovery
+from infinite.cluster.device_timer import device_timer
 from infinite.cluster.instance_view import InstanceView
 from infinite.cluster.membership import PING_S, short_error
 from infinite.cluster.migration import Migrator
 from infinite.cluster.policy import LendingPolicy
 from infinite.cluster.step_runner import StepRunner
-from infinite.cluster.transport import PeerError, Transport, to_asyncio
+from infinite.cluster.tp_commands import run_remote
+from infinite.cluster.transport import PeerError, Transport, is_stale, to_asyncio
 from infinite.kv.rmanager import RBlock, blocks_for
+from infinite.model.parallel import GroupError
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.engine import LLMEngine
-from infinite.runtime.model_runner import LocalAttention, forward
+from infinite.runtime.request import Request, Status
+from infinite.runtime.tp import TPLeader
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,8 @@ STEP_RETRIES = 3  # a remote step that fails with every peer alive is retried th
 
 class Instance:
     def __init__(self, config: EngineConfig, rank: int, world_size: int, transport: Transport,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, tp: TPLeader | None = None) -> None:
+        """``tp``: this is the first rank of a tensor-parallel instance (cluster/tp_rank.py)."""
         self.rank = rank
         self.world_size = world_size
         self.config = config
@@ -59,7 +64,7 @@ class Instance:
             return ClusterAllocator(rm, transport, self.policy, self.policy.request_capacity(rm.num_blocks, others),
                                     others, timeout_s)
 
-        self.engine = LLMEngine(config, rank=rank, make_allocator=allocator)
+        self.engine = LLMEngine(config, rank=rank, make_allocator=allocator, tp=tp)
         self.allocator: ClusterAllocator = self.engine.allocator
         self.rm = self.engine.rm
         self.counters = StepCounters()
@@ -73,7 +78,10 @@ class Instance:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-compute")
         self.stopping = False
-        self._sent_placement: dict[str, tuple[int, tuple]] = {}
+        self._resend_placement = True  # the next beat carries every request's placement (the first, or after a lost beat)
+        self.step_timer = device_timer(config.torch_device())  # a step's time is the device's (synchronized)
+        self._step_context = 0  # tokens held (blocks in use x block size) when the step being run began
+        self._resend_prefixes = False  # the next heartbeat carries every prefix anchor (the last was lost)
         self._step_calls = 0  # remote calls per layer of the step being run
         self.view = InstanceView(self)
         self.draining = False  # leaving the cluster: takes no new request
@@ -121,7 +129,10 @@ class Instance:
                 try:
                     req = e.build_request(item.request_id, item.prompt_token_ids, item.params, item.max_tokens,
                                           item.prompt)
+                    req.output_kind = "delta"  # homes send rank 0 what is new; rank 0 assembles (FrontDoor)
                     recovery.restore_progress(req, item)
+                    if item.prefix_holder >= 0 and item.prefix_holder != self.rank:
+                        req.prefix_hint = (item.prefix_holder, item.prefix_blocks)
                     e.submit(req)
                 except Exception as err:  # noqa: BLE001 - surfaced to the client as a failed request
                     log.exception("rank %d: cannot add %s", self.rank, item.request_id)
@@ -168,7 +179,7 @@ class Instance:
         bs = self.engine.block_size
         waiting = self.policy.queue_demand((blocks_for(r.num_tokens + 1, bs) for r in list(sched.waiting)),
                                            self.rm.num_blocks)
-        running = [(r.num_tokens, r.num_prompt_tokens + r.max_tokens, len(self.rm.table(r.request_id)))
+        running = [(r.num_tokens, r.num_prompt_tokens + r.max_tokens, self.rm.num_held(r.request_id))
                    for r in list(sched.running)]
         return self.policy.own_demand(waiting, running, bs)
 
@@ -179,23 +190,26 @@ class Instance:
         self._apply_inbox()
         self.migrator.apply_done()
         e = self.engine
+        t0 = time.perf_counter()
         batch = e.scheduler.schedule()
         if not batch.requests:
+            if e.tp is not None:
+                e.tp.idle()
             return None
-        tables = [self.rm.table(r.request_id) for r in batch.requests]
+        e.timing.schedule_s += time.perf_counter() - t0
+        self._step_context = (self.rm.num_blocks - self.rm.num_free) * self.engine.block_size
         self._step_calls = 0
-        if all(ref.instance == self.rank for t in tables for ref in t):
-            inputs = e.prepare(batch)
-            logits = forward(e.model, inputs, LocalAttention(e.kv, inputs, e.scale))
-            return batch, None, e.postprocess(batch, inputs, logits)
-        now = time.time()
-        for req in batch.requests:
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
-        mbs = self.runner.micro_batches(batch, tables)
+        e.mark_scheduled(batch)
+        t1 = time.perf_counter()
+        e.input_batch.sync(batch.requests)
+        if self.rm.num_borrowed == 0 or not any(e.input_batch.has_remote(r.request_id) for r in batch.requests):
+            return batch, None, e.execute(batch)
+        mbs = self.runner.micro_batches(batch, since=t1)
         self._step_calls = sum(len(mb.parts) for mb in mbs)
-        if len(mbs) == 1:
+        if len(mbs) == 1 or e.tp is not None:
             try:
+                if e.tp is not None:  # the group runs the micro-batches in lockstep (tp_commands.py)
+                    return batch, None, run_remote(self.runner, e.tp, batch, mbs)
                 return batch, None, self.runner.run_blocking(batch, mbs[0])
             except Exception as err:
                 raise RemoteStepFailed(mbs, err) from err
@@ -208,7 +222,7 @@ class Instance:
         self._wakeup = asyncio.Event()
         failures = 0
         while not self.stopping:
-            t0 = time.perf_counter()
+            self.step_timer.start()
             try:
                 res = await loop.run_in_executor(self.executor, self._begin_step)
                 if res is None:
@@ -226,14 +240,24 @@ class Instance:
                         outs = await self.runner.run(batch, mbs, self.executor)
                     except Exception as err:
                         raise RemoteStepFailed(mbs, err) from err
-                dt = time.perf_counter() - t0
+                dt = self.step_timer.elapsed()
                 self.engine.last_step_time = dt
-                self.counters.step_done(dt, self._step_calls)
+                self.counters.step_done(dt, self._step_calls, batch_size=len(batch.requests),
+                                        context_tokens=self._step_context,
+                                        decode=all(n == 1 for n in batch.num_new_tokens))
                 if outs:
                     self._send(outputs=outs)
                 failures = 0
             except Exception as err:  # noqa: BLE001 - keep serving
+                if isinstance(err, GroupError) or isinstance(getattr(err, "cause", None), GroupError):
+                    # a rank of this tensor-parallel instance is gone: the instance is; the cluster
+                    # recomputes its requests on the survivors
+                    self.fence(f"its tensor-parallel group failed ({short_error(err)})")
+                    break
                 failures += 1
+                if isinstance(err, RemoteStepFailed) and is_stale(err.cause) and failures < STEP_RETRIES:
+                    log.info("rank %d: %s", self.rank, err.cause)
+                    continue  # the next step sends the creditors whole rows
                 remote = isinstance(err, RemoteStepFailed) and _peer_unreachable(err.cause)
                 if remote and await self._survive(err.cause, err.creditors, failures):
                     continue  # the next step recomputes what the lost rank held (or simply retries)
@@ -276,25 +300,32 @@ class Instance:
         fut.add_done_callback(_log_failure("sending outputs to rank 0"))
 
     def close(self) -> None:
+        if self.engine.tp is not None and self.exit_code == 0:
+            try:
+                self.engine.tp.stop()  # the group's other ranks exit with us
+            except Exception:  # noqa: BLE001 - a rank of the group is gone already
+                log.warning("rank %d: stopping its tensor-parallel group failed", self.rank, exc_info=True)
         self.creditor.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- heartbeats -------------------------------------------------------------------------------
     def heartbeat(self) -> M.Heartbeat:
-        """Free memory, batch, step time, and the placement entries that changed since the last beat."""
-        stats = self.stats()
-        placement = self.rm.placement()
-        ctx = {r.request_id: r.num_tokens for r in list(self.engine.scheduler.running)}
-        changed = []
-        for rid, counts in placement.items():
-            key = (ctx.get(rid, 0), tuple(sorted(counts.items())))
-            if self._sent_placement.get(rid) != key:
-                changed.append(M.PlacementEntry(rid, key[0], dict(counts)))
-                self._sent_placement[rid] = key
-        gone = [rid for rid in self._sent_placement if rid not in placement]
-        for rid in gone:
-            del self._sent_placement[rid]
-        return M.Heartbeat(stats, changed, gone)
+        """Counters, the decode steps measured since the last beat, and the placement entries that
+        changed since then: O(requests that changed + batch), never O(blocks held) — the counts
+        are kept on change by the rManager, no table is walked or copied."""
+        full, self._resend_placement = self._resend_placement, False
+        changed, removed = self.rm.placement_changes(everything=full)
+        reqs = self.engine.requests
+        entries = [M.PlacementEntry(rid, _context(reqs.get(rid)), counts) for rid, counts in changed.items()]
+        everything, self._resend_prefixes = self._resend_prefixes, False
+        added, gone = self.rm.take_anchor_changes(everything)  # the prefix cache's anchors, as a diff
+        return M.Heartbeat(self.stats(walk=self._idle()), entries, removed, self.counters.take_decode_steps(), full,
+                           added, gone, everything)
+
+    def _idle(self) -> bool:
+        """Nothing queued, running or arriving: a walk of the tables then finds only leaks."""
+        sched = self.engine.scheduler
+        return not sched.running and not sched.waiting and not self._inbox
 
     def on_heartbeat_reply(self, reply: M.HeartbeatReply) -> None:
         self.allocator.borrowable = reply.borrowable
@@ -306,10 +337,14 @@ class Instance:
             self.apply_view(reply.view)
 
     def forget_sent_placement(self) -> None:
-        """The last beat may not have arrived: the next one resends the whole placement."""
-        self._sent_placement.clear()
+        """The last beat may not have arrived: the next one resends the whole placement (and every
+        prefix anchor)."""
+        self._resend_placement = True
+        self._resend_prefixes = True
 
-    def stats(self) -> M.InstanceStats:
+    def stats(self, walk: bool = True) -> M.InstanceStats:
+        """Counters (O(batch + queue), kept on change), plus the walked tallies of the tables and
+        lent lists when ``walk`` (O(tables): a heartbeat walks only when idle)."""
         e = self.engine
         rm = self.rm.stats()
         running = list(e.scheduler.running)
@@ -348,8 +383,16 @@ class Instance:
             remote_wait_per_call_ms=1e3 * c.recent_wait_per_call_s,
             remote_calls_per_step=c.mean_calls_per_layer,
             recomputed=self.view.recomputed,
-            **self.rm.walk(),
+            **e.prefix_stats(),
+            prefix_cache_remote_hits=self.allocator.prefix_loan_tokens,
+            prefix_copies=self.allocator.prefix_copies,
+            **(self.rm.walk() if walk else {}),
         )
+
+
+def _context(req: Request | None) -> int:
+    """A placement entry's context: the tokens of a running request (0 while it waits)."""
+    return req.num_tokens if req is not None and req.status is Status.RUNNING else 0
 
 
 class RemoteStepFailed(Exception):

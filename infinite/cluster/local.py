@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection, Listener
 from typing import Any
 
 from infinite.cluster import messages as M
-from infinite.cluster.spawn import local_rendezvous, spawn_ranks, stop_ranks
+from infinite.cluster.spawn import check_local, local_rendezvous, spawn_ranks, stop_ranks
 from infinite.errors import RequestError
 from infinite.outputs import RequestOutput
 from infinite.runtime.config import EngineConfig
@@ -56,11 +56,13 @@ class LocalCluster:
         self.model_dir = resolve_model_dir(config.model)  # the default model is generated once, here
         config = EngineConfig(**{**config.__dict__, "model": self.model_dir})
         self.config = config
+        check_local(config)
         authkey = os.urandom(16)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
         self._conn_box: list[Connection] = []
         log_level = logging.getLevelName(logging.getLogger("infinite").getEffectiveLevel())
-        self.procs = spawn_ranks(config, local_rendezvous(n, log_level=log_level), driver=(listener.address, authkey))
+        self.procs = spawn_ranks(config, local_rendezvous(n, log_level=log_level, tp_size=config.tensor_parallel_size),
+                                 driver=(listener.address, authkey))
         self._finalizer = weakref.finalize(self, _terminate, self.procs, self._conn_box)
         try:
             self._conn = self._accept(listener, start_timeout_s)
@@ -146,7 +148,8 @@ class LocalCluster:
         return Request(made.request_id, made.prompt_token_ids, params, max_tokens=made.max_tokens, prompt=made.prompt)
 
     def submit(self, req: Request) -> str:
-        self._send(M.DriverAdd(req.request_id))
+        pin = req.data_parallel_rank
+        self._send(M.DriverAdd(req.request_id, -1 if pin is None else pin))
         self._unfinished.add(req.request_id)
         return req.request_id
 

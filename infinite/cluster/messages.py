@@ -53,6 +53,12 @@ class AddRequest(Msg):
     output_token_ids: list[int] = []
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
+    text_len: int = 0  # characters of output text rank 0 has already (the new home's deltas go on from there)
+    prompt_logprobs_sent: bool = False  # rank 0 has the prompt logprobs already
+    # where the gManager saw the longest cached prefix of the prompt when it is not the home:
+    # that instance and how many blocks deep (a hint: the holder confirms with the block names)
+    prefix_holder: int = -1
+    prefix_blocks: int = 0
 
 
 class AbortRequest(Msg):
@@ -91,6 +97,8 @@ class RequestFailure(Msg):
 
 
 class Outputs(Msg):
+    # Delta outputs (RequestOutput.delta_offset set): only what each request made since its last
+    # output, so a step's message does not grow with the requests' lengths; rank 0 assembles them.
     """A home's new outputs (cumulative per request) and the requests it could not run."""
 
     rank: int
@@ -113,6 +121,13 @@ class InstanceStats(Msg):
     used_blocks: int
     lent_blocks: int
     borrowed_blocks: int
+    cached_blocks: int = 0  # blocks holding a named prefix (in use or not)
+    evictable_blocks: int = 0  # free blocks that still hold a named prefix (counted in free_blocks)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, over admissions
+    prefix_cache_hits: int = 0  # ... of which their KV came from a cache (this pool's or another's)
+    prefix_cache_hit_rate: float = 0.0
+    prefix_cache_remote_hits: int = 0  # ... of which their KV stayed on another instance (lent by reference)
+    prefix_copies: int = 0  # requests whose prefix lent in place was then copied home (copy_pays)
     num_running: int = 0
     num_waiting: int = 0
     waiting_blocks: int = 0
@@ -138,18 +153,42 @@ class InstanceStats(Msg):
     remote_wait_per_call_ms: float = 0.0  # exposed wait per remote MicroAttention call (recent)
     remote_calls_per_step: float = 0.0  # remote calls per layer, over the steps step_time_ms averages
     torch_threads: int = 0  # intra-op threads of this rank's torch
-    # Walked, not derived from the free count: blocks in the request tables, blocks lent.
-    table_blocks: int = 0
-    lent_entries: int = 0
+    # Walked, not derived from the free count: blocks in the request tables, blocks lent. A walk
+    # costs O(tables), so a heartbeat walks only when its instance is idle (then what it finds is
+    # a leak); None: not walked in this report. StatsQuery (LLM.stats()) always walks.
+    table_blocks: int | None = None
+    lent_entries: int | None = None
     recomputed: int = 0  # requests recomputed here because a rank holding some of their blocks left
+    pool_version: int = 0  # the pool's version when free/used/lent were read (BlockPool.version)
+
+
+class StepRecord(msgspec.Struct, array_like=True, frozen=True):
+    """One decode step as its instance measured it: the batch, the context held (blocks in use
+    times the block size, as the planner counts it) and the remote calls per layer of that step,
+    with that step's time (the device's, synchronized)."""
+
+    batch_size: int
+    context_tokens: int
+    step_s: float
+    remote_calls: int = 0
 
 
 class Heartbeat(Msg):
-    """Free memory, batch and step time, plus only the placement entries that changed."""
+    """Counters (free memory, batch, step time), the decode steps measured since the last beat,
+    and only the placement entries that changed since then: O(what changed), whatever the blocks
+    held. ``placement_full``: the entries are every request of the sender's (its last beat may
+    have been lost); any other the gManager holds for it is gone. The prefix cache's anchors
+    (infinite.kv.prefix: 64-bit keys of sampled block names, not block lists) added and removed
+    since the last beat; ``prefix_everything``: the added ones are all there are."""
 
     stats: InstanceStats
     placement_changed: list[PlacementEntry] = []
     placement_removed: list[str] = []
+    decode_steps: list[StepRecord] = []
+    placement_full: bool = False
+    prefix_added: list[int] = []
+    prefix_removed: list[int] = []
+    prefix_everything: bool = False
 
 
 class ClusterView(Msg):
@@ -239,7 +278,14 @@ class Reserve(Msg):
 
 
 class Reserved(Msg):
+    """The blocks reserved, and the creditor's pool counts read after reserving them: the
+    gManager's view of that creditor until a newer reading (``pool_version``) comes."""
+
     blocks: list[int]  # [] = refused
+    free_blocks: int = 0
+    used_blocks: int = 0
+    lent_blocks: int = 0
+    pool_version: int = -1  # -1: no counts (older than any reading)
 
 
 class Release(Msg):
@@ -250,6 +296,20 @@ class Release(Msg):
 
 class Released(Msg):
     count: int
+
+
+class LendPrefix(Msg):
+    """A home asks the holder of a cached prefix to lend its blocks to one request by reference
+    (never evicted while held; ``Release`` gives them back): the longest run of ``names`` (16-byte
+    block names, infinite.kv.prefix) cached there."""
+
+    debtor: int
+    request_id: str
+    names: list[bytes]
+
+
+class PrefixLent(Msg):
+    blocks: list[int]  # the holder's blocks of names[0..len(blocks)); [] = none
 
 
 class WriteBlocks(Msg):
@@ -275,12 +335,22 @@ class StepKey(Msg):
 
 
 class AttentionMeta(Msg):
-    """MAMetadata of the creditor's blocks, as lists (infinite.attention.MAMetadata.build inputs)."""
+    """A step's requests on one creditor, as diffs against the rows it holds (cluster/lent_rows.py).
 
+    Per request: a stable ``handle``, its blocks' ``epoch``, ``base`` (entries the creditor
+    holds already; 0: replace them), its queries (``q_lens``, ``q_starts``) and ``counts`` new
+    entries, concatenated in ``blocks`` (ids in the creditor's pool) and ``logical`` (their
+    indices in the request). ``drop``: handles the creditor may forget."""
+
+    handles: list[int]
+    epochs: list[int]
+    bases: list[int]
     q_lens: list[int]
     q_starts: list[int]
-    blocks: list[list[int]]
-    logical: list[list[int]]
+    counts: list[int]
+    blocks: list[int]
+    logical: list[int]
+    drop: list[int] = []
 
 
 class AttentionCall(Msg):
@@ -324,6 +394,7 @@ class DriverMade(Msg):
 
 class DriverAdd(Msg):
     request_id: str
+    data_parallel_rank: int = -1  # the instance to run it on (vLLM's name); -1: the router picks
 
 
 class DriverAbort(Msg):
@@ -388,7 +459,7 @@ class BlockTensors:
 Message = (
     Ack | Failed | AddRequest | AbortRequest | MoveKV | Stop | StatsQuery | Ping | RequestFailure | Outputs
     | PlacementEntry | InstanceStats | Heartbeat | HeartbeatReply | Borrow | Borrowed | ClusterStop | Reserve
-    | Reserved | Release | Released | WriteBlocks | ReadBlocks | StepKey | AttentionMeta | AttentionCall | AttentionResult
+    | Reserved | Release | Released | LendPrefix | PrefixLent | WriteBlocks | ReadBlocks | StepKey | AttentionMeta | AttentionCall | AttentionResult
     | DriverReady | DriverMake | DriverMade | DriverAdd | DriverAbort | DriverQuery | DriverReply | DriverError
     | DriverMove | DriverStop | DriverOutput | ClusterView | Join | Leaving | Left | Drain | Suspect
 )

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
-
-import torch
+import time
+from dataclasses import dataclass, field
 
 from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
@@ -38,6 +37,7 @@ class _Transfer:
     new: list[RBlock]  # where they will be
     done: Future
     local_dst: list[int] | None = None  # pull: local blocks to write once the contents arrive
+    seconds: list[float] = field(default_factory=list)  # the copy's time, once its contents arrived
 
 
 class Migrator:
@@ -53,6 +53,10 @@ class Migrator:
         self._lock = threading.Lock()
 
     @property
+    def num_layers(self) -> int:
+        return self.kv.k.shape[0]
+
+    @property
     def busy(self) -> set[str]:
         """Requests with a transfer in flight (the planner leaves them alone meanwhile)."""
         with self._lock:
@@ -60,14 +64,16 @@ class Migrator:
 
     # ---- which blocks may move ------------------------------------------------------------
     def oldest_full(self, request_id: str, computed_tokens: int, where: int, n: int) -> list[RBlock]:
-        """Up to n of the request's oldest blocks on instance ``where`` whose tokens are all computed."""
+        """Up to n of the request's oldest blocks on instance ``where`` whose tokens are all computed
+        (a scan that stops once it has them; no copy of the table); local blocks other requests
+        share too (a cached prefix) are left out: moving them frees nothing."""
         full = computed_tokens // self.rm.block_size
-        busy = {ref for t in self._pending if t.request_id == request_id for ref in t.old}
-        return [ref for ref in self.rm.table(request_id)[:full] if ref.instance == where and ref not in busy][:n]
+        with self._lock:
+            busy = frozenset(ref for t in self._pending if t.request_id == request_id for ref in t.old)
+        return self.rm.oldest(request_id, where, full, n, busy)
 
     def _contents(self, refs: list[RBlock]) -> M.BlockTensors:
-        idx = torch.tensor([r.block for r in refs], dtype=torch.int64, device=self.kv.k.device)
-        return M.BlockTensors(self.kv.k.index_select(1, idx), self.kv.v.index_select(1, idx))  # [L, n, B, nkv, d]
+        return M.BlockTensors(*self.kv.read_blocks([r.block for r in refs]))  # [L, n, B, nkv, d]
 
     # ---- push: local blocks out -----------------------------------------------------------
     def push(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> None:
@@ -80,6 +86,7 @@ class Migrator:
     def push_now(self, request_id: str, old: list[RBlock], new: list[RBlock]) -> bool:
         """Copy and swap at once (the caller owns the table right now). False: nothing changed
         (the copy failed; the reserved blocks went back)."""
+        t0 = time.perf_counter()
         by: dict[int, tuple[list[RBlock], list[RBlock]]] = {}
         for o, n in zip(old, new, strict=True):
             e = by.setdefault(n.instance, ([], []))
@@ -97,6 +104,7 @@ class Migrator:
         if not ok:
             self._give_back(request_id, new)
             return False
+        self.counters.copied(len(old), time.perf_counter() - t0)
         self.rm.swap_out(request_id, old, new)
         self.counters.migrations += 1
         self.counters.migrated_blocks += len(old)
@@ -110,10 +118,13 @@ class Migrator:
         except MemoryError:
             return False
         creditor = old[0].instance
+        t0 = time.perf_counter()
         done = self.transport.read_blocks(creditor, M.ReadBlocks(self.rank, request_id, [r.block for r in old]),
                                           timeout=self.timeout_s)
+        t = _Transfer(request_id, old, [RBlock(self.rank, b) for b in local], done, local)
+        done.add_done_callback(lambda _: t.seconds.append(time.perf_counter() - t0))
         with self._lock:
-            self._pending.append(_Transfer(request_id, old, [RBlock(self.rank, b) for b in local], done, local))
+            self._pending.append(t)
         return True
 
     # ---- between steps ----------------------------------------------------------------------
@@ -126,20 +137,19 @@ class Migrator:
             self._finish(t)
 
     def _finish(self, t: _Transfer) -> None:
-        table = set(self.rm.table(t.request_id))
         try:
             contents = t.done.wait()
         except Exception as e:  # noqa: BLE001 - the copy failed: the blocks stay where they were
             log.warning("rank %d: moving %d blocks of %s failed: %s", self.rank, len(t.old), t.request_id, e)
             self._undo(t)
             return
-        if not set(t.old) <= table:  # the request ended or was preempted meanwhile
+        if not self.rm.holds(t.request_id, t.old):  # the request ended or was preempted meanwhile
             self._undo(t)
             return
         if t.local_dst is not None:  # pull: write the contents home, then give the creditor its blocks back
-            idx = torch.tensor(t.local_dst, dtype=torch.int64, device=self.kv.k.device)
-            self.kv.k.index_copy_(1, idx, contents.k.to(self.kv.k.device))
-            self.kv.v.index_copy_(1, idx, contents.v.to(self.kv.v.device))
+            if t.seconds:
+                self.counters.copied(len(t.old), t.seconds[0])
+            self.kv.write_blocks(t.local_dst, contents.k, contents.v)
             self.rm.replace_blocks(t.request_id, t.old, t.new)
             self._give_back(t.request_id, t.old)
         else:

@@ -29,6 +29,7 @@ its home when the home has room and the cluster gains.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from infinite.cluster.cost_model import CostModel
@@ -40,6 +41,7 @@ __all__ = [
     "InstanceState",
     "ClusterSnapshot",
     "PlacementConfig",
+    "PlanBudget",
     "Move",
     "plan",
     "apply_moves",
@@ -211,24 +213,59 @@ def _blocked(i: _Inst, d_free: int = 0) -> int:
 # --------------------------------------------------------------------------- planning
 
 
-def plan(snapshot: ClusterSnapshot, cost: CostModel, cfg: PlacementConfig) -> list[Move]:
+@dataclass
+class PlanBudget:
+    """A bound on one planning round's time, for a caller that plans on a clock (the gManager).
+
+    ``expired`` (the caller's clock against its deadline) is asked between the (debtor, request)
+    pairs of the greedy search and after each greedy step; once it says so, ``plan`` returns the
+    moves found so far. Each was chosen on the state after the ones before it, so the prefix is
+    a plan of its own. A search cut midway leaves ``cut`` (debtor rank, request id): hand it
+    to the next round as ``resume`` and that round's first search starts there, going round to
+    the pairs before it last, so rounds progress through a search longer than one round (each
+    round evaluates at least one pair). Without a budget ``plan`` runs to its fixed point.
+    """
+
+    expired: Callable[[], bool]
+    resume: tuple[int, str] | None = None
+    cut: tuple[int, str] | None = None  # where this round's search stopped (None: not midway)
+    stopped: bool = False  # the budget ended the round before the plan reached its fixed point
+    _evaluated: int = 0
+
+    def _ask(self) -> bool:
+        """Before evaluating a pair: True when the round must stop (never before the first pair)."""
+        if self._evaluated and self.expired():
+            self.stopped = True
+            return True
+        self._evaluated += 1
+        return False
+
+
+def plan(snapshot: ClusterSnapshot, cost: CostModel, cfg: PlacementConfig,
+         budget: PlanBudget | None = None) -> list[Move]:
     """Moves that lower blocked demand and raise estimated throughput; [] when balanced.
 
     Blocks that leaving instances (``alive=False``) hold for live requests
     are moved off first. Requests homed on a leaving instance are not
-    planned for; ``lost_requests`` names them.
+    planned for; ``lost_requests`` names them. ``budget``: stop early (PlanBudget).
     """
     _check_types(snapshot, cost, cfg)
     work = _Work(snapshot)
     moves: list[Move] = []
+    resume = budget.resume if budget is not None else None
     while len(moves) < cfg.max_moves:
         step = _evacuate(work, cfg)
-        mv = _best_move(work, cost, cfg) or _best_return(work, cost, cfg)
+        mv = _best_move(work, cost, cfg, budget, resume)
+        resume = None  # only the round's first search resumes where the last round stopped
+        if mv is None and not (budget is not None and budget.stopped):
+            mv = _best_return(work, cost, cfg)
         if mv is not None:
             work.apply(mv)
             step.append(mv)
         moves.extend(step)
-        if not step:
+        if not step or budget is not None and (budget.stopped or budget.expired()):
+            if budget is not None and step:
+                budget.stopped = True
             break
     return _merge(moves)
 
@@ -270,55 +307,81 @@ def _evacuate(work: _Work, cfg: PlacementConfig) -> list[Move]:
     return out
 
 
-def _best_move(work: _Work, cost: CostModel, cfg: PlacementConfig) -> Move | None:
+def _search_order(work: _Work, cfg: PlacementConfig, debtors: list[_Inst],
+                  resume: tuple[int, str] | None) -> Iterator[tuple[_Inst, _Req]]:
+    """The (debtor, request) pairs of a greedy search, in its order: debtors by ascending batch,
+    each one's movable requests longest first. From ``resume`` on when a round resumes a search
+    (the pairs before it come last); requests are sorted only when the search reaches them."""
+    start, skip = 0, None
+    if resume is not None:
+        for i, d in enumerate(debtors):
+            if d.rank == resume[0]:
+                start, skip = i, resume[1]
+                break
+    order = debtors[start:] + debtors[:start]
+    tail: list[_Req] = []
+    for j, d in enumerate(order):
+        reqs = [r for r in work.by_home.get(d.rank, ()) if _movable(r, cfg) > 0]
+        reqs.sort(key=lambda r: (-r.blocks.get(r.home, 0), r.rid))
+        if j == 0 and skip is not None:
+            at = next((i for i, r in enumerate(reqs) if r.rid == skip), 0)
+            reqs, tail = reqs[at:], reqs[:at]
+        for r in reqs:
+            yield d, r
+    for r in tail:
+        yield order[0], r
+
+
+def _best_move(work: _Work, cost: CostModel, cfg: PlacementConfig, budget: PlanBudget | None = None,
+               resume: tuple[int, str] | None = None) -> Move | None:
     live = [i for i in work.inst.values() if i.alive]
     debtors = [i for i in live if (i.batch < cfg.debtor_batch_threshold or i.waiting > i.free)
                and cfg.policy.may_borrow(i.lent)]
     debtors.sort(key=lambda i: (i.batch, i.rank))
     creditors: list[_Inst] | None = None  # found once a request could gain (a scan of every instance)
-    for d in debtors:
-        reqs = [r for r in work.by_home.get(d.rank, ()) if _movable(r, cfg) > 0]
-        reqs.sort(key=lambda r: (-r.blocks.get(r.home, 0), r.rid))
-        for r in reqs:
-            if not _may_gain(work, cost, cfg, d, r):
+    for d, r in _search_order(work, cfg, debtors, resume):
+        if budget is not None and budget._ask():
+            budget.cut = (d.rank, r.rid)
+            return None
+        if not _may_gain(work, cost, cfg, d, r):
+            continue
+        if creditors is None:
+            creditors = [i for i in live
+                         if i.used < cfg.creditor_usage_threshold * i.total and work.lendable(i, cfg) > 0]
+            creditors.sort(key=lambda c: (-c.free, c.rank))  # nothing changes until a move is returned
+        if not creditors:
+            return None
+        # fewest creditors per request: one that already holds it first, then most free
+        cands = [c for c in creditors if c.rank != d.rank and r.blocks.get(c.rank, 0) > 0]
+        cands += [c for c in creditors if c.rank != d.rank and r.blocks.get(c.rank, 0) == 0]
+        movable = _movable(r, cfg)
+        failed = set()  # creditors in the same state give the same answer: ask one of them
+        # Exact bound per creditor: a move of k blocks gains at most the debtor's change at
+        # k (the creditor's is never positive), which grows with k; so a creditor that can
+        # take at most k_max cannot beat min_gain if the debtor's change at k_max does not,
+        # nor can any creditor with a smaller k_max and the same new-call count.
+        hopeless = {0: 0, 1: 0}  # new calls -> the largest k_max known not to pay
+        base = _value(d, cost, work.block_size)
+        for c in cands:
+            new_call = 0 if r.blocks.get(c.rank, 0) > 0 else 1
+            sig = (c.total, c.free, c.lent, c.borrowed, c.batch, c.waiting, c.waiting_reqs, c.remote_calls,
+                   c.alive, new_call)
+            if sig in failed:
                 continue
-            if creditors is None:
-                creditors = [i for i in live
-                             if i.used < cfg.creditor_usage_threshold * i.total and work.lendable(i, cfg) > 0]
-                creditors.sort(key=lambda c: (-c.free, c.rank))  # nothing changes until a move is returned
-            if not creditors:
-                return None
-            # fewest creditors per request: one that already holds it first, then most free
-            cands = [c for c in creditors if c.rank != d.rank and r.blocks.get(c.rank, 0) > 0]
-            cands += [c for c in creditors if c.rank != d.rank and r.blocks.get(c.rank, 0) == 0]
-            movable = _movable(r, cfg)
-            failed = set()  # creditors in the same state give the same answer: ask one of them
-            # Exact bound per creditor: a move of k blocks gains at most the debtor's change at
-            # k (the creditor's is never positive), which grows with k; so a creditor that can
-            # take at most k_max cannot beat min_gain if the debtor's change at k_max does not,
-            # nor can any creditor with a smaller k_max and the same new-call count.
-            hopeless = {0: 0, 1: 0}  # new calls -> the largest k_max known not to pay
-            base = _value(d, cost, work.block_size)
-            for c in cands:
-                new_call = 0 if r.blocks.get(c.rank, 0) > 0 else 1
-                sig = (c.total, c.free, c.lent, c.borrowed, c.batch, c.waiting, c.waiting_reqs, c.remote_calls,
-                       c.alive, new_call)
-                if sig in failed:
-                    continue
-                if new_call and hopeless[1] >= movable:
-                    break  # the rest hold none of r and can take at most `movable`: none pays
-                k_max = min(movable, work.lendable(c, cfg))
-                if k_max <= hopeless[new_call]:
-                    failed.add(sig)
-                    continue
-                if _value(d, cost, work.block_size, k_max, new_call) - base <= cfg.min_gain:
-                    hopeless[new_call] = k_max
-                    failed.add(sig)
-                    continue
-                mv = _best_k(work, cost, cfg, d, c, r)
-                if mv is not None:
-                    return mv
+            if new_call and hopeless[1] >= movable:
+                break  # the rest hold none of r and can take at most `movable`: none pays
+            k_max = min(movable, work.lendable(c, cfg))
+            if k_max <= hopeless[new_call]:
                 failed.add(sig)
+                continue
+            if _value(d, cost, work.block_size, k_max, new_call) - base <= cfg.min_gain:
+                hopeless[new_call] = k_max
+                failed.add(sig)
+                continue
+            mv = _best_k(work, cost, cfg, d, c, r)
+            if mv is not None:
+                return mv
+            failed.add(sig)
     return None
 
 

@@ -10,12 +10,14 @@ It imports no front-end: the launch layer composes (infinite/launch, infinite/cl
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import logging
 import os
 import signal
 import warnings
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,6 +45,8 @@ class RankOptions:
     watch_parent: bool = False  # exit when the launching process is gone (no orphans)
     joining: bool = False  # joins a running cluster (infinite join) rather than starting with it
     start_timeout_s: float = 600.0  # rank 0 waits this long for the initial ranks (they load the model)
+    tp_rank: int = 0  # place in the instance's tensor-parallel group (0: its first rank, which runs the instance)
+    local_rank: int | None = None  # rank process index on this host (its GPU); None: rank * tp + tp_rank
 
 
 def setup_process(config: EngineConfig, opts: RankOptions) -> None:
@@ -51,22 +55,53 @@ def setup_process(config: EngineConfig, opts: RankOptions) -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # tensorpipe's EOF chatter at shutdown
     logging.basicConfig(level=str(opts.log_level).upper(),
                         format=f"[rank{opts.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
-    if config.torch_device().type == "cpu":
+    device = config.torch_device()
+    if device.type == "cpu":
         torch.set_num_threads(config.rank_threads(opts.local_world_size or opts.world_size))
+    elif device.index is not None:
+        torch.cuda.set_device(device)  # NCCL's communicators and every default allocation on this rank's GPU
+
+
+def placed(config: EngineConfig, opts: RankOptions) -> EngineConfig:
+    """The config with this rank process's own device (cluster/devices.py)."""
+    from infinite.cluster.devices import host_gpus, rank_device
+
+    tp = config.tensor_parallel_size
+    local = opts.local_rank if opts.local_rank is not None else opts.rank * tp + opts.tp_rank
+    local_ranks = opts.local_world_size or opts.world_size * tp
+    return replace(config, device=rank_device(config.device, local, local_ranks, host_gpus()))
+
+
+def settle_heap() -> None:
+    """Take what is alive after start-up — torch, the model, the imports: hundreds of thousands of
+    objects that live as long as the rank — out of the cyclic garbage collector's sight
+    (``gc.freeze``). A full collection otherwise walks them all with the GIL held, pausing the
+    event loop for hundreds of milliseconds; on rank 0 the gManager's planner, which allocates a
+    working copy of the placement map each round, triggers one every second or so at 64 instances
+    and 10K requests, and /health's p99 went past 50 ms (tests/test_gmanager_scale.py)."""
+    gc.collect()
+    gc.freeze()
 
 
 def run_rank(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | None = None) -> int:
-    setup_process(config, opts)
+    here = placed(config, opts)
+    setup_process(here, opts)
+    if opts.tp_rank > 0:  # a rank of a tensor-parallel group other than its first: no RPC, no event loop
+        from infinite.cluster.tp_rank import run_follower
+
+        return run_follower(here, opts.rank, opts.world_size, opts.tp_rank, opts.data_init_method, opts.watch_parent)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
         pass
-    return asyncio.run(_main(config, opts, front_end))
+    return asyncio.run(_main(here, opts, front_end, published=config))
 
 
-async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | None) -> int:
+async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | None,
+                published: EngineConfig | None = None) -> int:
+    """``published``: the config joiners read (devices unplaced); ``config`` is this process's."""
     from infinite.cluster import rpc_membership
     from infinite.cluster.endpoint import RankEndpoint
     from infinite.cluster.frontdoor import ClusterEngine
@@ -82,20 +117,27 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
     # The front-end starts at once (an HTTP socket answers 503 until the cluster is up).
     front_task = asyncio.ensure_future(front_end(ready, stop)) if front_end is not None and rank == 0 else None
     # The point-to-point group is fixed at start-up; a rank that joins later uses RPC for its data.
-    if config.data_plane == "p2p" and world > 1 and not opts.joining:
-        transport = P2PTransport(rank, world, opts.init_method, opts.data_init_method, config.torch_device())
+    tp = config.tensor_parallel_size
+    if config.data_plane == "p2p" and (world > 1 or tp > 1) and not opts.joining:
+        transport = P2PTransport(rank, world, opts.init_method, opts.data_init_method, config.torch_device(),
+                                 tp_size=tp)
     else:
         transport = TorchRpcTransport(rank, world, opts.init_method)
     try:
+        tp_leader = None
+        if tp > 1:  # the group's channels exist before the model loads (pool sizing is collective)
+            from infinite.cluster.tp_rank import open_leader
+
+            tp_leader = await loop.run_in_executor(None, open_leader, transport, config, opts.joining)
         # Load the model (off the loop) before any peer can call us.
-        instance = await loop.run_in_executor(None, Instance, config, rank, max(world, 2 if opts.joining else 1),
-                                              transport)
+        instance = await loop.run_in_executor(None, functools.partial(
+            Instance, config, rank, max(world, 2 if opts.joining else 1), transport, tp=tp_leader))
         front = ClusterEngine(instance, transport) if rank == 0 else None
         if front is not None:
             front.bind(loop, stop)
         await loop.run_in_executor(None, transport.start, RankEndpoint(instance, front))
         if front is not None:
-            rpc_membership.publish(config, world)
+            rpc_membership.publish(published or config, world)
             front.supervisor.on_members = rpc_membership.publish_members
             instance.apply_view(front.supervisor.on_join(M.Join(rank, instance.stats())))
             await front.supervisor.wait_for_initial(opts.start_timeout_s)
@@ -111,6 +153,7 @@ async def _main(config: EngineConfig, opts: RankOptions, front_end: FrontEnd | N
         if opts.joining:
             _undo_join(opts, e)
         raise
+    settle_heap()
     if not ready.done():
         ready.set_result(front)
     signals = 0

@@ -20,23 +20,19 @@ The runtime (front door, instance) calls these and does the I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from infinite.cluster import messages as M
 from infinite.cluster.policy import LendingPolicy
-from infinite.kv.rmanager import RBlock, blocks_for
-from infinite.outputs import RequestOutput
+from infinite.kv.rmanager import blocks_for
+from infinite.outputs import OutputAccumulator
 from infinite.runtime.request import Request
+from infinite.sampling.structured import advance
 
 
 def homed_on(homes: Mapping[str, int], rank: int) -> list[str]:
     """Requests whose home is ``rank``: rank 0 moves them to survivors."""
     return sorted(rid for rid, h in homes.items() if h == rank)
-
-
-def touching(tables: Mapping[str, Sequence[RBlock]], rank: int) -> list[str]:
-    """A home's requests with any block on ``rank``: recomputed at home."""
-    return sorted(rid for rid, t in tables.items() if any(ref.instance == rank for ref in t))
 
 
 def capacity_blocks(policy: LendingPolicy, pool_blocks: int, num_serving_peers: int) -> int:
@@ -60,27 +56,41 @@ def no_room_message(rid: str, need: int, capacity: int, gone: Iterable[int]) -> 
             f"and the instances left can hold at most {capacity} for one request, so it cannot be recomputed")
 
 
-def resume_message(req: Request, last: RequestOutput | None) -> M.AddRequest:
-    """The request for its new home: the prompt and everything generated so far (``last`` is the
-    newest cumulative output rank 0 has; None when the home had produced nothing yet)."""
-    out = last.outputs[0] if last is not None else None
+def resume_message(req: Request, sofar: OutputAccumulator | None) -> M.AddRequest:
+    """The request for its new home: the prompt and everything generated so far (``sofar``: what
+    rank 0 assembled from the old home's outputs; None when that home had produced nothing yet)."""
+    if sofar is None or sofar.last is None:
+        return M.AddRequest(req.request_id, req.prompt_token_ids, req.params, req.max_tokens, req.prompt)
+    c = sofar.last.outputs[0]
     return M.AddRequest(
         req.request_id, req.prompt_token_ids, req.params, req.max_tokens, req.prompt,
-        output_token_ids=list(out.token_ids) if out is not None else [],
-        logprobs=list(out.logprobs) if out is not None and out.logprobs is not None else None,
-        cumulative_logprob=out.cumulative_logprob or 0.0 if out is not None else 0.0,
+        output_token_ids=list(sofar.token_ids),
+        logprobs=list(sofar.logprobs) if sofar.logprobs is not None else None,
+        cumulative_logprob=c.cumulative_logprob or 0.0,
+        text_len=len(sofar.text),
+        prompt_logprobs_sent=sofar.prompt_logprobs is not None,
     )
 
 
 def restore_progress(req: Request, msg: M.AddRequest) -> None:
     """Give a request built on its new home the tokens it had generated elsewhere: output ids,
-    the detokenizer state and text (rebuilt by feeding the same ids), logprobs. Its KV is
-    recomputed by the first prefill, which now covers prompt + those tokens."""
+    the detokenizer state and text (rebuilt by feeding the same ids), logprobs, a structured
+    output's grammar state (its matcher advanced over the same ids, so the grammar goes on from
+    where the output is rather than starting again mid-output), and how much of it rank 0 has (its
+    delta outputs go on from there). Its KV is recomputed by the first prefill, which now covers
+    prompt + those tokens."""
+    req.emitted_chars = msg.text_len
+    req.prompt_logprobs_sent = msg.prompt_logprobs_sent
     if not msg.output_token_ids:
         return
+    if req.matcher is not None:
+        for t in msg.output_token_ids:
+            advance(req.matcher, t)
     req.output_token_ids = list(msg.output_token_ids)
+    req.emitted_tokens = len(req.output_token_ids)
     if req.detokenizer is not None:
         req.text = "".join(req.detokenizer.add_token(t) for t in msg.output_token_ids)
     if req.logprobs is not None and msg.logprobs is not None:
         req.logprobs = [dict(d) for d in msg.logprobs]
         req.cumulative_logprob = msg.cumulative_logprob
+        req.emitted_logprobs = len(req.logprobs)

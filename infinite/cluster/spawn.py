@@ -33,14 +33,30 @@ class RankSpec(msgspec.Struct):
     driver_authkey: bytes | None = None
 
 
-def local_rendezvous(world_size: int, *, log_level: str = "WARNING", rpc_port: int = 0) -> list[RankOptions]:
-    """Options of every rank of a cluster on this host: two loopback ports (RPC, whose store new ranks
-    join through, and point-to-point), free ones unless ``rpc_port`` is given."""
+def local_rendezvous(world_size: int, *, log_level: str = "WARNING", rpc_port: int = 0,
+                     tp_size: int = 1) -> list[RankOptions]:
+    """Options of every rank process of a cluster of ``world_size`` instances of ``tp_size`` ranks each
+    on this host, instance by instance: two loopback ports (RPC, whose store new ranks join through,
+    and point-to-point), free ones unless ``rpc_port`` is given."""
     from infinite.cluster.rpc_transport import free_port
 
     rpc_init, data_init = f"tcp://127.0.0.1:{rpc_port or free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    return [RankOptions(r, world_size, rpc_init, data_init, local_world_size=world_size, log_level=log_level)
-            for r in range(world_size)]
+    n = world_size * tp_size
+    return [RankOptions(r, world_size, rpc_init, data_init, local_world_size=n, log_level=log_level, tp_rank=j,
+                        local_rank=r * tp_size + j)
+            for r in range(world_size) for j in range(tp_size)]
+
+
+def check_local(config: EngineConfig) -> None:
+    """Before starting ranks on this host: ValueError now, with the numbers, for what every rank would
+    fail on (a model the group cannot split, too few GPUs)."""
+    from infinite.cluster.devices import host_gpus, rank_device
+    from infinite.model.config import ModelConfig
+    from infinite.model.parallel import check_divisible
+
+    if config.tensor_parallel_size > 1:
+        check_divisible(ModelConfig.from_pretrained(config.model), config.tensor_parallel_size)
+    rank_device(config.device, 0, config.num_processes, host_gpus())
 
 
 def spawn_ranks(config: EngineConfig, opts: list[RankOptions],
@@ -54,9 +70,11 @@ def spawn_ranks(config: EngineConfig, opts: list[RankOptions],
         spec = RankSpec(config, replace(o, watch_parent=True))
         if o.rank == 0 and driver is not None:
             spec.driver_address, spec.driver_authkey = driver
-        # INFINITE_RANK names the process's rank for operators and tests (ps e, /proc/PID/environ).
+        # INFINITE_RANK names the process's rank for operators and tests (ps e, /proc/PID/environ); a
+        # tensor-parallel group's other ranks also carry INFINITE_TP_RANK.
+        tp = {"INFINITE_TP_RANK": str(o.tp_rank)} if o.tp_rank else {}
         p = subprocess.Popen([sys.executable, "-m", "infinite.cluster.spawn"], stdin=subprocess.PIPE,
-                             env={**env, "INFINITE_RANK": str(o.rank)})
+                             env={**env, "INFINITE_RANK": str(o.rank), **tp})
         p.stdin.write(msgspec.msgpack.encode(spec))
         p.stdin.close()
         procs.append(p)

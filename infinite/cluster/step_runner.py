@@ -26,12 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from infinite.attention import micro_attention, write_kv
+from infinite.attention import micro_attention
 from infinite.cluster import messages as M
 from infinite.cluster.counters import StepCounters
-from infinite.cluster.remote_attention import RemotePart, merge_parts, remote_parts
+from infinite.cluster.remote_attention import RemotePart, RemoteWire, merge_parts
 from infinite.cluster.transport import Future, Transport, to_asyncio, wait_all
-from infinite.kv.rmanager import RBlock
 from infinite.outputs import RequestOutput
 from infinite.runtime.engine import LLMEngine
 from infinite.runtime.model_runner import StepInputs, merge_logits, prepare_inputs
@@ -44,8 +43,6 @@ Forward = Generator[list[Future], list[M.AttentionResultTensors], torch.Tensor]
 class MicroBatch:
     inputs: StepInputs
     parts: list[RemotePart]
-    local_rows: torch.Tensor  # [Tl] rows whose new K/V go to the local pool
-    local_slots: torch.Tensor  # [Tl]
     key: M.StepKey  # names this micro-batch's metadata on its creditors
 
 
@@ -58,12 +55,25 @@ class StepRunner:
         self.rank = engine.rank
         self.timeout_s = timeout_s
         self._step_ids = itertools.count()
+        self.wire = RemoteWire(self.rank)  # what each creditor holds of our rows
+        self._prepare_s = 0.0  # host time of the step being run, up to its micro-batches
 
-    def micro_batches(self, batch: ScheduledBatch, tables: list[list[RBlock]]) -> list[MicroBatch]:
+    @staticmethod
+    def creditors(mbs: list[MicroBatch]) -> list[int]:
+        return sorted({p.creditor for mb in mbs for p in mb.parts})
+
+    def micro_batches(self, batch: ScheduledBatch, since: float | None = None) -> list[MicroBatch]:
         """Requests with remote blocks apart from local-only ones (those never wait on a creditor);
-        a batch that is all remote is cut in two, so one half's FFN overlaps the other's remote MA."""
-        n = len(batch.requests)
-        remote = [i for i, t in enumerate(tables) if any(ref.instance != self.rank for ref in t)]
+        a batch that is all remote is cut in two, so one half's FFN overlaps the other's remote MA.
+        O(rows x creditors + new tokens): the remote parts come from the persistent batch's groups.
+        ``since``: when the step's preparation began (its host time is counted from there)."""
+        t0 = time.perf_counter() if since is None else since
+        e = self.engine
+        ib = e.input_batch
+        num_new = {r.request_id: n for r, n in zip(batch.requests, batch.num_new_tokens)}
+        rows = [ib.row_of[r.request_id] for r in batch.requests]
+        n = len(rows)
+        remote = [i for i, r in enumerate(batch.requests) if ib.has_remote(r.request_id)]
         local = sorted(set(range(n)) - set(remote))
         if remote and local:
             groups = [remote, local]
@@ -71,19 +81,21 @@ class StepRunner:
             groups = [list(range(0, (n + 1) // 2)), list(range((n + 1) // 2, n))]
         else:
             groups = [list(range(n))]
-        e = self.engine
         step = next(self._step_ids)
         out = []
-        for gi, g in enumerate(groups):
-            reqs = [batch.requests[i] for i in g]
-            tabs = [tables[i] for i in g]
-            inputs = prepare_inputs(reqs, [batch.num_new_tokens[i] for i in g], tabs, self.rank, e.block_size, e.device)
-            parts = remote_parts(inputs.q_lens, inputs.q_starts, tabs, self.rank, e.block_size)
-            if e.device.type != "cpu":
-                parts = [p.to(e.device) for p in parts]
-            rows = (inputs.slot_mapping >= 0).nonzero().flatten()
-            out.append(MicroBatch(inputs, parts, rows, inputs.slot_mapping.index_select(0, rows),
-                                  M.StepKey(self.rank, step, gi)))
+        try:
+            for gi, g in enumerate(groups):
+                inputs = prepare_inputs(ib, num_new, e.device, rows=[rows[i] for i in g])
+                parts = self.wire.parts(ib, inputs.rows, inputs.q_lens, inputs.q_starts)
+                out.append(MicroBatch(inputs, parts, M.StepKey(self.rank, step, gi)))
+            self.wire.attach_drops([p for mb in out for p in mb.parts], ib.take_remote_dropped(), ib)
+        except BaseException:
+            self.wire.reset(sorted({c for row in rows for c in ib.remote_groups(row)}))  # some marked sent
+            raise
+        if e.device.type != "cpu":
+            for mb in out:
+                mb.parts = [p.to(e.device) for p in mb.parts]
+        self._prepare_s = time.perf_counter() - t0
         return out
 
     # ---- the one forward ----------------------------------------------------------------------
@@ -98,13 +110,13 @@ class StepRunner:
         sent = 0  # layers whose queries went out
         decode = mb.inputs.meta.max_q_len <= 1  # one query per request: counted apart (stats)
         try:
-            h = model.embed(mb.inputs.input_ids)  # [T, H]
+            h, res = model.embed(mb.inputs.input_ids), None  # [T, H]
+            rot = model.rotary(mb.inputs.positions, mb.inputs.max_position)
+            cache_write = mb.inputs.slot_mapping  # -1 where the token's block is on a creditor
             for layer in range(e.model_config.num_layers):
                 t0 = time.perf_counter()
-                q, k, v = model.pre_attention(layer, h, mb.inputs.positions)  # [T,nh,d], [T,nkv,d], [T,nkv,d]
-                if mb.local_rows.numel():
-                    write_kv(e.kv.k[layer], e.kv.v[layer], k.index_select(0, mb.local_rows),
-                             v.index_select(0, mb.local_rows), mb.local_slots)
+                q, k, v, res = model.pre_attention(layer, h, res, rot,
+                                                   (e.kv.k[layer], e.kv.v[layer], cache_write))
                 futs = [self.transport.attention(p.creditor, *p.call(mb.key, layer, q, k, v), timeout=self.timeout_s)
                         for p in mb.parts]
                 sent = layer + 1
@@ -116,12 +128,12 @@ class StepRunner:
                 t0 = time.perf_counter()
                 dev = h.device
                 parts = [(r.out.to(dev), r.lse.to(dev)) for r in results]
-                h = model.post_attention(layer, h, merge_parts(local, mb.parts, parts))
+                h, res = model.post_attention(layer, merge_parts(local, mb.parts, parts), res)
                 self.counters.remote_compute_s += time.perf_counter() - t0
             idx = mb.inputs.logits_indices
             if idx.numel() == 0:
                 return torch.empty(0, e.model_config.vocab_size, device=h.device)
-            return model.compute_logits(h.index_select(0, idx))
+            return model.compute_logits(h.index_select(0, idx), res.index_select(0, idx))
         except BaseException:
             if 0 < sent < e.model_config.num_layers:
                 self._finish_streams(mb, sent)
@@ -166,8 +178,14 @@ class StepRunner:
         """A step of one micro-batch, start to end on the compute thread: nothing to overlap its
         waits with, and no hand-off to the event loop and back."""
         t0 = time.perf_counter()
-        outs = self._sample(batch, [mb], [self.forward_blocking(mb)])
-        self.counters.remote_step_s += time.perf_counter() - t0
+        try:
+            logits = self.forward_blocking(mb)
+        except BaseException:
+            self.wire.reset(self.creditors([mb]))
+            raise
+        t1 = time.perf_counter()
+        outs = self._sample(batch, [mb], [logits])
+        self._timed([mb], t1 - t0, time.perf_counter() - t1)
         return outs
 
     async def run(self, batch: ScheduledBatch, mbs: list[MicroBatch], executor: Executor) -> list[RequestOutput]:
@@ -184,10 +202,26 @@ class StepRunner:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.wire.reset(self.creditors(mbs))  # they may or may not hold the step's diffs
             raise
-        outs = await loop.run_in_executor(executor, self._sample, batch, mbs, list(logits))
-        self.counters.remote_step_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        outs, post_s = await loop.run_in_executor(executor, self._timed_sample, batch, mbs, list(logits))
+        self._timed(mbs, t1 - t0, time.perf_counter() - t1, post_s)
         return outs
+
+    def _timed_sample(self, batch: ScheduledBatch, mbs: list[MicroBatch], logits: list[torch.Tensor]
+                      ) -> tuple[list[RequestOutput], float]:
+        t0 = time.perf_counter()
+        return self._sample(batch, mbs, logits), time.perf_counter() - t0
+
+    def _timed(self, mbs: list[MicroBatch], forward_s: float, post_wall_s: float, post_s: float | None = None
+               ) -> None:
+        """Account a finished step: the engine's step timers (host work: preparing and postprocessing;
+        the forward with its waits on creditors apart) and the remote step's wall time."""
+        post = post_wall_s if post_s is None else post_s
+        decode = all(mb.inputs.is_decode for mb in mbs)
+        self.engine.timing.add(decode, self._prepare_s, forward_s + post_wall_s - post, post)
+        self.counters.remote_step_s += forward_s + post_wall_s
 
     def _sample(self, batch: ScheduledBatch, mbs: list[MicroBatch], logits: list[torch.Tensor]) -> list[RequestOutput]:
         # Sampling rows of every micro-batch first, then their prompt-logprob rows.

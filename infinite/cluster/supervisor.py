@@ -95,8 +95,7 @@ class Supervisor:
                 raise RuntimeError(f"rank {msg.rank} was removed from the cluster; it cannot rejoin under that id")
             new = self.membership.join(msg.rank)
             self.watch.beat(msg.rank, time.monotonic())
-            with self.gmanager.lock:
-                self.gmanager.instances[msg.rank] = msg.stats
+            self.gmanager.on_join(msg.rank, msg.stats)
             all_joined = self.membership.all_joined()
         if new:
             self.joins += 1

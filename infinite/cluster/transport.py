@@ -46,12 +46,28 @@ class PeerError(RuntimeError):
         self.reason = reason
 
 
+STALE_ROWS = "stale_rows"
+
+
+class StaleRows(RuntimeError):
+    """A creditor refused a step's block diffs: they do not continue the rows it holds (a step that
+    failed midway, or rows it forgot). The step fails like any remote failure; the debtor sends
+    whole rows next time (cluster/lent_rows.py)."""
+
+    reason = STALE_ROWS
+
+
+def is_stale(err: BaseException) -> bool:
+    """The error is a creditor's refusal of stale diffs (retry the step), not a failure."""
+    return isinstance(err, PeerError) and err.reason == STALE_ROWS
+
+
 class Endpoint(Protocol):
     def handle(self, src: int, msg: M.Msg, tensors: Tensors) -> Reply | Future: ...
 
 
 def failed_reply(err: BaseException) -> Reply:
-    reason = err.reason if isinstance(err, RequestError) else "internal"
+    reason = err.reason if isinstance(err, (RequestError, StaleRows)) else "internal"
     return M.Failed(f"{type(err).__name__}: {err}", reason), None
 
 
@@ -126,6 +142,10 @@ class Transport(ABC):
         """-> Released"""
         return self._call(dst, msg, timeout=timeout)
 
+    def lend_prefix(self, dst: int, msg: M.LendPrefix, timeout: float | None = None) -> Future:
+        """-> PrefixLent"""
+        return self._call(dst, msg, timeout=timeout)
+
     # ---- membership (infinite/cluster/supervisor.py) ---------------------------------------------
     def join(self, msg: M.Join, timeout: float | None = None) -> Future:
         """-> ClusterView"""
@@ -153,8 +173,21 @@ class Transport(ABC):
     # ---- data ------------------------------------------------------------------------------
     def attention(self, dst: int, call: M.AttentionCall, tensors: M.AttentionTensors,
                   timeout: float | None = None) -> Future:
-        """One layer of MicroAttention on ``dst``'s blocks -> AttentionResultTensors (on CPU)."""
-        return self.request(dst, call, tensors, timeout).then(_result_tensors)
+        """One layer of MicroAttention on ``dst``'s blocks -> AttentionResultTensors (on CPU). A
+        failure keeps its type (``then`` would wrap it in a RuntimeError), as on the point-to-point
+        plane: the step runner tells a creditor's refusal or error from a lost peer by it."""
+        out: Future = torch.futures.Future()
+
+        def done(f: Future) -> None:
+            try:
+                value = _result_tensors(f)
+            except BaseException as e:  # noqa: BLE001 - raised to whoever waits
+                out.set_exception(e)
+                return
+            out.set_result(value)
+
+        self.request(dst, call, tensors, timeout).add_done_callback(done)
+        return out
 
     def write_blocks(self, dst: int, msg: M.WriteBlocks, tensors: M.BlockTensors,
                      timeout: float | None = None) -> Future:

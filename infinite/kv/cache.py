@@ -27,18 +27,28 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, N, B, nkv, d]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, N, B, nkv, d]
 
+    def read_blocks(self, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contents of whole blocks (a migration's source): k, v [L, n, B, nkv, d]."""
+        idx = torch.tensor(blocks, dtype=torch.int64, device=self.k.device)
+        return self.k.index_select(1, idx), self.v.index_select(1, idx)
+
+    def write_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill whole blocks (a migration's destination) from k, v [L, n, B, nkv, d] on any device."""
+        idx = torch.tensor(blocks, dtype=torch.int64, device=self.k.device)
+        self.k.index_copy_(1, idx, k.to(self.k.device))
+        self.v.index_copy_(1, idx, v.to(self.v.device))
+
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
 
 
-def auto_num_blocks(block_bytes: int, device: torch.device, gpu_memory_utilization: float = 0.9) -> int:
-    """Blocks that fit: on a GPU the free memory times the utilization; on CPU a modest share of RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * gpu_memory_utilization)
-    else:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        budget = min(avail // 10, 1 << 30)
+def auto_num_blocks(block_bytes: int, device: torch.device) -> int:
+    """Blocks that fit on a CPU device: a modest share of RAM (a GPU's pool is sized by profiling,
+    infinite.runtime.memory)."""
+    if device.type != "cpu":
+        raise ValueError(f"auto_num_blocks sizes CPU pools; {device} is profiled (infinite.runtime.memory)")
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    budget = min(avail // 10, 1 << 30)
     return max(1, budget // block_bytes)

@@ -3,7 +3,9 @@
 Tensors are read through ``safetensors.safe_open`` (memory-mapped), one at a
 time, straight into the fused layout of the model, so peak memory stays near
 the size of the model in its target dtype. Sharded checkpoints are found via
-``model.safetensors.index.json``.
+``model.safetensors.index.json``. A rank of a tensor-parallel group reads only
+its slices of each tensor (``get_slice``): its heads' rows of q/k/v, its columns
+of o_proj and down, its rows of gate/up and of the vocabulary.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
+from .parallel import TPGroup, TPShard
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +99,12 @@ def safetensors_files(path: Path) -> dict[str, Path]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
-               device: torch.device | str = "cpu") -> LlamaForCausalLM:
+               device: torch.device | str = "cpu", tp: TPGroup | None = None) -> LlamaForCausalLM:
     """Build the model of ``path/config.json`` and fill it from ``path/*.safetensors``.
 
-    dtype None means the checkpoint's ``torch_dtype`` (float32 if absent).
-    Raises ValueError naming the tensor on a missing tensor or a shape mismatch.
+    dtype None means the checkpoint's ``torch_dtype`` (float32 if absent). With ``tp`` the model is
+    that rank's shard, read slice by slice. Raises ValueError naming the tensor on a missing tensor
+    or a shape mismatch (shapes are checked against the whole model's config.json).
     """
     path = Path(path)
     if not path.is_dir():
@@ -108,7 +112,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
     cfg = ModelConfig.from_pretrained(path)
     dtype = resolve_dtype(dtype, cfg)
     device = torch.device(device)
-    model = LlamaForCausalLM(cfg, dtype=dtype, device="meta")
+    model = LlamaForCausalLM(cfg, dtype=dtype, device="meta", tp=tp)
     where = safetensors_files(path)
     wmap = weight_map(cfg)
 
@@ -126,15 +130,16 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
     with ExitStack() as stack:
         handles: dict[Path, object] = {}
 
-        def get(name: str) -> torch.Tensor:
+        def get(name: str):
             f_ = where[name]
             if f_ not in handles:
                 handles[f_] = stack.enter_context(safe_open(str(f_), framework="pt", device="cpu"))
-            return handles[f_].get_tensor(name)  # type: ignore[attr-defined]
+            return handles[f_].get_slice(name)  # type: ignore[attr-defined]
 
         for pname, hf_names in wmap.items():
-            target = expected[pname]
-            parts = list(_checked_parts(pname, hf_names, get, target, cfg))
+            if pname not in expected:
+                continue  # a row-parallel bias: the group's first rank holds it
+            parts = list(_checked_parts(pname, hf_names, get, cfg, model.shard))
             t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             _set_param(model, pname, t.to(device=device, dtype=dtype))
     model.rope.to(device)
@@ -144,26 +149,72 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
     return model.eval()
 
 
-def _checked_parts(pname: str, hf_names: list[str], get, target: torch.Tensor,
-                   cfg: ModelConfig) -> Iterator[torch.Tensor]:
-    shapes = _expected_part_shapes(pname, hf_names, target, cfg)
-    for hf, shape in zip(hf_names, shapes):
-        t = get(hf)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"tensor {hf} has shape {tuple(t.shape)}, expected {shape} from config.json")
+def _checked_parts(pname: str, hf_names: list[str], get, cfg: ModelConfig,
+                   shard: TPShard | None) -> Iterator[torch.Tensor]:
+    """The tensors that make up ``pname``, each checked against the whole model's shape, read whole or
+    (a tensor-parallel rank) only this rank's slice."""
+    shapes = _expected_part_shapes(pname, hf_names, cfg)
+    cuts = [None] * len(hf_names) if shard is None else shard_cuts(pname, cfg, shard)
+    for hf, shape, cut in zip(hf_names, shapes, cuts):
+        sl = get(hf)
+        got = tuple(sl.get_shape())
+        if got != shape:
+            raise ValueError(f"tensor {hf} has shape {got}, expected {shape} from config.json")
+        if cut is None:
+            yield sl[:]
+            continue
+        dim, lo, hi, rows = cut
+        t = sl[lo:min(hi, shape[0])] if dim == 0 else sl[:, lo:hi]
+        if dim == 0 and t.shape[0] < rows:  # the vocabulary's padding rows: never looked up, logits cut off
+            t = torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+        elif t.untyped_storage().nbytes() > t.nbytes:
+            t = t.clone()  # a row range comes as a view of the whole (memory-mapped) tensor: keep only the slice
         yield t
 
 
-def _expected_part_shapes(pname: str, hf_names: list[str], target: torch.Tensor,
-                          cfg: ModelConfig) -> list[tuple[int, ...]]:
-    rest = tuple(target.shape[1:])
-    if pname.endswith("qkv_proj.weight") or pname.endswith("qkv_proj.bias"):
+def _kind(pname: str) -> str:
+    """'layers.3.qkv_proj.weight' -> 'qkv_proj'; 'embed_tokens.weight' -> 'embed_tokens'."""
+    return pname.rsplit(".", 2)[-2] if pname.count(".") >= 2 else pname.split(".")[0]
+
+
+def _expected_part_shapes(pname: str, hf_names: list[str], cfg: ModelConfig) -> list[tuple[int, ...]]:
+    """The checkpoint's shape of each tensor making up ``pname`` (the whole model's, from config.json)."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    kind = _kind(pname)
+    bias = pname.endswith(".bias")
+    if kind == "qkv_proj":
         rows = [cfg.q_size, cfg.kv_size, cfg.kv_size]
-    elif len(hf_names) == 2:  # gate/up
-        rows = [cfg.intermediate_size, cfg.intermediate_size]
-    else:
-        rows = [target.shape[0]]
-    return [(r, *rest) for r in rows]
+        return [(r,) if bias else (r, H) for r in rows]
+    if kind == "gate_up_proj":
+        return [(I,) if bias else (I, H)] * 2
+    if kind == "o_proj":
+        return [(H,) if bias else (H, cfg.q_size)]
+    if kind == "down_proj":
+        return [(H,) if bias else (H, I)]
+    if kind in ("embed_tokens", "lm_head"):
+        return [(cfg.vocab_size, H)]
+    return [(H,)]  # the norms
+
+
+def shard_cuts(pname: str, cfg: ModelConfig, shard: TPShard) -> list[tuple[int, int, int, int] | None]:
+    """Per tensor making up ``pname``: (dim, start, end, rows) of the slice a rank reads, or None for the
+    whole tensor (norms, and the row-parallel biases the first rank holds)."""
+    d = cfg.head_dim
+    kind = _kind(pname)
+    bias = pname.endswith(".bias")
+    (h0, h1), (k0, k1), (i0, i1), (v0, v1) = shard.heads, shard.kv_heads, shard.intermediate, shard.vocab
+    if kind == "qkv_proj":
+        q, kv = (0, h0 * d, h1 * d, (h1 - h0) * d), (0, k0 * d, k1 * d, (k1 - k0) * d)
+        return [q, kv, kv]
+    if kind == "gate_up_proj":
+        return [(0, i0, i1, i1 - i0)] * 2
+    if kind == "o_proj":
+        return [None if bias else (1, h0 * d, h1 * d, 0)]
+    if kind == "down_proj":
+        return [None if bias else (1, i0, i1, 0)]
+    if kind in ("embed_tokens", "lm_head"):
+        return [(0, v0, v1, v1 - v0)]
+    return [None]
 
 
 def _set_param(model: nn.Module, pname: str, t: torch.Tensor) -> None:

@@ -137,35 +137,31 @@ class RotaryEmbedding:
         self._cos, self._sin = self._cos.to(self.device), self._sin.to(self.device)
         return self
 
-    def _ensure(self, needed: int) -> None:
+    def reserve(self, num_positions: int) -> None:
+        """Grow the table to cover positions [0, num_positions) now (before graph capture: a captured
+        step must never need to grow it)."""
         have = self._cos.shape[0]
-        if needed <= have:
+        if num_positions <= have:
             return
-        cap = max(needed, 2 * have, min(self.cfg.max_position_embeddings, 4096))
+        cap = max(num_positions, 2 * have, min(self.cfg.max_position_embeddings, 4096))
         pos = torch.arange(cap, dtype=torch.int64, device=self.device)
         self._cos, self._sin = _cos_sin(pos, self.inv_freq, self.scale)  # [cap, d/2]
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [T, d/2] in ``dtype`` for ``positions`` [T] int64 (one host sync: max position)."""
+    def cos_sin(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, d/2] float32 for ``positions`` [T] int64 whose largest value is ``max_position``
+        (known on the host, so no device sync)."""
         if positions.dim() != 1:
             raise ValueError(f"positions must be 1-D [T], got shape {tuple(positions.shape)}")
-        if positions.numel() == 0:
-            empty = torch.empty(0, self.cfg.head_dim // 2, dtype=dtype, device=self.device)
-            return empty, empty
-        lo, hi = torch.aminmax(positions)
-        lo, hi = torch.stack((lo, hi)).tolist()
-        if lo < 0:
-            raise ValueError(f"positions must be >= 0, got {lo}")
-        seq_len = hi + 1
+        if max_position < 0 and positions.numel():
+            raise ValueError(f"positions must be >= 0, got a largest position of {max_position}")
+        seq_len = max_position + 1
         if self.cfg.rope_type == "dynamic" and seq_len > self.cfg.max_position_embeddings:
             # transformers stretches the base to the longest position of the call.
             inv_freq, scale = inv_freq_and_scale(self.cfg, seq_len, self.device)
-            cos, sin = _cos_sin(positions.to(self.device), inv_freq, scale)
-        else:
-            self._ensure(seq_len)
-            idx = positions.to(self.device)
-            cos, sin = self._cos[idx], self._sin[idx]
-        return cos.to(dtype), sin.to(dtype)
+            return _cos_sin(positions.to(self.device), inv_freq, scale)
+        self.reserve(seq_len)
+        idx = positions.to(self.device)
+        return self._cos[idx], self._sin[idx]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -120,27 +120,37 @@ class AsyncLLMEngine(EngineFacts):
             self.backend.abort_request(rid)
 
     async def _run(self) -> None:
+        """Steps back to back on the step thread; a step's outputs go to their streams while the
+        next step computes (adds and aborts are applied between steps, on this thread)."""
         loop = asyncio.get_running_loop()
+        outs: list[RequestOutput] = []
         try:
             while not self._closed:
                 self._apply_pending()
-                if not self.backend.has_unfinished_requests():
+                step = None
+                if self.backend.has_unfinished_requests():
+                    step = loop.run_in_executor(self._executor, self.backend.step)
+                self._deliver(outs)
+                if step is None:
+                    outs = []
                     self._wakeup.clear()
                     if self._pending_add or self._pending_abort:
                         continue
                     await self._wakeup.wait()
                     continue
-                outs = await loop.run_in_executor(self._executor, self.backend.step)
-                for out in outs:
-                    q = self._queues.get(out.request_id)
-                    if q is not None:
-                        q.put_nowait(out)
+                outs = await step
                 await asyncio.sleep(0)  # let streams flush between steps
         except Exception as e:  # the engine is broken: fail every open stream
             log.exception("engine step failed")
             self._error = e
             for q in self._queues.values():
                 q.put_nowait(e)
+
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
 
     async def shutdown(self) -> None:
         if self._closed:

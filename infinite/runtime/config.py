@@ -30,6 +30,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
     seed: int = 0
     num_instances: int = 1
+    # ranks (devices) per instance: Megatron-style tensor parallelism inside the instance
+    # (infinite/model/parallel.py); to the cluster a group is one instance
+    tensor_parallel_size: int = 1
     enable_lending: bool = True  # let requests borrow KV blocks from other instances
     max_lend_fraction: float = 0.95  # a creditor lends at most this share of its pool (beyond its own demand)
     max_remote_fraction: float = 0.5  # throughput moves keep a request's remote share under this
@@ -41,6 +44,11 @@ class EngineConfig:
     threads_per_rank: int | None = None  # torch CPU threads of each rank; None = cores / ranks on the host
     data_plane: str = "p2p"  # remote MicroAttention over torch.distributed point-to-point ("p2p") or RPC ("rpc")
     served_model_name: str | None = None
+    # Run every step eagerly: no CUDA graphs for decode (vLLM's --enforce-eager). CPU always runs eager.
+    enforce_eager: bool = False
+    # Reuse the KV of cached prompt prefixes, on this instance and across the cluster (vLLM's
+    # automatic prefix caching; --no-enable-prefix-caching turns it off).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -49,14 +57,21 @@ class EngineConfig:
             isinstance(self.threads_per_rank, bool) or not isinstance(self.threads_per_rank, int) or self.threads_per_rank < 1
         ):
             raise ValueError(f"threads_per_rank must be a positive integer, got {self.threads_per_rank!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if not isinstance(self.eager_lending, bool):
             raise ValueError(f"eager_lending must be a bool, got {self.eager_lending!r}")
         if self.data_plane not in ("p2p", "rpc"):
             raise ValueError(f"data_plane must be 'p2p' or 'rpc', got {self.data_plane!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_instances"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_instances", "tensor_parallel_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.tensor_parallel_size > 1 and self.data_plane != "p2p":
+            raise ValueError("tensor_parallel_size > 1 needs the point-to-point data plane (data_plane='p2p'): "
+                             "each rank of a group exchanges its heads' attention with its counterpart")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and (
@@ -73,6 +88,11 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: expected 'cpu' or 'cuda[:N]'")
+
+    @property
+    def num_processes(self) -> int:
+        """Rank processes of the cluster: every instance's tensor-parallel group."""
+        return self.num_instances * self.tensor_parallel_size
 
     def rank_threads(self, local_ranks: int) -> int:
         """Torch threads of one rank when ``local_ranks`` ranks share this host's cores."""

@@ -10,19 +10,25 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from infinite.kv.cache import KVCache, auto_num_blocks, bytes_per_block
+from infinite.kv.cache import KVCache
 from infinite.kv.rmanager import RManager, blocks_for
 from infinite.outputs import CompletionOutput, RequestOutput
 from infinite.runtime.allocator import BlockAllocator, LocalAllocator
 from infinite.runtime.config import EngineConfig
-from infinite.runtime.model_runner import LocalAttention, StepInputs, forward, prepare_inputs
+from infinite.runtime.graph_runner import CaptureReport, GraphRunner
+from infinite.runtime.input_batch import InputBatch
+from infinite.runtime.memory import MemoryPlan, size_pool
+from infinite.runtime.model_runner import (DecodeBuffers, LocalAttention, StepInputs, forward, prepare_decode,
+                                           prepare_inputs)
 from infinite.runtime.request import Request
 from infinite.runtime.scheduler import ScheduledBatch, Scheduler
-from infinite.runtime.stop import check_stop, visible_text
+from infinite.runtime.stop import check_stop, visible_len, visible_text
+from infinite.runtime.tp import TPLeader
 from infinite.sampling.params import SamplingParams
 from infinite.sampling.logprobs import prompt_logprobs
 from infinite.sampling.sampler import Sampler, SampleRow, make_generator
@@ -53,15 +59,46 @@ def model_name_for(config: EngineConfig, model_dir: str) -> str:
     return config.model
 
 
+@dataclass
+class StepTiming:
+    """Host-side time of the steps, by phase: what is not the forward is host work that a GPU waits on.
+
+    ``postprocess`` includes sampling (on a GPU, its first device read waits for the forward)."""
+
+    steps: int = 0
+    decode_steps: int = 0
+    schedule_s: float = 0.0
+    prepare_s: float = 0.0
+    forward_s: float = 0.0
+    postprocess_s: float = 0.0
+    decode_host_s: float = 0.0  # prepare + postprocess of pure-decode steps (schedule_s apart)
+
+    def add(self, decode: bool, prepare: float, forward: float, post: float) -> None:
+        """One executed step (its schedule time was added to schedule_s by the caller)."""
+        self.steps += 1
+        self.prepare_s += prepare
+        self.forward_s += forward
+        self.postprocess_s += post
+        if decode:
+            self.decode_steps += 1
+            self.decode_host_s += prepare + post
+
+    def reset(self) -> None:
+        self.__init__()
+
+
 class LLMEngine:
     def __init__(
         self,
         config: EngineConfig,
         rank: int = 0,
         make_allocator: Callable[[RManager], BlockAllocator] = LocalAllocator,
+        tp: TPLeader | None = None,
     ) -> None:
         """``make_allocator`` builds where the scheduler's blocks come from, given this
-        instance's rManager (its own pool by default; a cluster instance also borrows)."""
+        instance's rManager (its own pool by default; a cluster instance also borrows).
+        ``tp``: this engine is the first rank of a tensor-parallel group (runtime/tp.py): it
+        holds its shard of the model and broadcasts every step to the group's other ranks."""
         from infinite.model.loader import load_model
         from infinite.tokenizer import load_tokenizer
 
@@ -73,7 +110,8 @@ class LLMEngine:
 
         mcfg = ModelConfig.from_pretrained(self.model_dir)
         self.dtype = config.torch_dtype(mcfg.torch_dtype, self.device)
-        self.model = load_model(self.model_dir, dtype=self.dtype, device=self.device)
+        self.model = load_model(self.model_dir, dtype=self.dtype, device=self.device,
+                                tp=None if tp is None else tp.group)
         self.model_config = self.model.config
         self.tokenizer = load_tokenizer(self.model_dir)
         self.model_name = model_name_for(config, self.model_dir)
@@ -84,12 +122,27 @@ class LLMEngine:
         self.eos_token_ids = tuple(mcfg.eos_token_ids)
         c = self.model_config
         self.block_size = config.block_size
-        num_blocks = config.num_kv_blocks or auto_num_blocks(
-            bytes_per_block(c.num_layers, self.block_size, c.num_kv_heads, c.head_dim, self.dtype),
-            self.device, config.gpu_memory_utilization,
-        )
-        self.kv = KVCache(c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
-        self.rm = RManager(rank, num_blocks, self.block_size)
+        self.memory_plan: MemoryPlan | None
+        num_blocks, self.memory_plan = size_pool(self.model, config, self.dtype, self.device)
+        self.tp = tp
+        if tp is not None:  # every rank's pool holds its heads of the same block ids: the group takes the least
+            num_blocks = tp.group.all_min(num_blocks)
+        kv_args = (c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+        self.kv = KVCache(*kv_args) if tp is None else tp.kv_cache(*kv_args)
+        self.rm = RManager(rank, num_blocks, self.block_size, enable_caching=config.enable_prefix_caching)
+        self.model.rope.reserve(self.max_model_len)
+        self.input_batch = InputBatch(self.rm, config.max_num_seqs,
+                                      min(num_blocks, blocks_for(self.max_model_len, self.block_size)), self.device)
+        self.decode_buffers = DecodeBuffers(config.max_num_seqs, self.device)
+        if tp is not None:
+            tp.attach(self.input_batch, self.max_model_len)
+        self.timing = StepTiming()
+        self.graphs: GraphRunner | None = None
+        self.graph_report: CaptureReport | None = None
+        if self.device.type == "cuda" and not config.enforce_eager and self._graphs_safe():
+            self.graphs = GraphRunner(self.model, self.kv, self.input_batch, self.decode_buffers, self.scale,
+                                      config.max_num_seqs, self.max_model_len - 1)
+            self.graph_report = self.graphs.capture()
         self.allocator = make_allocator(self.rm)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.grammars = GrammarCompiler(self.tokenizer, c.vocab_size, self.eos_token_ids)
@@ -98,6 +151,14 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.last_step_time = 0.0
+
+    def _graphs_safe(self) -> bool:
+        """A captured step must not depend on host values: dynamic NTK RoPE past the model's positions
+        depends on the longest position of the step."""
+        c = self.model_config
+        if self.tp is not None:
+            return False  # a tensor-parallel group's decode runs eager (its collectives are not captured yet)
+        return not (c.rope_type == "dynamic" and self.max_model_len > c.max_position_embeddings)
 
     # ---- capacity --------------------------------------------------------------
     @property
@@ -183,7 +244,7 @@ class LLMEngine:
         self, rid: str, ids: list[int], params: SamplingParams, max_tokens: int, text: str | None
     ) -> Request:
         """A request already validated (here or on the cluster's front door)."""
-        req = Request(rid, ids, params, max_tokens=max_tokens, prompt=text)
+        req = Request(rid, ids, params, max_tokens=max_tokens, prompt=text, output_kind=params.output_kind)
         if params.seed is not None:
             req.generator = make_generator(params.seed, self.device)
         if self.tokenizer is not None:
@@ -230,24 +291,53 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        inputs = self.prepare(batch)
-        logits = forward(self.model, inputs, LocalAttention(self.kv, inputs, self.scale))
-        outs = self.postprocess(batch, inputs, logits)
-        self.last_step_time = time.perf_counter() - t0
-        return outs
+        self.timing.schedule_s += time.perf_counter() - t0
+        self.mark_scheduled(batch)
+        return self.execute(batch)
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def mark_scheduled(self, batch: ScheduledBatch) -> None:
         now = time.time()
         for req in batch.requests:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        tables = [self.rm.table(r.request_id) for r in batch.requests]
-        return prepare_inputs(batch.requests, batch.num_new_tokens, tables, self.rank, self.block_size, self.device)
+
+    def execute(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """A scheduled batch whose KV is all local: prepare, forward, sample, outputs."""
+        t1 = time.perf_counter()
+        inputs = self.prepare(batch)
+        t2 = time.perf_counter()
+        if inputs.padded is not None:
+            logits = self.graphs.run(len(inputs.sample_requests))
+        else:
+            if self.tp is not None:
+                self.tp.step(inputs)  # the group's other ranks run the same forward on their heads
+            logits = forward(self.model, inputs, LocalAttention(self.kv, inputs, self.scale))
+        t3 = time.perf_counter()
+        outs = self.postprocess(batch, inputs, logits)
+        t4 = time.perf_counter()
+        self.timing.add(inputs.is_decode, t2 - t1, t3 - t2, t4 - t3)
+        self.last_step_time = t4 - t1
+        return outs
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """The persistent batch brought up to date (O(changed rows)), then the step's inputs."""
+        ib = self.input_batch
+        ib.sync(batch.requests)
+        if len(batch.requests) == ib.num_rows and batch.num_tokens == ib.num_rows:  # one token per row
+            pad = self.graphs.bucket(ib.num_rows) if self.graphs is not None else None
+            inputs = prepare_decode(ib, self.decode_buffers, pad)
+            if inputs is not None:
+                inputs.padded = pad
+                return inputs
+        num_new = {r.request_id: n for r, n in zip(batch.requests, batch.num_new_tokens)}
+        return prepare_inputs(ib, num_new, self.device)
 
     def postprocess(self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor) -> list[RequestOutput]:
         """``logits``: the sampling rows, then the prompt-logprob rows (``inputs.prompt_spans``)."""
+        cache = self.allocator.cache_computed
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
+            cache(req)
         reqs = inputs.sample_requests
         extra = logits[len(reqs):]
         for span in inputs.prompt_spans:
@@ -257,49 +347,78 @@ class LLMEngine:
             ))
         if not reqs:
             return []
-        eos = self.eos_token_ids[0] if self.eos_token_ids else None
-        rows = [
-            SampleRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, eos, r.matcher)
-            for r in reqs
-        ]
-        res = self.sampler.sample(logits[: len(reqs)], rows)
+        res = self.sampler.sample(logits[: len(reqs)], [self._sample_row(r) for r in reqs])
         now = time.time()
         outs = []
+        lps = res.logprobs
+        # This loop runs for every request of every step: its common path is a few attribute reads.
         for i, (req, tok) in enumerate(zip(reqs, res.token_ids)):
-            req.output_token_ids.append(tok)
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            req.metrics.last_token_time = now
-            if res.logprobs is not None and res.logprobs[i] is not None and req.logprobs is not None:
-                req.logprobs.append(res.logprobs[i])
-                req.cumulative_logprob += res.logprobs[i][tok]
+            out = req.output_token_ids
+            out.append(tok)
+            m = req.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            if lps is not None and lps[i] is not None and req.logprobs is not None:
+                req.logprobs.append(lps[i])
+                req.cumulative_logprob += lps[i][tok]
             delta = req.detokenizer.add_token(tok) if req.detokenizer is not None else ""
-            req.text += delta
-            placement = None
-            grammar_done = req.matcher is not None and advance(req.matcher, tok)
-            if check_stop(req, len(delta), self.eos_token_ids, self.max_model_len, grammar_done):
-                if isinstance(req.stop_reason, int) and not req.params.include_stop_str_in_output:
-                    req.text = req.text[: len(req.text) - len(delta)]  # a stop token's text is not output (vLLM)
-                if req.detokenizer is not None and not isinstance(req.stop_reason, str):
-                    req.text += req.detokenizer.finish()  # flush a held-back partial character
-                req.metrics.finished_time = now
-                placement = self.kv_placement(req.request_id)
-                self.scheduler.finish(req)
-                self.requests.pop(req.request_id, None)
-            out = self.make_output(req)
-            if placement is not None:
-                out.extra["kv_blocks"] = placement
-            outs.append(out)
+            if delta:
+                req.text_pieces.append(delta)
+                req.text_len += len(delta)
+            quick = req.quick_stop
+            if quick is None:
+                quick = req.quick_stop = self._quick_stop(req)
+            if quick and tok not in quick[0] and len(out) < quick[1]:
+                pass  # goes on: no stop token, under its length, nothing else can stop it
+            elif check_stop(req, len(delta), self.eos_token_ids, self.max_model_len,
+                            req.matcher is not None and advance(req.matcher, tok)):
+                outs.append(self._finish(req, delta, now))
+                continue
+            if req.output_kind != "final_only":
+                outs.append(self.make_output(req))
         return outs
+
+    def _quick_stop(self, req: Request) -> tuple[frozenset[int], int] | tuple[()]:
+        """(token ids that may stop the request, output length at which it stops) when nothing else can
+        stop it (no stop strings, min_tokens or grammar), so that most steps skip check_stop; () else."""
+        p = req.params
+        if p.stop or p.min_tokens or req.matcher is not None:
+            return ()
+        ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.eos_token_ids))
+        return ids, min(req.max_tokens, self.max_model_len - len(req.prompt_token_ids))
+
+    def _finish(self, req: Request, delta: str, now: float) -> RequestOutput:
+        if isinstance(req.stop_reason, int) and not req.params.include_stop_str_in_output:
+            req.text = req.text[: req.text_len - len(delta)]  # a stop token's text is not output (vLLM)
+        if req.detokenizer is not None and not isinstance(req.stop_reason, str):
+            req.append_text(req.detokenizer.finish())  # flush a held-back partial character
+        req.metrics.finished_time = now
+        placement = self.kv_placement(req.request_id)
+        self.scheduler.finish(req)
+        self.requests.pop(req.request_id, None)
+        out = self.make_output(req)
+        out.extra["kv_blocks"] = placement
+        return out
+
+    def _sample_row(self, req: Request) -> SampleRow:
+        """The request's SampleRow, made once (it holds references to the request's own lists)."""
+        row = req.sample_row
+        if row is None or row.output_ids is not req.output_token_ids:  # made, or the request was restored
+            eos = self.eos_token_ids[0] if self.eos_token_ids else None
+            row = req.sample_row = SampleRow(req.params, req.prompt_token_ids, req.output_token_ids,
+                                             req.generator, eos, req.matcher)
+        return row
 
     def kv_placement(self, request_id: str) -> dict[int, int]:
         """How many of the request's KV blocks sit on each instance (rank -> blocks)."""
-        counts: dict[int, int] = {}
-        for ref in self.rm.table(request_id):
-            counts[ref.instance] = counts.get(ref.instance, 0) + 1
-        return counts
+        return self.rm.held_counts(request_id)
 
     def make_output(self, req: Request) -> RequestOutput:
+        """The request's output as its kind asks: cumulative (everything so far), or a delta (what is
+        new since its previous output: O(new), the form outputs travel in between ranks)."""
+        if req.output_kind == "delta":
+            return self._delta_output(req)
         comp = CompletionOutput(
             index=0,
             text=visible_text(req),
@@ -316,8 +435,35 @@ class LLMEngine:
             outputs=[comp],
             finished=req.finish_reason is not None,
             metrics=req.metrics,
+            num_cached_tokens=req.num_cached_tokens,
             prompt_logprobs=None if req.prompt_logprobs is None else [None, *req.prompt_logprobs],
         )
+
+    def _delta_output(self, req: Request) -> RequestOutput:
+        out = req.output_token_ids
+        first = req.emitted_tokens
+        visible = visible_len(req)
+        text = req.text_tail(req.text_len - req.emitted_chars)[: visible - req.emitted_chars] \
+            if visible > req.emitted_chars else ""
+        lps = None
+        if req.logprobs is not None:
+            lps = req.logprobs[req.emitted_logprobs:]
+            req.emitted_logprobs = len(req.logprobs)
+        prompt_lp = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent \
+                and len(req.prompt_logprobs) >= req.num_prompt_tokens - 1:
+            prompt_lp = [None, *req.prompt_logprobs]  # once, when complete
+            req.prompt_logprobs_sent = True
+        req.emitted_tokens = len(out)
+        req.emitted_chars = max(req.emitted_chars, visible)
+        comp = CompletionOutput(0, text, out[first:], req.cumulative_logprob if req.logprobs is not None else None,
+                                lps, req.finish_reason, req.stop_reason)
+        first_out = not req.prompt_sent
+        req.prompt_sent = True
+        return RequestOutput(req.request_id, req.prompt if first_out else None,
+                             req.prompt_token_ids if first_out else [], [comp],
+                             req.finish_reason is not None, req.metrics, req.num_cached_tokens,
+                             prompt_logprobs=prompt_lp, delta_offset=first)
 
     # ---- observability -------------------------------------------------------------
     def stats(self) -> list[dict]:
@@ -328,5 +474,12 @@ class LLMEngine:
             step_time_ms=self.last_step_time * 1e3,
             num_preemptions=self.scheduler.num_preemptions,
             tokens_held=sum(r.num_computed_tokens for r in self.scheduler.running),
+            **self.prefix_stats(),
         )
         return [s]
+
+    def prefix_stats(self) -> dict[str, int | float]:
+        """The prefix cache's counters (tokens, over admissions) and hit rate, as stats() reports them."""
+        sch = self.scheduler
+        return {"prefix_cache_queries": sch.prefix_queries, "prefix_cache_hits": sch.prefix_hits,
+                "prefix_cache_hit_rate": sch.prefix_hits / sch.prefix_queries if sch.prefix_queries else 0.0}

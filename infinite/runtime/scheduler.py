@@ -7,7 +7,8 @@ preempted (its blocks freed, pushed to the front of the queue). A waiting
 request is admitted only when its whole prompt fits in the free blocks and no
 preemption happened in the same step, and it takes all of its prompt's blocks
 at once, so the scheduler does not thrash and two long requests never hold
-half each.
+half each. A request admitted over a cached prefix (the allocator's prefix
+cache) starts with those tokens computed: its prefill skips them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # prefix cache, in tokens over admissions (vLLM's prefix_cache_queries / prefix_cache_hits)
+        self.prefix_queries = 0
+        self.prefix_hits = 0
 
     # ---- queue operations --------------------------------------------------
     def add(self, req: Request) -> None:
@@ -102,14 +106,22 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            # Admit only when the whole prompt (and its first output token) fits.
-            if blocks_for(req.num_tokens + 1, self.allocator.block_size) > self.allocator.free_blocks():
+            hit = self.allocator.lookup(req)
+            # Admit only when the whole prompt (and its first output token) fits; cached blocks that
+            # other requests hold already cost no free block.
+            if blocks_for(req.num_tokens + 1, self.allocator.block_size) - hit.shared > self.allocator.free_blocks():
                 break
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
             # All of the prompt's blocks at once (all or nothing): two long requests can then
             # never each hold half of what they need and wait on each other.
-            if not self.allocator.grow(req, req.num_tokens):
+            cached = self.allocator.start(req, hit)
+            if cached is None:
                 break
+            if req.metrics.first_scheduled_time is None:
+                req.num_cached_tokens = cached
+            req.num_computed_tokens = cached
+            self.prefix_queries += req.num_tokens
+            self.prefix_hits += cached
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)

@@ -18,12 +18,13 @@ def check_stop(
     ``grammar_done``: the request's structured-output grammar admits no further token, so
     it ends here ("stop") rather than spending a step on the EOS the grammar would force."""
     p = req.params
-    last = req.output_token_ids[-1]
-    n_out = len(req.output_token_ids)
+    out = req.output_token_ids
+    n_out = len(out)
     if grammar_done:
         req.finish_reason, req.stop_reason = "stop", None
         return True
     if n_out >= p.min_tokens:
+        last = out[-1]
         if not p.ignore_eos and last in eos_token_ids:
             req.finish_reason, req.stop_reason = "stop", None
             return True
@@ -31,13 +32,16 @@ def check_stop(
             req.finish_reason, req.stop_reason = "stop", last
             return True
         if p.stop and new_text_len:
-            hit = find_stop_string(req.text, new_text_len, p.stop)
+            # Only the tail can hold a stop string that ends in the new text: no join of the whole text.
+            window = req.text_tail(new_text_len + max(len(s) for s in p.stop) - 1)
+            hit = find_stop_string(window, new_text_len, p.stop)
             if hit is not None:
-                idx, s = hit
+                at, s = hit
+                idx = req.text_len - len(window) + at
                 req.text = req.text[: idx + len(s)] if p.include_stop_str_in_output else req.text[:idx]
                 req.finish_reason, req.stop_reason = "stop", s
                 return True
-    if n_out >= req.max_tokens or req.num_tokens >= max_model_len:
+    if n_out >= req.max_tokens or len(req.prompt_token_ids) + n_out >= max_model_len:
         req.finish_reason = "length"
         return True
     return False
@@ -54,9 +58,16 @@ def find_stop_string(text: str, new_len: int, stops: list[str]) -> tuple[int, st
     return best
 
 
-def visible_text(req: Request) -> str:
-    """The text safe to show now: all of it once finished, minus a stop-string-sized tail before."""
+def visible_len(req: Request) -> int:
+    """How much of the text is safe to show now: all of it once finished, minus a stop-string-sized
+    tail before (a stop string may still end there and cut it)."""
     if req.finish_reason is not None or not req.params.stop:
-        return req.text
+        return req.text_len
     hold = max(len(s) for s in req.params.stop) - 1
-    return req.text[: len(req.text) - hold] if hold else req.text
+    return max(0, req.text_len - hold)
+
+
+def visible_text(req: Request) -> str:
+    """The text safe to show now (``visible_len`` characters of it)."""
+    n = visible_len(req)
+    return req.text if n == req.text_len else req.text[:n]

@@ -16,6 +16,9 @@ from typing import Any
 GREEDY_EPS = 1e-5
 # Largest number of top logprobs a request may ask for (vLLM's default max_logprobs).
 MAX_LOGPROBS = 20
+# What each output of a request holds (vLLM's RequestOutputKind): everything so far, what is new since
+# the previous output, or nothing until the finished output (which is always cumulative).
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 # torch.Generator.manual_seed accepts this range.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
@@ -126,8 +129,14 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # per prompt token: its logprob + the top k; 0 = its own only
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     structured_outputs: StructuredOutputsParams | None = None
+    output_kind: str = "cumulative"  # one of OUTPUT_KINDS
+    # Tenant separation for the prefix cache: requests share cached KV only when their salts are equal
+    # (vLLM puts it on the prompt; here it rides with the request's options so it crosses processes).
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         self.temperature = _check_float("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
@@ -209,6 +218,9 @@ class SamplingParams:
         self.n = _check_int("n", self.n)
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string or None, got {self.cache_salt!r}")
 
     @staticmethod
     def _normalise_stop(stop: object) -> list[str]:

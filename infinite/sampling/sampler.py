@@ -14,7 +14,7 @@ the batch and in whatever order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -40,6 +40,16 @@ class SampleRow:
     # llguidance matcher of a structured-output request (infinite.sampling.structured); its
     # mask comes first, so a grammar always wins over min_tokens.
     matcher: Any = None
+
+    # (prompt_seen [V], output counts [V], output tokens counted) of a penalised row, kept across steps.
+    penalty: tuple[Tensor, Tensor, int] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        # Greedy with nothing to apply first: a batch of such rows is one argmax (checked per step
+        # with one attribute read per row instead of a pass per feature).
+        self.plain = (p.greedy and not p.has_penalties and not p.logit_bias and p.logprobs is None
+                      and self.matcher is None and not p.min_tokens)
 
 
 @dataclass
@@ -77,9 +87,20 @@ def apply_penalties(
     """
     n, v = logits.shape
     device = logits.device
-    counts = _token_counts(output_ids, n, v, device)  # [N, V] float32
-    seen = _token_counts(prompt_ids, n, v, device) > 0  # [N, V] bool
-    seen |= counts > 0
+    return apply_penalty_counts(logits, _token_counts(prompt_ids, n, v, device) > 0,
+                                _token_counts(output_ids, n, v, device), presence, frequency, repetition)
+
+
+def apply_penalty_counts(
+    logits: Tensor,  # [N, V] float32
+    prompt_seen: Tensor,  # [N, V] bool: the token is in the prompt
+    counts: Tensor,  # [N, V] float32: occurrences in the output
+    presence: Tensor,  # [N] float32
+    frequency: Tensor,  # [N] float32
+    repetition: Tensor,  # [N] float32
+) -> Tensor:
+    """``apply_penalties`` from count tables the caller keeps (the sampler updates them per step)."""
+    seen = prompt_seen | (counts > 0)
     rep = torch.where(seen, repetition.unsqueeze(1), 1.0)  # [N, V]
     out = torch.where(logits > 0, logits / rep, logits * rep)
     out -= frequency.unsqueeze(1) * counts
@@ -147,10 +168,16 @@ def process_probs(
     return probs
 
 
+def argmax(x: Tensor) -> Tensor:
+    """Row-wise argmax [N, V] -> [N] int64, the first index of the maximum as torch.argmax gives it;
+    ``max().indices`` is ~3x faster than ``argmax`` on CPU."""
+    return x.max(dim=-1).indices
+
+
 def race(probs: Tensor, noise: Tensor) -> Tensor:
     """Exponential race: argmax(p / q) draws token i with probability p_i. -> [N] int64."""
     # q == 0 would turn a zero-probability token into 0/0 = nan, which argmax picks.
-    return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+    return argmax(probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny))
 
 
 # ---------------------------------------------------------------- the sampler
@@ -187,6 +214,8 @@ class Sampler:
             logits = logits.float()
         if not rows:
             return SampleResult(token_ids=[], logprobs=None)
+        if all(r.plain for r in rows):
+            return SampleResult(token_ids=argmax(logits).tolist(), logprobs=None)
 
         params = [r.params for r in rows]
         greedy = [p.greedy for p in params]
@@ -200,17 +229,18 @@ class Sampler:
             logits = self._apply_grammar(logits, rows, structured)
 
         if all(greedy) and not penalised and not banned and not biased and not want_lp:
-            return SampleResult(token_ids=logits.argmax(dim=-1).tolist(), logprobs=None)
+            return SampleResult(token_ids=argmax(logits).tolist(), logprobs=None)
 
         x = logits
         if biased:
             x = apply_logit_bias(x, [(i, params[i].logit_bias) for i in biased])
         if penalised:
             idx = torch.tensor(penalised, device=logits.device)
-            sub = apply_penalties(
+            states = [_penalty_state(rows[i], x.shape[1], logits.device) for i in penalised]
+            sub = apply_penalty_counts(
                 x.index_select(0, idx),
-                [rows[i].prompt_ids for i in penalised],
-                [rows[i].output_ids for i in penalised],
+                torch.stack([seen for seen, _ in states]),
+                torch.stack([counts for _, counts in states]),
                 *self._row_floats(params, penalised, logits.device,
                                   "presence_penalty", "frequency_penalty", "repetition_penalty"),
             )
@@ -226,13 +256,13 @@ class Sampler:
 
         random_rows = [i for i, g in enumerate(greedy) if not g]
         if not random_rows:
-            tokens = x.argmax(dim=-1)
+            tokens = argmax(x)
         else:
             sampled = self._sample_random(x, rows, random_rows)
             if len(random_rows) == len(rows):
                 tokens = sampled
             else:
-                tokens = x.argmax(dim=-1)
+                tokens = argmax(x)
                 tokens[torch.tensor(random_rows, device=x.device)] = sampled
         token_ids = tokens.tolist()
 
@@ -312,6 +342,26 @@ def apply_logit_bias(logits: Tensor, biases: list[tuple[int, dict[int, float]]])
         torch.tensor(vals, dtype=logits.dtype, device=dev),
         accumulate=True,
     )
+
+
+def _penalty_state(row: SampleRow, v: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The row's (prompt_seen [V] bool, output counts [V] float32), kept on the row across steps: built
+    from the lists once (O(prompt + output)), then only the tokens added since are counted (O(new))."""
+    out = row.output_ids
+    st = row.penalty
+    if st is None or st[0].shape[0] != v or st[0].device != device or st[2] > len(out):
+        seen = _token_counts([row.prompt_ids], 1, v, device)[0] > 0
+        counts = _token_counts([out], 1, v, device)[0]
+    else:
+        seen, counts, done = st
+        new = out[done:]
+        if new:
+            if max(new) >= v or min(new) < 0:
+                raise ValueError(f"token id out of range [0, {v}): found {max(new) if max(new) >= v else min(new)}")
+            counts.index_put_((torch.tensor(new, device=device),), torch.ones(len(new), device=device),
+                              accumulate=True)
+    row.penalty = (seen, counts, len(out))
+    return seen, counts
 
 
 def _min_tokens_bans(rows: list[SampleRow]) -> list[tuple[int, int]]:

@@ -36,8 +36,9 @@ def status_snapshot(st: ServerState) -> dict[str, Any]:
         snap["instances"] = list(view.get("instances", []))
         snap["debts"] = list(view.get("debts", []))
         snap["health"] = engine.health()
-        if "recovery" in view:
-            snap["recovery"] = view["recovery"]
+        for key in ("recovery", "cost_model", "placement"):  # a cluster's: recomputations, its gManager
+            if key in view:
+                snap[key] = view[key]
         snap["max_model_len"] = engine.max_model_len
         snap["capacity_tokens"] = engine.capacity_tokens
     return snap

@@ -96,7 +96,7 @@ FIELDS: tuple[Field, ...] = (
     _s("guided_choice", BOTH, "older name of `structured_outputs.choice`"),
     _s("guided_grammar", BOTH, "older name of `structured_outputs.grammar`"),
     _s("request_id", BOTH, "becomes the response id"),
-    _s("cache_salt", BOTH, "no prefix cache, so requests never share KV anyway"),
+    _s("cache_salt", BOTH, "requests share cached prefix KV only under the same salt (tenants apart)"),
     _s("add_generation_prompt", (CHAT,)),
     _s("chat_template", (CHAT,), "a jinja template used instead of the checkpoint's"),
     _s("chat_template_kwargs", (CHAT,), "extra template variables"),

@@ -32,6 +32,15 @@ _INSTANCE_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("borrowed_blocks", "infinite:kv_blocks_borrowed", "KV blocks the instance's requests hold on other instances."),
 )
 
+# engine.stats() key -> (metric name, help); one counter per instance (exposed with a _total suffix).
+_INSTANCE_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("num_preemptions", "infinite:num_preemptions", "Requests preempted by the instance."),
+    ("prefix_cache_queries", "infinite:prefix_cache_queries",
+     "Prompt tokens looked up in the prefix cache by the instance's admissions."),
+    ("prefix_cache_hits", "infinite:prefix_cache_hits",
+     "Prompt tokens whose KV came from the prefix cache (the instance's pool or another's)."),
+)
+
 
 def kv_usage(stats: Mapping[str, Any]) -> float:
     """Fraction of the instance's own pool in use (local or lent)."""
@@ -66,11 +75,12 @@ class EngineCollector(Collector):
                 step.add_metric([rank], float(s["step_time_ms"]) / 1000.0)
         yield usage
         yield step
-        preempt = CounterMetricFamily("infinite:num_preemptions", "Requests preempted by the instance.", labels=["instance"])
-        for s in stats:
-            if s.get("num_preemptions") is not None:
-                preempt.add_metric([str(s.get("rank", 0))], float(s["num_preemptions"]))
-        yield preempt
+        for key, name, doc in _INSTANCE_COUNTERS:
+            fam = CounterMetricFamily(name, doc, labels=["instance"])
+            for s in stats:
+                if s.get(key) is not None:
+                    fam.add_metric([str(s.get("rank", 0))], float(s[key]))
+            yield fam
 
 
 class ServerMetrics:

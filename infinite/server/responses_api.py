@@ -119,12 +119,12 @@ async def handle_responses(request: web.Request) -> web.StreamResponse:
     kw = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", req.temperature), ("top_p", req.top_p),
                             ("structured_outputs", spec)) if v is not None}
     rid = f"resp_{uuid.uuid4().hex}"
-    (job,) = build_jobs(state, [ids], 1, kw, rid, arrival, spec_field)
+    (job,) = build_jobs(state, [ids], 1, kw, rid, arrival, spec_field, stream=bool(req.stream))
     created = int(time.time())
 
     def usage() -> dict[str, Any]:
         return {"input_tokens": len(ids), "output_tokens": job.num_tokens, "total_tokens": len(ids) + job.num_tokens,
-                "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+                "input_tokens_details": {"cached_tokens": job.num_cached_tokens}, "output_tokens_details": {"reasoning_tokens": 0}}
 
     def final() -> dict[str, Any]:
         status = "incomplete" if job.finish_reason == "length" else "completed"

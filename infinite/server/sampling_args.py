@@ -76,5 +76,6 @@ def sampling_kwargs(
         "prompt_logprobs": prompt_logprobs if prompt_logprobs is not None else req.prompt_logprobs,
         "logit_bias": dict(req.logit_bias) if req.logit_bias else None,
         "structured_outputs": structured,
+        "cache_salt": req.cache_salt,
     }
     return {k: v for k, v in kw.items() if v is not None}

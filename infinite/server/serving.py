@@ -2,9 +2,10 @@
 
 A request becomes ``len(prompts) * n`` engine requests (choice index
 ``prompt_index * n + i``, seed ``seed + i`` when seeded, as vLLM does). Their
-output streams are merged; the engine yields cumulative text, so a streamed
-delta is the new suffix of it (the engine's detokenizer only ever releases
-whole UTF-8 characters and holds back possible stop-string prefixes).
+output streams are merged; a streamed request asks the engine for deltas (the
+new text, token ids and logprobs of each step: the engine's detokenizer only
+ever releases whole UTF-8 characters and holds back possible stop-string
+prefixes), a non-streamed one for its finished output only.
 Everything that can fail is checked before the first byte goes out, so those
 failures are plain HTTP errors.
 """
@@ -16,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -44,8 +45,8 @@ class Job:
     prompt_ids: list[int]
     params: Any  # SamplingParams
     timer: RequestTimer
-    text: str = ""
     num_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the engine took from the prefix cache
     num_logprobs: int = 0
     finished: bool = False
     finish_reason: str | None = None
@@ -53,6 +54,16 @@ class Job:
     final: Any = None  # last CompletionOutput
     request: Any = None  # the engine's validated request (make_request), handed to generate()
     prompt_logprobs: list[Any] | None = None  # the engine's, once the prefill produced them
+    # The choice so far, folded from the engine's outputs: deltas when streaming (O(new) a step).
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    text_pieces: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        if len(self.text_pieces) > 1:
+            self.text_pieces = ["".join(self.text_pieces)]
+        return self.text_pieces[0] if self.text_pieces else ""
 
 
 # --------------------------------------------------------------------------- preparing
@@ -136,6 +147,7 @@ def build_jobs(
     request_id: str,
     arrival: float,
     structured_field: str | None = None,
+    stream: bool = False,
 ) -> list[Job]:
     """One job per choice, each validated by the engine now so that errors come before streaming
     (a grammar that cannot compile is a 400 on ``structured_field``, the field that asked for it)."""
@@ -144,6 +156,8 @@ def build_jobs(
     for p, ids in enumerate(prompts):
         for i in range(n):
             kw = dict(kwargs)
+            # Streamed: what is new each step; not: only the finished output (vLLM's output kinds).
+            kw["output_kind"] = "delta" if stream else "final_only"
             if kw.get("seed") is not None:
                 kw["seed"] = kw["seed"] + i
             index = p * n + i
@@ -162,12 +176,23 @@ def build_jobs(
 
 
 def apply_output(job: Job, out: Any, now: float) -> str:
-    """Fold one cumulative engine output into ``job``; return the new text."""
+    """Fold one engine output into ``job``: a delta (streaming) or a cumulative one; return the new text."""
     c = out.outputs[0]
-    delta = c.text[len(job.text):] if c.text.startswith(job.text) else c.text
-    job.text = c.text
-    job.timer.on_output(now, len(c.token_ids))
-    job.num_tokens = len(c.token_ids)
+    if out.delta_offset is not None:
+        delta = c.text
+        job.token_ids.extend(c.token_ids)
+        job.logprobs.extend(c.logprobs or ())
+        if delta:
+            job.text_pieces.append(delta)
+    else:
+        old = job.text
+        delta = c.text[len(old):] if c.text.startswith(old) else c.text
+        job.token_ids = list(c.token_ids)
+        job.logprobs = list(c.logprobs or ())
+        job.text_pieces = [c.text] if c.text else []
+    job.timer.on_output(now, len(job.token_ids))
+    job.num_tokens = len(job.token_ids)
+    job.num_cached_tokens = out.num_cached_tokens
     job.final = c
     if out.prompt_logprobs is not None:
         job.prompt_logprobs = out.prompt_logprobs
@@ -209,15 +234,21 @@ async def run_to_end(state: ServerState, jobs: list[Job]) -> None:
 
 
 def usage_of(jobs: list[Job], prompts: list[list[int]]) -> S.UsageInfo:
+    """Prompt tokens count once per prompt, and so do its cached ones (its first choice's: the n
+    choices of a prompt share it)."""
     prompt = sum(len(p) for p in prompts)
     completion = sum(j.num_tokens for j in jobs)
-    return S.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    n = len(jobs) // max(1, len(prompts))
+    cached = sum(j.num_cached_tokens for j in jobs[::n]) if jobs else 0
+    return S.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                       prompt_tokens_details=S.PromptTokensDetails(cached))
 
 
 def job_usage(job: Job) -> S.UsageInfo:
     """One choice's usage so far (``continuous_usage_stats``: on every chunk, as vLLM)."""
     p = len(job.prompt_ids)
-    return S.UsageInfo(prompt_tokens=p, completion_tokens=job.num_tokens, total_tokens=p + job.num_tokens)
+    return S.UsageInfo(prompt_tokens=p, completion_tokens=job.num_tokens, total_tokens=p + job.num_tokens,
+                       prompt_tokens_details=S.PromptTokensDetails(job.num_cached_tokens))
 
 
 def request_id_of(req: Any, prefix: str) -> str:

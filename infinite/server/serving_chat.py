@@ -54,15 +54,14 @@ async def create_chat_completion(request: web.Request, state: ServerState) -> we
                               f"combined with {spec_field}", spec_field)
         spec, spec_field = plan.spec, "tools"
     kwargs = sampling_kwargs(req, max_tokens, top if req.logprobs else None, spec)
-    jobs = build_jobs(state, [ids], req.n or 1, kwargs, rid, arrival, spec_field)
+    jobs = build_jobs(state, [ids], req.n or 1, kwargs, rid, arrival, spec_field, stream=bool(req.stream))
     created = int(time.time())
     tok = engine.tokenizer
 
     def lp_of(job: Job, start: int) -> S.ChatLogProbs | None:
         if not req.logprobs or job.final is None:
             return None
-        c = job.final
-        return chat_logprobs(tok, list(c.token_ids[start:]), list((c.logprobs or [])[start:]), top, as_ids)
+        return chat_logprobs(tok, job.token_ids[start:], job.logprobs[start:], top, as_ids)
 
     if not req.stream:
         await run_to_end(state, jobs)
@@ -90,7 +89,7 @@ async def create_chat_completion(request: web.Request, state: ServerState) -> we
             job = jobs[i]
             delta = apply_output(job, out, time.monotonic())
             lp = lp_of(job, sent[i])
-            sent[i] = len(job.final.token_ids)
+            sent[i] = len(job.token_ids)
             content, calls = streams[i].feed(delta, job.finished)
             if not content and not calls and not job.finished and not (lp and lp.content):
                 continue

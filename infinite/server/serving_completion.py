@@ -62,16 +62,15 @@ async def create_completion(request: web.Request, state: ServerState) -> web.Str
         prompt_lp = max(prompt_lp or 0, req.logprobs)
     kwargs = sampling_kwargs(req, max_tokens, req.logprobs, spec, prompt_lp)
     n = req.n or 1
-    jobs = build_jobs(state, prompts, n, kwargs, rid, arrival, spec_field)
+    jobs = build_jobs(state, prompts, n, kwargs, rid, arrival, spec_field, stream=bool(req.stream))
     created = int(time.time())
     tok = engine.tokenizer
 
     def render(job: Job, text: str, start_token: int, start_char: int, first: bool) -> tuple[str, Any]:
         """The choice's text and logprobs from output token ``start_token`` on; ``first``: the
         part that also carries the echoed prompt."""
-        c = job.final
-        ids: list[int] = [] if echo.only else list(c.token_ids[start_token:])
-        entries: list[Any] = [] if echo.only else list((c.logprobs or [])[start_token:])
+        ids: list[int] = [] if echo.only else job.token_ids[start_token:]
+        entries: list[Any] = [] if echo.only else job.logprobs[start_token:]
         if echo.only:
             text = ""
         if first and echo.prompt_texts is not None:
@@ -113,7 +112,7 @@ async def create_completion(request: web.Request, state: ServerState) -> web.Str
             first, started[i] = not started[i], True
             delta = apply_output(job, out, time.monotonic())
             text, lp = render(job, delta, sent_tokens[i], sent_chars[i], first)
-            sent_tokens[i] = len(job.final.token_ids)
+            sent_tokens[i] = len(job.token_ids)
             sent_chars[i] += len(text)
             if not text and not job.finished and not (lp and lp.tokens):
                 continue

@@ -11,10 +11,15 @@ import msgspec
 FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"] | None
 
 
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class UsageInfo(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogProbs(msgspec.Struct):

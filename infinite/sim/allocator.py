@@ -1,45 +1,58 @@
 """The ``BlockAllocator`` the project's ``Scheduler`` runs on in the simulator.
 
-It follows the runtime's ``ClusterAllocator``: blocks come from the home's
-pool first; what the pool lacks is borrowed on demand through
-``LendingPolicy.borrow_plan`` (all or nothing), and only when the calibrated
-cost model says the loan pays (``placement.loan_gain``, the gManager's no-regret
-check), unless the request can never fit its home's pool. Local-first: when a
-running request needs a block and the pool is full, its oldest full home
-blocks move out to the borrowed ones (copied at once: the step pays the
-copy) and the freed home blocks take its tail; a new request's borrowed
-blocks take the oldest of its new positions.
+It makes the runtime's ``ClusterAllocator`` decisions by calling the same
+functions (``infinite.cluster.decisions``): whether a growth may ask for a
+loan at all (``growth_loan``: not when the gManager lends only for capacity
+and the request fits its home's pool, nor for a new request when the last
+heartbeat said such a loan would not pay), which loans to ask for
+(``loan_asks``: local-first — when a running request needs a block and the
+pool is full, its oldest full home blocks move out to the borrowed ones,
+copied at once: the step pays the copy, and the freed home blocks take its
+tail; a new request's borrowed blocks take the oldest of its new positions),
+the backoff after a refusal (``LoanBackoff``), and, on the gManager's side,
+the no-regret check (``grant_loan`` with ``placement.loan_gain``). Only the
+memory is simulated: blocks are counts (``infinite.sim.memory``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from infinite.cluster.allocator import REFUSAL_BACKOFF_S
+from infinite.cluster.decisions import LoanAsk, LoanBackoff, growth_loan, loan_asks
 from infinite.kv.rmanager import blocks_for
 from infinite.runtime.allocator import BlockAllocator
 from infinite.runtime.request import Request, Status
 from infinite.sim.memory import ClusterMemory
 
-__all__ = ["SimAllocator", "CHUNK_BLOCKS"]
+__all__ = ["SimAllocator", "CHUNK_BLOCKS", "Hints", "LoanCheck"]
 
 CHUNK_BLOCKS = 4  # ClusterAllocator.chunk_blocks: local-first growth moves this many blocks beyond the need
 
-# (debtor, [(creditor, blocks)], admits a new request, new remote calls) -> does the loan pay?
-LoanCheck = Callable[[int, list[tuple[int, int]], bool, int], bool]
+# The gManager's answer (infinite.sim.planning, decisions.grant_loan): (debtor, [(creditor, blocks)],
+# admits a new request, new remote calls, blocks the request will hold) -> is the loan made?
+LoanCheck = Callable[[int, list[tuple[int, int]], bool, int, int], bool]
+
+
+@dataclass(frozen=True)
+class Hints:
+    """What a debtor knows from its last heartbeat reply (the runtime's ``HeartbeatReply``)."""
+
+    lends_for_throughput: bool  # the gManager's cost model is trusted
+    loans_pay: bool  # a loan admitting a request of this instance's mean size pays
 
 
 class SimAllocator(BlockAllocator):
     def __init__(self, mem: ClusterMemory, rank: int, capacity: int, loan_pays: LoanCheck | None = None,
-                 push_seconds: Callable[[int, int], float] | None = None, hint: Callable[[int], bool] | None = None,
+                 push_seconds: Callable[[int, int], float] | None = None, hint: Callable[[int], Hints] | None = None,
                  clock: Callable[[], float] | None = None) -> None:
         self.mem = mem
         self.rank = rank
         self.capacity = capacity
         self.loan_pays = loan_pays  # None: every loan the policy allows is made
-        self.hint = hint  # the heartbeat's "a loan would pay" (None: always ask)
+        self.hint = hint  # the last heartbeat's reply (None: the gManager lends for anything)
         self.clock = clock or (lambda: 0.0)
-        self.quiet_until = -1.0  # no loan requests before this time (after a refusal)
+        self.backoff = LoanBackoff()  # no loan requests for a moment after a refusal
         self.push_seconds = push_seconds  # (creditor, blocks) -> seconds a synchronous copy takes
         self.reserve = 0  # home blocks set aside for a predicted run, used before the free pool
         self.borrowed_in_step = False  # a borrow pays a control-plane round trip in this step
@@ -79,50 +92,49 @@ class SimAllocator(BlockAllocator):
         if need <= 0:
             return True
         free = mem.pools[home].free + self.reserve
-        if need <= free:
+        running = req.status is Status.RUNNING
+        hint = self.hint(home) if self.hint is not None else Hints(True, True)
+        rest = growth_loan(need, free, held_n, mem.pools[home].total, running=running, lending=mem.policy.enabled,
+                           lends_for_throughput=hint.lends_for_throughput, loans_pay=hint.loans_pay)
+        if rest is None:
+            return False
+        if rest == 0:
             self._local(rid, need)
             return True
-        if not mem.policy.enabled:
-            return False
-        rest = need - free
-        running = req.status is Status.RUNNING
-        if not running and held_n + need <= mem.pools[home].total and self.hint is not None and not self.hint(home):
-            return False  # a new request that fits this pool in time, and admitting it by a loan would not pay
         full = req.num_computed_tokens // mem.block_size
         movable = min(lay.full_on(home, full), rest + CHUNK_BLOCKS) if lay is not None else 0
-        if movable >= rest:  # local-first: the oldest full home blocks go out, the tail stays home
-            plan = self._borrow(rid, movable, held_n + need, running) if movable > rest else []
-            plan = plan or self._borrow(rid, rest, held_n + need, running, retry=True)  # fewer may still fit
-            if not plan:
-                return False
+        push_out, asks = loan_asks(rest, movable)
+        plan = self._ask(rid, asks, held_n + need, running)
+        if not plan:
+            return False
+        if push_out:  # local-first: the oldest full home blocks go out, the tail stays home
             mem.push_out(rid, home, plan)
             if self.push_seconds is not None:
                 self.push_s = max([self.push_s] + [self.push_seconds(c, n) for c, n in plan])
             self._local(rid, need)
             return True
         # too few full home blocks (a new request): borrowed blocks take the oldest new positions
-        plan = self._borrow(rid, rest, held_n + need, running)
-        if not plan:
-            return False
         if free:
             self._local(rid, free)
         mem.borrow(rid, home, plan, at=held_n)
         return True
 
-    def _borrow(self, rid: str, n: int, request_blocks: int, running: bool, retry: bool = False
-                ) -> list[tuple[int, int]]:
-        """The gManager's borrow: the policy's plan over the creditors, all or nothing, made only if
-        the loan pays (or the request can never fit its home's pool); then reserved on them. After a
-        refusal the allocator asks nothing for REFUSAL_BACKOFF_S (ClusterAllocator._borrow)."""
-        now = self.clock()
-        if now < self.quiet_until and not retry:
-            return []
-        plan = self._plan(rid, n, request_blocks, running)
-        if not plan:
-            self.quiet_until = now + REFUSAL_BACKOFF_S
-        return plan
+    def _ask(self, rid: str, asks: tuple[LoanAsk, ...], request_blocks: int, running: bool
+             ) -> list[tuple[int, int]]:
+        """Each loan in turn until one is granted (ClusterAllocator._ask); a refusal starts the backoff."""
+        for ask in asks:
+            now = self.clock()
+            if not self.backoff.allows(now, ask):
+                continue
+            plan = self._plan(rid, ask.blocks, request_blocks, running)
+            self.backoff.answered(now, bool(plan))
+            if plan:
+                return plan
+        return []
 
     def _plan(self, rid: str, n: int, request_blocks: int, running: bool) -> list[tuple[int, int]]:
+        """The gManager's borrow: the policy's plan over the creditors, all or nothing, made only if
+        the gManager grants it (``loan_pays``: decisions.grant_loan); then reserved on them."""
         mem = self.mem
         if mem.borrowable(self.rank) < n:
             return []
@@ -131,9 +143,9 @@ class SimAllocator(BlockAllocator):
         plan = mem.policy.borrow_plan(mem.peer(self.rank), n, mem.candidates(self.rank, n, held), held)
         if not plan:
             return []
-        if request_blocks <= mem.pools[self.rank].total and self.loan_pays is not None:
+        if self.loan_pays is not None:
             new_calls = sum(1 for c, _ in plan if held.get(c, 0) == 0)
-            if not self.loan_pays(self.rank, plan, not running, new_calls):
+            if not self.loan_pays(self.rank, plan, not running, new_calls, request_blocks):
                 self.loans_refused += 1
                 return []
         self.borrowed_in_step = True

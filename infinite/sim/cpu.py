@@ -65,13 +65,13 @@ def front_door_s(spec: GpuSpec) -> float:
     return float(spec.sources.get("front door latency in TTFT (s)", 0.0))
 
 
-def predict(spec: GpuSpec, model: ModelSpec, probe: Probe, budget: int = 2048) -> float:
-    """What the simulator's step cost says the probe measures, in seconds.
+def predict(spec: GpuSpec, model: ModelSpec, probe: Probe, budget: int = 2048, tp: int = 1) -> float:
+    """What the simulator's step cost says the probe measures, in seconds, on an instance of ``tp`` ranks.
 
     ``ttft``: a lone prompt's chunked prefill (its last ``remote`` tokens in a creditor's blocks, as
     a prompt borrowed at admission has its tail there); ``tpot``: a decode step at the mean context;
     ``split``: a decode step of a lone request with ``remote`` of its tokens on the creditor."""
-    hw = InstanceHW(spec, model, 1, (0,))
+    hw = InstanceHW(spec, model, tp, (0,))
     B = probe.batch
     if probe.kind in ("ttft", "ttft-split"):
         t, done, edge = 0.0, 0, probe.prompt - probe.remote  # positions >= edge are remote
@@ -92,11 +92,13 @@ def predict(spec: GpuSpec, model: ModelSpec, probe: Probe, budget: int = 2048) -
 
 
 def fit_cpu(model: ModelSpec, probes: list[Probe], measured: list[float], base: GpuSpec = CPU_BASE,
-            remote: Callable[[GpuSpec, Probe], float] | None = None) -> GpuSpec:
+            remote: Callable[[GpuSpec, Probe], float] | None = None, tp: int = 1) -> GpuSpec:
     """Least relative squared error over the local probes: a grid over FLOP/s, bandwidth and the
     attention kernels' share of the FLOP/s, and for each point the best non-negative per-step and
     per-request overheads and the front door's share of a TTFT (they enter linearly);
-    then the remote latency from the split probes (what the local fit leaves unexplained, per layer)."""
+    then the remote latency from the split probes (what the local fit leaves unexplained, per layer).
+    ``tp``: the probes ran on instances of that many ranks (the simulator's tensor-parallel instance:
+    work split ``tp`` ways, all-reduces per layer; their fixed latency folds into the per-step overhead)."""
     local = [(p, m) for p, m in zip(probes, measured) if p.kind in ("tpot", "ttft")]
     if len(local) < 3:
         raise ValueError("fit_cpu: need at least 3 local probes")
@@ -110,10 +112,10 @@ def fit_cpu(model: ModelSpec, probes: list[Probe], measured: list[float], base: 
             # relative error: each equation divided by its measurement; a TTFT also carries the front
             # door's latency (submit, route, first output back), a constant of the measurement
             rows.append((steps / m, sampled / m, (p.kind == "ttft") / m))
-            ys.append((m - predict(core, model, p)) / m)
+            ys.append((m - predict(core, model, p, tp=tp)) / m)
         o, r, door = _nnls(rows, ys)
         spec = replace(core, step_overhead_s=o, request_overhead_s=r)
-        err = sum(((predict(spec, model, p) + door * (p.kind == "ttft") - m) / m) ** 2 for p, m in local)
+        err = sum(((predict(spec, model, p, tp=tp) + door * (p.kind == "ttft") - m) / m) ** 2 for p, m in local)
         if best is None or err < best[0]:
             best = (err, spec, door)
     spec = replace(best[1], sources={**best[1].sources, "front door latency in TTFT (s)": f"{best[2]:.4g}"})
@@ -122,7 +124,7 @@ def fit_cpu(model: ModelSpec, probes: list[Probe], measured: list[float], base: 
         # The remote path: message latency (decode ships a few hundred bytes per layer) and link
         # bandwidth (a prefill chunk ships MBs of queries and K/V), on a grid, judged by ``remote``
         # (the simulator itself on the probe, with its placement) or the closed form.
-        ask = remote or (lambda sp, p: predict(sp, model, p))
+        ask = remote or (lambda sp, p: predict(sp, model, p, tp=tp))
 
         def err(lat: float, bw: float) -> float:
             sp = replace(spec, intra_latency_s=lat, inter_latency_s=lat, intra_bw=bw, inter_bw=bw)

@@ -20,10 +20,9 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-from collections import deque
 from dataclasses import dataclass, field, replace
 
-from infinite.cluster.cost_model import StepSample
+from infinite.cluster.cost_model import Calibration, StepSample
 from infinite.cluster.placement import ClusterSnapshot, InstanceState, PlacementConfig, capacities, route_key
 from infinite.cluster.policy import LendingPolicy
 from infinite.cluster.sp_policy import GroupPolicy
@@ -37,6 +36,7 @@ from infinite.sim.instance import SimInstance
 from infinite.sim.memory import ClusterMemory
 from infinite.sim.models import ModelSpec
 from infinite.sim.planning import MOVE, Planning, probe_prior
+from infinite.sim.segments import DecodeRun
 from infinite.sim.policies import node_groups, tp_pp
 from infinite.sim.traces import TraceRequest
 
@@ -137,10 +137,8 @@ class _Sim(Planning, Grouping):
                      for r, hw in enumerate(self.hws)]
         spans = len({n for hw in self.hws for n in hw.nodes}) > 1
         self.cost = probe_prior(self.hws[0], cfg.gpu.inter_latency_s if spans else cfg.gpu.intra_latency_s)
-        self.calibrated = False  # the cost model has been fitted to the steps (the gManager's flag)
-        self.fitted_at = -1e9
-        self.hints: dict[int, bool] = {}  # loans-pay answers since the last plan
-        self.samples: deque[StepSample] = deque(maxlen=128)  # GManager.samples
+        self.calib = Calibration()  # the gManager's: decode-step samples, and whether the model is trusted
+        self.hints: dict = {}  # heartbeat replies (Hints) since the last plan
         self.heap: list[tuple] = []
         self.seq = itertools.count()
         self.queued: dict[str, int] = {}  # waiting request -> blocks counted in its home's demand
@@ -285,9 +283,9 @@ class _Sim(Planning, Grouping):
                 self._watch(r)
                 return
             first = run.end(1) - run.t0
-            if first > 0:  # the heartbeat's sample: blocks in use as context, remote calls per layer
+            if first > 0 and _decodes(run):  # the heartbeat's sample: a decode step, blocks in use as context
                 used = self.mem.pools[r].used * self.cfg.block_size
-                self.samples.append(StepSample(len(inst.sched.running), used, first, inst.calls))
+                self.calib.add(StepSample(len(inst.sched.running), used, first, inst.calls))
             self._push_end(r)
             if self.cfg.check:
                 inst.check_step(1)
@@ -454,6 +452,12 @@ class _Sim(Planning, Grouping):
             events=self.events, window_s=last_arrival - first_arrival,
             window_tokens=sum(i.window_tokens for i in self.inst), groups=self.groups_formed,
             group_members=self.group_members, group_blocks=self.mem.group_blocks, groups_waited=self.groups_waited)
+
+
+def _decodes(run) -> bool:
+    """Whether a run's first step is a decode step (one token per request), as the runtime's
+    heartbeat samples are: a prefill chunk's time says nothing of the per-request cost."""
+    return isinstance(run, DecodeRun) or all(n == 1 for _, n in run.steps[0].work)
 
 
 def simulate(trace: list[TraceRequest], cfg: SimConfig) -> SimResult:

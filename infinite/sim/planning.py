@@ -3,19 +3,21 @@
 A mixin of the engine's ``_Sim`` (infinite.sim.engine), kept apart so each
 file has one job: here is everything that decides where KV blocks go after a
 request has a home — what a creditor keeps for itself, whether an
-on-demand loan pays (``placement.loan_gain``), the periodic ``placement.plan``
-on a snapshot of the cluster, and the migrations it orders (which take link
-time and hold memory on both ends).
+on-demand loan is made, the periodic ``placement.plan`` on a snapshot of the
+cluster, and the migrations it orders (which take link time and hold memory
+on both ends). The decisions are the runtime gManager's own functions
+(``infinite.cluster.decisions``: ``grant_loan``, ``loans_pay``,
+``loan_gain_near``, ``planning_config``; the cost model's ``Calibration``),
+called on the simulated state.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from infinite.cluster.cost_model import CostModel, fit, remote_measured
-from infinite.cluster.gmanager import REFIT_S
-from infinite.cluster.placement import ClusterSnapshot, RequestState, loan_gain, plan
+from infinite.cluster.cost_model import CostModel
+from infinite.cluster.decisions import grant_loan, loan_gain_near, loans_pay, planning_config
+from infinite.cluster.placement import ClusterSnapshot, RequestState, plan
 from infinite.kv.rmanager import blocks_for
+from infinite.sim.allocator import Hints
 from infinite.sim.costs import InstanceHW, migration_time
 
 MOVE = 1  # the engine's event kind for a finished migration
@@ -33,7 +35,7 @@ def probe_prior(hw: InstanceHW, latency_s: float) -> CostModel:
 
 
 class Planning:
-    """Methods of ``_Sim`` (which provides cfg, policy, pcfg, mem, inst, hws, cost, samples, ...)."""
+    """Methods of ``_Sim`` (which provides cfg, policy, pcfg, mem, inst, hws, cost, calib, ...)."""
 
     def own_demand(self, r: int) -> None:
         """What instance ``r`` keeps for itself (its heartbeat's demand_blocks): its queue and its
@@ -49,48 +51,40 @@ class Planning:
             p.own = self.policy.own_demand(queue, running, self.cfg.block_size)
         self.mem.refresh(r)
 
-    def loan_pays(self, debtor: int, plan_: list[tuple[int, int]], admits: bool, new_calls: int) -> bool:
-        """The gManager's no-regret check of an on-demand loan (placement.loan_gain with the fitted
-        cost model), on the instances it involves; none before the model is fitted (no lending on
-        a guess)."""
-        if not self.calibrated:
-            return False
-        return self._gain(debtor, plan_, admits, new_calls) > self.pcfg.min_gain
+    def loan_pays(self, debtor: int, plan_: list[tuple[int, int]], admits: bool, new_calls: int,
+                  request_blocks: int) -> bool:
+        """The gManager's answer to an on-demand loan (decisions.grant_loan, as GManager.borrow asks
+        it): for a request no home pool can hold, yes; otherwise only with the calibrated cost model's
+        predicted gain (placement.loan_gain on the instances involved)."""
+        return grant_loan(request_blocks, self.mem.pools[debtor].total, self.calib.calibrated,
+                          lambda: self._gain(debtor, plan_, admits, new_calls), self.pcfg.min_gain)
 
-    def loans_pay_hint(self, r: int) -> bool:
-        """The heartbeat's word to a debtor: would a loan admitting one more request of its mean size
-        pay (GManager._would_pay)? Asked when the instance needs it and kept until the next plan, as
-        the runtime keeps the last heartbeat's answer."""
+    def loans_pay_hint(self, r: int) -> Hints:
+        """The heartbeat reply's word to a debtor: does the gManager lend for throughput at all, and
+        would a loan admitting one more request of its mean size pay (decisions.loans_pay, as
+        GManager._calibrate asks it)? Asked when the instance needs it and kept until the next
+        plan, as the runtime keeps the last heartbeat's answer."""
         hint = self.hints.get(r)
         if hint is None:
-            hint = self.hints[r] = self._would_pay(r)
+            mem = self.mem
+            pays = loans_pay(self.policy, mem.peer(r), len(self.inst[r].sched.running),
+                             lambda n: mem.candidates(r, n, {}), self.calib.calibrated,
+                             lambda plan_: self._gain(r, plan_, True, len(plan_)), self.pcfg.min_gain)
+            hint = self.hints[r] = Hints(self.calib.calibrated and self.policy.enabled, pays)
         return hint
-
-    def _would_pay(self, r: int) -> bool:
-        if not self.calibrated or not self.policy.enabled:
-            return False
-        p, mem = self.mem.pools[r], self.mem
-        size = max(1, p.used // max(1, len(self.inst[r].sched.running)))
-        plan_ = self.policy.borrow_plan(mem.peer(r), size, mem.candidates(r, size, {}))
-        return bool(plan_) and self._gain(r, plan_, True, len(plan_)) > self.pcfg.min_gain
 
     def _gain(self, debtor: int, plan_: list[tuple[int, int]], admits: bool, new_calls: int) -> float:
         lays = self.mem.layouts
-        reqs = tuple(RequestState(q.request_id, debtor, q.num_computed_tokens, dict(lays[q.request_id].held))
-                     for q in self.inst[debtor].sched.running if q.request_id in lays and lays[q.request_id].remote_n)
-        ranks = {debtor, *(c for c, _ in plan_), *(i for q in reqs for i in q.blocks)}
-        states = tuple(self.state(r) for r in sorted(ranks))
-        return loan_gain(ClusterSnapshot(states, reqs, self.cfg.block_size), self.cost, debtor, plan_,
-                         admits=admits, new_calls=new_calls)
+        reqs = [RequestState(q.request_id, debtor, q.num_computed_tokens, dict(lays[q.request_id].held))
+                for q in self.inst[debtor].sched.running if q.request_id in lays and lays[q.request_id].remote_n]
+        return loan_gain_near(self.state, debtor, plan_, reqs, self.cfg.block_size, self.cost, admits=admits,
+                              new_calls=new_calls)
 
     # ---- the periodic placement ----------------------------------------------------------------------------
     def replan(self) -> None:
-        # as GManager._calibrate: refit every REFIT_S once there are samples; the samples carry their
-        # remote calls, so the fit learns what remote calls add to a step
-        if len(self.samples) >= 8 and self.now - self.fitted_at >= REFIT_S:
-            self.fitted_at = self.now
-            self.cost = fit(list(self.samples), prior=self.cost)
-            self.calibrated = remote_measured(self.samples) or self.policy.eager  # as GManager._calibrate
+        # as GManager._calibrate: refit when due (the samples carry their remote calls, so the fit
+        # learns what remote calls add to a step), then the loan hints are asked afresh
+        self.cost = self.calib.refit(self.cost, self.now, self.policy.eager)
         self.hints = {}
         # an instance idle behind a head its loans were refused for asks again after a heartbeat, as
         # the runtime's step loop does (the answer may have changed with the plan)
@@ -107,8 +101,7 @@ class Planning:
                 if lay is not None and lay.total:
                     reqs.append(RequestState(q.request_id, r, q.num_computed_tokens, dict(lay.held)))
         self.flush()
-        # uncalibrated, only the moves that do not hang on the cost model (GManager.plan_once)
-        pcfg = self.pcfg if self.calibrated else replace(self.pcfg, min_gain=float("inf"))
+        pcfg = planning_config(self.pcfg, self.calib.calibrated)  # as GManager.plan_once
         for mv in plan(ClusterSnapshot(tuple(self.states), tuple(reqs), self.cfg.block_size), self.cost, pcfg):
             self._start_move(mv)
 

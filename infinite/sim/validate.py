@@ -16,6 +16,10 @@
 4. A trace whose long prompts are prefilled by groups, once the runtime has
    them (issue 17): ``runtime_prefills_in_groups`` looks for the EngineConfig
    knobs ``GROUP_FIELDS``; until they exist the trace is reported as not run.
+
+``--tp T``: the same with instances of T CPU ranks each (tensor-parallel
+groups; the simulator's instances of T devices); the fitted constants are
+then those of a T-rank instance on this machine.
 """
 
 from __future__ import annotations
@@ -54,18 +58,24 @@ PROBES = (  # per rank: both ranks run the same probe at once, as both run durin
 def _args(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m infinite.sim validate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--ranks", type=int, default=2, help="instances")
+    ap.add_argument("--tp", type=int, default=1, help="ranks (CPU processes) per instance: tensor-parallel groups")
     ap.add_argument("--pool-blocks", type=int, default=256, help="KV blocks per rank (16 tokens each)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--short", type=int, default=80, help="short requests in each validation trace")
     ap.add_argument("--long", type=int, default=2, help="requests longer than one rank's pool (mixed trace)")
     ap.add_argument("--rate", type=float, default=20.0, help="arrivals per second")
-    ap.add_argument("--spec-out", default="bench-results/sim-cpu.json", help="where the fitted constants go")
-    ap.add_argument("--json", default="bench-results/sim-validate.json")
+    ap.add_argument("--spec-out", default=None,
+                    help="where the fitted constants go (default bench-results/sim-cpu.json; -tpT.json with --tp T)")
+    ap.add_argument("--json", default=None, help="default bench-results/sim-validate.json (-tpT.json with --tp T)")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--repeats", type=int, default=2,
                     help="times each validation trace is served (the fastest counts: other jobs only slow it down)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    suffix = f"-tp{args.tp}" if args.tp > 1 else ""  # a T-rank instance's constants are not one rank's
+    args.spec_out = args.spec_out or f"bench-results/sim-cpu{suffix}.json"
+    args.json = args.json or f"bench-results/sim-validate{suffix}.json"
+    return args
 
 
 def _records_tpot(records) -> list[float]:
@@ -112,10 +122,10 @@ def measure_split(eng, pool: int, vocab: tuple[int, int], timeout: float) -> lis
             (Probe("split", 1, prompt, 48, remote), tp[0])]
 
 
-def simulate_probe(spec, model: ModelSpec, probe: Probe, pool: int, ranks: int) -> float:
+def simulate_probe(spec, model: ModelSpec, probe: Probe, pool: int, ranks: int, tp: int = 1) -> float:
     """What the simulator (its scheduler, borrowing and placement) measures for a lone-request probe."""
     res = simulate([TraceRequest("p", 0.0, probe.prompt, probe.output)],
-                   SimConfig(spec, model, (1,) * ranks, True, kv_blocks=pool, max_num_batched_tokens=2048))
+                   SimConfig(spec, model, (tp,) * ranks, True, kv_blocks=pool, max_num_batched_tokens=2048))
     c = res.completed[0]
     if probe.kind in ("ttft", "ttft-split"):
         return c.first_token_s - c.arrival_s
@@ -183,9 +193,9 @@ def runtime_prefills_in_groups() -> bool:
 
 
 def compare(name: str, records, trace: list[TraceRequest], spec, model: ModelSpec, ranks: int, pool: int,
-            lending: bool, groups: GroupPolicy | None = None) -> dict[str, Any]:
+            lending: bool, groups: GroupPolicy | None = None, tp: int = 1) -> dict[str, Any]:
     """Simulate ``trace`` as the cluster that served ``records`` was set up; measured vs predicted."""
-    res = simulate(trace, SimConfig(spec, model, (1,) * ranks, lending, kv_blocks=pool, max_num_batched_tokens=BUDGET,
+    res = simulate(trace, SimConfig(spec, model, (tp,) * ranks, lending, kv_blocks=pool, max_num_batched_tokens=BUDGET,
                                     groups=groups))
     runs = [measured_summary(rs) for rs in records]
     meas = min(runs, key=lambda r: r["makespan_s"])  # the least disturbed repetition, as timeit takes the min
@@ -200,7 +210,7 @@ def compare(name: str, records, trace: list[TraceRequest], spec, model: ModelSpe
     for c in res.completed:
         per_request[c.request_id]["predicted"] = [c.first_token_s - c.arrival_s + door, c.finish_s - c.arrival_s,
                                                   c.home]
-    return {"trace": name, "requests": len(trace), "ranks": ranks, "pool_blocks": pool, "lending": lending,
+    return {"trace": name, "requests": len(trace), "ranks": ranks, "tp": tp, "pool_blocks": pool, "lending": lending,
             "measured": meas, "measured_runs": runs, "predicted": pred, "errors": errors,
             "within_target": all(abs(errors[k]) <= TARGET for k in ("completed_tokens_per_s", "tpot_mean", "tpot_p50")),
             "per_request_ttft_e2e_home": per_request}
@@ -227,12 +237,13 @@ def main(argv: Sequence[str]) -> int:
                                                vocab)
     # 1. local costs, on pools that hold everything and a cluster that never lends (nothing blurs the
     #    probes), then the short trace on the same cluster
-    with _closing(_cluster(None, args.ranks, big, False, threads=1)) as (eng,):
+    tp = {"tensor_parallel_size": args.tp}
+    with _closing(_cluster(None, args.ranks, big, False, threads=1, **tp)) as (eng,):
         warm(eng)
         probes, measured = measure_probes(eng, args.ranks, vocab, args.timeout)
         short_records = serve_repeated(eng, short_work, args.repeats, args.timeout)
     # 2. the remote path, on small pools with lending: one request larger than a pool, then the mixed trace
-    with _closing(_cluster(None, args.ranks, args.pool_blocks, True, threads=1)) as (eng,):
+    with _closing(_cluster(None, args.ranks, args.pool_blocks, True, threads=1, **tp)) as (eng,):
         warm(eng)
         for p, m in measure_split(eng, args.pool_blocks, vocab, args.timeout):
             probes.append(p)
@@ -245,32 +256,33 @@ def main(argv: Sequence[str]) -> int:
     grouped_records = None
     if runtime_prefills_in_groups():
         knobs = dict(zip(GROUP_FIELDS, (True, GROUP_MIN_TOKENS, 1.0, 0.0)))
-        with _closing(_cluster(None, args.ranks, big, True, threads=1, **knobs)) as (eng,):
+        with _closing(_cluster(None, args.ranks, big, True, threads=1, **knobs, **tp)) as (eng,):
             warm(eng)
             grouped_records = serve_repeated(eng, grouped_work, args.repeats, args.timeout)
     spec = fit_cpu(model, probes, measured, remote=lambda sp, p: simulate_probe(sp, model, p, args.pool_blocks,
-                                                                               args.ranks))
+                                                                               args.ranks, args.tp), tp=args.tp)
     door = front_door_s(spec)
     fit_rows = [[p.kind, p.batch, p.prompt, p.remote, 1e3 * m,
-                 1e3 * (predict(spec, model, p) + door * p.kind.startswith("ttft")),
-                 (predict(spec, model, p) + door * p.kind.startswith("ttft")) / m - 1]
+                 1e3 * (predict(spec, model, p, tp=args.tp) + door * p.kind.startswith("ttft")),
+                 (predict(spec, model, p, tp=args.tp) + door * p.kind.startswith("ttft")) / m - 1]
                 for p, m in zip(probes, measured)]
     print_table("calibration probes (per rank; split probes fitted through the simulator, shown in closed form)",
                 ["probe", "batch", "prompt", "remote tokens", "measured ms", "fitted ms", "error"], fit_rows)
     results = [compare("short (no request needs to borrow)", short_records, short_trace, spec, model, args.ranks,
-                       big, False),
+                       big, False, tp=args.tp),
                compare("mixed (long requests borrow)", mixed_records, mixed_trace, spec, model, args.ranks,
-                       args.pool_blocks, True)]
+                       args.pool_blocks, True, tp=args.tp)]
     if grouped_records is not None:
         results.append(compare("grouped (long prompts prefilled by groups)", grouped_records, grouped_trace, spec,
-                               model, args.ranks, big, True, VALIDATION_GROUPS))
+                               model, args.ranks, big, True, VALIDATION_GROUPS, tp=args.tp))
     else:
         print("grouped trace: not run, the runtime does not prefill over groups yet "
               f"(EngineConfig has no {', '.join(GROUP_FIELDS)}; issue 17)")
     for r in results:
         rows = [[k, r["measured"][k], r["predicted"][k], r["errors"].get(k)]
                 for k in ("completed_tokens_per_s", "tpot_mean", "tpot_p50", "ttft_p50", "makespan_s")]
-        print_table(f"validation, {r['trace']}: {r['requests']} requests on {r['ranks']} CPU ranks x "
+        print_table(f"validation, {r['trace']}: {r['requests']} requests on {r['ranks']} instances of {r['tp']} CPU "
+                    "rank(s) x "
                     f"{r['pool_blocks']} blocks, lending {'on' if r['lending'] else 'off'} (LocalCluster) vs the "
                     "simulator", ["metric", "measured", "predicted", "error"], rows)
         print(f"tokens/s and TPOT within {TARGET:.0%}: {'yes' if r['within_target'] else 'no'}")

@@ -2,19 +2,24 @@
 
 Decoding each token alone is wrong twice over: a token may hold part of a
 UTF-8 character, and many decoders (SentencePiece spaces, byte-level) only
-make sense in context. Following vLLM, a short window of tokens is decoded
-twice -- up to the last emitted token (``read_offset``) and up to the newest
-one -- and the difference is the delta. While the decoded tail ends with
-U+FFFD the bytes of a character are still incomplete, so nothing is emitted.
+make sense in context. The ``tokenizers`` library's ``DecodeStream`` keeps that
+context in Rust (vLLM's fast incremental detokenizer does the same): it is
+primed with the prompt's last tokens, and each step returns the newly final
+text, or nothing while a character's bytes are incomplete. One call per token,
+which matters: this runs for every token of every request.
+
+At the end of a stream, bytes still held back are flushed the way a full
+decode shows them (U+FFFD for an incomplete character), so the concatenated
+deltas equal ``tokenizer.decode(generated_ids)`` for a context-free decoder.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .tokenizer import Tokenizer
+from tokenizers.decoders import DecodeStream
 
-_REPLACEMENT = "\ufffd"
+from .tokenizer import Tokenizer
 
 
 def _common_prefix_len(a: str, b: str) -> int:
@@ -30,42 +35,58 @@ class IncrementalDetokenizer:
 
     ``prompt_ids`` give context only (their text is never emitted). Call
     :meth:`finish` at the end of the stream to flush text held back for an
-    incomplete character; the concatenated deltas then equal
-    ``tokenizer.decode(generated_ids)`` (for a context-free decoder such as
-    byte-level BPE without a prompt).
+    incomplete character.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True,
                  context_tokens: int = 5) -> None:
         self._tok = tokenizer
+        self._hf = tokenizer.backend
         self._skip = skip_special_tokens
-        self._ids: list[int] = list(prompt_ids)
-        self._prefix_offset = max(len(self._ids) - context_tokens, 0)
-        self._read_offset = len(self._ids)
-        self.text = ""  # everything emitted so far
+        self._context = context_tokens
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        ctx = list(prompt_ids[-context_tokens:]) if context_tokens else []
+        for t in ctx:
+            self._stream.step(self._hf, t)
+        self._ids: list[int] = ctx  # the last tokens: what a flush at the end decodes
+        self._held = 0  # tokens since the stream last released text
+        self._pieces: list[str] = []  # everything emitted so far, joined only when read
 
-    def _decode(self, start: int, end: int | None = None) -> str:
-        return self._tok.decode(self._ids[start:end], skip_special_tokens=self._skip)
-
-    def _step(self, final: bool) -> str:
-        prefix_text = self._decode(self._prefix_offset, self._read_offset)
-        new_text = self._decode(self._prefix_offset)
-        if len(self._ids) == self._read_offset or (not final and new_text.endswith(_REPLACEMENT)):
-            return ""
-        start = len(prefix_text) if new_text.startswith(prefix_text) else _common_prefix_len(prefix_text, new_text)
-        delta = new_text[start:]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._ids)
-        self.text += delta
-        return delta
+    @property
+    def text(self) -> str:
+        """Everything emitted so far (joined on read; appending a delta is O(1))."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
     def add_token(self, token_id: int) -> str:
         """Append one id; returns the text it made final (possibly '')."""
-        if not isinstance(token_id, int) or isinstance(token_id, bool):
+        if type(token_id) is not int:  # noqa: E721 - bool is an int subclass and must be refused
             raise TypeError(f"token_id must be an int, got {type(token_id).__name__}")
-        self._ids.append(token_id)
-        return self._step(final=False)
+        ids = self._ids
+        ids.append(token_id)
+        out = self._stream.step(self._hf, token_id)
+        if out is None:
+            self._held += 1
+            return ""
+        self._held = 0
+        if len(ids) > 64:  # keep only what a flush can need
+            del ids[: len(ids) - 32]
+        if out:
+            self._pieces.append(out)
+        return out
 
     def finish(self) -> str:
         """Flush whatever was held back (an incomplete character decodes as U+FFFD)."""
-        return self._step(final=True)
+        h = self._held
+        if not h:
+            return ""
+        ids = self._ids
+        start = max(0, len(ids) - h - self._context)
+        before = self._tok.decode(ids[start : len(ids) - h], self._skip)
+        after = self._tok.decode(ids[start:], self._skip)
+        delta = after[_common_prefix_len(before, after):]
+        self._held = 0
+        if delta:
+            self._pieces.append(delta)
+        return delta

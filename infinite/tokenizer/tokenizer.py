@@ -87,7 +87,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._tk.decode(ids if isinstance(ids, list) else list(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tk.id_to_token(token_id)

@@ -45,11 +45,28 @@ def micro_attention(
     meta: MAMetadata,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the queries over the blocks in ``meta``: (out [T,nh,d] in q.dtype, lse [T,nh] f32)."""
+    """Attention of the queries over the blocks in ``meta``: (out [T,nh,d] in q.dtype, lse [T,nh] f32).
+
+    A pure decode batch runs the split-KV decode kernel on every row (split
+    count ``meta.num_splits``, or the heuristic). A mixed batch whose metadata
+    names its ``decode_rows`` runs those on the decode kernel and
+    ``prefill_rows`` on the prefill kernel, both writing into one out/lse; one
+    without (hand-built metadata) runs every row on the prefill kernel.
+    """
     _check(q, k_cache, v_cache, meta)
     if meta.max_q_len <= 1:
-        return decode_attention(q, k_cache, v_cache, meta, scale)
-    return prefill_attention(q, k_cache, v_cache, meta, scale)
+        return decode_attention(q, k_cache, v_cache, meta, scale, meta.num_splits)
+    if meta.decode_rows is None or meta.prefill_rows is None:
+        return prefill_attention(q, k_cache, v_cache, meta, scale)
+    t, nh, d = q.shape
+    out = torch.empty(t, nh, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(t, nh, dtype=torch.float32, device=q.device)
+    if meta.decode_rows.shape[0]:
+        decode_attention(q, k_cache, v_cache, meta, scale, meta.num_splits, rows=meta.decode_rows, out=out, lse=lse)
+    if meta.prefill_rows.shape[0]:
+        prefill_attention(q, k_cache, v_cache, meta, scale, rows=meta.prefill_rows,
+                          max_q_len=meta.max_prefill_q_len, out=out, lse=lse)
+    return out, lse
 
 
 __all__ = [

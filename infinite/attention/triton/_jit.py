@@ -18,6 +18,7 @@ valid whichever mode they are wrapped in.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -68,10 +69,34 @@ def next_pow2(n: int) -> int:
 
 
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 for CPU (interpreter runs programs one by one)."""
+    """Streaming multiprocessors of a CUDA device; 1 for CPU (interpreter runs programs one by one).
+
+    Cached per device: ``get_device_properties`` costs microseconds and the
+    decode heuristic asks on every call.
+    """
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+def capability_major(device: torch.device) -> int:
+    """Compute capability major of a CUDA device (9: Hopper, 8: Ampere/Ada); 0 for CPU. Cached."""
+    if device.type != "cuda":
+        return 0
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[1]
+
+
+def device_name(device: torch.device) -> str:
+    """The device's marketing name ("NVIDIA H200"), "cpu" for CPU. Cached."""
+    if device.type != "cuda":
+        return "cpu"
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[2]
+
+
+@functools.cache
+def _device_facts(index: int) -> tuple[int, int, str]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major, props.name
 
 
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
