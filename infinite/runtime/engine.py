@@ -334,10 +334,13 @@ class LLMEngine:
 
     def postprocess(self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor) -> list[RequestOutput]:
         """``logits``: the sampling rows, then the prompt-logprob rows (``inputs.prompt_spans``)."""
-        cache = self.allocator.cache_computed
+        cache = self.allocator.cache_computed if self.rm.caching else None
+        bs = self.block_size
         for req, n in zip(batch.requests, batch.num_new_tokens):
-            req.num_computed_tokens += n
-            cache(req)
+            done = req.num_computed_tokens
+            req.num_computed_tokens = done + n
+            if cache is not None and (done + n) // bs != done // bs:  # a block filled: offer it to the cache
+                cache(req)
         reqs = inputs.sample_requests
         extra = logits[len(reqs):]
         for span in inputs.prompt_spans:
