@@ -294,6 +294,7 @@ def host_profile(model_dir: str, dtype: str, block_size: int, device: str, batch
     info = read_model_info(model_dir)
     eng = LLMEngine(EngineConfig(model=model_dir, dtype=dtype, block_size=block_size, device=device,
                                  num_kv_blocks=batch * per_req, max_num_seqs=batch, max_num_batched_tokens=budget))
+    eng.detokenize_in_background()  # as LLM makes it
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for prompt in make_prompts(batch, context, info["vocab_size"], info["special_ids"], seed):
         req = eng.make_request(prompt, params)

@@ -20,6 +20,7 @@ from infinite.kv.rmanager import RManager, blocks_for
 from infinite.outputs import CompletionOutput, RequestOutput
 from infinite.runtime.allocator import BlockAllocator, LocalAllocator
 from infinite.runtime.config import EngineConfig
+from infinite.runtime.detokenize import BackgroundDetokenizer
 from infinite.runtime.graph_runner import CaptureReport, GraphRunner
 from infinite.runtime.input_batch import InputBatch
 from infinite.runtime.memory import MemoryPlan, size_pool
@@ -150,7 +151,21 @@ class LLMEngine:
         self.scale = c.head_dim**-0.5
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        # Final-only requests' text made beside the step (runtime/detokenize.py): on where the engine's
+        # caller reads finished outputs only (LLM.generate), via detokenize_in_background().
+        self.background_detokenizer: BackgroundDetokenizer | None = None
         self.last_step_time = 0.0
+
+    def detokenize_in_background(self) -> None:
+        """Make final-only requests' text on a worker thread while the next step runs."""
+        if self.background_detokenizer is None:
+            self.background_detokenizer = BackgroundDetokenizer().bind(self)
+
+    def shutdown(self) -> None:
+        """Stop the engine's own threads (the background detokenizer); the engine is not used after."""
+        if self.background_detokenizer is not None:
+            self.background_detokenizer.close()
+            self.background_detokenizer = None
 
     def _graphs_safe(self) -> bool:
         """A captured step must not depend on host values: dynamic NTK RoPE past the model's positions
@@ -354,6 +369,8 @@ class LLMEngine:
         now = time.time()
         outs = []
         lps = res.logprobs
+        background = self.background_detokenizer
+        deferred: list[tuple[Request, int]] = []
         # This loop runs for every request of every step: its common path is a few attribute reads.
         for i, (req, tok) in enumerate(zip(reqs, res.token_ids)):
             out = req.output_token_ids
@@ -365,21 +382,34 @@ class LLMEngine:
             if lps is not None and lps[i] is not None and req.logprobs is not None:
                 req.logprobs.append(lps[i])
                 req.cumulative_logprob += lps[i][tok]
-            delta = req.detokenizer.add_token(tok) if req.detokenizer is not None else ""
-            if delta:
-                req.text_pieces.append(delta)
-                req.text_len += len(delta)
             quick = req.quick_stop
             if quick is None:
                 quick = req.quick_stop = self._quick_stop(req)
-            if quick and tok not in quick[0] and len(out) < quick[1]:
-                pass  # goes on: no stop token, under its length, nothing else can stop it
+            going_on = quick and tok not in quick[0] and len(out) < quick[1]  # nothing else can stop it
+            det = req.detokenizer
+            if det is None:
+                delta = ""
+            elif going_on and background is not None and req.output_kind == "final_only":
+                deferred.append((req, len(out)))  # its text is read when it finishes
+                continue
+            elif background is not None:
+                delta = background.advance(req, len(out))
+            else:
+                delta = det.add_token(tok)
+                req.detok_pos = len(out)
+                if delta:
+                    req.text_pieces.append(delta)
+                    req.text_len += len(delta)
+            if going_on:
+                pass
             elif check_stop(req, len(delta), self.eos_token_ids, self.max_model_len,
                             req.matcher is not None and advance(req.matcher, tok)):
                 outs.append(self._finish(req, delta, now))
                 continue
             if req.output_kind != "final_only":
                 outs.append(self.make_output(req))
+        if deferred:
+            background.submit(deferred)
         return outs
 
     def _quick_stop(self, req: Request) -> tuple[frozenset[int], int] | tuple[()]:
@@ -420,6 +450,8 @@ class LLMEngine:
     def make_output(self, req: Request) -> RequestOutput:
         """The request's output as its kind asks: cumulative (everything so far), or a delta (what is
         new since its previous output: O(new), the form outputs travel in between ranks)."""
+        if self.background_detokenizer is not None and req.detok_pos < len(req.output_token_ids):
+            self.background_detokenizer.advance(req, len(req.output_token_ids))  # the text is read now
         if req.output_kind == "delta":
             return self._delta_output(req)
         comp = CompletionOutput(
