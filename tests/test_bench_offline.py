@@ -41,7 +41,7 @@ def test_offline_main_tiny(tmp_path, capsys):
     assert "host time per decode step" in printed
     assert [(h["batch"], h["context"], h["steps"], h["cold_mb"]) for h in res["host"]] == \
         [(3, 6, 4, 0), (1, 40, 4, 0), (1, 40, 4, 8)]  # the last: the control row with cold caches
-    assert "8 MB touched" in printed
+    assert "8 MB touched" in printed and res["host_clock"] == "thread" and "per-thread CPU time" in printed
     for h in res["host"]:
         parts = h["schedule_ms"] + h["prepare_ms"] + h["postprocess_ms"]
         assert h["host_ms"] == pytest.approx(parts) and h["host_ms"] > 0 and h["forward_ms"] > 0

@@ -94,6 +94,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--host-contexts", type=_positive_ints, default=[1024, 30000],
                    help="context lengths of the one-request host-time cases (default 1024,30000)")
     p.add_argument("--host-steps", type=_positive_int, default=20, help="decode steps timed per host case")
+    p.add_argument("--host-clock", choices=("auto", "thread", "wall"), default="auto",
+                   help="the host cases' step timers: per-thread CPU time (not inflated by other processes on a "
+                        "shared machine; the forward runs on the same thread on a CPU) or wall time; auto: thread "
+                        "on a CPU, wall on a GPU (where the host waits for the device)")
     p.add_argument("--host-batch-context", type=_positive_int, default=512,
                    help="prompt tokens of each request of the batched host-time case")
     p.add_argument("--host-cold-mb", type=int, default=256,
@@ -280,7 +284,7 @@ class HostResult:
 
 
 def host_profile(model_dir: str, dtype: str, block_size: int, device: str, batch: int, context: int,
-                 steps: int, seed: int, cold_mb: int = 0) -> HostResult:
+                 steps: int, seed: int, cold_mb: int = 0, clock: str = "wall") -> HostResult:
     """Host milliseconds per decode step of ``batch`` requests holding ``context`` tokens each, from the
     engine's step timers over ``steps`` decode-only steps (after every prompt is prefilled)."""
     from infinite.runtime.config import EngineConfig
@@ -295,6 +299,7 @@ def host_profile(model_dir: str, dtype: str, block_size: int, device: str, batch
     eng = LLMEngine(EngineConfig(model=model_dir, dtype=dtype, block_size=block_size, device=device,
                                  num_kv_blocks=batch * per_req, max_num_seqs=batch, max_num_batched_tokens=budget))
     eng.detokenize_in_background()  # as LLM makes it
+    eng.clock = time.thread_time if clock == "thread" else time.perf_counter
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for prompt in make_prompts(batch, context, info["vocab_size"], info["special_ids"], seed):
         req = eng.make_request(prompt, params)
@@ -351,13 +356,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         llm.shutdown()
     host = []
+    host_clock = args.host_clock if args.host_clock != "auto" else ("thread" if device == "cpu" else "wall")
     if args.host:
         cases = ([(args.host_batch, args.host_batch_context, 0)] if args.host_batch > 0 else []) + \
                 [(1, c, 0) for c in args.host_contexts] + \
                 ([(1, min(args.host_contexts), args.host_cold_mb)] if args.host_cold_mb > 0 else [])
         for b, c, mb in cases:
             host.append(host_profile(model_dir, args.dtype, args.block_size, device, b, c, args.host_steps, args.seed,
-                                     mb))
+                                     mb, host_clock))
     return {
         "bench": "offline",
         "config": {"model": model_dir, "batch_sizes": args.batch_sizes, "prompt_len": args.prompt_len,
@@ -367,6 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "device": device},
         "results": [{**asdict(r), "prompt_tokens": n} for r, n in zip(rows, prompt_tokens)],
         "host": [asdict(h) for h in host],
+        "host_clock": host_clock if args.host else None,
         "load_avg_before": list(load_before),
         "load_avg_after": list(os.getloadavg()),
     }
@@ -391,8 +398,9 @@ def table(result: dict[str, Any]) -> str:
         rows = [[h["batch"], h["context"], f"{h['cold_mb']} MB touched" if h.get("cold_mb") else "as left",
                  h["steps"], h["schedule_ms"], h["prepare_ms"], h["postprocess_ms"], h["host_ms"], h["forward_ms"]]
                 for h in result["host"]]
-        out += "\n\n" + format_table("host time per decode step (everything but the forward), engine step timers",
-                                       cols, rows)
+        clock = {"thread": "per-thread CPU time", "wall": "wall time"}.get(result.get("host_clock"), "wall time")
+        out += "\n\n" + format_table(f"host time per decode step (everything but the forward), engine step timers, "
+                                       f"{clock}", cols, rows)
         single = sorted((h for h in result["host"] if h["batch"] == 1 and not h.get("cold_mb")),
                         key=lambda h: h["context"])
         cold = [h for h in result["host"] if h.get("cold_mb")]

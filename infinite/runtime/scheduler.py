@@ -13,6 +13,7 @@ cache) starts with those tokens computed: its prefill skips them.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -119,8 +120,9 @@ class Scheduler:
             cached = self.allocator.start(req, hit)
             if cached is None:
                 break
-            if req.metrics.first_scheduled_time is None:
+            if req.metrics.first_scheduled_time is None:  # its first admission (not after a preemption)
                 req.num_cached_tokens = cached
+                req.metrics.first_scheduled_time = time.time()
             req.num_computed_tokens = cached
             self.prefix_queries += req.num_tokens
             self.prefix_hits += cached
