@@ -25,7 +25,11 @@ from queue import SimpleQueue
 
 from infinite.runtime.request import Request
 
-__all__ = ["BackgroundDetokenizer", "advance"]
+__all__ = ["BACKGROUND_MIN_ROWS", "BackgroundDetokenizer", "advance"]
+
+# Below this many deferred rows in a step the engine feeds them itself: a few detokenizer steps
+# (about 3 us each) cost less than waking the worker and handing the GIL back and forth.
+BACKGROUND_MIN_ROWS = 64
 
 
 def advance(req: Request, upto: int) -> str:
@@ -48,7 +52,8 @@ def advance(req: Request, upto: int) -> str:
 class BackgroundDetokenizer:
     """One worker thread that catches requests' detokenizers up to where a step left them."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_rows: int = BACKGROUND_MIN_ROWS) -> None:
+        self.min_rows = min_rows  # the fewest rows of a step worth handing over (else the engine feeds them)
         self._lock = threading.Lock()
         self._queue: SimpleQueue[list[tuple[Request, int]] | None] = SimpleQueue()
         self._error: BaseException | None = None

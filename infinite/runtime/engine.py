@@ -20,7 +20,7 @@ from infinite.kv.rmanager import RManager, blocks_for
 from infinite.outputs import CompletionOutput, RequestOutput
 from infinite.runtime.allocator import BlockAllocator, LocalAllocator
 from infinite.runtime.config import EngineConfig
-from infinite.runtime.detokenize import BackgroundDetokenizer
+from infinite.runtime.detokenize import BACKGROUND_MIN_ROWS, BackgroundDetokenizer
 from infinite.runtime.graph_runner import CaptureReport, GraphRunner
 from infinite.runtime.input_batch import InputBatch
 from infinite.runtime.memory import MemoryPlan, size_pool
@@ -159,10 +159,11 @@ class LLMEngine:
         self.background_detokenizer: BackgroundDetokenizer | None = None
         self.last_step_time = 0.0
 
-    def detokenize_in_background(self) -> None:
-        """Make final-only requests' text on a worker thread while the next step runs."""
+    def detokenize_in_background(self, min_rows: int = BACKGROUND_MIN_ROWS) -> None:
+        """Make final-only requests' text on a worker thread while the next step runs, in steps with
+        at least ``min_rows`` of them (fewer are fed on the engine's thread)."""
         if self.background_detokenizer is None:
-            self.background_detokenizer = BackgroundDetokenizer().bind(self)
+            self.background_detokenizer = BackgroundDetokenizer(min_rows).bind(self)
 
     def shutdown(self) -> None:
         """Stop the engine's own threads (the background detokenizer); the engine is not used after."""
@@ -404,8 +405,13 @@ class LLMEngine:
                 continue
             if req.output_kind != "final_only":
                 outs.append(self.make_output(req))
-        if deferred:
+        if not deferred:
+            pass
+        elif len(deferred) >= background.min_rows:
             background.submit(deferred)
+        else:  # a few rows: their detokenizer steps cost less than waking the worker
+            for req, n in deferred:
+                background.advance(req, n)
         return outs
 
     def _quick_stop(self, req: Request) -> tuple[frozenset[int], int] | tuple[()]:
