@@ -27,6 +27,7 @@ from infinite.cluster.gmanager import GManager
 from infinite.cluster.instance import Instance
 from infinite.cluster.membership import PING_S
 from infinite.cluster.prefix_routing import Routed
+from infinite.cluster.sp_chunk import check_group, layout_message
 from infinite.cluster.supervisor import Supervisor
 from infinite.cluster.tp_commands import measure_group_cost
 from infinite.cluster.transport import PeerError, Transport, to_asyncio
@@ -131,6 +132,13 @@ class ClusterEngine(EngineFacts):
         finished = False
         try:
             pin = req.data_parallel_rank
+            lay = req.prefill_layout
+            if lay is not None:
+                try:
+                    check_group(lay, req.num_prompt_tokens, self.core.block_size, self.supervisor.view().serving)
+                except ValueError as e:
+                    raise RequestError(str(e), "invalid") from e
+                pin = lay.members[0]
             if pin is not None and pin not in self.supervisor.view().serving:
                 raise RequestError(f"data_parallel_rank {pin} is not a serving instance "
                                    f"(serving: {sorted(self.supervisor.view().serving)})", "invalid")
@@ -174,6 +182,9 @@ class ClusterEngine(EngineFacts):
         msg = recovery.resume_message(self._reqs[rid], self._sofar.get(rid))
         if routed is not None and routed.holder >= 0:
             msg = msgspec.structs.replace(msg, prefix_holder=routed.holder, prefix_blocks=routed.holder_blocks)
+        lay = self._reqs[rid].prefill_layout
+        if routed is not None and lay is not None:  # the first send only: a moved request is recomputed alone
+            msg = msgspec.structs.replace(msg, group=layout_message(lay))
         fut = self.transport.add_request(home, msg)
 
         def done(f) -> None:

@@ -40,6 +40,17 @@ class Failed(Msg):
 # --------------------------------------------------------------------------- requests (rank 0 -> home)
 
 
+class GroupLayout(Msg):
+    """A prompt's segment layout over a prefill group (``sp_layout.SegmentLayout`` as it travels:
+    each stripe as ``[member, start, end, offset, row, round]``)."""
+
+    prompt_len: int
+    block_size: int
+    members: list[int]  # ranks; members[0] is the home
+    stripe_blocks: list[int]
+    stripes: list[list[int]]
+
+
 class AddRequest(Msg):
     """A request validated by the front door, for its home to run. A request moved off a rank
     that died (or left) carries what it generated so far: its new home recomputes the KV of
@@ -59,6 +70,8 @@ class AddRequest(Msg):
     # that instance and how many blocks deep (a hint: the holder confirms with the block names)
     prefix_holder: int = -1
     prefix_blocks: int = 0
+    # a group prefills the prompt (docs/distributed.md "Prefill groups"): its layout; None: the home alone
+    group: GroupLayout | None = None
 
 
 class AbortRequest(Msg):
@@ -433,6 +446,61 @@ class DriverOutput(Msg):
     output: RequestOutput
 
 
+# --------------------------------------------------------------------------- prefill groups
+
+
+class GroupStart(Msg):
+    """The home tells a member of a request's prefill group what to compute: its blocks (lent to
+    the request, in its segment's order) and the tokens of its stripes. Acknowledged at once, or
+    refused (the member is in another group: one group per instance at a time, docs/distributed.md)."""
+
+    home: int
+    request_id: str
+    layout: GroupLayout
+    blocks: list[int]
+    tokens: list[int]  # the member's segment, in its order
+    prompt_logprobs: int | None = None  # top-k of prompt logprobs to compute over the segment
+
+
+class GroupRun(Msg):
+    """Every member took its ``GroupStart``: compute. The reply, ``GroupDone``, comes once the
+    member's last round is computed."""
+
+    home: int
+    request_id: str
+
+
+class GroupDone(Msg):
+    """A member's segment is computed: its prompt logprobs (``logprobs[i]`` is for prompt token
+    ``positions[i] + 1``) and its time split."""
+
+    member: int
+    positions: list[int]
+    logprobs: list[dict[int, float]]
+    compute_s: float
+    wait_s: float
+
+
+class GroupAsk(Msg):
+    """A member's queries of one layer for the KV a holder computed (pass-Q): one row per stripe,
+    at ``q_starts`` of ``q_lens`` positions; queries in ``AttentionTensors.q``; the reply is
+    ``AttentionResultTensors`` (out, LSE) over the holder's earlier positions."""
+
+    home: int
+    request_id: str
+    layer: int
+    q_starts: list[int]
+    q_lens: list[int]
+
+
+class GroupClose(Msg):
+    """The group's prefill ended (handed to the home's scheduler, failed or aborted): members
+    forget it. The blocks stay lent to the request until the home releases them."""
+
+    home: int
+    request_id: str
+
+
 # --------------------------------------------------------------------------- tensors beside messages
 
 
@@ -462,6 +530,7 @@ Message = (
     | Reserved | Release | Released | LendPrefix | PrefixLent | WriteBlocks | ReadBlocks | StepKey | AttentionMeta | AttentionCall | AttentionResult
     | DriverReady | DriverMake | DriverMade | DriverAdd | DriverAbort | DriverQuery | DriverReply | DriverError
     | DriverMove | DriverStop | DriverOutput | ClusterView | Join | Leaving | Left | Drain | Suspect
+    | GroupLayout | GroupStart | GroupRun | GroupDone | GroupAsk | GroupClose
 )
 
 _encoder = msgspec.msgpack.Encoder()

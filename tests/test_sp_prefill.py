@@ -1,0 +1,127 @@
+"""Sequence-parallel prefill in the runtime: a prompt prefilled by a group of instances, its KV
+left where it was computed, decode at the home: exact against one instance."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from helpers_hf import make_hf_checkpoint
+from infinite import SamplingParams
+from infinite.cluster.inproc import InProcessCluster
+from infinite.cluster.sp_chunk import MemberBlocks
+from infinite.cluster.sp_layout import striped_layout
+from infinite.kv.rmanager import blocks_for
+from infinite.runtime.config import EngineConfig
+from infinite.runtime.engine import LLMEngine
+
+BS = 16
+
+
+def params(max_tokens=8, prompt_logprobs=3):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, prompt_logprobs=prompt_logprobs)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(make_hf_checkpoint(tmp_path_factory.mktemp("sp"), "llama_gqa", max_position_embeddings=1024))
+
+
+def config(ckpt, pool, **kw):
+    return EngineConfig(model=ckpt, dtype="float32", num_kv_blocks=pool, block_size=BS, **kw)
+
+
+def prompt_of(n, seed=0):
+    rng = random.Random(seed)
+    return [rng.randrange(3, 300) for _ in range(n)]
+
+
+def alone(ckpt, prompt, p):
+    """Tokens and prompt logprobs of ``prompt`` on one instance that holds it all."""
+    ref = LLMEngine(config(ckpt, 64))
+    ref.add_request(prompt, p, "ref")
+    out = None
+    while ref.has_unfinished_requests():
+        out = [o for o in ref.step() if o.finished] or out
+    return out[0]
+
+
+def assert_same(got, want):
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    a, b = got.prompt_logprobs, want.prompt_logprobs
+    assert len(a) == len(b) and a[0] is None and b[0] is None
+    for x, y in zip(a[1:], b[1:]):
+        assert x.keys() == y.keys()
+        assert max(abs(x[t] - y[t]) for t in x) < 1e-4
+
+
+async def run(cluster, prompt, p, layout=None, rid=None):
+    req = cluster.front.make_request(prompt, p, rid)
+    req.prefill_layout = layout
+    last = None
+    async for out in cluster.front.generate(req):
+        last = out
+    return last
+
+
+def assert_no_leak(cluster) -> None:
+    for inst in cluster.instances:
+        assert not inst.rm.lent and not inst.rm.tables and inst.rm.num_free == inst.rm.num_blocks
+        assert not inst.guests.members and not inst.groups.active
+
+
+# ---------------------------------------------------------------------------- pure: a member's chunks
+
+
+def test_member_chunks_cover_the_prompt_but_its_last_token_once_with_slots_in_its_own_blocks():
+    lay = striped_layout(203, (0, 1, 2), BS, 2)  # 13 blocks, the last partial: boundaries mid-row, rows of 6
+    seen = []
+    for i in range(3):
+        n = lay.segment_blocks(i)
+        blocks = tuple(range(100 * i, 100 * i + n))
+        mb = MemberBlocks(lay, i, blocks)
+        for k in range(lay.rounds):
+            ch = mb.chunk(k)
+            pos = ch.positions()
+            assert len(ch.slots) == len(pos)
+            for p, slot in zip(pos, ch.slots):
+                assert slot // BS in blocks and slot % BS == p % BS
+                assert mb.logical[blocks.index(slot // BS)] == p // BS  # the block holds that position
+            seen += pos
+    assert sorted(seen) == list(range(202))  # every position once, but the last (the home's engine's)
+
+
+def test_rows_meta_reads_only_blocks_before_each_rows_last_query():
+    lay = striped_layout(160, (0, 1), BS, 1)  # 10 blocks, one per member and row
+    mb = MemberBlocks(lay, 1, tuple(range(50, 50 + lay.segment_blocks(1))))
+    meta = mb.rows_meta([64, 96], [16, 16])
+    want = [[b for b, lg in zip(mb.blocks, mb.logical) if lg <= e // BS] for e in (79, 111)]
+    for r in range(2):
+        n = int(meta.num_blocks[r])
+        assert meta.block_tables[r, :n].tolist() == want[r]
+
+
+# ---------------------------------------------------------------------------- the runtime, in process
+
+
+@pytest.mark.parametrize("members,n", [((0, 1), 203), ((1, 2, 0), 250)])
+async def test_group_prefill_equals_one_instance_tokens_and_prompt_logprobs(ckpt, members, n):
+    prompt = prompt_of(n, seed=n)
+    want = alone(ckpt, prompt, params())
+    lay = striped_layout(n, members, BS, 2)  # several rounds; stripe boundaries fall mid-prompt, the last block partial
+    async with InProcessCluster(config(ckpt, 40), 3) as cl:
+        got = await asyncio.wait_for(run(cl, prompt, params(), lay), 120)
+        assert_same(got, want)
+        home = cl.instances[members[0]]
+        # the KV stayed where it was computed: each member held its segment, decode ran at the home
+        assert got.outputs[0].finish_reason == "length"
+        held = got.extra["kv_blocks"]
+        for i, r in enumerate(members):
+            extra = blocks_for(n + 8, BS) - blocks_for(n, BS) if i == 0 else 0
+            assert held.get(r, 0) == lay.segment_blocks(i) + extra
+        rec = home.groups.records[-1]
+        assert rec.outcome == "done" and rec.members == list(members)
+        assert set(rec.compute_s) == set(members) and all(v > 0 for v in rec.compute_s.values())
+        await asyncio.sleep(0.2)
+        assert_no_leak(cl)
