@@ -125,3 +125,93 @@ async def test_group_prefill_equals_one_instance_tokens_and_prompt_logprobs(ckpt
         assert set(rec.compute_s) == set(members) and all(v > 0 for v in rec.compute_s.values())
         await asyncio.sleep(0.2)
         assert_no_leak(cl)
+
+
+async def test_members_serve_their_own_requests_while_in_a_group(ckpt):
+    """Members 1 and 2 run requests of their own (pinned there) through the group's rounds: every
+    request equals its one-instance run."""
+    long, shorts = prompt_of(300, seed=7), [prompt_of(n, seed=n) for n in (20, 45, 9, 33)]
+    p_short = params(max_tokens=24, prompt_logprobs=None)
+    want_long = alone(ckpt, long, params())
+    want_short = [alone(ckpt, s, p_short).outputs[0].token_ids for s in shorts]
+    lay = striped_layout(len(long), (0, 1, 2), BS, 1)
+    async with InProcessCluster(config(ckpt, 40), 3) as cl:
+        async def own(i, s):
+            req = cl.front.make_request(s, p_short)
+            req.data_parallel_rank = 1 + i % 2
+            last = None
+            async for out in cl.front.generate(req):
+                last = out
+            return last
+
+        got_long, *got_short = await asyncio.wait_for(asyncio.gather(
+            run(cl, long, params(), lay), *(own(i, s) for i, s in enumerate(shorts))), 120)
+        assert_same(got_long, want_long)
+        assert [o.outputs[0].token_ids for o in got_short] == want_short
+        assert cl.instances[0].groups.records[-1].outcome == "done"
+        # the members did steps of their own while the group ran
+        assert all(cl.instances[r].counters.steps > 0 for r in (1, 2))
+        await asyncio.sleep(0.2)
+        assert_no_leak(cl)
+
+
+async def test_a_group_prefilled_request_preempted_at_home_is_recomputed_exactly(ckpt):
+    """Preemption of the request once at home (the scheduler's own: its blocks freed, local and
+    lent, and recomputed from its tokens) keeps the tokens equal."""
+    prompt = prompt_of(230, seed=11)
+    p = params(max_tokens=16)
+    want = alone(ckpt, prompt, p)
+    lay = striped_layout(len(prompt), (0, 1), BS, 2)
+    async with InProcessCluster(config(ckpt, 40), 2) as cl:
+        home = cl.instances[0]
+        task = asyncio.ensure_future(run(cl, prompt, p, lay, rid="pre"))
+        for _ in range(2000):
+            req = home.engine.requests.get("pre")
+            if req is not None and len(req.output_token_ids) >= 3:
+                break
+            await asyncio.sleep(0.005)
+        assert home.rm.held_counts("pre").get(1, 0) == lay.segment_blocks(1)  # its remote blocks, as computed
+        preempted = await asyncio.get_running_loop().run_in_executor(
+            home.executor, home.engine.scheduler.recompute, req)
+        assert preempted and req.metrics.num_preemptions == 1
+        got = await asyncio.wait_for(task, 120)
+        assert_same(got, want)
+        await asyncio.sleep(0.2)
+        assert_no_leak(cl)
+
+
+async def test_a_member_that_dies_mid_prefill_costs_a_recompute_at_home_not_a_hang(ckpt):
+    import threading
+
+    prompt = prompt_of(260, seed=13)
+    want = alone(ckpt, prompt, params())
+    lay = striped_layout(len(prompt), (0, 1), BS, 1)
+    release = threading.Event()
+    async with InProcessCluster(config(ckpt, 40), 2, timeout_s=10.0) as cl:
+        member = cl.instances[1].guests
+        real = member._round
+
+        def stalls(m):  # member 1 computes its first round, then stops in the second
+            if m.next_round == 1:
+                release.wait(30)
+            return real(m)
+
+        member._round = stalls
+        task = asyncio.ensure_future(run(cl, prompt, params(), lay))
+        try:
+            for _ in range(2000):
+                if cl.instances[1].guests.members and next(iter(member.members.values())).next_round >= 1:
+                    break
+                await asyncio.sleep(0.005)
+            cl.kill(1)
+            got = await asyncio.wait_for(task, 60)
+        finally:
+            release.set()
+        assert_same(got, want)
+        rec = cl.instances[0].groups.records[-1]
+        assert rec.outcome == "recomputed"
+        assert got.extra["kv_blocks"] == {0: blocks_for(len(prompt) + 8, BS)}  # prefilled again at home, alone
+        home = cl.instances[0]
+        await asyncio.sleep(0.2)
+        assert not home.groups.active and not home.guests.members and not home.rm.tables
+        assert home.rm.num_free == home.rm.num_blocks
