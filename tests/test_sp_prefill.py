@@ -215,3 +215,53 @@ async def test_a_member_that_dies_mid_prefill_costs_a_recompute_at_home_not_a_ha
         await asyncio.sleep(0.2)
         assert not home.groups.active and not home.guests.members and not home.rm.tables
         assert home.rm.num_free == home.rm.num_blocks
+
+
+async def test_the_gmanager_groups_a_long_prompt_by_the_policy_and_stats_show_it(ckpt):
+    """With the knobs letting any gain through, a long prompt on an idle cluster is grouped by the
+    gManager (sp_policy.choose_group on the heartbeats' view); a short one, or any with groups off,
+    is not. stats() show the group, its members and the TTFT split."""
+    prompt = prompt_of(400, seed=17)
+    want = alone(ckpt, prompt, params())
+    knobs = dict(group_min_prompt_tokens=256, group_min_speedup=1.0, group_min_efficiency=0.0,
+                 max_num_batched_tokens=128)
+    async with InProcessCluster(config(ckpt, 40, **knobs), 3) as cl:
+        await asyncio.sleep(0.4)  # every instance has beaten once: the view the policy reads
+        got = await asyncio.wait_for(run(cl, prompt, params()), 120)
+        assert_same(got, want)
+        home = got.extra["rank"]
+        rec = cl.instances[home].groups.records[-1]
+        assert rec.outcome == "done" and len(rec.members) >= 2 and rec.members[0] == home
+        stats = {s["rank"]: s for s in cl.front.stats()}
+        assert stats[home]["prefill_groups"] == 1 and stats[home]["groups"][-1]["members"] == rec.members
+        assert all(stats[r]["group_compute_ms"] > 0 for r in rec.members)
+        assert not cl.gmanager.grouped  # ended with its first output
+        short = await asyncio.wait_for(run(cl, prompt_of(100, seed=1), params()), 60)
+        assert sum(cl.instances[r].groups.done for r in range(3)) == 1 and short.outputs[0].token_ids
+    async with InProcessCluster(config(ckpt, 40, prefill_groups=False, **{k: v for k, v in knobs.items()}), 3) as cl:
+        await asyncio.sleep(0.4)
+        got = await asyncio.wait_for(run(cl, prompt, params()), 120)
+        assert_same(got, want)
+        assert all(not inst.groups.records for inst in cl.instances)
+
+
+def test_group_knobs_are_validated_once_and_reach_the_policy():
+    from infinite.cli import build_parser, engine_config
+    from infinite.cluster.sp_route import group_policy
+
+    with pytest.raises(ValueError, match="group_min_speedup"):
+        EngineConfig(group_min_speedup=0.5)
+    with pytest.raises(ValueError, match="group_min_efficiency"):
+        EngineConfig(group_min_efficiency=1.5)
+    with pytest.raises(ValueError, match="group_min_prompt_tokens"):
+        EngineConfig(group_min_prompt_tokens=0)
+    with pytest.raises(ValueError, match="prefill_groups"):
+        EngineConfig(prefill_groups="yes")
+    pol = group_policy(EngineConfig(group_min_prompt_tokens=5000, group_min_speedup=1.5, group_min_efficiency=0.5))
+    assert (pol.enabled, pol.min_prompt_tokens, pol.min_speedup, pol.min_efficiency) == (True, 5000, 1.5, 0.5)
+    args = build_parser().parse_args(["serve", "--no-prefill-groups", "--group-min-prompt-tokens", "4096",
+                                      "--group-min-speedup", "1.3", "--group-min-efficiency", "0.6"])
+    c = engine_config(args)
+    assert (c.prefill_groups, c.group_min_prompt_tokens, c.group_min_speedup, c.group_min_efficiency) == \
+        (False, 4096, 1.3, 0.6)
+    assert engine_config(build_parser().parse_args(["serve"])).prefill_groups is True

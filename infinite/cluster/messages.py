@@ -127,6 +127,19 @@ class PlacementEntry(Msg):
     blocks: dict[int, int]
 
 
+class GroupStat(Msg):
+    """One request's prefill group, as its home reports it: the members and its TTFT split (per
+    member, compute and waiting for the other members' parts)."""
+
+    request_id: str
+    members: list[int]
+    prompt_tokens: int
+    prefill_ms: float
+    outcome: str  # running | done | recomputed | aborted
+    compute_ms: dict[int, float] = {}
+    wait_ms: dict[int, float] = {}
+
+
 class InstanceStats(Msg):
     rank: int
     total_blocks: int
@@ -172,6 +185,13 @@ class InstanceStats(Msg):
     table_blocks: int | None = None
     lent_entries: int | None = None
     recomputed: int = 0  # requests recomputed here because a rank holding some of their blocks left
+    # prefill groups: requests this home had prefilled by one, those recomputed alone (a member failed or
+    # refused), its time computing rounds as a member (its own groups' included) and waiting for the others
+    prefill_groups: int = 0
+    group_recomputes: int = 0
+    group_compute_ms: float = 0.0
+    group_wait_ms: float = 0.0
+    groups: list[GroupStat] = []  # the last groups this home ran
     pool_version: int = 0  # the pool's version when free/used/lent were read (BlockPool.version)
 
 
@@ -530,7 +550,7 @@ Message = (
     | Reserved | Release | Released | LendPrefix | PrefixLent | WriteBlocks | ReadBlocks | StepKey | AttentionMeta | AttentionCall | AttentionResult
     | DriverReady | DriverMake | DriverMade | DriverAdd | DriverAbort | DriverQuery | DriverReply | DriverError
     | DriverMove | DriverStop | DriverOutput | ClusterView | Join | Leaving | Left | Drain | Suspect
-    | GroupLayout | GroupStart | GroupRun | GroupDone | GroupAsk | GroupClose
+    | GroupStat | GroupLayout | GroupStart | GroupRun | GroupDone | GroupAsk | GroupClose
 )
 
 _encoder = msgspec.msgpack.Encoder()

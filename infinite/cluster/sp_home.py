@@ -44,11 +44,9 @@ class GroupRecord:
     wait_s: dict[int, float] = field(default_factory=dict)  # per member: waiting for other members' parts
     outcome: str = "running"  # running | done | recomputed | aborted
 
-    def as_dict(self) -> dict:
-        return {"request_id": self.request_id, "members": self.members, "prompt_tokens": self.prompt_tokens,
-                "prefill_ms": 1e3 * self.prefill_s, "outcome": self.outcome,
-                "compute_ms": {str(r): 1e3 * s for r, s in self.compute_s.items()},
-                "wait_ms": {str(r): 1e3 * s for r, s in self.wait_s.items()}}
+    def stat(self) -> M.GroupStat:
+        return M.GroupStat(self.request_id, self.members, self.prompt_tokens, 1e3 * self.prefill_s, self.outcome,
+                           {r: 1e3 * s for r, s in self.compute_s.items()}, {r: 1e3 * s for r, s in self.wait_s.items()})
 
 
 @dataclass
@@ -78,6 +76,7 @@ class GroupPrefills:
         self.active: dict[str, _Group] = {}
         self.records: list[GroupRecord] = []
         self.fallbacks = 0  # groups that could not start or failed: prefilled (again) at home alone
+        self.done = 0  # groups whose request went to the scheduler with its prompt computed
 
     @property
     def busy(self) -> bool:
@@ -193,6 +192,7 @@ class GroupPrefills:
         rec.compute_s = {r: d.compute_s for r, d in done.items()}
         rec.wait_s = {r: d.wait_s for r, d in done.items()}
         rec.outcome = "done"
+        self.done += 1
         req.num_computed_tokens = req.num_prompt_tokens - 1
         req.status = Status.RUNNING
         e = self.engine

@@ -117,6 +117,8 @@ class GroupGuests:
         self._lock = threading.Lock()
         self._serve = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"rank{rank}-group")
         self.wake = lambda: None  # the instance's step loop: a round is ready to run
+        self.compute_s = 0.0  # rounds computed, every group (stats)
+        self.wait_s = 0.0  # ... waiting for the other members' parts
 
     # ---- control (transport threads) ----------------------------------------------------------
     def start(self, msg: M.GroupStart) -> None:
@@ -195,6 +197,8 @@ class GroupGuests:
                 continue
             finally:
                 m.compute_s += (time.perf_counter() - t0) - (m.wait_s - w0)
+                self.compute_s += (time.perf_counter() - t0) - (m.wait_s - w0)
+                self.wait_s += m.wait_s - w0
             if m.finished and not m.done.done():
                 m.done.set_result((M.GroupDone(self.rank, m.positions, m.logprobs, m.compute_s, m.wait_s), None))
 
