@@ -265,3 +265,42 @@ def test_group_knobs_are_validated_once_and_reach_the_policy():
     assert (c.prefill_groups, c.group_min_prompt_tokens, c.group_min_speedup, c.group_min_efficiency) == \
         (False, 4096, 1.3, 0.6)
     assert engine_config(build_parser().parse_args(["serve"])).prefill_groups is True
+
+
+def test_three_ranks_prefill_a_prompt_together_exactly(ckpt):
+    """Rank processes (gloo point-to-point for decode, RPC for the group's calls), one torch thread
+    each: a long prompt placed on a group of the three, short requests on the members beside it;
+    tokens and prompt logprobs equal one instance's, and every block comes back."""
+    import time
+
+    from infinite import LLM
+
+    long, shorts = prompt_of(420, seed=23), [prompt_of(n, seed=n) for n in (12, 30)]
+    p = params(max_tokens=10)
+    want = [alone(ckpt, x, p) for x in [long, *shorts]]
+    with LLM(model=ckpt, dtype="float32", num_instances=3, num_kv_blocks=40, threads_per_rank=1) as llm:
+        eng = llm.engine
+        reqs = []
+        for i, x in enumerate([long, *shorts]):
+            req = eng.make_request(x, p, f"r{i}")
+            if i == 0:
+                req.prefill_layout = striped_layout(len(x), (2, 0, 1), BS, 2)
+            else:
+                req.data_parallel_rank = i
+            eng.submit(req)
+            reqs.append(req.request_id)
+        got = {}
+        deadline = time.monotonic() + 120
+        while len(got) < 3 and time.monotonic() < deadline:
+            got.update({o.request_id: o for o in eng.step() if o.finished})
+        for rid, w in zip(reqs, want):
+            assert_same(got[rid], w)
+        lay = striped_layout(len(long), (2, 0, 1), BS, 2)
+        extra = blocks_for(len(long) + 10, BS) - blocks_for(len(long), BS)  # decode's blocks, at home
+        assert got["r0"].extra["kv_blocks"] == {2: lay.segment_blocks(0) + extra, 0: lay.segment_blocks(1),
+                                                1: lay.segment_blocks(2)}
+        stats = llm.stats()
+        home = next(s for s in stats if s["rank"] == 2)
+        assert home["prefill_groups"] == 1 and home["groups"][-1]["members"] == [2, 0, 1]
+        assert all(s["group_compute_ms"] > 0 for s in stats)
+        assert all(s["used_blocks"] == s["lent_blocks"] == s["borrowed_blocks"] == 0 for s in stats)

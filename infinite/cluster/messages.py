@@ -428,6 +428,7 @@ class DriverMade(Msg):
 class DriverAdd(Msg):
     request_id: str
     data_parallel_rank: int = -1  # the instance to run it on (vLLM's name); -1: the router picks
+    group: GroupLayout | None = None  # the prefill group to run its prompt on (Request.prefill_layout)
 
 
 class DriverAbort(Msg):
