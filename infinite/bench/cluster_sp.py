@@ -1,0 +1,172 @@
+"""Part (f) of ``python -m infinite.bench cluster``: prefill groups (``--part sp-prefill``).
+
+1. TTFT of one long prompt (16K tokens by default) prefilled by 1, 2 and 3 CPU rank processes
+   (one torch thread each), side by side in one run: with 2 and 3 ranks the prompt is placed on
+   a group of all of them (``Request.prefill_layout``, the zig-zag striped layout with the
+   policy's stripe width: ``sp_route.group_policy(...).stripe_blocks``), with 1 rank it is
+   prefilled alone in chunks of the same step budget. The model is the embedded tiny Llama's
+   tokenizer and shape with wider layers (``write_tiny_checkpoint(..., hidden_size=...,
+   intermediate_size=...)``), so that a prefill is compute-bound rather than host-bound.
+2. A mixed trace on 2 ranks: short requests arriving at random (Poisson) with a few long prompts
+   among them, once with the long prompts on a group of both ranks and once at their home alone
+   (the same home, ``data_parallel_rank``): the short requests' TTFT p50 / p99 side by side.
+
+Ratios are within one run. Every TTFT is wall time from submit to the finished one-token output
+(``max_tokens=1``) on the driving process; each configuration is warmed by a short request and a
+short group first.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from infinite.bench.common import print_table
+from infinite.bench.workload import WorkItem, _greedy, make_workload, percentile, random_prompt, serve_workload
+from infinite.kv.rmanager import blocks_for
+
+BLOCK = 16
+TARGETS = {2: 0.6, 3: 0.45}  # issue 17: TTFT with g ranks / with one, at most
+
+
+def _engine(ckpt: str, ranks: int, pool: int, budget: int, max_len: int):
+    from infinite.cluster.local import LocalCluster
+    from infinite.runtime.config import EngineConfig
+
+    return LocalCluster(EngineConfig(model=ckpt, dtype="float32", num_instances=ranks, num_kv_blocks=pool,
+                                     threads_per_rank=1, max_num_batched_tokens=budget, max_model_len=max_len,
+                                     enable_prefix_caching=False))
+
+
+def _stripe(budget: int) -> int:
+    from infinite.cluster.sp_route import group_policy
+    from infinite.runtime.config import EngineConfig
+
+    return group_policy(EngineConfig(max_num_batched_tokens=budget)).stripe_blocks(budget, BLOCK)
+
+
+def _place(req, members: tuple[int, ...], budget: int) -> None:
+    from infinite.cluster.sp_layout import striped_layout
+
+    if len(members) > 1:
+        req.prefill_layout = striped_layout(req.num_prompt_tokens, members, BLOCK, _stripe(budget))
+    else:
+        req.data_parallel_rank = members[0]
+
+
+def _ttft(eng, prompt: list[int], members: tuple[int, ...], budget: int, rid: str, timeout: float) -> tuple[float, int]:
+    """Seconds from submit to the one-token output, and that token."""
+    req = eng.make_request(prompt, _greedy(1), rid)
+    _place(req, members, budget)
+    t0 = time.perf_counter()
+    eng.submit(req)
+    deadline = time.monotonic() + timeout
+    while True:
+        for out in eng.step():
+            if out.request_id == rid and out.finished:
+                return time.perf_counter() - t0, out.outputs[0].token_ids[0]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{rid} did not finish in {timeout:.0f} s")
+
+
+def run_sp_prefill(prompt_tokens: int, ranks: list[int], hidden: int, intermediate: int, budget: int,
+                   mixed_long: int, mixed_short: int, mixed_long_prompt: int, mixed_rate: float, timeout: float,
+                   seed: int) -> dict[str, Any]:
+    from infinite.tiny import write_tiny_checkpoint
+
+    rng = random.Random(seed)
+    vocab = (3, 1000)
+    prompt = list(random_prompt(rng, prompt_tokens, vocab))
+    warm = list(random_prompt(rng, 4 * BLOCK * max(ranks), vocab))
+    max_len = max(prompt_tokens, mixed_long_prompt) + 64
+    res: dict[str, Any] = {"config": {"prompt_tokens": prompt_tokens, "ranks": ranks, "hidden_size": hidden,
+                                      "intermediate_size": intermediate, "step_budget": budget,
+                                      "stripe_blocks": _stripe(budget), "threads_per_rank": 1}}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = str(write_tiny_checkpoint(Path(tmp) / "wide", max_position_embeddings=max_len, hidden_size=hidden,
+                                         intermediate_size=intermediate, num_attention_heads=hidden // 64))
+        single: dict[int, dict[str, Any]] = {}
+        for g in ranks:
+            pool = blocks_for(prompt_tokens, BLOCK) // g + 2 * BLOCK
+            eng = _engine(ckpt, g, pool, budget, max_len)
+            try:
+                members = tuple(range(g))
+                _ttft(eng, warm[:2 * BLOCK], (0,), budget, f"warm-{g}", timeout)
+                _ttft(eng, warm, members, budget, f"warm-group-{g}", timeout)
+                s, tok = _ttft(eng, prompt, members, budget, f"long-{g}", timeout)
+                stats = eng.stats()
+            finally:
+                eng.shutdown()
+            groups = [x for st in stats for x in st.get("groups", []) if x["request_id"] == f"long-{g}"]
+            single[g] = {"ttft_s": s, "token": tok, "pool_blocks": pool,
+                         "group": groups[-1] if groups else None}
+        one = single.get(1)
+        for g, r in single.items():
+            r["ratio_to_one"] = r["ttft_s"] / one["ttft_s"] if one else None
+            r["target"] = TARGETS.get(g)
+            r["meets_target"] = None if r["target"] is None or one is None else r["ratio_to_one"] <= r["target"]
+        res["single"] = {str(g): r for g, r in single.items()}
+        res["same_token"] = len({r["token"] for r in single.values()}) == 1
+        if mixed_long > 0:
+            res["mixed"] = _mixed(ckpt, budget, max_len, mixed_long, mixed_short, mixed_long_prompt, mixed_rate,
+                                  timeout, seed)
+    return res
+
+
+def _mixed(ckpt: str, budget: int, max_len: int, num_long: int, num_short: int, long_prompt: int, rate: float,
+           timeout: float, seed: int) -> dict[str, Any]:
+    work = make_workload(num_long, num_short, (long_prompt, long_prompt), (1, 1), (32, 256), (8, 24), rate,
+                         (3, 1000), seed)
+    homes = {w.request_id: i % 2 for i, w in enumerate(x for x in work if x.kind == "long")}
+    out: dict[str, Any] = {"config": {"ranks": 2, "long": num_long, "short": num_short, "long_prompt": long_prompt,
+                                      "rate": rate}}
+    pool = 2 * blocks_for(long_prompt, BLOCK) + 64
+    for mode in ("groups", "alone"):
+        def prepare(w: WorkItem, req) -> None:
+            if w.kind == "long":
+                h = homes[w.request_id]
+                _place(req, (h, 1 - h) if mode == "groups" else (h,), budget)
+
+        eng = _engine(ckpt, 2, pool, budget, max_len)
+        try:
+            _ttft(eng, list(range(3, 3 + 8 * BLOCK)), (0, 1), budget, "warm-group", timeout)
+            records = serve_workload([eng], "cluster", work, timeout, prepare)
+            ids = {w.request_id for w in work}
+            groups = sum(1 for st in eng.stats() for x in st.get("groups", [])
+                         if x["request_id"] in ids and x["outcome"] == "done")
+        finally:
+            eng.shutdown()
+        shorts = [r.first_token - r.submitted for r in records if r.kind == "short" and r.first_token is not None]
+        longs = [r.first_token - r.submitted for r in records if r.kind == "long" and r.first_token is not None]
+        out[mode] = {"short_ttft_p50_s": percentile(shorts, 50), "short_ttft_p99_s": percentile(shorts, 99),
+                     "long_ttft_mean_s": sum(longs) / len(longs) if longs else None,
+                     "served": sum(r.finished is not None for r in records), "requests": len(records),
+                     "groups_done": groups}
+    g, a = out["groups"], out["alone"]
+    out["short_p99_ratio"] = g["short_ttft_p99_s"] / a["short_ttft_p99_s"] if a["short_ttft_p99_s"] else None
+    return out
+
+
+def print_sp_prefill(r: dict[str, Any]) -> None:
+    c = r["config"]
+    rows = []
+    for g, x in r["single"].items():
+        grp = x["group"]
+        wait = max(grp["wait_ms"].values()) / 1e3 if grp and grp["wait_ms"] else None
+        rows.append([g, x["ttft_s"], x["ratio_to_one"], x["target"], wait, x["meets_target"]])
+    print_table(f"sp-prefill: TTFT of one {c['prompt_tokens']}-token prompt (hidden {c['hidden_size']}, "
+                f"FFN {c['intermediate_size']}; budget {c['step_budget']}, stripes of {c['stripe_blocks']} blocks; "
+                f"1 thread per rank); same first token: {r['same_token']}",
+                ["ranks", "ttft_s", "x one rank", "target", "max member wait_s", "meets"], rows)
+    m = r.get("mixed")
+    if m:
+        mc = m["config"]
+        rows = [[mode, m[mode]["short_ttft_p50_s"], m[mode]["short_ttft_p99_s"], m[mode]["long_ttft_mean_s"],
+                 m[mode]["groups_done"], f"{m[mode]['served']}/{m[mode]['requests']}"] for mode in ("alone", "groups")]
+        print_table(f"sp-prefill mixed: {mc['short']} short requests and {mc['long']} of {mc['long_prompt']} tokens "
+                    f"at {mc['rate']}/s on 2 ranks; short p99 groups/alone = {m['short_p99_ratio']}",
+                    ["long prompts", "short ttft p50 s", "short ttft p99 s", "long ttft mean s", "groups", "served"],
+                    rows)
