@@ -11,6 +11,11 @@
    among them, once with the long prompts on a group of both ranks and once at their home alone
    (the same home, ``data_parallel_rank``): the short requests' TTFT p50 / p99 side by side.
 
+Beside each group size, the machine's own bound: ``g`` single-thread processes multiplying
+matrices at once against one alone (``parallel_capacity``: their summed rate over one's; on a
+host whose cores are hyperthreads of fewer physical cores, or shared, it is well under ``g``, and
+``1 / capacity`` is the best TTFT ratio a group of ``g`` ranks can reach there).
+
 Ratios are within one run. Every TTFT is wall time from submit to the finished one-token output
 (``max_tokens=1``) on the driving process; each configuration is warmed by a short request and a
 short group first.
@@ -30,6 +35,42 @@ from infinite.kv.rmanager import blocks_for
 
 BLOCK = 16
 TARGETS = {2: 0.6, 3: 0.45}  # issue 17: TTFT with g ranks / with one, at most
+
+
+_MATMULS = """
+import sys, time, torch
+torch.set_num_threads(1)
+a = torch.randn({n}, {n})
+sys.stdin.readline()
+t = time.perf_counter()
+for _ in range({reps}):
+    a @ a
+print(time.perf_counter() - t, flush=True)
+"""
+
+
+def parallel_capacity(g: int, n: int = 1024, reps: int = 100) -> float:
+    """Matrix products per second of ``g`` single-thread processes at once, over one process's
+    alone (each runs the same loop; they start together)."""
+    import subprocess
+    import sys
+
+    def run(k: int) -> list[float]:
+        code = _MATMULS.format(n=n, reps=reps)
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True) for _ in range(k)]
+        try:
+            time.sleep(1.0)  # all started and their matrices made
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            return [float(p.communicate(timeout=300)[0]) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+
+    alone = run(1)[0]
+    return sum(alone / t for t in run(g))
 
 
 def _engine(ckpt: str, ranks: int, pool: int, budget: int, max_len: int):
@@ -102,7 +143,7 @@ def run_sp_prefill(prompt_tokens: int, ranks: list[int], hidden: int, intermedia
                 eng.shutdown()
             groups = [x for st in stats for x in st.get("groups", []) if x["request_id"] == f"long-{g}"]
             single[g] = {"ttft_s": s, "token": tok, "pool_blocks": pool,
-                         "group": groups[-1] if groups else None}
+                         "group": groups[-1] if groups else None, "parallel_capacity": parallel_capacity(g)}
         one = single.get(1)
         for g, r in single.items():
             r["ratio_to_one"] = r["ttft_s"] / one["ttft_s"] if one else None
@@ -156,11 +197,13 @@ def print_sp_prefill(r: dict[str, Any]) -> None:
     for g, x in r["single"].items():
         grp = x["group"]
         wait = max(grp["wait_ms"].values()) / 1e3 if grp and grp["wait_ms"] else None
-        rows.append([g, x["ttft_s"], x["ratio_to_one"], x["target"], wait, x["meets_target"]])
+        cap = x["parallel_capacity"]
+        rows.append([g, x["ttft_s"], x["ratio_to_one"], x["target"], wait, cap, 1 / cap, x["meets_target"]])
     print_table(f"sp-prefill: TTFT of one {c['prompt_tokens']}-token prompt (hidden {c['hidden_size']}, "
                 f"FFN {c['intermediate_size']}; budget {c['step_budget']}, stripes of {c['stripe_blocks']} blocks; "
                 f"1 thread per rank); same first token: {r['same_token']}",
-                ["ranks", "ttft_s", "x one rank", "target", "max member wait_s", "meets"], rows)
+                ["ranks", "ttft_s", "x one rank", "target", "max member wait_s", "host capacity", "best x", "meets"],
+                rows)
     m = r.get("mixed")
     if m:
         mc = m["config"]
