@@ -304,3 +304,47 @@ def test_three_ranks_prefill_a_prompt_together_exactly(ckpt):
         assert home["prefill_groups"] == 1 and home["groups"][-1]["members"] == [2, 0, 1]
         assert all(s["group_compute_ms"] > 0 for s in stats)
         assert all(s["used_blocks"] == s["lent_blocks"] == s["borrowed_blocks"] == 0 for s in stats)
+
+
+async def test_a_bad_group_is_a_clear_error_and_an_abort_mid_prefill_leaks_nothing(ckpt):
+    import threading
+
+    from infinite.errors import RequestError
+
+    prompt = prompt_of(260, seed=19)
+    release = threading.Event()
+    async with InProcessCluster(config(ckpt, 40), 2) as cl:
+        with pytest.raises(RequestError, match="layout is for 100 tokens"):
+            await run(cl, prompt, params(), striped_layout(100, (0, 1), BS, 1))
+        with pytest.raises(RequestError, match="2 or more serving instances"):
+            await run(cl, prompt, params(), striped_layout(len(prompt), (0, 5), BS, 1))
+        member = cl.instances[1].guests
+        real = member._round
+
+        def stalls(m):  # member 1 stops in its second round until released
+            if m.next_round == 1:
+                release.wait(30)
+            return real(m)
+
+        member._round = stalls
+        task = asyncio.ensure_future(run(cl, prompt, params(), striped_layout(len(prompt), (0, 1), BS, 1), "ab"))
+        try:
+            for _ in range(2000):
+                if member.members and next(iter(member.members.values())).next_round >= 1:
+                    break
+                await asyncio.sleep(0.005)
+            task.cancel()  # the client goes away: rank 0 aborts the request at its home
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(400):
+                if not cl.instances[0].groups.active:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            release.set()
+        assert cl.instances[0].groups.records[-1].outcome == "aborted"
+        for _ in range(400):
+            if not any(inst.rm.lent or inst.rm.tables or inst.guests.members for inst in cl.instances):
+                break
+            await asyncio.sleep(0.01)
+        assert_no_leak(cl)

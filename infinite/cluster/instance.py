@@ -98,6 +98,9 @@ class Instance:
 
     # ---- inbox (filled from transport threads, applied on the compute thread) ---------------
     def enqueue(self, item: Inbox) -> None:
+        if isinstance(item, M.AbortRequest) and item.request_id in self.groups.active:
+            # its group's round may be waiting on this compute thread: end it now, the abort follows
+            self.guests.close((self.rank, item.request_id))
         self._inbox.append(item)
         self._wake()
 

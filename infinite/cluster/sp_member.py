@@ -234,6 +234,17 @@ class GroupGuests:
         self._serve.shutdown(wait=False, cancel_futures=True)
 
 
+def _wait(fut: Future, m: GroupMember, poll_s: float = 0.05):
+    """``fut``'s value, unless the group is closed meanwhile (an abort, the home gone): then raise
+    at once rather than at the call's timeout."""
+    done = threading.Event()
+    fut.add_done_callback(lambda _: done.set())
+    while not done.wait(poll_s):
+        if m.error is not None:
+            raise RuntimeError(f"the prefill group of {m.key[1]} ended: {m.error}")
+    return fut.wait()
+
+
 class _GroupAttention:
     """A round chunk's attention: its K/V written here, its queries over every member's earlier
     positions (local MicroAttention, the others' by pass-Q), merged by AggregationAttention."""
@@ -260,7 +271,7 @@ class _GroupAttention:
         t0 = time.perf_counter()
         dev = q.device
         for f in futs:
-            r = f.wait()
+            r = _wait(f, m)
             parts.append((r.out.to(dev), r.lse.to(dev)))
         m.wait_s += time.perf_counter() - t0
         return aggregate(parts)[0]  # [T, nh, d]
