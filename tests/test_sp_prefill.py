@@ -12,6 +12,7 @@ from infinite import SamplingParams
 from infinite.cluster.inproc import InProcessCluster
 from infinite.cluster.sp_chunk import MemberBlocks
 from infinite.cluster.sp_layout import striped_layout
+from infinite.cluster.sp_policy import choose_exchange
 from infinite.kv.rmanager import blocks_for
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.engine import LLMEngine
@@ -123,6 +124,11 @@ async def test_group_prefill_equals_one_instance_tokens_and_prompt_logprobs(ckpt
         rec = home.groups.records[-1]
         assert rec.outcome == "done" and rec.members == list(members)
         assert set(rec.compute_s) == set(members) and all(v > 0 for v in rec.compute_s.values())
+        # what moved: per round, sp_policy.choose_exchange's choice (GQA: K/V early, queries deeper)
+        modes = [choose_exchange(lay, k, home.guests.shape).mode for k in range(lay.rounds)]
+        ran = {m: sum(cl.instances[r].guests.rounds_by_mode[m] for r in members) for m in ("q", "kv")}
+        assert ran == {m: sum(len(members) for x in modes if x == m) for m in ("q", "kv")}
+        assert n != 250 or set(modes) == {"q", "kv"}  # both exchanges, in one request
         await asyncio.sleep(0.2)
         assert_no_leak(cl)
 

@@ -503,15 +503,18 @@ class GroupDone(Msg):
 
 
 class GroupAsk(Msg):
-    """A member's queries of one layer for the KV a holder computed (pass-Q): one row per stripe,
-    at ``q_starts`` of ``q_lens`` positions; queries in ``AttentionTensors.q``; the reply is
-    ``AttentionResultTensors`` (out, LSE) over the holder's earlier positions."""
+    """A member's rows of one layer (one per stripe, at ``q_starts`` of ``q_lens`` positions) and the
+    holder's earlier positions. Pass-Q (``mode`` "q"): the queries go in ``AttentionTensors.q``, the
+    reply is ``AttentionResultTensors`` (out, LSE) over the holder's blocks; pass-KV ("kv"): no
+    tensors go, the reply is ``BlockTensors`` (k, v ``[n, B, nkv, d]``, this layer only) of the
+    holder's blocks the rows can see, in its segment's order."""
 
     home: int
     request_id: str
     layer: int
     q_starts: list[int]
     q_lens: list[int]
+    mode: str = "q"
 
 
 class GroupClose(Msg):

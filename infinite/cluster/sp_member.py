@@ -5,8 +5,10 @@ Each round, the member runs its chunk (``sp_chunk.RoundChunk``: its stripes of t
 every layer with the model's own ``forward``; the chunk's K/V go to its pool, in blocks lent to
 the request's home. At layer ``l`` its queries attend over (a) its own blocks (local
 MicroAttention: its earlier stripes and the chunk itself, causal) and (b) each other member's
-earlier positions, by sending the queries there (pass-Q, ``GroupAsk``): the holder runs
-MicroAttention over its blocks and returns (out, LSE); AggregationAttention merges the parts.
+earlier positions, either by sending the queries there (pass-Q, ``GroupAsk``: the holder runs
+MicroAttention over its blocks and returns (out, LSE)) or by fetching the holder's K/V of that
+layer and attending over them here (pass-KV): per round, whichever ``sp_policy.choose_exchange``
+says puts fewer bytes on the busiest member's link. AggregationAttention merges the parts.
 
 **Why the group cannot deadlock.** A holder answers a query of layer ``l`` only once its own K/V
 of layer ``l`` for every position the query can see is written (``GroupMember.when_written``;
@@ -24,6 +26,7 @@ threads), so its next round comes after at most one step of its own.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -33,7 +36,8 @@ import torch
 
 from infinite.attention import aggregate, micro_attention
 from infinite.cluster import messages as M
-from infinite.cluster.sp_chunk import MemberBlocks, RoundChunk, layout_from_message
+from infinite.cluster.sp_chunk import MemberBlocks, RoundChunk, layout_from_message, rows_meta
+from infinite.cluster.sp_policy import PASS_KV, PASS_Q, ExchangeShape, choose_exchange
 from infinite.cluster.transport import Future, Transport, failed_reply
 from infinite.kv.cache import KVCache
 from infinite.model.ops import KVWrite
@@ -64,6 +68,14 @@ class GroupMember:
         self.logprobs: list[dict[int, float]] = []
         self.compute_s = 0.0
         self.wait_s = 0.0
+        self._logical: dict[int, tuple[int, ...]] = {}
+
+    def logical_of(self, j: int) -> tuple[int, ...]:
+        """Member ``j``'s blocks' indices in the request, in its segment's order (from the layout)."""
+        if j not in self._logical:
+            lay = self.plan.layout
+            self._logical[j] = MemberBlocks(lay, j, tuple(range(lay.segment_blocks(j)))).logical
+        return self._logical[j]
 
     @property
     def rounds(self) -> int:
@@ -119,6 +131,9 @@ class GroupGuests:
         self.wake = lambda: None  # the instance's step loop: a round is ready to run
         self.compute_s = 0.0  # rounds computed, every group (stats)
         self.wait_s = 0.0  # ... waiting for the other members' parts
+        c = model.config
+        self.shape = ExchangeShape.of(c.num_heads, c.num_kv_heads, c.head_dim, kv.k.element_size())
+        self.rounds_by_mode = {PASS_Q: 0, PASS_KV: 0}  # rounds run with each exchange (stats)
 
     # ---- control (transport threads) ----------------------------------------------------------
     def start(self, msg: M.GroupStart) -> None:
@@ -165,9 +180,15 @@ class GroupGuests:
         def run() -> None:
             try:
                 dev = self.kv.k.device
-                meta = m.plan.rows_meta(msg.q_starts, msg.q_lens, dev)
-                out, lse = micro_attention(t.q.to(dev), self.kv.k[msg.layer], self.kv.v[msg.layer], meta, self.scale)
-                result = (M.AttentionResult(), M.AttentionResultTensors(out, lse))
+                kc, vc = self.kv.k[msg.layer], self.kv.v[msg.layer]
+                if msg.mode == PASS_KV:  # the blocks the rows can see: those before the last row's block
+                    n = bisect.bisect_right(m.plan.logical, max_pos // m.plan.layout.block_size)
+                    ids = torch.tensor(m.plan.blocks[:n], dtype=torch.int64, device=dev)
+                    result = (M.Ack(), M.BlockTensors(kc.index_select(0, ids), vc.index_select(0, ids)))
+                else:
+                    meta = m.plan.rows_meta(msg.q_starts, msg.q_lens, dev)
+                    out, lse = micro_attention(t.q.to(dev), kc, vc, meta, self.scale)
+                    result = (M.AttentionResult(), M.AttentionResultTensors(out, lse))
             except BaseException as e:  # noqa: BLE001 - travels back to the asker
                 result = failed_reply(e)
             if not reply.done():
@@ -220,7 +241,9 @@ class GroupGuests:
             meta=m.plan.rows_meta(ch.q_starts, ch.q_lens, dev),
             logits_indices=torch.arange(t if want else 0, dtype=torch.int64, device=dev),
             sample_requests=[], q_lens=list(ch.q_lens), q_starts=list(ch.q_starts), max_position=max(pos))
-        logits = forward(self.model, inputs, _GroupAttention(self, m, ch, inputs))  # [t or 0, V]
+        mode = choose_exchange(m.plan.layout, k, self.shape).mode
+        self.rounds_by_mode[mode] += 1
+        logits = forward(self.model, inputs, _GroupAttention(self, m, ch, inputs, mode))  # [t or 0, V]
         if want:
             row = 0
             for a, n in zip(ch.q_starts, ch.q_lens):
@@ -247,10 +270,10 @@ def _wait(fut: Future, m: GroupMember, poll_s: float = 0.05):
 
 class _GroupAttention:
     """A round chunk's attention: its K/V written here, its queries over every member's earlier
-    positions (local MicroAttention, the others' by pass-Q), merged by AggregationAttention."""
+    positions (local MicroAttention, the others' by pass-Q or pass-KV), merged by AggregationAttention."""
 
-    def __init__(self, guests: GroupGuests, m: GroupMember, ch: RoundChunk, inputs: StepInputs) -> None:
-        self.g, self.m, self.ch, self.inputs = guests, m, ch, inputs
+    def __init__(self, guests: GroupGuests, m: GroupMember, ch: RoundChunk, inputs: StepInputs, mode: str) -> None:
+        self.g, self.m, self.ch, self.inputs, self.mode = guests, m, ch, inputs, mode
         max_pos = ch.q_starts[-1] + ch.q_lens[-1] - 1
         plan = m.plan
         self.holders = [(j, rank) for j, rank in enumerate(plan.layout.members)
@@ -263,15 +286,20 @@ class _GroupAttention:
         g, m, ch = self.g, self.m, self.ch
         for run in m.mark(layer, ch.seg_end):  # this layer's K/V are in the pool: the waiting answers go
             run()
-        qc = q.contiguous()  # [T, nh, d]
-        ask = M.GroupAsk(m.key[0], m.key[1], layer, list(ch.q_starts), list(ch.q_lens))
-        futs = [g.transport.group_ask(rank, ask, M.AttentionTensors(qc), timeout=g.timeout_s)
-                for _, rank in self.holders]
+        ask = M.GroupAsk(m.key[0], m.key[1], layer, list(ch.q_starts), list(ch.q_lens), self.mode)
+        sent = M.AttentionTensors(q.contiguous()) if self.mode == PASS_Q else None  # [T, nh, d]
+        futs = [g.transport.group_ask(rank, ask, sent, timeout=g.timeout_s) for _, rank in self.holders]
         parts = [micro_attention(q, g.kv.k[layer], g.kv.v[layer], self.inputs.meta, g.scale)]  # (out, lse)
-        t0 = time.perf_counter()
         dev = q.device
-        for f in futs:
+        for (j, _), f in zip(self.holders, futs):
+            t0 = time.perf_counter()
             r = _wait(f, m)
-            parts.append((r.out.to(dev), r.lse.to(dev)))
-        m.wait_s += time.perf_counter() - t0
+            m.wait_s += time.perf_counter() - t0
+            if self.mode == PASS_Q:
+                parts.append((r.out.to(dev), r.lse.to(dev)))
+            else:  # the holder's K/V [n, B, nkv, d] as a pool of n blocks, in its segment's order
+                n = r.k.shape[0]
+                meta = rows_meta(tuple(range(n)), m.logical_of(j)[:n], m.plan.layout.block_size, ch.q_starts,
+                                 ch.q_lens, dev)
+                parts.append(micro_attention(q, r.k.to(dev), r.v.to(dev), meta, g.scale))
         return aggregate(parts)[0]  # [T, nh, d]

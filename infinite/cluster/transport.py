@@ -186,9 +186,10 @@ class Transport(ABC):
         """-> GroupDone, once ``dst`` has computed its segment of the group's prefill."""
         return self._call(dst, msg, None, timeout)
 
-    def group_ask(self, dst: int, msg: M.GroupAsk, tensors: M.AttentionTensors,
+    def group_ask(self, dst: int, msg: M.GroupAsk, tensors: M.AttentionTensors | None,
                   timeout: float | None = None) -> Future:
-        """A prefill group's pass-Q call -> AttentionResultTensors, failures keeping their type."""
+        """A prefill group's call -> AttentionResultTensors (pass-Q) or BlockTensors (pass-KV),
+        failures keeping their type."""
         return self._tensors(dst, msg, tensors, timeout)
 
     def group_close(self, dst: int, msg: M.GroupClose, timeout: float | None = None) -> Future:
