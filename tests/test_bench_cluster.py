@@ -154,7 +154,7 @@ def test_cluster_bench_sp_prefill_tiny(tmp_path, capsys):
     out = tmp_path / "sp.json"
     rc = cluster.main(["--part", "sp-prefill", "--sp-prompt", "600", "--sp-ranks", "1,2", "--sp-hidden", "128",
                        "--sp-intermediate", "256", "--sp-budget", "128", "--sp-mixed-long", "2",
-                       "--sp-mixed-short", "6", "--sp-mixed-long-prompt", "400", "--sp-mixed-rate", "30",
+                       "--sp-mixed-short", "6", "--sp-mixed-long-prompt", "400", "--sp-mixed-rate", "30", "--sp-repeats", "2",
                        "--timeout", "60", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -164,6 +164,7 @@ def test_cluster_bench_sp_prefill_tiny(tmp_path, capsys):
     one, two = r["single"]["1"], r["single"]["2"]
     assert one["group"] is None and two["group"]["members"] == [0, 1] and two["group"]["outcome"] == "done"
     assert two["ratio_to_one"] == pytest.approx(two["ttft_s"] / one["ttft_s"]) and two["target"] == 0.6
+    assert len(two["ttft_runs_s"]) == 2 and two["ttft_s"] == min(two["ttft_runs_s"]) and two["parallel_capacity"] > 0
     m = r["mixed"]
     assert m["alone"]["groups_done"] == 0 and m["groups"]["groups_done"] >= 1
     assert m["alone"]["served"] == m["groups"]["served"] == 8

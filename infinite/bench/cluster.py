@@ -115,6 +115,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     f.add_argument("--sp-hidden", type=_positive_int, default=1024, help="hidden size of the wide test model")
     f.add_argument("--sp-intermediate", type=_positive_int, default=4096, help="its FFN size")
     f.add_argument("--sp-budget", type=_positive_int, default=2048, help="step budget (max_num_batched_tokens)")
+    f.add_argument("--sp-repeats", type=_positive_int, default=2, help="runs per group size, interleaved; fastest")
     f.add_argument("--sp-mixed-long", type=int, default=2, help="long prompts of the mixed trace (0: no trace)")
     f.add_argument("--sp-mixed-short", type=_positive_int, default=40, help="its short requests")
     f.add_argument("--sp-mixed-long-prompt", type=_positive_int, default=8192, help="its long prompts' tokens")
@@ -445,7 +446,8 @@ def main(argv: Sequence[str]) -> int:
 
         payload["sp_prefill"] = run_sp_prefill(args.sp_prompt, args.sp_ranks, args.sp_hidden, args.sp_intermediate,
                                                args.sp_budget, args.sp_mixed_long, args.sp_mixed_short,
-                                               args.sp_mixed_long_prompt, args.sp_mixed_rate, args.timeout, args.seed)
+                                               args.sp_mixed_long_prompt, args.sp_mixed_rate, args.timeout, args.seed,
+                                               args.sp_repeats)
         print_sp_prefill(payload["sp_prefill"])
     if args.out:
         path = write_json(args.out, payload)

@@ -18,7 +18,8 @@ host whose cores are hyperthreads of fewer physical cores, or shared, it is well
 
 Ratios are within one run. Every TTFT is wall time from submit to the finished one-token output
 (``max_tokens=1``) on the driving process; each configuration is warmed by a short request and a
-short group first.
+short group first. The group sizes' clusters are up together and their runs interleave
+(``--sp-repeats``); the fastest run of each counts, as other work on the host only slows runs.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def _ttft(eng, prompt: list[int], members: tuple[int, ...], budget: int, rid: st
 
 def run_sp_prefill(prompt_tokens: int, ranks: list[int], hidden: int, intermediate: int, budget: int,
                    mixed_long: int, mixed_short: int, mixed_long_prompt: int, mixed_rate: float, timeout: float,
-                   seed: int) -> dict[str, Any]:
+                   seed: int, repeats: int = 1) -> dict[str, Any]:
     from infinite.tiny import write_tiny_checkpoint
 
     rng = random.Random(seed)
@@ -125,32 +126,41 @@ def run_sp_prefill(prompt_tokens: int, ranks: list[int], hidden: int, intermedia
     max_len = max(prompt_tokens, mixed_long_prompt) + 64
     res: dict[str, Any] = {"config": {"prompt_tokens": prompt_tokens, "ranks": ranks, "hidden_size": hidden,
                                       "intermediate_size": intermediate, "step_budget": budget,
-                                      "stripe_blocks": _stripe(budget), "threads_per_rank": 1}}
+                                      "stripe_blocks": _stripe(budget), "threads_per_rank": 1, "repeats": repeats}}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = str(write_tiny_checkpoint(Path(tmp) / "wide", max_position_embeddings=max_len, hidden_size=hidden,
                                          intermediate_size=intermediate, num_attention_heads=hidden // 64))
+        # every group size's cluster up at once, the runs interleaved (1, 2, 3, 1, 2, 3, ...): other
+        # work on the host slows some runs; each size's fastest counts (the least disturbed)
+        engines = {}
+        try:
+            for g in ranks:
+                pool = blocks_for(prompt_tokens, BLOCK) // g + 2 * BLOCK
+                eng = engines[g] = _engine(ckpt, g, pool, budget, max_len)
+                _ttft(eng, warm[:2 * BLOCK], (0,), budget, f"warm-{g}", timeout)
+                _ttft(eng, warm, tuple(range(g)), budget, f"warm-group-{g}", timeout)
+            runs: dict[int, list[tuple[float, int]]] = {g: [] for g in ranks}
+            for i in range(repeats):
+                for g in ranks:
+                    runs[g].append(_ttft(engines[g], prompt, tuple(range(g)), budget, f"long-{g}-{i}", timeout))
+            stats = {g: eng.stats() for g, eng in engines.items()}
+        finally:
+            for eng in engines.values():
+                eng.shutdown()
         single: dict[int, dict[str, Any]] = {}
         for g in ranks:
-            pool = blocks_for(prompt_tokens, BLOCK) // g + 2 * BLOCK
-            eng = _engine(ckpt, g, pool, budget, max_len)
-            try:
-                members = tuple(range(g))
-                _ttft(eng, warm[:2 * BLOCK], (0,), budget, f"warm-{g}", timeout)
-                _ttft(eng, warm, members, budget, f"warm-group-{g}", timeout)
-                s, tok = _ttft(eng, prompt, members, budget, f"long-{g}", timeout)
-                stats = eng.stats()
-            finally:
-                eng.shutdown()
-            groups = [x for st in stats for x in st.get("groups", []) if x["request_id"] == f"long-{g}"]
-            single[g] = {"ttft_s": s, "token": tok, "pool_blocks": pool,
-                         "group": groups[-1] if groups else None, "parallel_capacity": parallel_capacity(g)}
+            groups = [x for st in stats[g] for x in st.get("groups", []) if x["request_id"].startswith("long-")]
+            best = min(range(repeats), key=lambda i: runs[g][i][0])
+            single[g] = {"ttft_s": runs[g][best][0], "ttft_runs_s": [t for t, _ in runs[g]],
+                         "tokens": sorted({t for _, t in runs[g]}), "token": runs[g][best][1],
+                         "group": groups[best] if groups else None, "parallel_capacity": parallel_capacity(g)}
         one = single.get(1)
         for g, r in single.items():
             r["ratio_to_one"] = r["ttft_s"] / one["ttft_s"] if one else None
             r["target"] = TARGETS.get(g)
             r["meets_target"] = None if r["target"] is None or one is None else r["ratio_to_one"] <= r["target"]
         res["single"] = {str(g): r for g, r in single.items()}
-        res["same_token"] = len({r["token"] for r in single.values()}) == 1
+        res["same_token"] = len({t for r in single.values() for t in r["tokens"]}) == 1
         if mixed_long > 0:
             res["mixed"] = _mixed(ckpt, budget, max_len, mixed_long, mixed_short, mixed_long_prompt, mixed_rate,
                                   timeout, seed)
