@@ -165,6 +165,8 @@ def test_cluster_bench_sp_prefill_tiny(tmp_path, capsys):
     assert one["group"] is None and two["group"]["members"] == [0, 1] and two["group"]["outcome"] == "done"
     assert two["ratio_to_one"] == pytest.approx(two["ttft_s"] / one["ttft_s"]) and two["target"] == 0.6
     assert len(two["ttft_runs_s"]) == 2 and two["ttft_s"] == min(two["ttft_runs_s"]) and two["parallel_capacity"] > 0
+    assert len(one["cpu_s"]) == 1 and len(two["cpu_s"]) == 2 and min(two["cpu_s"]) > 0
+    assert two["cpu_ratio_to_one"] == pytest.approx(max(two["cpu_s"]) / one["cpu_s"][0])
     m = r["mixed"]
     assert m["alone"]["groups_done"] == 0 and m["groups"]["groups_done"] >= 1
     assert m["alone"]["served"] == m["groups"]["served"] == 8

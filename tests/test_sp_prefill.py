@@ -354,3 +354,34 @@ async def test_a_bad_group_is_a_clear_error_and_an_abort_mid_prefill_leaks_nothi
                 break
             await asyncio.sleep(0.01)
         assert_no_leak(cl)
+
+
+async def test_a_group_whose_home_batch_is_full_hands_over_when_a_row_frees(ckpt):
+    """The home runs max_num_seqs requests of its own when the group ends: the request waits for a
+    row (no batch over its size), then decodes exactly."""
+    prompt, shorts = prompt_of(230, seed=29), [prompt_of(20, seed=3), prompt_of(25, seed=4)]
+    p_short = params(max_tokens=40, prompt_logprobs=None)
+    want = alone(ckpt, prompt, params())
+    want_short = [alone(ckpt, s, p_short).outputs[0].token_ids for s in shorts]
+    async with InProcessCluster(config(ckpt, 40, max_num_seqs=2), 2) as cl:
+        async def own(s):
+            req = cl.front.make_request(s, p_short)
+            req.data_parallel_rank = 0
+            last = None
+            async for out in cl.front.generate(req):
+                last = out
+            return last
+
+        tasks = [asyncio.ensure_future(own(s)) for s in shorts]
+        home = cl.instances[0]
+        for _ in range(2000):
+            if len(home.engine.scheduler.running) == 2:
+                break
+            await asyncio.sleep(0.005)
+        got = await asyncio.wait_for(run(cl, prompt, params(), striped_layout(len(prompt), (0, 1), BS, 2)), 120)
+        outs = await asyncio.gather(*tasks)
+        assert_same(got, want)
+        assert [o.outputs[0].token_ids for o in outs] == want_short
+        assert home.groups.records[-1].outcome == "done"
+        await asyncio.sleep(0.2)
+        assert_no_leak(cl)

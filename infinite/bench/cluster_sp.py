@@ -16,6 +16,11 @@ matrices at once against one alone (``parallel_capacity``: their summed rate ove
 host whose cores are hyperthreads of fewer physical cores, or shared, it is well under ``g``, and
 ``1 / capacity`` is the best TTFT ratio a group of ``g`` ranks can reach there).
 
+Beside each TTFT, the CPU seconds each rank process used during that run (``/proc``; Linux):
+with one rank that is the prefill's work, with a group each member's share of it plus its
+exchange, so ``max member CPU / one rank's CPU`` is the ratio the group would reach with a free
+core per rank and no wait (a projection from measured CPU time, not a measured TTFT).
+
 Ratios are within one run. Every TTFT is wall time from submit to the finished one-token output
 (``max_tokens=1``) on the driving process; each configuration is warmed by a short request and a
 short group first. The group sizes' clusters are up together and their runs interleave
@@ -72,6 +77,22 @@ def parallel_capacity(g: int, n: int = 1024, reps: int = 100) -> float:
 
     alone = run(1)[0]
     return sum(alone / t for t in run(g))
+
+
+def _cpu_s(pids: list[int]) -> list[float] | None:
+    """CPU seconds (user + system) each process has used so far; None where /proc is not there."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        out.append((int(fields[11]) + int(fields[12])) / tick)  # utime, stime
+    return out
 
 
 def _engine(ckpt: str, ranks: int, pool: int, budget: int, max_len: int):
@@ -140,9 +161,14 @@ def run_sp_prefill(prompt_tokens: int, ranks: list[int], hidden: int, intermedia
                 _ttft(eng, warm[:2 * BLOCK], (0,), budget, f"warm-{g}", timeout)
                 _ttft(eng, warm, tuple(range(g)), budget, f"warm-group-{g}", timeout)
             runs: dict[int, list[tuple[float, int]]] = {g: [] for g in ranks}
+            cpus: dict[int, list[list[float] | None]] = {g: [] for g in ranks}
             for i in range(repeats):
                 for g in ranks:
+                    pids = [p.pid for p in engines[g].procs]
+                    c0 = _cpu_s(pids)
                     runs[g].append(_ttft(engines[g], prompt, tuple(range(g)), budget, f"long-{g}-{i}", timeout))
+                    c1 = _cpu_s(pids)
+                    cpus[g].append(None if c0 is None or c1 is None else [b - a for a, b in zip(c0, c1)])
             stats = {g: eng.stats() for g, eng in engines.items()}
         finally:
             for eng in engines.values():
@@ -151,12 +177,13 @@ def run_sp_prefill(prompt_tokens: int, ranks: list[int], hidden: int, intermedia
         for g in ranks:
             groups = [x for st in stats[g] for x in st.get("groups", []) if x["request_id"].startswith("long-")]
             best = min(range(repeats), key=lambda i: runs[g][i][0])
-            single[g] = {"ttft_s": runs[g][best][0], "ttft_runs_s": [t for t, _ in runs[g]],
+            single[g] = {"ttft_s": runs[g][best][0], "ttft_runs_s": [t for t, _ in runs[g]], "cpu_s": cpus[g][best],
                          "tokens": sorted({t for _, t in runs[g]}), "token": runs[g][best][1],
                          "group": groups[best] if groups else None, "parallel_capacity": parallel_capacity(g)}
         one = single.get(1)
         for g, r in single.items():
             r["ratio_to_one"] = r["ttft_s"] / one["ttft_s"] if one else None
+            r["cpu_ratio_to_one"] = max(r["cpu_s"]) / one["cpu_s"][0] if one and r["cpu_s"] and one["cpu_s"] else None
             r["target"] = TARGETS.get(g)
             r["meets_target"] = None if r["target"] is None or one is None else r["ratio_to_one"] <= r["target"]
         res["single"] = {str(g): r for g, r in single.items()}
@@ -208,12 +235,14 @@ def print_sp_prefill(r: dict[str, Any]) -> None:
         grp = x["group"]
         wait = max(grp["wait_ms"].values()) / 1e3 if grp and grp["wait_ms"] else None
         cap = x["parallel_capacity"]
-        rows.append([g, x["ttft_s"], x["ratio_to_one"], x["target"], wait, cap, 1 / cap, x["meets_target"]])
+        cpu = "/".join(f"{c:.1f}" for c in x["cpu_s"]) if x["cpu_s"] else None
+        rows.append([g, x["ttft_s"], x["ratio_to_one"], x["target"], wait, cap, 1 / cap, cpu, x["cpu_ratio_to_one"],
+                     x["meets_target"]])
     print_table(f"sp-prefill: TTFT of one {c['prompt_tokens']}-token prompt (hidden {c['hidden_size']}, "
                 f"FFN {c['intermediate_size']}; budget {c['step_budget']}, stripes of {c['stripe_blocks']} blocks; "
                 f"1 thread per rank); same first token: {r['same_token']}",
-                ["ranks", "ttft_s", "x one rank", "target", "max member wait_s", "host capacity", "best x", "meets"],
-                rows)
+                ["ranks", "ttft_s", "x one rank", "target", "max member wait_s", "host capacity", "best x",
+                 "cpu_s per rank", "max cpu x one", "meets"], rows)
     m = r.get("mixed")
     if m:
         mc = m["config"]

@@ -76,7 +76,8 @@ class Instance:
         self.runner = StepRunner(self.engine, transport, self.counters, timeout_s)
         # prefill groups: this instance's part in one (as a member, its own requests' included), and
         # its own requests prefilled by one (docs/distributed.md "Prefill groups")
-        self.guests = GroupGuests(rank, self.engine.model, self.engine.kv, self.engine.scale, transport, timeout_s)
+        self.guests = GroupGuests(rank, self.engine.model, self.engine.kv, self.engine.scale, transport, timeout_s,
+                                  tensor_parallel=tp is not None)
         self.guests.wake = self._wake
         self.groups = GroupPrefills(rank, self.engine, self.allocator, transport, self.guests, timeout_s,
                                     lambda: self.allocator.lost)

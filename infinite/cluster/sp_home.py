@@ -92,8 +92,8 @@ class GroupPrefills:
             log.warning("rank %d: group layout of %s does not fit the request: prefilled alone", self.rank, rid)
             return False
         lost = self.lost()
-        if any(r in lost for r in layout.members) or self.guests.members:
-            return False
+        if any(r in lost for r in layout.members) or self.guests.members or self.engine.tp is not None:
+            return False  # (a tensor-parallel instance's rounds would need its group's collectives)
         reserved: dict[int, list[int]] = {}
         try:
             for j, r in enumerate(layout.members[1:], start=1):
@@ -172,6 +172,10 @@ class GroupPrefills:
             if error is not None:
                 self._fail(g, error)
             elif len(done) == len(g.runs):
+                sched = self.engine.scheduler
+                if len(sched.running) >= sched.max_num_seqs:  # its batch is full: at a later step
+                    g.deadline = float("inf")
+                    continue
                 self._install(g, done)
 
     def _install(self, g: _Group, done: dict[int, M.GroupDone]) -> None:

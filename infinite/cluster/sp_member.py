@@ -118,8 +118,12 @@ class GroupMember:
 class GroupGuests:
     """An instance's part in prefill groups (its own requests' included): at most one at a time."""
 
-    def __init__(self, rank: int, model, kv: KVCache, scale: float, transport: Transport, timeout_s: float) -> None:
+    def __init__(self, rank: int, model, kv: KVCache, scale: float, transport: Transport, timeout_s: float,
+                 tensor_parallel: bool = False) -> None:
+        """``tensor_parallel``: the instance is a tensor-parallel group, whose forward needs its
+        followers in lockstep: it takes no part in prefill groups (``start`` refuses)."""
         self.rank = rank
+        self.tensor_parallel = tensor_parallel
         self.model = model
         self.kv = kv
         self.scale = scale
@@ -137,6 +141,8 @@ class GroupGuests:
 
     # ---- control (transport threads) ----------------------------------------------------------
     def start(self, msg: M.GroupStart) -> None:
+        if self.tensor_parallel:
+            raise RuntimeError(f"rank {self.rank} is a tensor-parallel instance: it takes no part in prefill groups")
         with self._lock:
             if self.members:
                 raise RuntimeError(f"rank {self.rank} is in the prefill group of {next(iter(self.members))[1]} "

@@ -17,8 +17,10 @@ __all__ = ["group_candidates", "prefill_cost", "group_policy"]
 
 def group_policy(config) -> GroupPolicy:
     """The EngineConfig's group knobs as the policy (``own_tokens``: the share of a member's step
-    kept for its own requests, a quarter of the budget)."""
-    return GroupPolicy(enabled=config.prefill_groups, min_prompt_tokens=config.group_min_prompt_tokens,
+    kept for its own requests, a quarter of the budget). Off for tensor-parallel instances: a
+    round's forward would need the instance's followers, which run only what its steps broadcast."""
+    return GroupPolicy(enabled=config.prefill_groups and config.tensor_parallel_size == 1,
+                       min_prompt_tokens=config.group_min_prompt_tokens,
                        min_speedup=config.group_min_speedup, min_efficiency=config.group_min_efficiency,
                        own_tokens=config.max_num_batched_tokens // 4)
 
