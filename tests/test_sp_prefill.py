@@ -385,3 +385,52 @@ async def test_a_group_whose_home_batch_is_full_hands_over_when_a_row_frees(ckpt
         assert home.groups.records[-1].outcome == "done"
         await asyncio.sleep(0.2)
         assert_no_leak(cl)
+
+
+async def test_a_slow_member_delays_the_group_but_nothing_deadlocks_or_changes(ckpt):
+    """Member 2 starts each round late (as a member busy with long steps of its own would): the
+    others wait for its K/V, layer by layer, and the result is exact."""
+    import time as _time
+
+    prompt = prompt_of(330, seed=31)
+    want = alone(ckpt, prompt, params())
+    lay = striped_layout(len(prompt), (0, 1, 2), BS, 1)
+    async with InProcessCluster(config(ckpt, 40), 3) as cl:
+        slow = cl.instances[2].guests
+        real = slow._round
+
+        def late(m):
+            _time.sleep(0.15)
+            return real(m)
+
+        slow._round = late
+        got = await asyncio.wait_for(run(cl, prompt, params(), lay), 120)
+        assert_same(got, want)
+        rec = cl.instances[0].groups.records[-1]
+        assert rec.outcome == "done" and lay.rounds >= 3
+        assert rec.wait_s[0] > 0.1  # the home waited for the slow member's parts
+        await asyncio.sleep(0.2)
+        assert_no_leak(cl)
+
+
+def test_group_candidates_follow_the_heartbeats():
+    """Who may be in a group, and with what room: lendable blocks, idle (no queue, in no group),
+    roles (one that borrows may not lend; one that lends may not borrow)."""
+    from infinite.cluster import messages as M
+    from infinite.cluster.cost_model import CostModel
+    from infinite.cluster.sp_route import group_candidates, prefill_cost
+
+    def st(rank, **kw):
+        base = dict(total_blocks=100, free_blocks=90, used_blocks=10, lent_blocks=0, borrowed_blocks=0)
+        return M.InstanceStats(rank=rank, **{**base, **kw})
+
+    stats = {0: st(0, num_running=3, tokens_held=500), 1: st(1, num_waiting=2), 2: st(2, borrowed_blocks=4),
+             3: st(3, lent_blocks=5), 4: st(4)}
+    cands = group_candidates(stats, [0, 1, 2, 3, 4, 9], {0: 80, 1: 70, 2: 0, 3: 60}, in_group={4})
+    by = {c.rank: c for c in cands}
+    assert set(by) == {0, 1, 2, 3, 4}  # 9 serves but never beat: not a candidate
+    assert (by[0].batch_size, by[0].context_tokens, by[0].room_blocks, by[0].idle) == (3, 500, 80, True)
+    assert not by[1].idle and not by[4].idle and by[4].room_blocks == 0
+    assert not by[2].may_lend and by[2].may_borrow and by[3].may_lend and not by[3].may_borrow
+    c = prefill_cost(CostModel(per_request_s=2e-3, per_context_token_s=5e-7))
+    assert (c.prefill_token_s, c.prefill_pair_s) == (2e-3, 5e-7)
