@@ -44,6 +44,7 @@ class LLM:
             from infinite.runtime.engine import LLMEngine
 
             self.engine = LLMEngine(self.config)
+            self.engine.detokenize_in_background()  # generate reads finished outputs only
 
     def get_tokenizer(self):
         return self.engine.tokenizer

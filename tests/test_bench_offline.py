@@ -16,8 +16,8 @@ from infinite.bench.common import format_table, write_json
 def test_offline_main_tiny(tmp_path, capsys):
     out = tmp_path / "sub" / "offline.json"
     rc = offline.main(["--batch-sizes", "1,3", "--prompt-len", "6", "--max-tokens", "5", "--repeats", "2",
-                       "--threads", "1", "--host-batch", "3", "--host-contexts", "40", "--host-steps", "4",
-                       "--out", str(out)])
+                       "--threads", "1", "--host-batch", "3", "--host-batch-context", "6",
+                       "--host-contexts", "40", "--host-steps", "4", "--host-cold-mb", "8", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Infinite tok/s" in printed and "transformers tok/s" in printed
@@ -39,7 +39,9 @@ def test_offline_main_tiny(tmp_path, capsys):
         assert r["greedy_agreement"] == 1.0  # float32 greedy: the engines must agree token for token
     assert res["results"][0]["target_ratio"] == 1.0 and res["results"][1]["target_ratio"] is None
     assert "host time per decode step" in printed
-    assert [(h["batch"], h["context"], h["steps"]) for h in res["host"]] == [(3, 6, 4), (1, 40, 4)]
+    assert [(h["batch"], h["context"], h["steps"], h["cold_mb"]) for h in res["host"]] == \
+        [(3, 6, 4, 0), (1, 40, 4, 0), (1, 40, 4, 8)]  # the last: the control row with cold caches
+    assert "8 MB touched" in printed and res["host_clock"] == "thread" and "per-thread CPU time" in printed
     for h in res["host"]:
         parts = h["schedule_ms"] + h["prepare_ms"] + h["postprocess_ms"]
         assert h["host_ms"] == pytest.approx(parts) and h["host_ms"] > 0 and h["forward_ms"] > 0

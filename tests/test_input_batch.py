@@ -125,6 +125,24 @@ def _check_group_changes(ib: InputBatch, before: dict) -> dict:
     return now
 
 
+def test_an_id_used_again_after_its_request_finished_gets_the_new_request():
+    """A finished request's id may name a new request (vLLM allows it): between two syncs the old
+    table is freed and the new one made, and the row must follow the new request, not keep the old."""
+    rm = RManager(RANK, 64, 4)
+    ib = InputBatch(rm, max_rows=4, max_blocks=16, device=torch.device("cpu"))
+    old, other = _req(0), _req(1)
+    rm.allocate(old.request_id, 3)
+    rm.allocate(other.request_id, 1)
+    ib.sync([old, other])
+    rm.free_request(old.request_id)
+    new = _req(0)
+    rm.allocate(new.request_id, 2)
+    ib.sync([new, other])
+    assert ib.requests[ib.row_of["r0"]] is new and ib.num_rows == 2
+    assert [b.block for b in ib.refs(ib.row_of["r0"])] == [b.block for b in rm.table("r0")]
+    _check(ib)
+
+
 def test_sync_touches_only_changed_rows():
     """A step where no table changed reads no table: the rManager reports nothing changed."""
     rm = RManager(RANK, 4096, 16)

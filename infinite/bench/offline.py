@@ -14,10 +14,15 @@ not a result.
 Then the host side of a decode step: milliseconds per step spent in everything
 but the forward (scheduling, preparing the step's inputs, sampling and
 building outputs), from the engine's own step timers over decode-only steps,
-at ``--host-batch`` requests of ``--prompt-len`` tokens and at one request of
-each of ``--host-contexts`` tokens. This is the time a GPU waits on the host
-every step unless it is hidden; per-step work that grows with the batch or the
-context shows up here.
+at ``--host-batch`` requests of ``--host-batch-context`` tokens and at one
+request of each of ``--host-contexts`` tokens. This is the time a GPU waits on
+the host every step unless it is hidden; per-step work that grows with the
+batch or the context shows up here. On a CPU the forward of a long context
+streams its KV through the caches and leaves them cold for the host work that
+follows, which slows that work without its growing: a control row runs the
+shortest context with ``--host-cold-mb`` of memory touched before each step
+(the cache state of the longest context, no more work), so that the long
+context is compared with both.
 """
 
 from __future__ import annotations
@@ -89,6 +94,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--host-contexts", type=_positive_ints, default=[1024, 30000],
                    help="context lengths of the one-request host-time cases (default 1024,30000)")
     p.add_argument("--host-steps", type=_positive_int, default=20, help="decode steps timed per host case")
+    p.add_argument("--host-clock", choices=("auto", "thread", "wall"), default="auto",
+                   help="the host cases' step timers: per-thread CPU time (not inflated by other processes on a "
+                        "shared machine; the forward runs on the same thread on a CPU) or wall time; auto: thread "
+                        "on a CPU, wall on a GPU (where the host waits for the device)")
+    p.add_argument("--host-batch-context", type=_positive_int, default=512,
+                   help="prompt tokens of each request of the batched host-time case")
+    p.add_argument("--host-cold-mb", type=int, default=256,
+                   help="control row: the shortest --host-contexts case with this much memory touched before each "
+                        "step (the caches as cold as after a long context's forward; 0: no control row)")
     p.add_argument("--no-host", dest="host", action="store_false", help="skip the host-time cases")
     p.add_argument("--out", default="bench-results/offline.json", help="JSON result path ('' to skip)")
     return p.parse_args(list(argv))
@@ -266,37 +280,47 @@ class HostResult:
     postprocess_ms: float  # sampling included
     host_ms: float  # schedule + prepare + postprocess: everything but the forward
     forward_ms: float
+    cold_mb: int = 0  # memory touched before each step (the control row), else 0
 
 
 def host_profile(model_dir: str, dtype: str, block_size: int, device: str, batch: int, context: int,
-                 steps: int, seed: int) -> HostResult:
+                 steps: int, seed: int, cold_mb: int = 0, clock: str = "wall") -> HostResult:
     """Host milliseconds per decode step of ``batch`` requests holding ``context`` tokens each, from the
     engine's step timers over ``steps`` decode-only steps (after every prompt is prefilled)."""
     from infinite.runtime.config import EngineConfig
     from infinite.runtime.engine import LLMEngine
     from infinite.sampling.params import SamplingParams
 
-    per_req = -(-(context + steps + 2) // block_size) + 1
+    budget = max(2048, min(context, 16384))
+    # the first requests decode while the last are prefilled: none may finish before the timed steps end
+    max_tokens = steps + 4 + 2 * -(-batch * context // budget)  # decodes share the budget: up to 2x the steps
+    per_req = -(-(context + max_tokens) // block_size) + 1
     info = read_model_info(model_dir)
     eng = LLMEngine(EngineConfig(model=model_dir, dtype=dtype, block_size=block_size, device=device,
-                                 num_kv_blocks=batch * per_req, max_num_seqs=batch,
-                                 max_num_batched_tokens=max(2048, min(context, 16384))))
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
+                                 num_kv_blocks=batch * per_req, max_num_seqs=batch, max_num_batched_tokens=budget))
+    eng.detokenize_in_background()  # as LLM makes it
+    eng.clock = time.thread_time if clock == "thread" else time.perf_counter
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for prompt in make_prompts(batch, context, info["vocab_size"], info["special_ids"], seed):
         req = eng.make_request(prompt, params)
         req.output_kind = "final_only"  # as LLM.generate makes them
         eng.submit(req)
     while eng.timing.decode_steps == 0:  # prefill (chunked) until every request decodes
         eng.step()
+    if len(eng.scheduler.running) != batch:
+        raise RuntimeError(f"host profile: {len(eng.scheduler.running)} requests running, expected {batch}")
     eng.timing.reset()
+    cold = torch.zeros(cold_mb << 20, dtype=torch.uint8) if cold_mb > 0 else None  # on the host: its caches
     for _ in range(steps):
+        if cold is not None:
+            cold.add_(1)  # every byte read and written: the host's caches hold this, not the engine's state
         eng.step()
     t = eng.timing
-    if t.decode_steps != t.steps or t.steps != steps:
+    if t.decode_steps != t.steps or t.steps != steps or len(eng.scheduler.running) != batch:
         raise RuntimeError(f"host profile: {t.steps} steps, {t.decode_steps} of them pure decode; expected {steps}")
     per = 1e3 / t.steps
     res = HostResult(batch, context, t.steps, t.schedule_s * per, t.prepare_s * per, t.postprocess_s * per,
-                     (t.schedule_s + t.prepare_s + t.postprocess_s) * per, t.forward_s * per)
+                     (t.schedule_s + t.prepare_s + t.postprocess_s) * per, t.forward_s * per, cold_mb)
     return res
 
 
@@ -332,11 +356,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         llm.shutdown()
     host = []
+    host_clock = args.host_clock if args.host_clock != "auto" else ("thread" if device == "cpu" else "wall")
     if args.host:
-        cases = ([(args.host_batch, args.prompt_len)] if args.host_batch > 0 else []) + \
-                [(1, c) for c in args.host_contexts]
-        for b, c in cases:
-            host.append(host_profile(model_dir, args.dtype, args.block_size, device, b, c, args.host_steps, args.seed))
+        cases = ([(args.host_batch, args.host_batch_context, 0)] if args.host_batch > 0 else []) + \
+                [(1, c, 0) for c in args.host_contexts] + \
+                ([(1, min(args.host_contexts), args.host_cold_mb)] if args.host_cold_mb > 0 else [])
+        for b, c, mb in cases:
+            host.append(host_profile(model_dir, args.dtype, args.block_size, device, b, c, args.host_steps, args.seed,
+                                     mb, host_clock))
     return {
         "bench": "offline",
         "config": {"model": model_dir, "batch_sizes": args.batch_sizes, "prompt_len": args.prompt_len,
@@ -346,6 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "device": device},
         "results": [{**asdict(r), "prompt_tokens": n} for r, n in zip(rows, prompt_tokens)],
         "host": [asdict(h) for h in host],
+        "host_clock": host_clock if args.host else None,
         "load_avg_before": list(load_before),
         "load_avg_after": list(os.getloadavg()),
     }
@@ -365,11 +393,22 @@ def table(result: dict[str, Any]) -> str:
              r["meets_target"], f"{100 * r['greedy_agreement']:.0f}%"] for r in result["results"]]
     out = format_table(title, cols, rows)
     if result.get("host"):
-        cols = ["batch", "context", "steps", "schedule ms", "prepare ms", "postprocess ms", "host ms", "forward ms"]
-        rows = [[h["batch"], h["context"], h["steps"], h["schedule_ms"], h["prepare_ms"], h["postprocess_ms"],
-                 h["host_ms"], h["forward_ms"]] for h in result["host"]]
-        out += "\n\n" + format_table("host time per decode step (everything but the forward), engine step timers",
-                                       cols, rows)
+        cols = ["batch", "context", "caches", "steps", "schedule ms", "prepare ms", "postprocess ms", "host ms",
+                "forward ms"]
+        rows = [[h["batch"], h["context"], f"{h['cold_mb']} MB touched" if h.get("cold_mb") else "as left",
+                 h["steps"], h["schedule_ms"], h["prepare_ms"], h["postprocess_ms"], h["host_ms"], h["forward_ms"]]
+                for h in result["host"]]
+        clock = {"thread": "per-thread CPU time", "wall": "wall time"}.get(result.get("host_clock"), "wall time")
+        out += "\n\n" + format_table(f"host time per decode step (everything but the forward), engine step timers, "
+                                       f"{clock}", cols, rows)
+        single = sorted((h for h in result["host"] if h["batch"] == 1 and not h.get("cold_mb")),
+                        key=lambda h: h["context"])
+        cold = [h for h in result["host"] if h.get("cold_mb")]
+        if len(single) >= 2:
+            lo, hi = single[0], single[-1]
+            out += (f"\nhost ms at {hi['context']} / {lo['context']} tokens: {hi['host_ms'] / lo['host_ms']:.2f}x"
+                    + (f"; against {lo['context']} tokens with cold caches: {hi['host_ms'] / cold[0]['host_ms']:.2f}x"
+                       if cold else ""))
     return out
 
 

@@ -214,7 +214,6 @@ class Instance:
         e.timing.schedule_s += time.perf_counter() - t0
         self._step_context = (self.rm.num_blocks - self.rm.num_free) * self.engine.block_size
         self._step_calls = 0
-        e.mark_scheduled(batch)
         t1 = time.perf_counter()
         e.input_batch.sync(batch.requests)
         if self.rm.num_borrowed == 0 or not any(e.input_batch.has_remote(r.request_id) for r in batch.requests):

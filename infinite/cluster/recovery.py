@@ -90,6 +90,7 @@ def restore_progress(req: Request, msg: M.AddRequest) -> None:
     req.emitted_tokens = len(req.output_token_ids)
     if req.detokenizer is not None:
         req.text = "".join(req.detokenizer.add_token(t) for t in msg.output_token_ids)
+        req.detok_pos = len(req.output_token_ids)
     if req.logprobs is not None and msg.logprobs is not None:
         req.logprobs = [dict(d) for d in msg.logprobs]
         req.cumulative_logprob = msg.cumulative_logprob

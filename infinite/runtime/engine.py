@@ -20,6 +20,7 @@ from infinite.kv.rmanager import RManager, blocks_for
 from infinite.outputs import CompletionOutput, RequestOutput
 from infinite.runtime.allocator import BlockAllocator, LocalAllocator
 from infinite.runtime.config import EngineConfig
+from infinite.runtime.detokenize import BACKGROUND_MIN_ROWS, BackgroundDetokenizer
 from infinite.runtime.graph_runner import CaptureReport, GraphRunner
 from infinite.runtime.input_batch import InputBatch
 from infinite.runtime.memory import MemoryPlan, size_pool
@@ -137,6 +138,9 @@ class LLMEngine:
         if tp is not None:
             tp.attach(self.input_batch, self.max_model_len)
         self.timing = StepTiming()
+        # The step timers' clock: wall time; bench offline's host cases may read per-thread CPU time
+        # instead, which other processes on a shared CPU do not inflate.
+        self.clock: Callable[[], float] = time.perf_counter
         self.graphs: GraphRunner | None = None
         self.graph_report: CaptureReport | None = None
         if self.device.type == "cuda" and not config.enforce_eager and self._graphs_safe():
@@ -150,7 +154,22 @@ class LLMEngine:
         self.scale = c.head_dim**-0.5
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        # Final-only requests' text made beside the step (runtime/detokenize.py): on where the engine's
+        # caller reads finished outputs only (LLM.generate), via detokenize_in_background().
+        self.background_detokenizer: BackgroundDetokenizer | None = None
         self.last_step_time = 0.0
+
+    def detokenize_in_background(self, min_rows: int = BACKGROUND_MIN_ROWS) -> None:
+        """Make final-only requests' text on a worker thread while the next step runs, in steps with
+        at least ``min_rows`` of them (fewer are fed on the engine's thread)."""
+        if self.background_detokenizer is None:
+            self.background_detokenizer = BackgroundDetokenizer(min_rows).bind(self)
+
+    def shutdown(self) -> None:
+        """Stop the engine's own threads (the background detokenizer); the engine is not used after."""
+        if self.background_detokenizer is not None:
+            self.background_detokenizer.close()
+            self.background_detokenizer = None
 
     def _graphs_safe(self) -> bool:
         """A captured step must not depend on host values: dynamic NTK RoPE past the model's positions
@@ -287,34 +306,27 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        self.timing.schedule_s += time.perf_counter() - t0
-        self.mark_scheduled(batch)
+        self.timing.schedule_s += self.clock() - t0
         return self.execute(batch)
-
-    def mark_scheduled(self, batch: ScheduledBatch) -> None:
-        now = time.time()
-        for req in batch.requests:
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
 
     def execute(self, batch: ScheduledBatch) -> list[RequestOutput]:
         """A scheduled batch whose KV is all local: prepare, forward, sample, outputs."""
-        t1 = time.perf_counter()
+        t1 = self.clock()
         inputs = self.prepare(batch)
-        t2 = time.perf_counter()
+        t2 = self.clock()
         if inputs.padded is not None:
             logits = self.graphs.run(len(inputs.sample_requests))
         else:
             if self.tp is not None:
                 self.tp.step(inputs)  # the group's other ranks run the same forward on their heads
             logits = forward(self.model, inputs, LocalAttention(self.kv, inputs, self.scale))
-        t3 = time.perf_counter()
+        t3 = self.clock()
         outs = self.postprocess(batch, inputs, logits)
-        t4 = time.perf_counter()
+        t4 = self.clock()
         self.timing.add(inputs.is_decode, t2 - t1, t3 - t2, t4 - t3)
         self.last_step_time = t4 - t1
         return outs
@@ -334,10 +346,13 @@ class LLMEngine:
 
     def postprocess(self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor) -> list[RequestOutput]:
         """``logits``: the sampling rows, then the prompt-logprob rows (``inputs.prompt_spans``)."""
-        cache = self.allocator.cache_computed
+        cache = self.allocator.cache_computed if self.rm.caching else None
+        bs = self.block_size
         for req, n in zip(batch.requests, batch.num_new_tokens):
-            req.num_computed_tokens += n
-            cache(req)
+            done = req.num_computed_tokens
+            req.num_computed_tokens = done + n
+            if cache is not None and (done + n) // bs != done // bs:  # a block filled: offer it to the cache
+                cache(req)
         reqs = inputs.sample_requests
         extra = logits[len(reqs):]
         for span in inputs.prompt_spans:
@@ -351,6 +366,8 @@ class LLMEngine:
         now = time.time()
         outs = []
         lps = res.logprobs
+        background = self.background_detokenizer
+        deferred: list[tuple[Request, int]] = []
         # This loop runs for every request of every step: its common path is a few attribute reads.
         for i, (req, tok) in enumerate(zip(reqs, res.token_ids)):
             out = req.output_token_ids
@@ -362,21 +379,39 @@ class LLMEngine:
             if lps is not None and lps[i] is not None and req.logprobs is not None:
                 req.logprobs.append(lps[i])
                 req.cumulative_logprob += lps[i][tok]
-            delta = req.detokenizer.add_token(tok) if req.detokenizer is not None else ""
-            if delta:
-                req.text_pieces.append(delta)
-                req.text_len += len(delta)
             quick = req.quick_stop
             if quick is None:
                 quick = req.quick_stop = self._quick_stop(req)
-            if quick and tok not in quick[0] and len(out) < quick[1]:
-                pass  # goes on: no stop token, under its length, nothing else can stop it
+            going_on = quick and tok not in quick[0] and len(out) < quick[1]  # nothing else can stop it
+            det = req.detokenizer
+            if det is None:
+                delta = ""
+            elif going_on and background is not None and req.output_kind == "final_only":
+                deferred.append((req, len(out)))  # its text is read when it finishes
+                continue
+            elif background is not None:
+                delta = background.advance(req, len(out))
+            else:
+                delta = det.add_token(tok)
+                req.detok_pos = len(out)
+                if delta:
+                    req.text_pieces.append(delta)
+                    req.text_len += len(delta)
+            if going_on:
+                pass
             elif check_stop(req, len(delta), self.eos_token_ids, self.max_model_len,
                             req.matcher is not None and advance(req.matcher, tok)):
                 outs.append(self._finish(req, delta, now))
                 continue
             if req.output_kind != "final_only":
                 outs.append(self.make_output(req))
+        if not deferred:
+            pass
+        elif len(deferred) >= background.min_rows:
+            background.submit(deferred)
+        else:  # a few rows: their detokenizer steps cost less than waking the worker
+            for req, n in deferred:
+                background.advance(req, n)
         return outs
 
     def _quick_stop(self, req: Request) -> tuple[frozenset[int], int] | tuple[()]:
@@ -417,6 +452,8 @@ class LLMEngine:
     def make_output(self, req: Request) -> RequestOutput:
         """The request's output as its kind asks: cumulative (everything so far), or a delta (what is
         new since its previous output: O(new), the form outputs travel in between ranks)."""
+        if self.background_detokenizer is not None and req.detok_pos < len(req.output_token_ids):
+            self.background_detokenizer.advance(req, len(req.output_token_ids))  # the text is read now
         if req.output_kind == "delta":
             return self._delta_output(req)
         comp = CompletionOutput(

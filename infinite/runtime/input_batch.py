@@ -126,8 +126,13 @@ class InputBatch:
             row = self.row_of.get(rid)
             if row is not None:
                 self._resync(row)
+        row_of, rows = self.row_of, self.requests
         for req in scheduled:
-            if req.request_id not in self.row_of:
+            row = row_of.get(req.request_id)
+            if row is None:
+                self._add(req)
+            elif rows[row] is not req:  # an id used again by a new request once the old one finished
+                self._remove(row)
                 self._add(req)
 
     def _add(self, req: Request) -> None:

@@ -58,6 +58,7 @@ class Request:
     # The output text as the pieces it was detokenized in: appending is O(1), joined when read.
     text_pieces: list[str] = field(default_factory=list)
     text_len: int = 0
+    detok_pos: int = 0  # output tokens the detokenizer was fed (behind during a step: runtime/detokenize.py)
     # Prefix cache: names of the full blocks of the tokens (infinite.kv.prefix), made as needed;
     # prompt tokens whose KV came from the cache at the first admission (usage.cached_tokens);
     # and where the gManager saw a longer cached prefix: (holder rank, blocks), a hint only.

@@ -13,6 +13,7 @@ cache) starts with those tokens computed: its prefill skips them.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -85,19 +86,22 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         out = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        running, grow = self.running, self.allocator.grow  # this loop runs for every request every step
+        reqs, counts = out.requests, out.num_new_tokens
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.allocator.grow(req, req.num_computed_tokens + n):
-                victim = self.running[-1]
+        while i < len(running) and budget > 0:
+            req = running[i]
+            done = req.num_computed_tokens
+            n = min(len(req.prompt_token_ids) + len(req.output_token_ids) - done, budget)
+            while not grow(req, done + n):
+                victim = running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     break
             else:
-                out.requests.append(req)
-                out.num_new_tokens.append(n)
+                reqs.append(req)
+                counts.append(n)
                 budget -= n
                 i += 1
                 continue
@@ -116,8 +120,9 @@ class Scheduler:
             cached = self.allocator.start(req, hit)
             if cached is None:
                 break
-            if req.metrics.first_scheduled_time is None:
+            if req.metrics.first_scheduled_time is None:  # its first admission (not after a preemption)
                 req.num_cached_tokens = cached
+                req.metrics.first_scheduled_time = time.time()
             req.num_computed_tokens = cached
             self.prefix_queries += req.num_tokens
             self.prefix_hits += cached
