@@ -434,3 +434,21 @@ def test_group_candidates_follow_the_heartbeats():
     assert not by[2].may_lend and by[2].may_borrow and by[3].may_lend and not by[3].may_borrow
     c = prefill_cost(CostModel(per_request_s=2e-3, per_context_token_s=5e-7))
     assert (c.prefill_token_s, c.prefill_pair_s) == (2e-3, 5e-7)
+
+
+def test_metrics_show_prefill_groups_and_their_ttft_split_per_instance():
+    from infinite.server.metrics import ServerMetrics
+
+    class Engine:
+        def stats(self):
+            return [{"rank": 0, "prefill_groups": 2, "group_recomputes": 1, "group_compute_ms": 1500.0,
+                     "group_wait_ms": 250.0},
+                    {"rank": 1, "prefill_groups": 0, "group_recomputes": 0, "group_compute_ms": 900.0,
+                     "group_wait_ms": 0.0}]
+
+    text = ServerMetrics(lambda: Engine(), lambda: "m").render().decode()
+    assert 'infinite:prefill_groups_total{instance="0"} 2.0' in text
+    assert 'infinite:prefill_group_recomputes_total{instance="0"} 1.0' in text
+    assert 'infinite:prefill_group_compute_seconds_total{instance="0"} 1.5' in text
+    assert 'infinite:prefill_group_wait_seconds_total{instance="0"} 0.25' in text
+    assert 'infinite:prefill_group_compute_seconds_total{instance="1"} 0.9' in text
