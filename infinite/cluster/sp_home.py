@@ -95,9 +95,11 @@ class GroupPrefills:
         if any(r in lost for r in layout.members) or self.guests.members or self.engine.tp is not None:
             return False  # (a tensor-parallel instance's rounds would need its group's collectives)
         reserved: dict[int, list[int]] = {}
+        asked: list[int] = []
         try:
             for j, r in enumerate(layout.members[1:], start=1):
                 need = layout.segment_blocks(j)
+                asked.append(r)
                 got = self.transport.reserve(r, M.Reserve(self.rank, rid, need), timeout=self.timeout_s).wait().blocks
                 reserved[r] = got
                 if len(got) < need:
@@ -112,6 +114,9 @@ class GroupPrefills:
         except Exception as e:  # noqa: BLE001 - a member refused or is gone: the home prefills alone
             log.info("rank %d: no prefill group for %s: %s", self.rank, rid, e)
             self._give_back(rid, reserved)
+            for r in set(asked) - set(reserved) - self.lost():  # its answer was lost: whatever it lent goes back
+                self.transport.release(r, M.Release(self.rank, rid, None), timeout=self.timeout_s) \
+                    .add_done_callback(_quiet)
             self.fallbacks += 1
             return False
         own = [ref.block for ref in self.rm.table(rid) if ref.instance == self.rank]
@@ -150,8 +155,8 @@ class GroupPrefills:
     def poll(self) -> None:
         """Hand finished groups' requests to the scheduler; recompute failed ones alone."""
         lost = self.lost()
-        for key in [k for k in list(self.guests.members) if k[0] in lost]:
-            self.guests.close(key)  # a member's part of a group whose home is gone
+        for home in lost:
+            self.guests.forget_home(home)  # a member's part of a group whose home is gone
         for rid, g in list(self.active.items()):
             gone = [r for r in g.members if r in lost]
             error = f"member(s) {gone} lost" if gone else None

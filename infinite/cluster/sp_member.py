@@ -38,7 +38,7 @@ from infinite.attention import aggregate, micro_attention
 from infinite.cluster import messages as M
 from infinite.cluster.sp_chunk import MemberBlocks, RoundChunk, layout_from_message, rows_meta
 from infinite.cluster.sp_policy import PASS_KV, PASS_Q, ExchangeShape, choose_exchange
-from infinite.cluster.transport import Future, Transport, failed_reply
+from infinite.cluster.transport import Future, Transport, failed_reply, settle
 from infinite.kv.cache import KVCache
 from infinite.model.ops import KVWrite
 from infinite.runtime.model_runner import StepInputs, forward
@@ -109,10 +109,9 @@ class GroupMember:
             self.error = err
             pending, self._pending = self._pending, []
         for _, _, reply, _ in pending:
-            if not reply.done():
-                reply.set_result(failed_reply(RuntimeError(f"prefill group member failed: {err}")))
-        if self.done is not None and not self.done.done():
-            self.done.set_result(failed_reply(err))
+            settle(reply, failed_reply(RuntimeError(f"prefill group member failed: {err}")))
+        if self.done is not None:
+            settle(self.done, failed_reply(err))
 
 
 class GroupGuests:
@@ -175,7 +174,7 @@ class GroupGuests:
             raise RuntimeError(f"rank {self.rank} is in no prefill group of {key[1]} (home {key[0]})")
         return m
 
-    def ask(self, msg: M.GroupAsk, t: M.AttentionTensors) -> Future:
+    def ask(self, msg: M.GroupAsk, t: M.AttentionTensors | None) -> Future:
         """Another member's queries over this member's earlier positions, answered once written."""
         m = self._member((msg.home, msg.request_id))
         max_pos = msg.q_starts[-1] + msg.q_lens[-1] - 1
@@ -197,8 +196,7 @@ class GroupGuests:
                     result = (M.AttentionResult(), M.AttentionResultTensors(out, lse))
             except BaseException as e:  # noqa: BLE001 - travels back to the asker
                 result = failed_reply(e)
-            if not reply.done():
-                reply.set_result(result)
+            settle(reply, result)  # (unless the group failed meanwhile and answered it)
 
         if m.when_written(msg.layer, need, reply, lambda: self._serve.submit(run)):
             self._serve.submit(run)
@@ -226,8 +224,8 @@ class GroupGuests:
                 m.compute_s += (time.perf_counter() - t0) - (m.wait_s - w0)
                 self.compute_s += (time.perf_counter() - t0) - (m.wait_s - w0)
                 self.wait_s += m.wait_s - w0
-            if m.finished and not m.done.done():
-                m.done.set_result((M.GroupDone(self.rank, m.positions, m.logprobs, m.compute_s, m.wait_s), None))
+            if m.finished:
+                settle(m.done, (M.GroupDone(self.rank, m.positions, m.logprobs, m.compute_s, m.wait_s), None))
 
     @torch.inference_mode()
     def _round(self, m: GroupMember) -> None:
