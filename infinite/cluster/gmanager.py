@@ -48,7 +48,7 @@ from infinite.cluster.planner import Planner
 from infinite.cluster.policy import LendingPolicy, Peer
 from infinite.cluster.prefix_routing import PrefixIndex, PrefixRouting, Routed, choose_home
 from infinite.cluster.sp_policy import ExchangeShape, GroupPlan, GroupPolicy, choose_group
-from infinite.cluster.sp_route import group_candidates, prefill_cost
+from infinite.cluster.sp_route import group_candidates
 from infinite.cluster.transport import PeerError, Transport, wait_all
 
 log = logging.getLogger(__name__)
@@ -287,8 +287,8 @@ class GManager:
             in_group = {r for ms in self.grouped.values() for r in ms}
             cands = group_candidates(self.instances, self.serving, self._lendable, in_group)
             busy = sum(1 for c in cands if c.batch_size or not c.idle) / max(1, len(cands))
-            plan = choose_group(prompt_tokens, cands, prefill_cost(self.cost), policy, shape, step_budget,
-                                self.block_size, busy_share=busy)
+            plan = choose_group(prompt_tokens, cands, self.cost, policy, shape, step_budget, self.block_size,
+                                busy_share=busy)
             if plan is not None:
                 self.grouped[request_id] = plan.members
         return plan
