@@ -224,15 +224,34 @@ async def test_a_member_that_dies_mid_prefill_costs_a_recompute_at_home_not_a_ha
 
 
 async def test_the_gmanager_groups_a_long_prompt_by_the_policy_and_stats_show_it(ckpt):
-    """With the knobs letting any gain through, a long prompt on an idle cluster is grouped by the
-    gManager (sp_policy.choose_group on the heartbeats' view); a short one, or any with groups off,
-    is not. stats() show the group, its members and the TTFT split."""
+    """The gManager groups a long prompt on an idle cluster when its cost model says the group ends
+    sooner (sp_policy.choose_group on the heartbeats' view), and not when one instance is as fast,
+    nor a short prompt, nor with groups off. stats() show the group, its members and the TTFT split.
+    The cost models are set here, so that the choice does not depend on this machine's probe."""
+    from dataclasses import replace
+
+    from infinite.cluster.cost_model import CostModel
+
     prompt = prompt_of(400, seed=17)
     want = alone(ckpt, prompt, params())
-    knobs = dict(group_min_prompt_tokens=256, group_min_speedup=1.0, group_min_efficiency=0.0,
+    knobs = dict(group_min_prompt_tokens=256, group_min_speedup=1.2, group_min_efficiency=0.0,
                  max_num_batched_tokens=128)
+    costly = CostModel(base_s=1e-4, per_request_s=1e-5, per_context_token_s=1e-8, remote_latency_s=1e-5,
+                       num_layers=3, prefill_token_s=1e-3, prefill_pair_s=1e-9)  # a prompt token: 10 steps' time
     async with InProcessCluster(config(ckpt, 40, **knobs), 3) as cl:
         await asyncio.sleep(0.4)  # every instance has beaten once: the view the policy reads
+        gm, front = cl.gmanager, cl.front
+        gm.cost = replace(costly, prefill_token_s=1e-9)  # prefill nearly free: one instance is as fast
+        assert gm.choose_group("probe", len(prompt), front.groups, front.group_shape, 128) is None
+        gm.cost = costly
+        plan = gm.choose_group("probe", len(prompt), front.groups, front.group_shape, 128)
+        assert plan is not None and plan.alone_s >= 1.2 * plan.group_s and gm.grouped == {"probe": plan.members}
+        gm.group_ended("probe")
+        gm.cost = replace(costly, prefill_token_s=1e-9)
+        got = await asyncio.wait_for(run(cl, prompt, params()), 120)
+        assert_same(got, want)
+        assert sum(inst.groups.done for inst in cl.instances) == 0 and not cl.gmanager.grouped
+        cl.gmanager.cost = costly
         got = await asyncio.wait_for(run(cl, prompt, params()), 120)
         assert_same(got, want)
         home = got.extra["rank"]
@@ -243,9 +262,10 @@ async def test_the_gmanager_groups_a_long_prompt_by_the_policy_and_stats_show_it
         assert all(stats[r]["group_compute_ms"] > 0 for r in rec.members)
         assert not cl.gmanager.grouped  # ended with its first output
         short = await asyncio.wait_for(run(cl, prompt_of(100, seed=1), params()), 60)
-        assert sum(cl.instances[r].groups.done for r in range(3)) == 1 and short.outputs[0].token_ids
-    async with InProcessCluster(config(ckpt, 40, prefill_groups=False, **{k: v for k, v in knobs.items()}), 3) as cl:
+        assert sum(inst.groups.done for inst in cl.instances) == 1 and short.outputs[0].token_ids
+    async with InProcessCluster(config(ckpt, 40, prefill_groups=False, **knobs), 3) as cl:
         await asyncio.sleep(0.4)
+        cl.gmanager.cost = costly
         got = await asyncio.wait_for(run(cl, prompt, params()), 120)
         assert_same(got, want)
         assert all(not inst.groups.records for inst in cl.instances)
