@@ -69,6 +69,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV of cached prompt prefixes, on an instance and across the cluster (default on)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn the prefix cache off: every prompt is computed whole")
+    p.add_argument("--prefill-groups", dest="prefill_groups", action="store_true", default=_DEFAULTS.prefill_groups,
+                   help="let a group of instances prefill a long prompt together when the cost model says it "
+                        "ends sooner (default on)")
+    p.add_argument("--no-prefill-groups", dest="prefill_groups", action="store_false",
+                   help="every prompt is prefilled by its home alone")
+    p.add_argument("--group-min-prompt-tokens", type=int, default=_DEFAULTS.group_min_prompt_tokens,
+                   help=f"shortest prompt a group may prefill (default {_DEFAULTS.group_min_prompt_tokens})")
+    p.add_argument("--group-min-speedup", type=float, default=_DEFAULTS.group_min_speedup,
+                   help="a group only when it ends this many times sooner than the home alone "
+                        f"(default {_DEFAULTS.group_min_speedup})")
+    p.add_argument("--group-min-efficiency", type=float, default=_DEFAULTS.group_min_efficiency,
+                   help="in a busy cluster, the home alone's time over the members' time must be at least this "
+                        f"(default {_DEFAULTS.group_min_efficiency})")
     p.add_argument("--gpu-memory-utilization", type=float, default=_DEFAULTS.gpu_memory_utilization,
                    help="share of the GPU's memory the instance may use: weights, activations, graphs "
                         f"and the KV pool, which gets what is left (default {_DEFAULTS.gpu_memory_utilization})")
@@ -109,6 +122,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         eager_lending=args.eager_lending,
         enforce_eager=args.enforce_eager,
         enable_prefix_caching=args.enable_prefix_caching,
+        prefill_groups=args.prefill_groups,
+        group_min_prompt_tokens=args.group_min_prompt_tokens,
+        group_min_speedup=args.group_min_speedup,
+        group_min_efficiency=args.group_min_efficiency,
         gpu_memory_utilization=args.gpu_memory_utilization,
     )
 

@@ -118,7 +118,7 @@ def build_tokenizer():
     return tk
 
 
-def model_config(vocab_size: int, bos_id: int, eos_id: int) -> dict[str, Any]:
+def model_config(vocab_size: int, bos_id: int, eos_id: int, arch: dict[str, Any] = ARCH) -> dict[str, Any]:
     """config.json as transformers' LlamaConfig writes it."""
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -127,33 +127,33 @@ def model_config(vocab_size: int, bos_id: int, eos_id: int) -> dict[str, Any]:
         "bos_token_id": bos_id,
         "dtype": "float32",
         "eos_token_id": eos_id,
-        "head_dim": ARCH["head_dim"],
+        "head_dim": arch["head_dim"],
         "hidden_act": "silu",
-        "hidden_size": ARCH["hidden_size"],
+        "hidden_size": arch["hidden_size"],
         "initializer_range": 0.02,
-        "intermediate_size": ARCH["intermediate_size"],
-        "max_position_embeddings": ARCH["max_position_embeddings"],
+        "intermediate_size": arch["intermediate_size"],
+        "max_position_embeddings": arch["max_position_embeddings"],
         "mlp_bias": False,
         "model_type": "llama",
-        "num_attention_heads": ARCH["num_attention_heads"],
-        "num_hidden_layers": ARCH["num_hidden_layers"],
-        "num_key_value_heads": ARCH["num_key_value_heads"],
+        "num_attention_heads": arch["num_attention_heads"],
+        "num_hidden_layers": arch["num_hidden_layers"],
+        "num_key_value_heads": arch["num_key_value_heads"],
         "pad_token_id": None,
         "pretraining_tp": 1,
         "rms_norm_eps": 1e-05,
-        "rope_parameters": {"rope_theta": ARCH["rope_theta"], "rope_type": "default"},
+        "rope_parameters": {"rope_theta": arch["rope_theta"], "rope_type": "default"},
         "tie_word_embeddings": False,
         "use_cache": True,
         "vocab_size": vocab_size,
     }
 
 
-def random_weights(vocab_size: int) -> dict[str, torch.Tensor]:
+def random_weights(vocab_size: int, arch: dict[str, Any] = ARCH) -> dict[str, torch.Tensor]:
     """HF-named float32 tensors: normal(0, 0.02) from one seeded generator, norms at 1."""
-    H, I = ARCH["hidden_size"], ARCH["intermediate_size"]
-    d, nh, nkv = ARCH["head_dim"], ARCH["num_attention_heads"], ARCH["num_key_value_heads"]
+    H, I = arch["hidden_size"], arch["intermediate_size"]
+    d, nh, nkv = arch["head_dim"], arch["num_attention_heads"], arch["num_key_value_heads"]
     shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab_size, H))]
-    for i in range(ARCH["num_hidden_layers"]):
+    for i in range(arch["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shapes += [
             (p + "self_attn.q_proj.weight", (nh * d, H)),
@@ -167,7 +167,7 @@ def random_weights(vocab_size: int) -> dict[str, torch.Tensor]:
     shapes.append(("lm_head.weight", (vocab_size, H)))
     gen = torch.Generator().manual_seed(SEED)
     out = {name: torch.empty(shape).normal_(0.0, 0.02, generator=gen) for name, shape in shapes}
-    for i in range(ARCH["num_hidden_layers"]):
+    for i in range(arch["num_hidden_layers"]):
         out[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(H)
         out[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(H)
     out["model.norm.weight"] = torch.ones(H)
@@ -198,9 +198,14 @@ def write_tokenizer_files(out: str | Path) -> int:
     return tk.get_vocab_size(with_added_tokens=True)
 
 
-def write_tiny_checkpoint(out: str | Path, max_position_embeddings: int | None = None) -> Path:
+def write_tiny_checkpoint(out: str | Path, max_position_embeddings: int | None = None, **shape: int) -> Path:
     """Write the whole default checkpoint into ``out`` (created if needed). ``max_position_embeddings``:
-    the same model with a longer (or shorter) context limit, for long-context tests and benches."""
+    the same model with a longer (or shorter) context limit, for long-context tests and benches;
+    ``shape``: other ``ARCH`` values (wider layers: a model whose prefill is compute-bound)."""
+    unknown = set(shape) - set(ARCH)
+    if unknown:
+        raise ValueError(f"unknown shape keys {sorted(unknown)}; known: {sorted(ARCH)}")
+    arch = {**ARCH, **shape}
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -209,12 +214,12 @@ def write_tiny_checkpoint(out: str | Path, max_position_embeddings: int | None =
 
     tk = Tokenizer.from_file(str(out / "tokenizer.json"))
     bos_id, eos_id = tk.token_to_id(BOS), tk.token_to_id(EOS)
-    config = model_config(vocab, bos_id, eos_id)
+    config = model_config(vocab, bos_id, eos_id, arch)
     if max_position_embeddings is not None:
         config["max_position_embeddings"] = max_position_embeddings
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
-    save_file(random_weights(vocab), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(random_weights(vocab, arch), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 

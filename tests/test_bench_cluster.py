@@ -146,3 +146,27 @@ def test_cluster_bench_main_tiny(tmp_path, capsys):
     for k in ("warm", "cold"):
         assert set(hp[k]) == {"64", "1024"} and all(v > 0 for v in hp[k].values())
         assert hp["ratios"][k] == pytest.approx(hp[k]["1024"] / hp[k]["64"])
+
+
+def test_cluster_bench_sp_prefill_tiny(tmp_path, capsys):
+    """The sp-prefill part, small: every group size and both modes of the mixed trace run, the first
+    token is the same whatever the group, and the trace's long prompts ran on groups only there."""
+    out = tmp_path / "sp.json"
+    rc = cluster.main(["--part", "sp-prefill", "--sp-prompt", "600", "--sp-ranks", "1,2", "--sp-hidden", "128",
+                       "--sp-intermediate", "256", "--sp-budget", "128", "--sp-mixed-long", "2",
+                       "--sp-mixed-short", "6", "--sp-mixed-long-prompt", "400", "--sp-mixed-rate", "30", "--sp-repeats", "2",
+                       "--timeout", "60", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "sp-prefill: TTFT of one 600-token prompt" in printed and "sp-prefill mixed" in printed
+    r = json.loads(out.read_text())["sp_prefill"]
+    assert r["same_token"] and set(r["single"]) == {"1", "2"}
+    one, two = r["single"]["1"], r["single"]["2"]
+    assert one["group"] is None and two["group"]["members"] == [0, 1] and two["group"]["outcome"] == "done"
+    assert two["ratio_to_one"] == pytest.approx(two["ttft_s"] / one["ttft_s"]) and two["target"] == 0.6
+    assert len(two["ttft_runs_s"]) == 2 and two["ttft_s"] == min(two["ttft_runs_s"]) and two["parallel_capacity"] > 0
+    assert len(one["cpu_s"]) == 1 and len(two["cpu_s"]) == 2 and min(two["cpu_s"]) > 0
+    assert two["cpu_ratio_to_one"] == pytest.approx(max(two["cpu_s"]) / one["cpu_s"][0])
+    m = r["mixed"]
+    assert m["alone"]["groups_done"] == 0 and m["groups"]["groups_done"] >= 1
+    assert m["alone"]["served"] == m["groups"]["served"] == 8

@@ -115,15 +115,18 @@ def test_the_cost_probe_times_with_the_device_timer():
     from infinite.tiny import default_model_dir
 
     model = load_model(default_model_dir(), dtype=torch.float32, device="cpu")
-    # warm-up runs are not timed; 5 timed runs each: batch 1, batch 16, one MicroAttention
-    script = ScriptedDevice([0.002] * 5 + [0.002] * 5 + [0.004] * 5)
+    # warm-up runs are not timed; 5 timed runs each: batch 1, batch 16, one MicroAttention, a prompt
+    # chunk of 4 blocks (64 tokens), its causal MicroAttention
+    script = ScriptedDevice([0.002] * 5 + [0.002] * 5 + [0.004] * 5 + [0.065] * 5 + [0.013] * 5)
     cost = measure_cost(model, 16, torch.float32, torch.device("cpu"), batch=16, context_blocks=8,
-                        timer=script.timer())
-    assert script.calls == 15 and script.dev.syncs == 15  # every timed run waited for
+                        timer=script.timer(), chunk_blocks=4)
+    assert script.calls == 25 and script.dev.syncs == 25  # every timed run waited for
     assert cost.per_request_s == pytest.approx(0.0, abs=1e-9)  # the device took as long at batch 16 as at 1
     assert cost.base_s == pytest.approx(0.002, rel=1e-6)
     layers = model.config.num_layers
     assert cost.per_context_token_s == pytest.approx(layers * 0.004 / (8 * 16), rel=1e-6)
+    assert cost.prefill_token_s == pytest.approx((0.065 - 0.002) / 63, rel=1e-6)  # a prompt token past the first
+    assert cost.prefill_pair_s == pytest.approx(layers * 0.013 / (64 * 65 / 2), rel=1e-6)
 
 
 def test_the_creditor_counts_the_device_time_of_a_served_call():

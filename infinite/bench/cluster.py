@@ -107,8 +107,19 @@ def _modes(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infinite.bench cluster", description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("roundtrip", "split", "mixed", "context", "all"), default="all",
-                   help="which benchmark (default all)")
+    p.add_argument("--part", choices=("roundtrip", "split", "mixed", "context", "sp-prefill", "all"), default="all",
+                   help="which benchmark (default all: every part but sp-prefill, which runs on its own)")
+    f = p.add_argument_group("(f) sp-prefill: a long prompt prefilled by a group of 1, 2, 3 ranks; a mixed trace")
+    f.add_argument("--sp-prompt", type=_positive_int, default=16384, help="prompt tokens of the single prompt")
+    f.add_argument("--sp-ranks", type=_positive_ints, default=[1, 2, 3], help="group sizes, side by side")
+    f.add_argument("--sp-hidden", type=_positive_int, default=1024, help="hidden size of the wide test model")
+    f.add_argument("--sp-intermediate", type=_positive_int, default=4096, help="its FFN size")
+    f.add_argument("--sp-budget", type=_positive_int, default=2048, help="step budget (max_num_batched_tokens)")
+    f.add_argument("--sp-repeats", type=_positive_int, default=2, help="runs per group size, interleaved; fastest")
+    f.add_argument("--sp-mixed-long", type=int, default=2, help="long prompts of the mixed trace (0: no trace)")
+    f.add_argument("--sp-mixed-short", type=_positive_int, default=40, help="its short requests")
+    f.add_argument("--sp-mixed-long-prompt", type=_positive_int, default=8192, help="its long prompts' tokens")
+    f.add_argument("--sp-mixed-rate", type=_positive_float, default=4.0, help="its arrivals per second")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny Llama)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
     p.add_argument("--out", default="bench-results/cluster.json", help="JSON result path ('' to skip)")
@@ -430,6 +441,14 @@ def main(argv: Sequence[str]) -> int:
         payload["context"] = run_context(args.contexts, args.context_steps, args.context_repeats,
                                          args.context_warmup, args.context_cold_mb, args.timeout, args.seed)
         print_context(payload["context"])
+    if args.part == "sp-prefill":
+        from infinite.bench.cluster_sp import print_sp_prefill, run_sp_prefill
+
+        payload["sp_prefill"] = run_sp_prefill(args.sp_prompt, args.sp_ranks, args.sp_hidden, args.sp_intermediate,
+                                               args.sp_budget, args.sp_mixed_long, args.sp_mixed_short,
+                                               args.sp_mixed_long_prompt, args.sp_mixed_rate, args.timeout, args.seed,
+                                               args.sp_repeats)
+        print_sp_prefill(payload["sp_prefill"])
     if args.out:
         path = write_json(args.out, payload)
         print(f"wrote {path}", flush=True)

@@ -14,7 +14,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,8 +268,12 @@ class _Collector(threading.Thread):
                     self.expected.discard(out.request_id)
 
 
-def serve_workload(engines: Sequence, route: str, work: Sequence[WorkItem], timeout: float) -> list[Record]:
+def serve_workload(engines: Sequence, route: str, work: Sequence[WorkItem], timeout: float,
+                   prepare: Callable[[WorkItem, Any], None] | None = None) -> list[Record]:
     """Submit each item at its arrival time and collect the outputs.
+
+    ``prepare(item, request)``: placement of a request on purpose before it is submitted (a home, a
+    prefill group).
 
     ``route``: "rr" sends request i to engines[i % N] (a static deployment's load balancer);
     "cluster" sends everything to engines[0], whose gManager picks the home. A request that
@@ -287,6 +291,8 @@ def serve_workload(engines: Sequence, route: str, work: Sequence[WorkItem], time
             records[w.request_id].rejected = True
             records[w.request_id].error = str(err)
             continue
+        if prepare is not None:
+            prepare(w, req)
         made.append((w, idx, req))
     collectors = [_Collector(e, records, i if route == "rr" else 0) for i, e in enumerate(engines)]
     for c in collectors:

@@ -14,6 +14,7 @@ from multiprocessing.connection import Client, Connection
 
 from infinite.cluster import messages as M
 from infinite.cluster.frontdoor import ClusterEngine
+from infinite.cluster.sp_chunk import layout_from_message
 from infinite.errors import RequestError
 from infinite.runtime.request import Request
 
@@ -82,6 +83,7 @@ class DriverBridge:
                 req = self.pending.pop(msg.request_id)
                 req.output_kind = "final_only"  # the offline LLM reads finished outputs only
                 req.data_parallel_rank = None if msg.data_parallel_rank < 0 else msg.data_parallel_rank
+                req.prefill_layout = None if msg.group is None else layout_from_message(msg.group)
                 self.tasks[req.request_id] = asyncio.ensure_future(self._drive(req))
             case M.DriverAbort():
                 t = self.tasks.pop(msg.request_id, None)

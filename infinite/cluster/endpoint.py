@@ -53,6 +53,16 @@ class RankEndpoint:
                 return ACK
             case M.ReadBlocks():
                 return M.Ack(), inst.creditor.read_blocks(msg)
+            case M.GroupAsk():
+                return inst.guests.ask(msg, tensors)
+            case M.GroupStart():
+                inst.guests.start(msg)
+                return ACK
+            case M.GroupRun():
+                return inst.guests.run(msg)
+            case M.GroupClose():
+                inst.guests.close((msg.home, msg.request_id))
+                return ACK
             case M.AddRequest() | M.AbortRequest() | M.MoveKV():
                 inst.enqueue(msg)
                 return ACK

@@ -27,6 +27,9 @@ from infinite.cluster.gmanager import GManager
 from infinite.cluster.instance import Instance
 from infinite.cluster.membership import PING_S
 from infinite.cluster.prefix_routing import Routed
+from infinite.cluster.sp_chunk import check_group, layout_message
+from infinite.cluster.sp_policy import ExchangeShape
+from infinite.cluster.sp_route import group_policy
 from infinite.cluster.supervisor import Supervisor
 from infinite.cluster.tp_commands import measure_group_cost
 from infinite.cluster.transport import PeerError, Transport, to_asyncio
@@ -52,6 +55,9 @@ class ClusterEngine(EngineFacts):
         prior = measure_group_cost(e) if instance.policy.enabled else None
         self.gmanager = GManager(transport, e.block_size, e.model_config.num_layers, instance.policy,
                                  instance.config.placement_interval_s, prior=prior)
+        self.groups = group_policy(instance.config)
+        c = e.model_config
+        self.group_shape = ExchangeShape.of(c.num_heads, c.num_kv_heads, c.head_dim, e.kv.k.element_size())
         self.supervisor = Supervisor(transport, self.gmanager, range(self.world_size), instance.apply_view,
                                      self._on_rank_gone)
         self._queues: dict[str, asyncio.Queue] = {}
@@ -83,7 +89,7 @@ class ClusterEngine(EngineFacts):
         for r in self.supervisor.members():
             s = self.instance.stats() if r == self.instance.rank else self.gmanager.instances.get(r)
             if s is not None:
-                out.append(msgspec.structs.asdict(s))
+                out.append(stats_dict(s))
         return out
 
     async def fresh_stats(self) -> list[dict]:
@@ -93,7 +99,7 @@ class ClusterEngine(EngineFacts):
         ranks = self.supervisor.members()
         res = await asyncio.gather(*(to_asyncio(self.transport.stats(r, timeout=PING_S * 5), loop) for r in ranks),
                                    return_exceptions=True)
-        return [msgspec.structs.asdict(s) for s in res if not isinstance(s, BaseException)]
+        return [stats_dict(s) for s in res if not isinstance(s, BaseException)]
 
     def health(self) -> dict:
         return self.supervisor.health()
@@ -131,6 +137,19 @@ class ClusterEngine(EngineFacts):
         finished = False
         try:
             pin = req.data_parallel_rank
+            lay = req.prefill_layout
+            if lay is not None:
+                try:
+                    check_group(lay, req.num_prompt_tokens, self.core.block_size, self.supervisor.view().serving)
+                except ValueError as e:
+                    raise RequestError(str(e), "invalid") from e
+                pin = lay.members[0]
+            elif pin is None and self.groups.enabled and req.num_prompt_tokens >= self.groups.min_prompt_tokens:
+                plan = self.gmanager.choose_group(rid, req.num_prompt_tokens, self.groups, self.group_shape,
+                                                  self.instance.config.max_num_batched_tokens)
+                if plan is not None:
+                    req.prefill_layout = plan.layout
+                    pin = plan.home
             if pin is not None and pin not in self.supervisor.view().serving:
                 raise RequestError(f"data_parallel_rank {pin} is not a serving instance "
                                    f"(serving: {sorted(self.supervisor.view().serving)})", "invalid")
@@ -143,6 +162,8 @@ class ClusterEngine(EngineFacts):
                     finished = True
                     raise out
                 finished = out.finished
+                if req.prefill_layout is not None:  # its prefill is over: the members may join other groups
+                    self.gmanager.group_ended(rid)
                 yield out
                 if finished:
                     return
@@ -150,6 +171,7 @@ class ClusterEngine(EngineFacts):
             self._queues.pop(rid, None)
             self._reqs.pop(rid, None)
             self._sofar.pop(rid, None)
+            self.gmanager.group_ended(rid)
             home = self._homes.pop(rid, None)
             if not finished and home is not None:
                 self.transport.abort(home, rid).add_done_callback(_quiet)
@@ -174,6 +196,9 @@ class ClusterEngine(EngineFacts):
         msg = recovery.resume_message(self._reqs[rid], self._sofar.get(rid))
         if routed is not None and routed.holder >= 0:
             msg = msgspec.structs.replace(msg, prefix_holder=routed.holder, prefix_blocks=routed.holder_blocks)
+        lay = self._reqs[rid].prefill_layout
+        if routed is not None and lay is not None:  # the first send only: a moved request is recomputed alone
+            msg = msgspec.structs.replace(msg, group=layout_message(lay))
         fut = self.transport.add_request(home, msg)
 
         def done(f) -> None:
@@ -294,3 +319,10 @@ def _quiet(fut) -> None:
         fut.value()
     except Exception:  # noqa: BLE001 - a rank that is gone already
         pass
+
+
+def stats_dict(s: M.InstanceStats) -> dict:
+    """An instance's stats as plain data (its prefill groups too)."""
+    d = msgspec.structs.asdict(s)
+    d["groups"] = [msgspec.structs.asdict(g) for g in s.groups]
+    return d

@@ -47,6 +47,8 @@ from infinite.cluster.placement import ClusterSnapshot, InstanceState, Move, Pla
 from infinite.cluster.planner import Planner
 from infinite.cluster.policy import LendingPolicy, Peer
 from infinite.cluster.prefix_routing import PrefixIndex, PrefixRouting, Routed, choose_home
+from infinite.cluster.sp_policy import ExchangeShape, GroupPlan, GroupPolicy, choose_group
+from infinite.cluster.sp_route import group_candidates
 from infinite.cluster.transport import PeerError, Transport, wait_all
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ class GManager:
         # gone ranks are out of routing, borrowing and placement).
         self.serving: frozenset[int] = frozenset(range(self.world_size))
         self.on_unreachable = None  # callable(rank, error): a call to a rank failed (the supervisor checks it)
+        self.grouped: dict[str, tuple[int, ...]] = {}  # prefill groups routed and not yet ended: request -> members
 
     @property
     def calibrated(self) -> bool:
@@ -274,6 +277,27 @@ class GManager:
             self._remote.pop(rank, None)
             for rs in [rs for rs in self.requests.values() if rank in rs.blocks]:
                 self._place(replace(rs, blocks={k: n for k, n in rs.blocks.items() if k != rank}))
+
+    # ---- prefill groups --------------------------------------------------------------------------
+    def choose_group(self, request_id: str, prompt_tokens: int, policy: GroupPolicy, shape: ExchangeShape,
+                     step_budget: int) -> GroupPlan | None:
+        """The prefill group of a new request (``sp_policy.choose_group`` on the heartbeats' view and
+        the runtime's cost model), remembered until ``group_ended``; None: its home alone."""
+        with self.lock:
+            in_group = {r for ms in self.grouped.values() for r in ms}
+            cands = group_candidates(self.instances, self.serving, self._lendable, in_group)
+            busy = sum(1 for c in cands if c.batch_size or not c.idle) / max(1, len(cands))
+            plan = choose_group(prompt_tokens, cands, self.cost, policy, shape, step_budget, self.block_size,
+                                busy_share=busy)
+            if plan is not None:
+                self.grouped[request_id] = plan.members
+        return plan
+
+    def group_ended(self, request_id: str) -> None:
+        """The request's group prefill is over (its first output came, or it ended): the members
+        may join other groups."""
+        with self.lock:
+            self.grouped.pop(request_id, None)
 
     # ---- routing and on-demand borrowing ------------------------------------------------------
     def snapshot(self, with_requests: bool = True) -> ClusterSnapshot:

@@ -30,6 +30,8 @@ from infinite.cluster.instance_view import InstanceView
 from infinite.cluster.membership import PING_S, short_error
 from infinite.cluster.migration import Migrator
 from infinite.cluster.policy import LendingPolicy
+from infinite.cluster.sp_home import GroupPrefills
+from infinite.cluster.sp_member import GroupGuests
 from infinite.cluster.step_runner import StepRunner
 from infinite.cluster.tp_commands import run_remote
 from infinite.cluster.transport import PeerError, Transport, is_stale, to_asyncio
@@ -72,6 +74,13 @@ class Instance:
         self.creditor = Creditor(self.rm, self.engine.kv, self.engine.scale, self.policy, self.counters,
                                  self.own_demand)
         self.runner = StepRunner(self.engine, transport, self.counters, timeout_s)
+        # prefill groups: this instance's part in one (as a member, its own requests' included), and
+        # its own requests prefilled by one (docs/distributed.md "Prefill groups")
+        self.guests = GroupGuests(rank, self.engine.model, self.engine.kv, self.engine.scale, transport, timeout_s,
+                                  tensor_parallel=tp is not None)
+        self.guests.wake = self._wake
+        self.groups = GroupPrefills(rank, self.engine, self.allocator, transport, self.guests, timeout_s,
+                                    lambda: self.allocator.lost)
         self.timeout_s = timeout_s
         self._inbox: deque[Inbox] = deque()
         self._wakeup: asyncio.Event | None = None
@@ -90,6 +99,9 @@ class Instance:
 
     # ---- inbox (filled from transport threads, applied on the compute thread) ---------------
     def enqueue(self, item: Inbox) -> None:
+        if isinstance(item, M.AbortRequest) and item.request_id in self.groups.active:
+            # its group's round may be waiting on this compute thread: end it now, the abort follows
+            self.guests.close((self.rank, item.request_id))
         self._inbox.append(item)
         self._wake()
 
@@ -133,13 +145,15 @@ class Instance:
                     recovery.restore_progress(req, item)
                     if item.prefix_holder >= 0 and item.prefix_holder != self.rank:
                         req.prefix_hint = (item.prefix_holder, item.prefix_blocks)
-                    e.submit(req)
+                    if item.group is None or not self.groups.begin(req, item.group):
+                        e.submit(req)
                 except Exception as err:  # noqa: BLE001 - surfaced to the client as a failed request
                     log.exception("rank %d: cannot add %s", self.rank, item.request_id)
                     self._send(failures=[M.RequestFailure(item.request_id, f"cannot add the request: {err}",
                                                           "invalid")])
             elif isinstance(item, M.AbortRequest):
-                e.abort_request(item.request_id)
+                if not self.groups.abort(item.request_id):
+                    e.abort_request(item.request_id)
             elif isinstance(item, M.MoveKV):
                 self._migrate(item)
 
@@ -188,6 +202,7 @@ class Instance:
     def _begin_step(self):
         """Schedule; a step with no remote blocks runs to the end right here."""
         self._apply_inbox()
+        self.groups.poll()
         self.migrator.apply_done()
         e = self.engine
         t0 = time.perf_counter()
@@ -221,12 +236,14 @@ class Instance:
         self._wakeup = asyncio.Event()
         failures = 0
         while not self.stopping:
-            self.step_timer.start()
             try:
+                if self.guests.ready():  # a round of the prefill group this instance is in, between own steps
+                    await loop.run_in_executor(self.executor, self.guests.run_round)
+                self.step_timer.start()
                 res = await loop.run_in_executor(self.executor, self._begin_step)
                 if res is None:
                     self._wakeup.clear()
-                    if self._inbox:
+                    if self._inbox or self.guests.ready():
                         continue
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), timeout=0.05)
@@ -305,6 +322,7 @@ class Instance:
             except Exception:  # noqa: BLE001 - a rank of the group is gone already
                 log.warning("rank %d: stopping its tensor-parallel group failed", self.rank, exc_info=True)
         self.creditor.close()
+        self.guests.close_all()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- heartbeats -------------------------------------------------------------------------------
@@ -382,6 +400,11 @@ class Instance:
             remote_wait_per_call_ms=1e3 * c.recent_wait_per_call_s,
             remote_calls_per_step=c.mean_calls_per_layer,
             recomputed=self.view.recomputed,
+            prefill_groups=self.groups.done,
+            group_recomputes=self.groups.fallbacks,
+            group_compute_ms=1e3 * self.guests.compute_s,
+            group_wait_ms=1e3 * self.guests.wait_s,
+            groups=[r.stat() for r in list(self.groups.records)],
             **e.prefix_stats(),
             prefix_cache_remote_hits=self.allocator.prefix_loan_tokens,
             prefix_copies=self.allocator.prefix_copies,

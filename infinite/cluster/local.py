@@ -20,6 +20,7 @@ from multiprocessing.connection import Connection, Listener
 from typing import Any
 
 from infinite.cluster import messages as M
+from infinite.cluster.sp_chunk import layout_message
 from infinite.cluster.spawn import check_local, local_rendezvous, spawn_ranks, stop_ranks
 from infinite.errors import RequestError
 from infinite.outputs import RequestOutput
@@ -149,7 +150,9 @@ class LocalCluster:
 
     def submit(self, req: Request) -> str:
         pin = req.data_parallel_rank
-        self._send(M.DriverAdd(req.request_id, -1 if pin is None else pin))
+        lay = req.prefill_layout
+        self._send(M.DriverAdd(req.request_id, -1 if pin is None else pin,
+                               None if lay is None else layout_message(lay)))
         self._unfinished.add(req.request_id)
         return req.request_id
 

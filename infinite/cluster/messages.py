@@ -40,6 +40,17 @@ class Failed(Msg):
 # --------------------------------------------------------------------------- requests (rank 0 -> home)
 
 
+class GroupLayout(Msg):
+    """A prompt's segment layout over a prefill group (``sp_layout.SegmentLayout`` as it travels:
+    each stripe as ``[member, start, end, offset, row, round]``)."""
+
+    prompt_len: int
+    block_size: int
+    members: list[int]  # ranks; members[0] is the home
+    stripe_blocks: list[int]
+    stripes: list[list[int]]
+
+
 class AddRequest(Msg):
     """A request validated by the front door, for its home to run. A request moved off a rank
     that died (or left) carries what it generated so far: its new home recomputes the KV of
@@ -59,6 +70,8 @@ class AddRequest(Msg):
     # that instance and how many blocks deep (a hint: the holder confirms with the block names)
     prefix_holder: int = -1
     prefix_blocks: int = 0
+    # a group prefills the prompt (docs/distributed.md "Prefill groups"): its layout; None: the home alone
+    group: GroupLayout | None = None
 
 
 class AbortRequest(Msg):
@@ -114,6 +127,19 @@ class PlacementEntry(Msg):
     blocks: dict[int, int]
 
 
+class GroupStat(Msg):
+    """One request's prefill group, as its home reports it: the members and its TTFT split (per
+    member, compute and waiting for the other members' parts)."""
+
+    request_id: str
+    members: list[int]
+    prompt_tokens: int
+    prefill_ms: float
+    outcome: str  # running | done | recomputed | aborted
+    compute_ms: dict[int, float] = {}
+    wait_ms: dict[int, float] = {}
+
+
 class InstanceStats(Msg):
     rank: int
     total_blocks: int
@@ -159,6 +185,13 @@ class InstanceStats(Msg):
     table_blocks: int | None = None
     lent_entries: int | None = None
     recomputed: int = 0  # requests recomputed here because a rank holding some of their blocks left
+    # prefill groups: requests this home had prefilled by one, those recomputed alone (a member failed or
+    # refused), its time computing rounds as a member (its own groups' included) and waiting for the others
+    prefill_groups: int = 0
+    group_recomputes: int = 0
+    group_compute_ms: float = 0.0
+    group_wait_ms: float = 0.0
+    groups: list[GroupStat] = []  # the last groups this home ran
     pool_version: int = 0  # the pool's version when free/used/lent were read (BlockPool.version)
 
 
@@ -395,6 +428,7 @@ class DriverMade(Msg):
 class DriverAdd(Msg):
     request_id: str
     data_parallel_rank: int = -1  # the instance to run it on (vLLM's name); -1: the router picks
+    group: GroupLayout | None = None  # the prefill group to run its prompt on (Request.prefill_layout)
 
 
 class DriverAbort(Msg):
@@ -433,6 +467,64 @@ class DriverOutput(Msg):
     output: RequestOutput
 
 
+# --------------------------------------------------------------------------- prefill groups
+
+
+class GroupStart(Msg):
+    """The home tells a member of a request's prefill group what to compute: its blocks (lent to
+    the request, in its segment's order) and the tokens of its stripes. Acknowledged at once, or
+    refused (the member is in another group: one group per instance at a time, docs/distributed.md)."""
+
+    home: int
+    request_id: str
+    layout: GroupLayout
+    blocks: list[int]
+    tokens: list[int]  # the member's segment, in its order
+    prompt_logprobs: int | None = None  # top-k of prompt logprobs to compute over the segment
+
+
+class GroupRun(Msg):
+    """Every member took its ``GroupStart``: compute. The reply, ``GroupDone``, comes once the
+    member's last round is computed."""
+
+    home: int
+    request_id: str
+
+
+class GroupDone(Msg):
+    """A member's segment is computed: its prompt logprobs (``logprobs[i]`` is for prompt token
+    ``positions[i] + 1``) and its time split."""
+
+    member: int
+    positions: list[int]
+    logprobs: list[dict[int, float]]
+    compute_s: float
+    wait_s: float
+
+
+class GroupAsk(Msg):
+    """A member's rows of one layer (one per stripe, at ``q_starts`` of ``q_lens`` positions) and the
+    holder's earlier positions. Pass-Q (``mode`` "q"): the queries go in ``AttentionTensors.q``, the
+    reply is ``AttentionResultTensors`` (out, LSE) over the holder's blocks; pass-KV ("kv"): no
+    tensors go, the reply is ``BlockTensors`` (k, v ``[n, B, nkv, d]``, this layer only) of the
+    holder's blocks the rows can see, in its segment's order."""
+
+    home: int
+    request_id: str
+    layer: int
+    q_starts: list[int]
+    q_lens: list[int]
+    mode: str = "q"
+
+
+class GroupClose(Msg):
+    """The group's prefill ended (handed to the home's scheduler, failed or aborted): members
+    forget it. The blocks stay lent to the request until the home releases them."""
+
+    home: int
+    request_id: str
+
+
 # --------------------------------------------------------------------------- tensors beside messages
 
 
@@ -462,6 +554,7 @@ Message = (
     | Reserved | Release | Released | LendPrefix | PrefixLent | WriteBlocks | ReadBlocks | StepKey | AttentionMeta | AttentionCall | AttentionResult
     | DriverReady | DriverMake | DriverMade | DriverAdd | DriverAbort | DriverQuery | DriverReply | DriverError
     | DriverMove | DriverStop | DriverOutput | ClusterView | Join | Leaving | Left | Drain | Suspect
+    | GroupStat | GroupLayout | GroupStart | GroupRun | GroupDone | GroupAsk | GroupClose
 )
 
 _encoder = msgspec.msgpack.Encoder()

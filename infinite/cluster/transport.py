@@ -176,6 +176,26 @@ class Transport(ABC):
         """One layer of MicroAttention on ``dst``'s blocks -> AttentionResultTensors (on CPU). A
         failure keeps its type (``then`` would wrap it in a RuntimeError), as on the point-to-point
         plane: the step runner tells a creditor's refusal or error from a lost peer by it."""
+        return self._tensors(dst, call, tensors, timeout)
+
+    def group_start(self, dst: int, msg: M.GroupStart, timeout: float | None = None) -> Future:
+        """-> Ack once ``dst`` took its part of a prefill group (a failure if it refused)."""
+        return self._call(dst, msg, None, timeout)
+
+    def group_run(self, dst: int, msg: M.GroupRun, timeout: float | None = None) -> Future:
+        """-> GroupDone, once ``dst`` has computed its segment of the group's prefill."""
+        return self._call(dst, msg, None, timeout)
+
+    def group_ask(self, dst: int, msg: M.GroupAsk, tensors: M.AttentionTensors | None,
+                  timeout: float | None = None) -> Future:
+        """A prefill group's call -> AttentionResultTensors (pass-Q) or BlockTensors (pass-KV),
+        failures keeping their type."""
+        return self._tensors(dst, msg, tensors, timeout)
+
+    def group_close(self, dst: int, msg: M.GroupClose, timeout: float | None = None) -> Future:
+        return self._call(dst, msg, None, timeout)
+
+    def _tensors(self, dst: int, msg: M.Msg, tensors: Tensors, timeout: float | None) -> Future:
         out: Future = torch.futures.Future()
 
         def done(f: Future) -> None:
@@ -186,7 +206,7 @@ class Transport(ABC):
                 return
             out.set_result(value)
 
-        self.request(dst, call, tensors, timeout).add_done_callback(done)
+        self.request(dst, msg, tensors, timeout).add_done_callback(done)
         return out
 
     def write_blocks(self, dst: int, msg: M.WriteBlocks, tensors: M.BlockTensors,

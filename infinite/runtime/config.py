@@ -49,6 +49,14 @@ class EngineConfig:
     # Reuse the KV of cached prompt prefixes, on this instance and across the cluster (vLLM's
     # automatic prefix caching; --no-enable-prefix-caching turns it off).
     enable_prefix_caching: bool = True
+    # Prefill groups (docs/distributed.md): a prompt of at least group_min_prompt_tokens may be
+    # prefilled by several instances at once when the gManager's cost model predicts it ends
+    # group_min_speedup times sooner than its home alone, within group_min_efficiency of the home's
+    # compute in a busy cluster (infinite/cluster/sp_policy.py).
+    prefill_groups: bool = True
+    group_min_prompt_tokens: int = 65536
+    group_min_speedup: float = 1.2
+    group_min_efficiency: float = 0.7
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -80,7 +88,15 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
-        for name in ("max_lend_fraction", "max_remote_fraction"):
+        if not isinstance(self.prefill_groups, bool):
+            raise ValueError(f"prefill_groups must be a bool, got {self.prefill_groups!r}")
+        v = self.group_min_prompt_tokens
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"group_min_prompt_tokens must be a positive integer, got {v!r}")
+        v = self.group_min_speedup
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1.0 <= v < float("inf"):
+            raise ValueError(f"group_min_speedup must be a number >= 1, got {v!r}")
+        for name in ("max_lend_fraction", "max_remote_fraction", "group_min_efficiency"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")

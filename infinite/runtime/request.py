@@ -68,6 +68,9 @@ class Request:
     # In a cluster, the instance to run the request on instead of the router's choice (vLLM's
     # data_parallel_rank: external routing; benchmarks that place a request on purpose).
     data_parallel_rank: int | None = None
+    # In a cluster, the prefill group (an ``sp_layout.SegmentLayout``, members[0] the home) to
+    # prefill the prompt on instead of the gManager's choice: benchmarks and tests that place one.
+    prefill_layout: object | None = None
 
     @property
     def text(self) -> str:

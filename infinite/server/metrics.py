@@ -39,6 +39,18 @@ _INSTANCE_COUNTERS: tuple[tuple[str, str, str], ...] = (
      "Prompt tokens looked up in the prefix cache by the instance's admissions."),
     ("prefix_cache_hits", "infinite:prefix_cache_hits",
      "Prompt tokens whose KV came from the prefix cache (the instance's pool or another's)."),
+    ("prefill_groups", "infinite:prefill_groups", "Requests of the instance (their home) prefilled by a group."),
+    ("group_recomputes", "infinite:prefill_group_recomputes",
+     "Requests of the instance whose group could not start or failed: prefilled by their home alone."),
+)
+
+
+# engine.stats() key in ms -> (metric name, help); one counter of seconds per instance.
+_INSTANCE_SECONDS: tuple[tuple[str, str, str], ...] = (
+    ("group_compute_ms", "infinite:prefill_group_compute_seconds",
+     "Time the instance computed its stripes of prefill groups (the TTFT split's compute)."),
+    ("group_wait_ms", "infinite:prefill_group_wait_seconds",
+     "Time the instance's group rounds waited for other members' parts (the TTFT split's wait)."),
 )
 
 
@@ -80,6 +92,12 @@ class EngineCollector(Collector):
             for s in stats:
                 if s.get(key) is not None:
                     fam.add_metric([str(s.get("rank", 0))], float(s[key]))
+            yield fam
+        for key, name, doc in _INSTANCE_SECONDS:
+            fam = CounterMetricFamily(name, doc, labels=["instance"])
+            for s in stats:
+                if s.get(key) is not None:
+                    fam.add_metric([str(s.get("rank", 0))], float(s[key]) / 1000.0)
             yield fam
 
 
