@@ -405,11 +405,9 @@ class LLMEngine:
                 continue
             if req.output_kind != "final_only":
                 outs.append(self.make_output(req))
-        if not deferred:
-            pass
-        elif len(deferred) >= background.min_rows:
+        if len(deferred) >= (background.min_rows if background is not None else 1):
             background.submit(deferred)
-        else:  # a few rows: their detokenizer steps cost less than waking the worker
+        else:  # a few rows (or none): their detokenizer steps cost less than waking the worker
             for req, n in deferred:
                 background.advance(req, n)
         return outs
