@@ -23,6 +23,8 @@ or ``with timer.measure() as m: ...`` then ``m.seconds``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,14 +51,14 @@ class Measured:
     seconds: float = 0.0
 
 
-class DeviceTimer:
+class DeviceTimer(ABC):
     """``start()`` then ``elapsed()`` (seconds of device work since ``start``, waited for)."""
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def start(self) -> None: ...
 
-    def elapsed(self) -> float:
-        raise NotImplementedError
+    @abstractmethod
+    def elapsed(self) -> float: ...
 
     @contextmanager
     def measure(self) -> Iterator[Measured]:
