@@ -15,9 +15,11 @@ from infinite.kv import BlockPool, RManager
 from infinite.kv.prefix import (ANCHOR_STRIDE, anchor_key, anchors, deepest_held, extend_hashes, hash_block,
                                 is_anchor)
 from infinite.runtime.allocator import LocalAllocator, max_hit_blocks
-from infinite.runtime.request import Request, Status
+from infinite.runtime.request import Request
 from infinite.runtime.scheduler import Scheduler
 from infinite.sampling.params import SamplingParams
+
+from helpers_scheduler import run_step, run_with_aborts
 
 BS = 4
 
@@ -229,18 +231,6 @@ def req(rid: str, prompt: list[int], max_tokens: int = 4, **kw) -> Request:
     return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, **kw), max_tokens=max_tokens)
 
 
-def run_step(sched: Scheduler):
-    batch = sched.schedule()
-    for r, n in zip(batch.requests, batch.num_new_tokens):
-        r.num_computed_tokens += n
-        sched.allocator.cache_computed(r)
-        if r.num_computed_tokens == r.num_tokens:
-            r.output_token_ids.append(7)
-            if len(r.output_token_ids) >= r.max_tokens:
-                sched.finish(r)
-    return batch
-
-
 def test_admission_skips_the_cached_prefix_and_always_computes_the_last_token():
     rm = RManager(0, 32, BS, enable_caching=True)
     s = Scheduler(LocalAllocator(rm), max_num_seqs=4, max_num_batched_tokens=64)
@@ -310,20 +300,13 @@ def test_random_shared_workloads_finish_exactly_and_free_everything():
             m = rng.randint(1, 6)
             reqs.append(req(f"t{trial}-{i}", p, m))
             s.add(reqs[-1])
-        aborted = set()
-        for _ in range(3000):
-            if not s.has_unfinished():
-                break
-            if rng.random() < 0.02:
-                live = [r for r in reqs if r.status is not Status.FINISHED]
-                if live:
-                    victim = rng.choice(live)
-                    s.finish(victim)
-                    aborted.add(victim.request_id)
-            run_step(s)
+
+        def check():
             c = holders(rm)
             assert all(rm.pool.ref[b] == c.get(b, 0) for b in range(blocks))
             assert rm.num_free + rm.num_used == blocks
+
+        aborted = run_with_aborts(s, reqs, rng, check)
         assert not s.has_unfinished(), f"trial {trial} did not finish"
         assert rm.num_free == blocks and not rm.tables
         for r in reqs:

@@ -3,27 +3,16 @@
 import random
 
 from infinite.kv import RManager
-from infinite.runtime.request import Request, Status
+from infinite.runtime.request import Request
 from infinite.runtime.allocator import LocalAllocator
 from infinite.runtime.scheduler import Scheduler
 from infinite.sampling.params import SamplingParams
 
+from helpers_scheduler import run_step, run_with_aborts
+
 
 def req(rid: str, n_prompt: int, max_tokens: int = 8) -> Request:
     return Request(rid, list(range(n_prompt)), SamplingParams(max_tokens=max_tokens), max_tokens=max_tokens)
-
-
-def run_step(sched: Scheduler, rng: random.Random | None = None):
-    """Apply a schedule as the engine would: advance computed tokens, append a token when caught up."""
-    batch = sched.schedule()
-    for r, n in zip(batch.requests, batch.num_new_tokens):
-        r.num_computed_tokens += n
-        assert r.num_computed_tokens <= r.num_tokens
-        if r.num_computed_tokens == r.num_tokens:
-            r.output_token_ids.append(1)
-            if len(r.output_token_ids) >= r.max_tokens:
-                sched.finish(r)
-    return batch
 
 
 def test_chunked_prefill_respects_token_budget():
@@ -93,18 +82,11 @@ def test_random_workloads_finish_and_free_everything():
             m = rng.randint(1, min(8, blocks * 4 - p - 1))
             reqs.append(req(f"t{trial}-{i}", p, m))
             s.add(reqs[-1])
-        aborted = set()
-        for step in range(3000):
-            if not s.has_unfinished():
-                break
-            if rng.random() < 0.02:
-                live = [r for r in reqs if r.status is not Status.FINISHED]
-                if live:
-                    victim = rng.choice(live)
-                    s.finish(victim)
-                    aborted.add(victim.request_id)
-            run_step(s)
+
+        def check():
             assert rm.num_free + rm.num_used == blocks
+
+        aborted = run_with_aborts(s, reqs, rng, check)
         assert not s.has_unfinished(), f"trial {trial} did not finish"
         assert rm.num_free == blocks
         for r in reqs:
