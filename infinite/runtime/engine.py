@@ -21,6 +21,7 @@ from infinite.outputs import CompletionOutput, RequestOutput
 from infinite.runtime.allocator import BlockAllocator, LocalAllocator
 from infinite.runtime.config import EngineConfig
 from infinite.runtime.detokenize import BACKGROUND_MIN_ROWS, BackgroundDetokenizer
+from infinite.runtime.detokenize import advance as feed_detokenizer  # (grammar.advance is the matcher's)
 from infinite.runtime.graph_runner import CaptureReport, GraphRunner
 from infinite.runtime.input_batch import InputBatch
 from infinite.runtime.memory import MemoryPlan, size_pool
@@ -392,11 +393,7 @@ class LLMEngine:
             elif background is not None:
                 delta = background.advance(req, len(out))
             else:
-                delta = det.add_token(tok)
-                req.detok_pos = len(out)
-                if delta:
-                    req.text_pieces.append(delta)
-                    req.text_len += len(delta)
+                delta = feed_detokenizer(req, len(out))
             if going_on:
                 pass
             elif check_stop(req, len(delta), self.eos_token_ids, self.max_model_len,
